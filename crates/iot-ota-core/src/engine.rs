@@ -1,0 +1,640 @@
+//! The OTA engine: commands in, replies, reports and events out.
+
+use std::cmp::Ordering;
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+use crate::error::Error;
+use crate::fetch::Throttle;
+use crate::protocol::{
+    self, Firmware, GetReply, Limits, Progress, Rejection, ReplyCode, Status, Topics,
+    UpgradeCommand,
+};
+
+/// Engine settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    /// The device's topics.
+    pub topics: Topics,
+    /// Validation limits for commands and get replies.
+    pub limits: Limits,
+    /// Progress throttling for downloads ([`crate::Fetch`]).
+    pub throttle: Throttle,
+    /// How long a firmware get waits for its reply.
+    pub get_timeout: Duration,
+    /// Refuse (412) a command whose version is lower than the current one.
+    pub refuse_downgrade: bool,
+}
+
+impl Config {
+    /// Defaults for device `device_name` of product `product_key`: `/sys` topics,
+    /// 4 GiB size limit, 5-point/1-second throttle, 10 s get timeout, downgrades allowed.
+    pub fn new(product_key: &str, device_name: &str) -> Config {
+        Config {
+            topics: Topics::new(product_key, device_name),
+            limits: Limits::default(),
+            throttle: Throttle::default(),
+            get_timeout: Duration::from_secs(10),
+            refuse_downgrade: false,
+        }
+    }
+}
+
+/// An action for the driver, from [`Ota::poll_output`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Output {
+    /// Subscribe to this topic with QoS 1.
+    Subscribe {
+        /// Topic filter.
+        topic: String,
+    },
+    /// Publish this payload with QoS 1.
+    Publish {
+        /// Topic.
+        topic: String,
+        /// JSON payload.
+        payload: Vec<u8>,
+    },
+    /// Tell the application.
+    Event(Event),
+}
+
+/// Something the application should know about.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// An upgrade command was accepted (and acknowledged with 200): download it.
+    Upgrade(UpgradeCommand),
+    /// A command was rejected; the reply (and a failure report) are already queued.
+    Rejected {
+        /// The command's msgId, when it could be read.
+        msg_id: Option<String>,
+        /// Why.
+        rejection: Rejection,
+    },
+    /// The reply to a [`Ota::request_firmware_info`].
+    FirmwareInfo(GetReply),
+    /// A firmware get had no reply in time.
+    GetTimedOut {
+        /// The request's msgId.
+        msg_id: String,
+        /// The version asked for.
+        version: String,
+    },
+}
+
+#[derive(Debug, Clone)]
+struct PendingGet {
+    msg_id: String,
+    version: String,
+    deadline: Instant,
+}
+
+/// The sans-IO OTA engine of one device. See the crate docs for the drive contract.
+#[derive(Debug)]
+pub struct Ota {
+    config: Config,
+    version: String,
+    next_id: u64,
+    outputs: VecDeque<Output>,
+    /// The firmware of the upgrade in progress, from acceptance to a terminal report.
+    job: Option<Firmware>,
+    gets: Vec<PendingGet>,
+}
+
+impl Ota {
+    /// An engine for a device currently running `version`.
+    pub fn new(config: Config, version: &str) -> Result<Ota, Error> {
+        protocol::validate_version(version).map_err(|r| Error::InvalidParam(r.message))?;
+        Ok(Ota {
+            config,
+            version: version.to_owned(),
+            next_id: 0,
+            outputs: VecDeque::new(),
+            job: None,
+            gets: Vec::new(),
+        })
+    }
+
+    // ---- getters ----
+
+    /// The settings.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// The device's topics.
+    pub fn topics(&self) -> &Topics {
+        &self.config.topics
+    }
+
+    /// The firmware version last reported.
+    pub fn version(&self) -> &str {
+        &self.version
+    }
+
+    /// The firmware of the upgrade in progress, if any (accepted and not yet
+    /// ended by a SUCCESS or failure report).
+    pub fn job(&self) -> Option<&Firmware> {
+        self.job.as_ref()
+    }
+
+    // ---- handle_*: events from outside ----
+
+    /// The MQTT session is (re)established: subscriptions must be (re)made,
+    /// since the device connects with a clean session.
+    pub fn handle_connected(&mut self) {
+        for topic in [&self.config.topics.upgrade, &self.config.topics.get_reply] {
+            self.outputs.push_back(Output::Subscribe {
+                topic: topic.clone(),
+            });
+        }
+    }
+
+    /// A message arrived. Returns false when the topic is not one of ours.
+    pub fn handle_publish(&mut self, topic: &str, payload: &[u8], now: Instant) -> bool {
+        if topic == self.config.topics.upgrade {
+            self.handle_upgrade(payload);
+            true
+        } else if topic == self.config.topics.get_reply {
+            self.handle_get_reply(payload, now);
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Time has passed: expires firmware gets whose reply did not come.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        let (expired, pending): (Vec<_>, Vec<_>) =
+            self.gets.drain(..).partition(|g| g.deadline <= now);
+        self.gets = pending;
+        for g in expired {
+            self.outputs.push_back(Output::Event(Event::GetTimedOut {
+                msg_id: g.msg_id,
+                version: g.version,
+            }));
+        }
+    }
+
+    fn handle_upgrade(&mut self, payload: &[u8]) {
+        let cmd = match protocol::parse_upgrade(payload, &self.config.limits) {
+            Ok(cmd) => cmd,
+            Err((msg_id, rejection)) => return self.reject(msg_id, None, rejection),
+        };
+        if let Some(job) = &self.job {
+            // Busy: the running upgrade goes on, untouched; no failure report,
+            // which the platform would take as the running upgrade's.
+            let rejection = Rejection {
+                code: ReplyCode::Busy,
+                message: format!("busy: upgrading to {}", job.version),
+            };
+            self.publish_reply(&cmd.msg_id, rejection.code, &rejection.message);
+            self.outputs.push_back(Output::Event(Event::Rejected {
+                msg_id: Some(cmd.msg_id),
+                rejection,
+            }));
+            return;
+        }
+        if let Err(rejection) = self.check_policy(&cmd.firmware) {
+            let version = cmd.firmware.version.clone();
+            return self.reject(Some(cmd.msg_id), Some(version), rejection);
+        }
+        self.publish_reply(&cmd.msg_id, ReplyCode::Accepted, "success");
+        self.job = Some(cmd.firmware.clone());
+        self.outputs.push_back(Output::Event(Event::Upgrade(cmd)));
+    }
+
+    fn check_policy(&self, fw: &Firmware) -> Result<(), Rejection> {
+        if self.config.refuse_downgrade && compare_versions(&fw.version, &self.version).is_lt() {
+            return Err(Rejection::refused(format!(
+                "downgrade from {} to {} refused by device policy",
+                self.version, fw.version
+            )));
+        }
+        Ok(())
+    }
+
+    /// Replies with the rejection and reports UPGRADE_FAILED, so the platform's
+    /// record fails with the reason instead of waiting for a timeout.
+    fn reject(&mut self, msg_id: Option<String>, version: Option<String>, rejection: Rejection) {
+        self.publish_reply(
+            msg_id.as_deref().unwrap_or(""),
+            rejection.code,
+            &rejection.message,
+        );
+        let report = Progress {
+            status: Status::UpgradeFailed,
+            progress: 0,
+            desc: rejection.message.clone(),
+            firmware_version: version.unwrap_or_default(),
+        };
+        self.queue_progress(&report);
+        self.outputs
+            .push_back(Output::Event(Event::Rejected { msg_id, rejection }));
+    }
+
+    fn handle_get_reply(&mut self, payload: &[u8], _now: Instant) {
+        let Some(reply) = protocol::parse_get_reply(payload, &self.config.limits) else {
+            return;
+        };
+        // Only replies to our own pending requests count: a stale or foreign
+        // reply must not start a download.
+        let Some(i) = self.gets.iter().position(|g| g.msg_id == reply.msg_id) else {
+            return;
+        };
+        self.gets.remove(i);
+        self.outputs
+            .push_back(Output::Event(Event::FirmwareInfo(reply)));
+    }
+
+    // ---- mutators: the application's commands ----
+
+    /// Reports the running firmware version (at every start and after an upgrade).
+    pub fn report_version(&mut self, version: &str) -> Result<(), Error> {
+        protocol::validate_version(version).map_err(|r| Error::InvalidParam(r.message))?;
+        self.version = version.to_owned();
+        let id = self.next_msg_id();
+        let payload = protocol::encode_inform(&id, version);
+        self.publish(self.config.topics.inform.clone(), payload);
+        Ok(())
+    }
+
+    /// Reports a status and percent for the upgrade in progress (or, with no
+    /// upgrade in progress, for the current version). A SUCCESS or failure
+    /// status ends the upgrade: a new command is accepted after it.
+    pub fn report_progress(
+        &mut self,
+        status: Status,
+        progress: u32,
+        desc: &str,
+    ) -> Result<(), Error> {
+        let firmware_version = self
+            .job
+            .as_ref()
+            .map_or_else(|| self.version.clone(), |f| f.version.clone());
+        self.publish_progress(&Progress {
+            status,
+            progress,
+            desc: desc.to_owned(),
+            firmware_version,
+        })
+    }
+
+    /// Publishes a ready-made report (from [`crate::Fetch`]); same rules as
+    /// [`Ota::report_progress`].
+    pub fn publish_progress(&mut self, report: &Progress) -> Result<(), Error> {
+        if report.progress > 100 {
+            return Err(Error::InvalidParam(format!(
+                "progress {} is above 100",
+                report.progress
+            )));
+        }
+        self.queue_progress(report);
+        if report.status.is_terminal() {
+            self.job = None;
+        }
+        Ok(())
+    }
+
+    /// Asks the platform for firmware `version` of this product. Returns the
+    /// request's msgId; the answer comes as [`Event::FirmwareInfo`] or
+    /// [`Event::GetTimedOut`].
+    pub fn request_firmware_info(&mut self, version: &str, now: Instant) -> Result<String, Error> {
+        protocol::validate_version(version).map_err(|r| Error::InvalidParam(r.message))?;
+        let id = self.next_msg_id();
+        let payload = protocol::encode_get(&id, version);
+        self.publish(self.config.topics.get.clone(), payload);
+        self.gets.push(PendingGet {
+            msg_id: id.clone(),
+            version: version.to_owned(),
+            deadline: now + self.config.get_timeout,
+        });
+        Ok(id)
+    }
+
+    /// Starts an upgrade to a firmware the device asked for (a get reply), as
+    /// if a command had brought it. No reply is sent: there was no command.
+    pub fn accept_firmware(&mut self, firmware: &Firmware) -> Result<(), Error> {
+        if let Some(job) = &self.job {
+            return Err(Error::Busy {
+                version: job.version.clone(),
+            });
+        }
+        self.check_policy(firmware).map_err(Error::Rejected)?;
+        self.job = Some(firmware.clone());
+        Ok(())
+    }
+
+    /// Abandons the upgrade in progress, reporting UPGRADE_FAILED with `desc`.
+    /// Does nothing when no upgrade is in progress.
+    pub fn abort(&mut self, desc: &str) {
+        if self.job.is_some() {
+            // Progress 0 is always in range; publish_progress cannot fail here.
+            let _ = self.report_progress(Status::UpgradeFailed, 0, desc);
+        }
+    }
+
+    // ---- poll_*: what the driver must do ----
+
+    /// The next action for the driver. Drain it after every call to a
+    /// `handle_*` method or a mutator.
+    pub fn poll_output(&mut self) -> Option<Output> {
+        self.outputs.pop_front()
+    }
+
+    /// When [`Ota::handle_timeout`] must next be called, if ever.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.gets.iter().map(|g| g.deadline).min()
+    }
+
+    // ---- helpers ----
+
+    fn next_msg_id(&mut self) -> String {
+        self.next_id += 1;
+        self.next_id.to_string()
+    }
+
+    fn publish(&mut self, topic: String, payload: Vec<u8>) {
+        self.outputs.push_back(Output::Publish { topic, payload });
+    }
+
+    fn publish_reply(&mut self, msg_id: &str, code: ReplyCode, message: &str) {
+        let payload = protocol::encode_upgrade_reply(msg_id, code, message);
+        self.publish(self.config.topics.upgrade_reply.clone(), payload);
+    }
+
+    fn queue_progress(&mut self, report: &Progress) {
+        let id = self.next_msg_id();
+        let payload = protocol::encode_progress(&id, report);
+        self.publish(self.config.topics.progress.clone(), payload);
+    }
+}
+
+/// Compares two versions part by part: runs of digits numerically, other runs
+/// as text (`1.10` > `1.9`, `2.0.1` > `2.0`, `1.0-rc1` < `1.0-rc2`).
+pub fn compare_versions(a: &str, b: &str) -> Ordering {
+    fn parts(s: &str) -> impl Iterator<Item = &str> {
+        s.split(|c: char| !c.is_ascii_alphanumeric())
+            .filter(|p| !p.is_empty())
+    }
+    let mut pa = parts(a);
+    let mut pb = parts(b);
+    loop {
+        match (pa.next(), pb.next()) {
+            (None, None) => return Ordering::Equal,
+            (Some(_), None) => return Ordering::Greater,
+            (None, Some(_)) => return Ordering::Less,
+            (Some(x), Some(y)) => {
+                let ord = match (x.parse::<u64>(), y.parse::<u64>()) {
+                    (Ok(nx), Ok(ny)) => nx.cmp(&ny),
+                    _ => x.cmp(y),
+                };
+                if ord.is_ne() {
+                    return ord;
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::digest::SignMethod;
+    use serde_json::Value;
+
+    const MD5: &str = "9e107d9d372bb6826bd81d3542a419d6";
+
+    fn ota() -> Ota {
+        Ota::new(Config::new("pk", "dev"), "1.0").unwrap()
+    }
+
+    fn command(id: &str, version: &str) -> Vec<u8> {
+        format!(
+            r#"{{"msgId":"{id}","version":"1.0","data":{{"policy":"standard","size":10,"firmwareVersion":"{version}","url":"http://h/f","sign":"{MD5}","signMethod":"Md5"}}}}"#
+        )
+        .into_bytes()
+    }
+
+    fn drain(ota: &mut Ota) -> Vec<Output> {
+        std::iter::from_fn(|| ota.poll_output()).collect()
+    }
+
+    /// The publishes among `out`, as (topic suffix, JSON).
+    fn published(out: &[Output]) -> Vec<(String, Value)> {
+        out.iter()
+            .filter_map(|o| match o {
+                Output::Publish { topic, payload } => Some((
+                    topic.rsplit('/').next().unwrap().to_owned(),
+                    serde_json::from_slice(payload).unwrap(),
+                )),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn subscribes_on_every_connect() {
+        let mut o = ota();
+        for _ in 0..2 {
+            o.handle_connected();
+            let out = drain(&mut o);
+            assert_eq!(
+                out,
+                vec![
+                    Output::Subscribe {
+                        topic: "/sys/pk/dev/ota/firmware/upgrade".into()
+                    },
+                    Output::Subscribe {
+                        topic: "/sys/pk/dev/ota/firmware/get_reply".into()
+                    },
+                ]
+            );
+        }
+    }
+
+    #[test]
+    fn accepts_then_busy_then_accepts_after_terminal() {
+        let mut o = ota();
+        let now = Instant::now();
+        assert!(o.handle_publish(
+            "/sys/pk/dev/ota/firmware/upgrade",
+            &command("1", "2.0"),
+            now
+        ));
+        let out = drain(&mut o);
+        let p = published(&out);
+        assert_eq!(p[0].0, "upgrade_reply");
+        assert_eq!(p[0].1["code"], 200);
+        assert_eq!(p[0].1["msgId"], "1");
+        assert!(matches!(&out[1], Output::Event(Event::Upgrade(c)) if c.firmware.version == "2.0"));
+        assert_eq!(o.job().unwrap().version, "2.0");
+
+        // Duplicate while busy: 409 and nothing else.
+        o.handle_publish(
+            "/sys/pk/dev/ota/firmware/upgrade",
+            &command("2", "2.0"),
+            now,
+        );
+        let out = drain(&mut o);
+        let p = published(&out);
+        assert_eq!(p.len(), 1);
+        assert_eq!(p[0].1["code"], 409);
+        assert_eq!(p[0].1["msgId"], "2");
+        assert!(matches!(&out[1], Output::Event(Event::Rejected { .. })));
+        assert_eq!(o.job().unwrap().version, "2.0");
+
+        // Non-terminal reports keep the job; a terminal one ends it.
+        o.report_progress(Status::Upgrading, 50, "").unwrap();
+        assert!(o.job().is_some());
+        o.report_progress(Status::Success, 100, "").unwrap();
+        assert!(o.job().is_none());
+        let p = published(&drain(&mut o));
+        assert_eq!(p[1].1["data"]["status"], 4);
+        assert_eq!(p[1].1["data"]["firmwareVersion"], "2.0");
+
+        o.handle_publish(
+            "/sys/pk/dev/ota/firmware/upgrade",
+            &command("3", "3.0"),
+            now,
+        );
+        assert_eq!(published(&drain(&mut o))[0].1["code"], 200);
+    }
+
+    #[test]
+    fn rejection_replies_and_reports_failure() {
+        let mut o = ota();
+        o.handle_publish(
+            "/sys/pk/dev/ota/firmware/upgrade",
+            br#"{"msgId":7,"data":{}}"#,
+            Instant::now(),
+        );
+        let out = drain(&mut o);
+        let p = published(&out);
+        assert_eq!(p[0].0, "upgrade_reply");
+        assert_eq!(p[0].1["msgId"], "7");
+        assert_eq!(p[0].1["code"], 400);
+        assert_eq!(p[0].1["message"], "missing field firmwareVersion");
+        assert_eq!(p[1].0, "progress");
+        assert_eq!(p[1].1["data"]["status"], -1);
+        assert_eq!(p[1].1["data"]["desc"], "missing field firmwareVersion");
+        assert!(o.job().is_none());
+    }
+
+    #[test]
+    fn downgrade_policy() {
+        let mut cfg = Config::new("pk", "dev");
+        cfg.refuse_downgrade = true;
+        let mut o = Ota::new(cfg, "1.10").unwrap();
+        o.handle_publish(
+            "/sys/pk/dev/ota/firmware/upgrade",
+            &command("1", "1.9"),
+            Instant::now(),
+        );
+        let p = published(&drain(&mut o));
+        assert_eq!(p[0].1["code"], 412);
+        assert_eq!(p[1].1["data"]["firmwareVersion"], "1.9");
+        o.handle_publish(
+            "/sys/pk/dev/ota/firmware/upgrade",
+            &command("2", "1.11"),
+            Instant::now(),
+        );
+        assert_eq!(published(&drain(&mut o))[0].1["code"], 200);
+    }
+
+    #[test]
+    fn get_matches_msg_id_and_times_out() {
+        let mut o = ota();
+        let t = Instant::now();
+        let id = o.request_firmware_info("2.0", t).unwrap();
+        let p = published(&drain(&mut o));
+        assert_eq!(p[0].0, "get");
+        assert_eq!(p[0].1["data"]["firmwareVersion"], "2.0");
+        assert_eq!(o.poll_timeout(), Some(t + Duration::from_secs(10)));
+
+        // A reply to someone else's request is ignored.
+        let foreign = protocol::encode_get_not_found("999", "2.0");
+        o.handle_publish("/sys/pk/dev/ota/firmware/get_reply", &foreign, t);
+        assert!(drain(&mut o).is_empty());
+
+        let reply = protocol::encode_get_not_found(&id, "2.0");
+        o.handle_publish("/sys/pk/dev/ota/firmware/get_reply", &reply, t);
+        let out = drain(&mut o);
+        let Output::Event(Event::FirmwareInfo(r)) = &out[0] else {
+            panic!("{out:?}")
+        };
+        assert_eq!(r.result.as_ref().unwrap_err().code, 404);
+        assert_eq!(o.poll_timeout(), None);
+
+        let id2 = o.request_firmware_info("3.0", t).unwrap();
+        drain(&mut o);
+        o.handle_timeout(t + Duration::from_secs(9));
+        assert!(drain(&mut o).is_empty());
+        o.handle_timeout(t + Duration::from_secs(10));
+        assert_eq!(
+            drain(&mut o),
+            vec![Output::Event(Event::GetTimedOut {
+                msg_id: id2,
+                version: "3.0".into()
+            })]
+        );
+    }
+
+    #[test]
+    fn accept_firmware_from_get() {
+        let mut o = ota();
+        let fw = Firmware {
+            version: "2.0".into(),
+            url: "http://h/f".into(),
+            size: None,
+            sign: MD5.into(),
+            sign_method: SignMethod::Md5,
+            policy: None,
+        };
+        o.accept_firmware(&fw).unwrap();
+        assert!(matches!(o.accept_firmware(&fw), Err(Error::Busy { .. })));
+        o.abort("cancelled");
+        let p = published(&drain(&mut o));
+        assert_eq!(p[0].1["data"]["status"], -1);
+        assert!(o.job().is_none());
+    }
+
+    #[test]
+    fn bad_mutator_params() {
+        let mut o = ota();
+        assert!(matches!(
+            o.report_progress(Status::Downloading, 101, ""),
+            Err(Error::InvalidParam(_))
+        ));
+        assert!(matches!(o.report_version(""), Err(Error::InvalidParam(_))));
+        assert!(matches!(
+            o.request_firmware_info(" x", Instant::now()),
+            Err(Error::InvalidParam(_))
+        ));
+        assert!(Ota::new(Config::new("pk", "dev"), "").is_err());
+        o.report_version("1.1").unwrap();
+        let p = published(&drain(&mut o));
+        assert_eq!(p[0].0, "inform");
+        assert_eq!(p[0].1["data"]["firmwareVersion"], "1.1");
+        assert_eq!(p[0].1["msgId"], "1");
+    }
+
+    #[test]
+    fn ignores_foreign_topics() {
+        let mut o = ota();
+        assert!(!o.handle_publish(
+            "/sys/pk/other/ota/firmware/upgrade",
+            &command("1", "2"),
+            Instant::now()
+        ));
+        assert!(drain(&mut o).is_empty());
+    }
+
+    #[test]
+    fn version_order() {
+        assert!(compare_versions("1.10", "1.9").is_gt());
+        assert!(compare_versions("2.0.1", "2.0").is_gt());
+        assert!(compare_versions("1.0-rc1", "1.0-rc2").is_lt());
+        assert!(compare_versions("1.0", "1.0").is_eq());
+    }
+}

@@ -1,0 +1,428 @@
+//! One firmware download, without the IO: byte counting, digest feeding,
+//! length checks, verification and progress throttling.
+//!
+//! The driver owns the socket and the file; it hands every received slice to
+//! [`Fetch::handle_data`] and, when the server says the body is over, calls
+//! [`Fetch::handle_end`]. Each call may return a [`Progress`] report for the
+//! driver to publish (through [`crate::Ota::publish_progress`]).
+
+use std::time::{Duration, Instant};
+
+use crate::digest::Hasher;
+use crate::error::FetchError;
+use crate::protocol::{Firmware, Progress, Status};
+
+/// Download state, as the guide's `iot_ota_is_fetching` / `iot_ota_fetch_finish` see it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(i32)]
+pub enum FetchState {
+    /// The download module is not initialised.
+    Uninit = 0,
+    /// Initialised, no download running.
+    Init = 1,
+    /// Downloading.
+    Fetching = 2,
+    /// The download has ended (complete or failed).
+    Fetched = 3,
+}
+
+/// When automatic progress reports are sent while downloading.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Throttle {
+    /// Report when the percent grew by at least this many points...
+    pub step: u32,
+    /// ...and at least this much time passed since the last report.
+    pub interval: Duration,
+}
+
+impl Default for Throttle {
+    fn default() -> Self {
+        Throttle {
+            step: 5,
+            interval: Duration::from_secs(1),
+        }
+    }
+}
+
+/// The outcome of a finished download, once verified.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Verified {
+    /// Bytes received.
+    pub size: u64,
+    /// The digest that matched, lowercase hex.
+    pub digest: String,
+}
+
+/// Tracks one download. See the module docs for the drive contract.
+#[derive(Debug, Clone)]
+pub struct Fetch {
+    firmware: Firmware,
+    throttle: Throttle,
+    hasher: Hasher,
+    received: u64,
+    /// Total size when known: the command's `size`, else the server's.
+    total: Option<u64>,
+    last_report: Option<(u32, Instant)>,
+    state: FetchState,
+    outcome: Option<Result<Verified, FetchError>>,
+}
+
+impl Fetch {
+    /// A new download of `firmware`, with fresh counters and digest.
+    pub fn new(firmware: Firmware, throttle: Throttle) -> Fetch {
+        Fetch {
+            hasher: Hasher::new(firmware.sign_method),
+            total: firmware.size,
+            firmware,
+            throttle,
+            received: 0,
+            last_report: None,
+            state: FetchState::Fetching,
+            outcome: None,
+        }
+    }
+
+    /// The firmware being downloaded.
+    pub fn firmware(&self) -> &Firmware {
+        &self.firmware
+    }
+
+    /// `Fetching` until the download ends, then `Fetched` (whatever the outcome).
+    pub fn state(&self) -> FetchState {
+        self.state
+    }
+
+    /// Bytes received and hashed so far.
+    pub fn received(&self) -> u64 {
+        self.received
+    }
+
+    /// The firmware's total size, when known.
+    pub fn total(&self) -> Option<u64> {
+        self.total
+    }
+
+    /// Percent received, computed in 64-bit arithmetic (0 when the size is unknown).
+    pub fn percent(&self) -> u32 {
+        match self.total {
+            Some(0) | None => 0,
+            Some(t) => (self.received.min(t) * 100 / t) as u32,
+        }
+    }
+
+    /// The outcome once the download has ended.
+    pub fn outcome(&self) -> Option<&Result<Verified, FetchError>> {
+        self.outcome.as_ref()
+    }
+
+    /// The digest of the bytes received so far, lowercase hex.
+    pub fn digest_hex(&self) -> String {
+        self.hasher.hex()
+    }
+
+    fn report(&self, status: Status, progress: u32, desc: String) -> Progress {
+        Progress {
+            status,
+            progress,
+            desc,
+            firmware_version: self.firmware.version.clone(),
+        }
+    }
+
+    /// The first report of a download: DOWNLOADING at 0%, sent at once.
+    pub fn begin(&mut self, now: Instant) -> Progress {
+        self.last_report = Some((0, now));
+        self.report(Status::Downloading, 0, String::new())
+    }
+
+    /// A response arrived that carries the body from byte `offset`, with
+    /// `remaining` bytes when the server declared a length.
+    ///
+    /// Checks it against what was received and the expected size, so a server
+    /// that disagrees with the command fails before any byte is written.
+    pub fn handle_response(
+        &mut self,
+        offset: u64,
+        remaining: Option<u64>,
+    ) -> Result<(), FetchError> {
+        self.ensure_fetching()?;
+        if offset != self.received {
+            return Err(self.fail(FetchError::OffsetMismatch {
+                expected: self.received,
+                offset,
+            }));
+        }
+        if let Some(rem) = remaining {
+            let declared = offset.saturating_add(rem);
+            match self.total {
+                Some(total) if total != declared => {
+                    return Err(self.fail(FetchError::LengthMismatch {
+                        expected: total,
+                        declared,
+                    }))
+                }
+                Some(_) => {}
+                None => self.total = Some(declared),
+            }
+        }
+        Ok(())
+    }
+
+    /// Counts and hashes received bytes. Returns a DOWNLOADING report when the
+    /// throttle allows one, and always at 100%.
+    pub fn handle_data(
+        &mut self,
+        bytes: &[u8],
+        now: Instant,
+    ) -> Result<Option<Progress>, FetchError> {
+        self.ensure_fetching()?;
+        let after = self.received + bytes.len() as u64;
+        if let Some(total) = self.total {
+            if after > total {
+                return Err(self.fail(FetchError::TooLong {
+                    expected: total,
+                    received: after,
+                }));
+            }
+        }
+        self.hasher.update(bytes);
+        self.received = after;
+        let pct = self.percent();
+        let due = match self.last_report {
+            None => true,
+            Some((last_pct, last_at)) => {
+                (pct == 100 && last_pct < 100)
+                    || (pct >= last_pct + self.throttle.step
+                        && now.saturating_duration_since(last_at) >= self.throttle.interval)
+            }
+        };
+        if due && !bytes.is_empty() {
+            self.last_report = Some((pct, now));
+            return Ok(Some(self.report(Status::Downloading, pct, String::new())));
+        }
+        Ok(None)
+    }
+
+    /// The server ended the body: checks the length and the digest.
+    ///
+    /// Returns the DOWNLOADED report on success. On failure the error's
+    /// [`FetchError::status`] is the status to report (see [`Fetch::failure_report`]).
+    pub fn handle_end(&mut self) -> Result<Progress, FetchError> {
+        self.ensure_fetching()?;
+        if let Some(total) = self.total {
+            if self.received < total {
+                return Err(self.fail(FetchError::Truncated {
+                    expected: total,
+                    received: self.received,
+                }));
+            }
+        }
+        let actual = self.hasher.hex();
+        if actual != self.firmware.sign {
+            return Err(self.fail(FetchError::DigestMismatch {
+                method: self.firmware.sign_method,
+                expected: self.firmware.sign.clone(),
+                actual,
+            }));
+        }
+        self.state = FetchState::Fetched;
+        self.outcome = Some(Ok(Verified {
+            size: self.received,
+            digest: actual,
+        }));
+        Ok(self.report(Status::Downloaded, 100, String::new()))
+    }
+
+    /// Ends the download with an error from outside the core (a socket error, a
+    /// write error, a cancel). Returns the error for convenience.
+    pub fn fail(&mut self, error: FetchError) -> FetchError {
+        if self.outcome.is_none() {
+            self.state = FetchState::Fetched;
+            self.outcome = Some(Err(error.clone()));
+        }
+        error
+    }
+
+    /// The failure report for `error`: its status, the last percent (100 for a
+    /// digest mismatch), and the error's text as `desc`.
+    pub fn failure_report(&self, error: &FetchError) -> Progress {
+        let progress = match error.status() {
+            Status::VerifyFailed => 100,
+            _ => self.percent(),
+        };
+        self.report(error.status(), progress, error.to_string())
+    }
+
+    fn ensure_fetching(&self) -> Result<(), FetchError> {
+        match self.state {
+            FetchState::Fetching => Ok(()),
+            _ => Err(FetchError::Finished),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::digest::{digest_hex, SignMethod};
+
+    fn fw(body: &[u8], size: Option<u64>, method: SignMethod) -> Firmware {
+        Firmware {
+            version: "2.0".into(),
+            url: "http://h/f".into(),
+            size,
+            sign: digest_hex(method, body),
+            sign_method: method,
+            policy: None,
+        }
+    }
+
+    fn t0() -> Instant {
+        Instant::now()
+    }
+
+    #[test]
+    fn whole_download_verifies() {
+        let body: Vec<u8> = (0..1000u32).map(|i| i as u8).collect();
+        for method in [SignMethod::Md5, SignMethod::Sha256] {
+            let mut f = Fetch::new(fw(&body, Some(1000), method), Throttle::default());
+            let now = t0();
+            assert_eq!(f.begin(now).progress, 0);
+            f.handle_response(0, Some(1000)).unwrap();
+            for chunk in body.chunks(7) {
+                f.handle_data(chunk, now).unwrap();
+            }
+            let done = f.handle_end().unwrap();
+            assert_eq!((done.status, done.progress), (Status::Downloaded, 100));
+            assert_eq!(f.state(), FetchState::Fetched);
+            assert_eq!(f.outcome().unwrap().as_ref().unwrap().size, 1000);
+        }
+    }
+
+    #[test]
+    fn throttles_by_points_and_time() {
+        let body = vec![7u8; 100];
+        let mut f = Fetch::new(fw(&body, Some(100), SignMethod::Md5), Throttle::default());
+        let start = t0();
+        f.begin(start);
+        // 4 points: not enough points.
+        assert_eq!(
+            f.handle_data(&body[..4], start + Duration::from_secs(5))
+                .unwrap(),
+            None
+        );
+        // 10 points but no time passed since the last report.
+        let r = f
+            .handle_data(&body[4..10], start + Duration::from_secs(5))
+            .unwrap();
+        assert_eq!(r.unwrap().progress, 10);
+        assert_eq!(
+            f.handle_data(&body[10..30], start + Duration::from_millis(5500))
+                .unwrap(),
+            None
+        );
+        let r = f
+            .handle_data(&body[30..31], start + Duration::from_secs(7))
+            .unwrap();
+        assert_eq!(r.unwrap().progress, 31);
+        // 100% is always reported.
+        let r = f
+            .handle_data(&body[31..], start + Duration::from_millis(7001))
+            .unwrap();
+        assert_eq!(r.unwrap().progress, 100);
+    }
+
+    #[test]
+    fn percent_is_64_bit() {
+        let size = 5_000_000_000u64;
+        let mut f = Fetch::new(fw(b"", Some(size), SignMethod::Md5), Throttle::default());
+        f.received = 4_000_000_000;
+        assert_eq!(f.percent(), 80);
+    }
+
+    #[test]
+    fn too_long_and_truncated() {
+        let body = vec![1u8; 10];
+        let mut f = Fetch::new(fw(&body, Some(10), SignMethod::Md5), Throttle::default());
+        let e = f.handle_data(&[0; 11], t0()).unwrap_err();
+        assert!(matches!(
+            e,
+            FetchError::TooLong {
+                expected: 10,
+                received: 11
+            }
+        ));
+        assert_eq!(e.status(), Status::DownloadFailed);
+        assert_eq!(f.state(), FetchState::Fetched);
+        assert!(matches!(
+            f.handle_data(&[0], t0()),
+            Err(FetchError::Finished)
+        ));
+
+        let mut f = Fetch::new(fw(&body, Some(10), SignMethod::Md5), Throttle::default());
+        f.handle_data(&body[..6], t0()).unwrap();
+        let e = f.handle_end().unwrap_err();
+        assert!(matches!(
+            e,
+            FetchError::Truncated {
+                expected: 10,
+                received: 6
+            }
+        ));
+        assert_eq!(f.failure_report(&e).progress, 60);
+    }
+
+    #[test]
+    fn digest_mismatch_is_verify_failed() {
+        let body = vec![1u8; 10];
+        let mut f = Fetch::new(fw(&body, Some(10), SignMethod::Md5), Throttle::default());
+        f.handle_data(&[2u8; 10], t0()).unwrap();
+        let e = f.handle_end().unwrap_err();
+        assert_eq!(e.status(), Status::VerifyFailed);
+        let r = f.failure_report(&e);
+        assert_eq!((r.status, r.progress), (Status::VerifyFailed, 100));
+        assert!(r.desc.contains("MD5"), "{}", r.desc);
+    }
+
+    #[test]
+    fn server_length_checks() {
+        let body = vec![1u8; 10];
+        let mut f = Fetch::new(fw(&body, Some(10), SignMethod::Md5), Throttle::default());
+        let e = f.handle_response(0, Some(12)).unwrap_err();
+        assert!(matches!(
+            e,
+            FetchError::LengthMismatch {
+                expected: 10,
+                declared: 12
+            }
+        ));
+
+        // Unknown size: the server's length becomes the total.
+        let mut f = Fetch::new(fw(&body, None, SignMethod::Md5), Throttle::default());
+        f.handle_response(0, Some(10)).unwrap();
+        assert_eq!(f.total(), Some(10));
+        f.handle_data(&body[..5], t0()).unwrap();
+        assert_eq!(f.percent(), 50);
+        // A resumed response must start where we are.
+        assert!(matches!(
+            f.clone().handle_response(4, Some(6)),
+            Err(FetchError::OffsetMismatch {
+                expected: 5,
+                offset: 4
+            })
+        ));
+        f.handle_response(5, Some(5)).unwrap();
+        f.handle_data(&body[5..], t0()).unwrap();
+        f.handle_end().unwrap();
+    }
+
+    #[test]
+    fn unknown_size_reads_to_end() {
+        let body = vec![3u8; 10];
+        let mut f = Fetch::new(fw(&body, None, SignMethod::Sha256), Throttle::default());
+        f.handle_response(0, None).unwrap();
+        f.handle_data(&body, t0()).unwrap();
+        assert_eq!(f.percent(), 0);
+        assert_eq!(f.handle_end().unwrap().status, Status::Downloaded);
+    }
+}
