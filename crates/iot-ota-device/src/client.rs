@@ -1,0 +1,302 @@
+//! The async client: connect, receive upgrade commands, report, ask for firmware.
+
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use iot_ota_core::{Event, Firmware, Ota, Status, UpgradeCommand};
+use rumqttc::{EventLoop, Packet};
+use tokio::sync::{mpsc, oneshot, Notify};
+use tokio::task::JoinHandle;
+
+use crate::config::Config;
+use crate::download::Download;
+use crate::error::Error;
+use crate::http::HttpOptions;
+use crate::session::{mqtt_connect, Session};
+
+type GetWaiters = Arc<Mutex<HashMap<String, oneshot::Sender<Result<Firmware, Error>>>>>;
+
+/// A connected OTA device. Cheap to clone; the connection is closed when the
+/// last clone is dropped (or by [`OtaClient::disconnect`]).
+///
+/// The MQTT connection is kept up in a background task: it reconnects with
+/// backoff (0.5 s doubling to 30 s), re-subscribes after every reconnect
+/// (the session is clean) and re-reports the running version, since the
+/// platform may have missed it.
+#[derive(Clone, Debug)]
+pub struct OtaClient {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    session: Arc<Session>,
+    config: Config,
+    http: HttpOptions,
+    waiters: GetWaiters,
+    timer: Arc<Notify>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+/// The stream of accepted upgrade commands (already acknowledged with 200).
+///
+/// Use [`Upgrades::next`], or it as a `futures_core::Stream`. Rejected commands
+/// never appear here: the SDK has replied to them and reported the failure.
+#[derive(Debug)]
+pub struct Upgrades {
+    rx: mpsc::UnboundedReceiver<UpgradeCommand>,
+}
+
+impl Upgrades {
+    /// The next accepted upgrade command; `None` once the client is closed.
+    pub async fn next(&mut self) -> Option<UpgradeCommand> {
+        self.rx.recv().await
+    }
+}
+
+impl futures_core::Stream for Upgrades {
+    type Item = UpgradeCommand;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        self.rx.poll_recv(cx)
+    }
+}
+
+impl OtaClient {
+    /// Connects to the broker, subscribes to the upgrade and get-reply topics,
+    /// and reports the configured firmware version. Fails if the first
+    /// connection does not succeed within the connect timeout; later losses of
+    /// the connection are repaired in the background.
+    pub async fn connect(config: Config) -> Result<(OtaClient, Upgrades), Error> {
+        let ota = Ota::new(config.core(), config.firmware_version())?;
+        let (mqtt, eventloop) = mqtt_connect(&config)?;
+        let (upgrades_tx, upgrades_rx) = mpsc::unbounded_channel();
+        let waiters: GetWaiters = Arc::default();
+        let sink_waiters = waiters.clone();
+        let sink = Box::new(move |event: Event| match event {
+            Event::Upgrade(cmd) => {
+                log::info!("upgrade to {} accepted", cmd.firmware.version);
+                // A closed receiver means the application stopped listening;
+                // the command was acked and will fail by the platform's timeout.
+                let _ = upgrades_tx.send(cmd);
+            }
+            Event::Rejected { msg_id, rejection } => {
+                log::warn!("upgrade command {msg_id:?} rejected: {rejection}");
+            }
+            Event::FirmwareInfo(reply) => {
+                let waiter = lock(&sink_waiters).remove(&reply.msg_id);
+                if let Some(tx) = waiter {
+                    let _ = tx.send(reply.result.map_err(|e| Error::NotFound {
+                        code: e.code,
+                        message: e.message,
+                    }));
+                }
+            }
+            Event::GetTimedOut { msg_id, .. } => {
+                if let Some(tx) = lock(&sink_waiters).remove(&msg_id) {
+                    let _ = tx.send(Err(Error::Timeout));
+                }
+            }
+        });
+        let session = Session::new(ota, mqtt, sink);
+        let timer = Arc::new(Notify::new());
+
+        let (first_tx, first_rx) = oneshot::channel();
+        let driver = tokio::spawn(drive(eventloop, session.clone(), Some(first_tx)));
+        let timers = tokio::spawn(run_timers(session.clone(), timer.clone()));
+        let connected =
+            tokio::time::timeout(config.connect_timeout + Duration::from_secs(1), first_rx).await;
+        let result = match connected {
+            Ok(Ok(result)) => result,
+            Ok(Err(_)) => Err(Error::Closed),
+            Err(_) => Err(Error::Mqtt(format!(
+                "no connection to {}:{} within {:?}",
+                config.broker().host,
+                config.broker().port,
+                config.connect_timeout
+            ))),
+        };
+        if let Err(e) = result {
+            driver.abort();
+            timers.abort();
+            return Err(e);
+        }
+        let http = HttpOptions {
+            connect_timeout: config.connect_timeout,
+            idle_timeout: config.idle_timeout,
+            tls: Some(crate::tls::client_config(&config.tls)?),
+            ..HttpOptions::default()
+        };
+        let client = OtaClient {
+            inner: Arc::new(Inner {
+                session,
+                config,
+                http,
+                waiters,
+                timer,
+                tasks: vec![driver, timers],
+            }),
+        };
+        Ok((client, Upgrades { rx: upgrades_rx }))
+    }
+
+    /// The session (engine and MQTT client) under this client.
+    pub fn session(&self) -> &Arc<Session> {
+        &self.inner.session
+    }
+
+    /// The configuration the client was made with.
+    pub fn config(&self) -> &Config {
+        &self.inner.config
+    }
+
+    /// The firmware version last reported.
+    pub fn version(&self) -> String {
+        self.inner.session.version()
+    }
+
+    /// Reports the running firmware version (after an upgrade; the client
+    /// already does it at every connection).
+    pub fn report_version(&self, version: &str) -> Result<(), Error> {
+        Ok(self.inner.session.with(|ota| ota.report_version(version))?)
+    }
+
+    /// Reports a status and percent for the upgrade in progress. SUCCESS or a
+    /// failure status ends the upgrade; the next command is then accepted.
+    pub fn report_progress(&self, status: Status, progress: u32, desc: &str) -> Result<(), Error> {
+        Ok(self
+            .inner
+            .session
+            .with(|ota| ota.report_progress(status, progress, desc))?)
+    }
+
+    /// Asks the platform for firmware `version` of this product and waits for
+    /// the reply: the firmware, [`Error::NotFound`] (the 404 form), or
+    /// [`Error::Timeout`] after the get timeout.
+    pub async fn get_firmware_info(&self, version: &str) -> Result<Firmware, Error> {
+        let (tx, rx) = oneshot::channel();
+        {
+            // Hold the waiters' lock across the request so the reply cannot be
+            // matched before its waiter is registered. The request itself
+            // emits no event, so the sink never needs this lock meanwhile.
+            let mut waiters = lock(&self.inner.waiters);
+            let msg_id = self
+                .inner
+                .session
+                .with(|ota| ota.request_firmware_info(version, Instant::now()))?;
+            waiters.insert(msg_id, tx);
+        }
+        self.inner.timer.notify_one();
+        rx.await.map_err(|_| Error::Closed)?
+    }
+
+    /// The download of an accepted upgrade command.
+    pub fn download(&self, command: &UpgradeCommand) -> Download {
+        Download::new(
+            self.inner.session.clone(),
+            command.firmware.clone(),
+            self.download_options(),
+        )
+    }
+
+    /// Starts an upgrade to a firmware the device asked for
+    /// ([`OtaClient::get_firmware_info`]), as if a command had brought it.
+    /// Fails with [`iot_ota_core::Error::Busy`] while another upgrade runs.
+    pub fn download_firmware(&self, firmware: &Firmware) -> Result<Download, Error> {
+        self.inner
+            .session
+            .with(|ota| ota.accept_firmware(firmware))?;
+        Ok(Download::new(
+            self.inner.session.clone(),
+            firmware.clone(),
+            self.download_options(),
+        ))
+    }
+
+    fn download_options(&self) -> crate::download::DownloadOptions {
+        crate::download::DownloadOptions {
+            http: self.inner.http.clone(),
+            retries: self.inner.config.download_retries,
+        }
+    }
+
+    /// Disconnects from the broker (after sending what is queued) and stops
+    /// the background tasks.
+    pub async fn disconnect(self) {
+        let _ = self.inner.session.mqtt().disconnect().await;
+        // Give the event loop a moment to flush the queue and the DISCONNECT.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Polls the MQTT event loop forever, feeding the session; reconnects with backoff.
+async fn drive(
+    mut eventloop: EventLoop,
+    session: Arc<Session>,
+    mut first: Option<oneshot::Sender<Result<(), Error>>>,
+) {
+    const MAX_BACKOFF: Duration = Duration::from_secs(30);
+    let mut backoff = Duration::from_millis(500);
+    loop {
+        match eventloop.poll().await {
+            Ok(event) => {
+                let connack = matches!(event, rumqttc::Event::Incoming(Packet::ConnAck(_)));
+                session.handle_mqtt_event(&event);
+                if connack {
+                    backoff = Duration::from_millis(500);
+                    log::info!("connected to the broker");
+                    // Clean session: the platform may have missed our version.
+                    session
+                        .with(|ota| {
+                            let v = ota.version().to_owned();
+                            ota.report_version(&v)
+                        })
+                        .ok();
+                    if let Some(tx) = first.take() {
+                        let _ = tx.send(Ok(()));
+                    }
+                }
+            }
+            Err(rumqttc::ConnectionError::RequestsDone) => return,
+            Err(e) => {
+                if let Some(tx) = first.take() {
+                    let _ = tx.send(Err(Error::Mqtt(e.to_string())));
+                    return;
+                }
+                log::warn!("MQTT connection lost: {e}; reconnecting in {backoff:?}");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+            }
+        }
+    }
+}
+
+/// Expires firmware gets when their time comes; woken early when a new one starts.
+async fn run_timers(session: Arc<Session>, wake: Arc<Notify>) {
+    loop {
+        match session.next_timeout() {
+            Some(d) => {
+                tokio::select! {
+                    _ = tokio::time::sleep(d) => session.handle_timeout(),
+                    _ = wake.notified() => {}
+                }
+            }
+            None => wake.notified().await,
+        }
+    }
+}

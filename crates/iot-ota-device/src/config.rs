@@ -1,0 +1,320 @@
+//! Device configuration, built builder-style.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use iot_ota_core::protocol::{self, DEFAULT_PREFIX};
+use iot_ota_core::{Limits, Throttle, Topics};
+
+use crate::error::Error;
+use crate::tls::TlsOptions;
+
+/// Where the MQTT broker is: parsed from `mqtt://HOST:PORT` or `mqtts://HOST:PORT`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BrokerUrl {
+    /// True for `mqtts://` (also `ssl://`, `tls://`).
+    pub tls: bool,
+    /// Host name or address.
+    pub host: String,
+    /// Port: explicit, or 1883 / 8883.
+    pub port: u16,
+}
+
+impl BrokerUrl {
+    /// Parses a broker URL: `mqtt://`, `tcp://` (plain) or `mqtts://`, `ssl://`,
+    /// `tls://` (TLS); the port defaults to 1883 or 8883.
+    pub fn parse(url: &str) -> Result<BrokerUrl, Error> {
+        let bad = |why: &str| Error::Config(format!("broker URL {url:?}: {why}"));
+        let (scheme, rest) = url
+            .split_once("://")
+            .ok_or_else(|| bad("expected mqtt://HOST:PORT or mqtts://HOST:PORT"))?;
+        let tls = match scheme.to_ascii_lowercase().as_str() {
+            "mqtt" | "tcp" => false,
+            "mqtts" | "ssl" | "tls" => true,
+            other => return Err(bad(&format!("unsupported scheme {other:?}"))),
+        };
+        let authority = rest.trim_end_matches('/');
+        if authority.contains('/') || authority.contains('@') {
+            return Err(bad("only HOST:PORT may follow the scheme"));
+        }
+        let default_port = if tls { 8883 } else { 1883 };
+        let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
+            let (h, after) = v6.split_once(']').ok_or_else(|| bad("unclosed ["))?;
+            match after.strip_prefix(':') {
+                Some(p) => (h, p),
+                None if after.is_empty() => (h, ""),
+                None => return Err(bad("junk after the IPv6 address")),
+            }
+        } else {
+            authority.rsplit_once(':').unwrap_or((authority, ""))
+        };
+        if host.is_empty() {
+            return Err(bad("no host"));
+        }
+        let port = if port.is_empty() {
+            default_port
+        } else {
+            match port.parse::<u16>() {
+                Ok(p) if p > 0 => p,
+                _ => return Err(bad(&format!("invalid port {port:?}"))),
+            }
+        };
+        Ok(BrokerUrl {
+            tls,
+            host: host.to_owned(),
+            port,
+        })
+    }
+}
+
+/// Everything a device needs to run OTA upgrades.
+///
+/// ```
+/// use std::time::Duration;
+/// let config = iot_ota_device::Config::new("mqtt://127.0.0.1:1883", "pk", "dev1", "1.0.0")?
+///     .username("dev1")
+///     .password("secret")
+///     .keep_alive(Duration::from_secs(30));
+/// assert_eq!(config.client_id(), "pk.dev1");
+/// # Ok::<(), iot_ota_device::Error>(())
+/// ```
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub(crate) broker: BrokerUrl,
+    pub(crate) product_key: String,
+    pub(crate) device_name: String,
+    pub(crate) firmware_version: String,
+    pub(crate) client_id: Option<String>,
+    pub(crate) username: Option<String>,
+    pub(crate) password: Option<String>,
+    pub(crate) tls: TlsOptions,
+    pub(crate) keep_alive: Duration,
+    pub(crate) topic_prefix: String,
+    pub(crate) limits: Limits,
+    pub(crate) throttle: Throttle,
+    pub(crate) get_timeout: Duration,
+    pub(crate) refuse_downgrade: bool,
+    pub(crate) connect_timeout: Duration,
+    pub(crate) idle_timeout: Duration,
+    pub(crate) download_retries: u32,
+}
+
+impl Config {
+    /// A configuration for device `device_name` of product `product_key`,
+    /// running `firmware_version`, on the broker at `broker_url`.
+    pub fn new(
+        broker_url: &str,
+        product_key: &str,
+        device_name: &str,
+        firmware_version: &str,
+    ) -> Result<Config, Error> {
+        let broker = BrokerUrl::parse(broker_url)?;
+        for (name, value) in [("product key", product_key), ("device name", device_name)] {
+            if value.is_empty()
+                || value
+                    .chars()
+                    .any(|c| matches!(c, '/' | '+' | '#') || c.is_whitespace() || c.is_control())
+            {
+                return Err(Error::Config(format!(
+                    "{name} {value:?} must be non-empty, without '/', '+', '#' or spaces"
+                )));
+            }
+        }
+        protocol::validate_version(firmware_version)
+            .map_err(|r| Error::Config(format!("firmware version: {}", r.message)))?;
+        Ok(Config {
+            broker,
+            product_key: product_key.to_owned(),
+            device_name: device_name.to_owned(),
+            firmware_version: firmware_version.to_owned(),
+            client_id: None,
+            username: None,
+            password: None,
+            tls: TlsOptions::default(),
+            keep_alive: Duration::from_secs(60),
+            topic_prefix: DEFAULT_PREFIX.to_owned(),
+            limits: Limits::default(),
+            throttle: Throttle::default(),
+            get_timeout: Duration::from_secs(10),
+            refuse_downgrade: false,
+            connect_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(30),
+            download_retries: 3,
+        })
+    }
+
+    /// MQTT client id; defaults to `{product_key}.{device_name}`.
+    pub fn client_id(&self) -> String {
+        self.client_id
+            .clone()
+            .unwrap_or_else(|| format!("{}.{}", self.product_key, self.device_name))
+    }
+
+    /// The broker.
+    pub fn broker(&self) -> &BrokerUrl {
+        &self.broker
+    }
+
+    /// The product key.
+    pub fn product_key(&self) -> &str {
+        &self.product_key
+    }
+
+    /// The device name (the topics' identifier).
+    pub fn device_name(&self) -> &str {
+        &self.device_name
+    }
+
+    /// The firmware version the device runs at start.
+    pub fn firmware_version(&self) -> &str {
+        &self.firmware_version
+    }
+
+    /// The device's topics.
+    pub fn topics(&self) -> Topics {
+        Topics::with_prefix(&self.topic_prefix, &self.product_key, &self.device_name)
+    }
+
+    /// Sets the MQTT client id.
+    pub fn with_client_id(mut self, id: impl Into<String>) -> Self {
+        self.client_id = Some(id.into());
+        self
+    }
+
+    /// Sets the MQTT user name.
+    pub fn username(mut self, username: impl Into<String>) -> Self {
+        self.username = Some(username.into());
+        self
+    }
+
+    /// Sets the MQTT password.
+    pub fn password(mut self, password: impl Into<String>) -> Self {
+        self.password = Some(password.into());
+        self
+    }
+
+    /// Trusts the CA certificates in this PEM file (besides the system roots)
+    /// for both the broker and HTTPS downloads.
+    pub fn ca_file(mut self, path: impl Into<PathBuf>) -> Self {
+        self.tls.ca_file = Some(path.into());
+        self
+    }
+
+    /// Client certificate and key (PEM) for mutual TLS with the broker.
+    pub fn client_cert(mut self, cert: impl Into<PathBuf>, key: impl Into<PathBuf>) -> Self {
+        self.tls.client_cert = Some(cert.into());
+        self.tls.client_key = Some(key.into());
+        self
+    }
+
+    /// MQTT keep-alive interval (default 60 s; at least 5 s).
+    pub fn keep_alive(mut self, keep_alive: Duration) -> Self {
+        self.keep_alive = keep_alive.max(Duration::from_secs(5));
+        self
+    }
+
+    /// Topic prefix (default `/sys`).
+    pub fn topic_prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.topic_prefix = prefix.into();
+        self
+    }
+
+    /// Largest firmware accepted, in bytes; larger commands get 412.
+    pub fn max_firmware_size(mut self, bytes: u64) -> Self {
+        self.limits.max_size = bytes;
+        self
+    }
+
+    /// Only accept firmware URLs on these hosts (empty: any host).
+    pub fn allowed_hosts(mut self, hosts: Vec<String>) -> Self {
+        self.limits.allowed_hosts = hosts;
+        self
+    }
+
+    /// Progress reports while downloading: every `step` points and `interval` at most.
+    pub fn progress_throttle(mut self, step: u32, interval: Duration) -> Self {
+        self.throttle = Throttle {
+            step: step.max(1),
+            interval,
+        };
+        self
+    }
+
+    /// How long a firmware get waits for its reply (default 10 s).
+    pub fn get_timeout(mut self, timeout: Duration) -> Self {
+        self.get_timeout = timeout;
+        self
+    }
+
+    /// Refuse (412) commands whose version is lower than the running one.
+    pub fn refuse_downgrade(mut self, refuse: bool) -> Self {
+        self.refuse_downgrade = refuse;
+        self
+    }
+
+    /// Connect timeout for the broker and the firmware server (default 10 s).
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout = timeout;
+        self
+    }
+
+    /// A download with no byte for this long fails or resumes (default 30 s).
+    pub fn idle_timeout(mut self, timeout: Duration) -> Self {
+        self.idle_timeout = timeout;
+        self
+    }
+
+    /// How many times a broken download resumes with a Range request (default 3).
+    pub fn download_retries(mut self, retries: u32) -> Self {
+        self.download_retries = retries;
+        self
+    }
+
+    /// The core engine's configuration.
+    pub(crate) fn core(&self) -> iot_ota_core::Config {
+        iot_ota_core::Config {
+            topics: self.topics(),
+            limits: self.limits.clone(),
+            throttle: self.throttle,
+            get_timeout: self.get_timeout,
+            refuse_downgrade: self.refuse_downgrade,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn broker_urls() {
+        let b = BrokerUrl::parse("mqtt://127.0.0.1:1884").unwrap();
+        assert_eq!((b.tls, b.host.as_str(), b.port), (false, "127.0.0.1", 1884));
+        let b = BrokerUrl::parse("mqtts://broker.local").unwrap();
+        assert_eq!((b.tls, b.port), (true, 8883));
+        let b = BrokerUrl::parse("tcp://[::1]:1000/").unwrap();
+        assert_eq!((b.host.as_str(), b.port), ("::1", 1000));
+        for bad in [
+            "127.0.0.1:1883",
+            "http://h:1",
+            "mqtt://:1",
+            "mqtt://h:0",
+            "mqtt://h:x",
+            "mqtt://u@h",
+        ] {
+            let e = BrokerUrl::parse(bad).unwrap_err();
+            assert!(e.to_string().contains("broker URL"), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn identity_checks() {
+        assert!(Config::new("mqtt://h", "p/k", "d", "1").is_err());
+        assert!(Config::new("mqtt://h", "pk", "", "1").is_err());
+        assert!(Config::new("mqtt://h", "pk", "d", "").is_err());
+        let c = Config::new("mqtt://h", "pk", "d", "1")
+            .unwrap()
+            .topic_prefix("/t");
+        assert_eq!(c.topics().upgrade, "/t/pk/d/ota/firmware/upgrade");
+    }
+}

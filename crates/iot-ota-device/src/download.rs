@@ -1,0 +1,485 @@
+//! One firmware download: pull it chunk by chunk with [`Download::fetch_yield`]
+//! (what the C API's `iot_ota_fetch_yield` needs), or let
+//! [`Download::download_to`] write it to a file, verified, atomically.
+//!
+//! Both ways feed the same [`Fetch`] from the same [`Source`], so counting,
+//! digests, length checks, resume and reports behave the same.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use iot_ota_core::{Fetch, FetchError, FetchState, Firmware, Verified};
+use tokio::sync::mpsc;
+
+use crate::error::Error;
+use crate::http::{Body, HttpOptions};
+use crate::session::Session;
+
+/// How downloads connect and resume.
+#[derive(Debug, Clone, Default)]
+pub struct DownloadOptions {
+    /// HTTP(S) settings.
+    pub http: HttpOptions,
+    /// How many times a broken transfer resumes with a Range request.
+    pub retries: u32,
+}
+
+/// What the source produced.
+enum Chunk {
+    /// A (re)opened response carries the body from `offset`, `remaining` bytes if known.
+    Opened { offset: u64, remaining: Option<u64> },
+    /// `n` bytes were read into the buffer.
+    Data(usize),
+    /// The body is complete.
+    End,
+}
+
+/// The HTTP side of a download: opens the URL, and resumes a broken transfer
+/// from where it stopped (Range), a bounded number of times.
+struct Source {
+    url: String,
+    options: DownloadOptions,
+    body: Option<Body>,
+    retries_left: u32,
+}
+
+impl Source {
+    fn new(url: String, options: DownloadOptions) -> Source {
+        Source {
+            url,
+            retries_left: options.retries,
+            options,
+            body: None,
+        }
+    }
+
+    /// The next chunk. `received` is how many body bytes were taken so far,
+    /// where a resumed request starts.
+    ///
+    /// Cancel-safe between awaits: a cancelled open is simply redone; a
+    /// cancelled read loses nothing (the body's reads are cancel-safe).
+    async fn next(&mut self, received: u64, buf: &mut [u8]) -> Result<Chunk, FetchError> {
+        loop {
+            let Some(body) = self.body.as_mut() else {
+                match Body::open(&self.url, received, &self.options.http).await {
+                    Ok(body) => {
+                        let chunk = Chunk::Opened {
+                            offset: body.offset(),
+                            remaining: body.remaining(),
+                        };
+                        self.body = Some(body);
+                        return Ok(chunk);
+                    }
+                    Err(e) => {
+                        self.retry_or_fail(e.into()).await?;
+                        continue;
+                    }
+                }
+            };
+            match body.read(buf).await {
+                Ok(0) => return Ok(Chunk::End),
+                Ok(n) => return Ok(Chunk::Data(n)),
+                Err(e) => {
+                    self.body = None;
+                    self.retry_or_fail(e.into()).await?;
+                }
+            }
+        }
+    }
+
+    async fn retry_or_fail(&mut self, error: FetchError) -> Result<(), FetchError> {
+        if !error.is_retryable() || self.retries_left == 0 {
+            return Err(error);
+        }
+        let attempt = self.options.retries - self.retries_left;
+        self.retries_left -= 1;
+        let pause = Duration::from_millis(500) * 2u32.pow(attempt.min(6));
+        log::warn!("download interrupted ({error}); resuming in {pause:?}");
+        tokio::time::sleep(pause).await;
+        Ok(())
+    }
+}
+
+/// One firmware download, reporting its progress through the session.
+///
+/// Reports are automatic: DOWNLOADING at 0% when the first call starts it,
+/// then as the throttle allows and at 100%; DOWNLOADED once the size and
+/// digest check out, or DOWNLOAD_FAILED / VERIFY_FAILED with the reason.
+/// Dropping an unfinished download reports it failed ("download cancelled"),
+/// so the device is not left busy.
+pub struct Download {
+    session: Arc<Session>,
+    fetch: Fetch,
+    source: Source,
+    started: bool,
+    /// Set while `download_to`'s worker owns the real fetch state: it reports
+    /// the outcome, including a cancel, so `Drop` must not report again.
+    handed_off: bool,
+}
+
+impl std::fmt::Debug for Download {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Download")
+            .field("fetch", &self.fetch)
+            .field("url", &self.source.url)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Download {
+    /// A download of `firmware`, reporting through `session`. Fresh counters
+    /// and digest: nothing carries over from an earlier download.
+    pub fn new(session: Arc<Session>, firmware: Firmware, options: DownloadOptions) -> Download {
+        let throttle = session.core_config().throttle;
+        Download {
+            source: Source::new(firmware.url.clone(), options),
+            fetch: Fetch::new(firmware, throttle),
+            session,
+            started: false,
+            handed_off: false,
+        }
+    }
+
+    /// The firmware being downloaded.
+    pub fn firmware(&self) -> &Firmware {
+        self.fetch.firmware()
+    }
+
+    /// `Fetching` until the download has ended, then `Fetched`.
+    pub fn state(&self) -> FetchState {
+        self.fetch.state()
+    }
+
+    /// True while downloading.
+    pub fn is_fetching(&self) -> bool {
+        self.fetch.state() == FetchState::Fetching
+    }
+
+    /// True once the download has ended (complete or failed).
+    pub fn is_finished(&self) -> bool {
+        self.fetch.state() == FetchState::Fetched
+    }
+
+    /// Bytes received so far.
+    pub fn fetched_size(&self) -> u64 {
+        self.fetch.received()
+    }
+
+    /// The firmware's size, when known (from the command or the server).
+    pub fn file_size(&self) -> Option<u64> {
+        self.fetch.total()
+    }
+
+    /// The outcome, once ended: the verified size and digest, or why it failed.
+    pub fn outcome(&self) -> Option<&Result<Verified, FetchError>> {
+        self.fetch.outcome()
+    }
+
+    /// The digest of what was received so far, lowercase hex.
+    pub fn digest_hex(&self) -> String {
+        self.fetch.digest_hex()
+    }
+
+    fn begin(&mut self) {
+        if !self.started {
+            self.started = true;
+            let report = self.fetch.begin(Instant::now());
+            self.session.publish_progress(&report);
+        }
+    }
+
+    /// Ends the download with `error`, reporting it; returns it as an [`Error`].
+    fn fail(&mut self, error: FetchError) -> Error {
+        let error = self.fetch.fail(error);
+        self.session
+            .publish_progress(&self.fetch.failure_report(&error));
+        Error::Fetch(error)
+    }
+
+    /// Verifies the complete body and reports the outcome.
+    fn finish(&mut self) -> Result<(), Error> {
+        match self.fetch.handle_end() {
+            Ok(report) => {
+                self.session.publish_progress(&report);
+                Ok(())
+            }
+            Err(FetchError::Finished) => Ok(()),
+            Err(e) => Err(self.fail(e)),
+        }
+    }
+
+    /// Reads the next bytes of the firmware into `buf`, waiting at most `timeout`.
+    ///
+    /// Returns the number of bytes copied (> 0); `Ok(0)` once the download is
+    /// complete and verified (and on every call after); [`Error::Timeout`] when
+    /// nothing arrived in time (the download goes on: call again); any other
+    /// error when it failed (already reported; every later call returns it).
+    /// The call that returns the last bytes also verifies them, so
+    /// [`Download::is_finished`] is true right after it.
+    pub async fn fetch_yield(&mut self, buf: &mut [u8], timeout: Duration) -> Result<usize, Error> {
+        if let Some(outcome) = self.fetch.outcome() {
+            return match outcome {
+                Ok(_) => Ok(0),
+                Err(e) => Err(Error::Fetch(e.clone())),
+            };
+        }
+        if buf.is_empty() {
+            return Err(Error::Core(iot_ota_core::Error::InvalidParam(
+                "the buffer is empty".into(),
+            )));
+        }
+        self.begin();
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let received = self.fetch.received();
+            let next = tokio::time::timeout_at(deadline, self.source.next(received, buf)).await;
+            match next {
+                Err(_) => return Err(Error::Timeout),
+                Ok(Err(e)) => return Err(self.fail(e)),
+                Ok(Ok(Chunk::Opened { offset, remaining })) => {
+                    if let Err(e) = self.fetch.handle_response(offset, remaining) {
+                        return Err(self.fail(e));
+                    }
+                }
+                Ok(Ok(Chunk::Data(n))) => {
+                    match self.fetch.handle_data(&buf[..n], Instant::now()) {
+                        Ok(Some(report)) => self.session.publish_progress(&report),
+                        Ok(None) => {}
+                        Err(e) => return Err(self.fail(e)),
+                    }
+                    if self.fetch.total() == Some(self.fetch.received()) {
+                        // The last byte: confirm the server has no more, then verify,
+                        // so the state is `fetched` when the caller gets these bytes.
+                        self.confirm_end().await?;
+                    }
+                    return Ok(n);
+                }
+                Ok(Ok(Chunk::End)) => {
+                    self.finish()?;
+                    return Ok(0);
+                }
+            }
+        }
+    }
+
+    /// After the declared last byte: the body must end there. The caller's
+    /// buffer holds its bytes, so the extra read goes to a scratch buffer.
+    async fn confirm_end(&mut self) -> Result<(), Error> {
+        let mut scratch = [0u8; 512];
+        let received = self.fetch.received();
+        match self.source.next(received, &mut scratch).await {
+            Ok(Chunk::End) => self.finish(),
+            Ok(Chunk::Data(n)) => {
+                let e = self
+                    .fetch
+                    .handle_data(&scratch[..n], Instant::now())
+                    .err()
+                    .unwrap_or(FetchError::TooLong {
+                        expected: received,
+                        received: received + n as u64,
+                    });
+                Err(self.fail(e))
+            }
+            Ok(Chunk::Opened { .. }) => {
+                // A resume after the last byte: nothing can follow. Verify.
+                self.finish()
+            }
+            Err(e) => Err(self.fail(e)),
+        }
+    }
+
+    /// Downloads the whole firmware to `path`, verified and atomically: the
+    /// bytes go to `path.part`, which becomes `path` (fsynced, renamed) only
+    /// once size and digest check out. On failure the part file is removed and
+    /// `path` is untouched.
+    ///
+    /// Receiving overlaps hashing and writing: this task reads the socket while
+    /// a worker thread hashes and writes, with four 128 KiB buffers in flight.
+    pub async fn download_to(mut self, path: impl AsRef<Path>) -> Result<Verified, Error> {
+        let path = path.as_ref().to_path_buf();
+        if self.fetch.outcome().is_some() || self.started {
+            return Err(Error::Core(iot_ota_core::Error::InvalidState(
+                "download_to needs a download that has not started".into(),
+            )));
+        }
+        let part = part_path(&path);
+        let file = match std::fs::File::create(&part) {
+            Ok(f) => f,
+            Err(e) => {
+                self.begin();
+                let msg = format!("cannot create {}: {e}", part.display());
+                return Err(self.fail(FetchError::Storage(msg)));
+            }
+        };
+        self.begin();
+
+        const BUFFERS: usize = 4;
+        const BUF_SIZE: usize = 128 * 1024;
+        let (full_tx, full_rx) = mpsc::channel::<Msg>(BUFFERS);
+        let (free_tx, mut free_rx) = mpsc::channel::<Vec<u8>>(BUFFERS);
+        for _ in 0..BUFFERS {
+            free_tx
+                .try_send(vec![0u8; BUF_SIZE])
+                .expect("room for every buffer");
+        }
+        let fetch = self.fetch.clone();
+        self.handed_off = true;
+        let session = self.session.clone();
+        let worker_part = part.clone();
+        let worker = std::thread::Builder::new()
+            .name("ota-verify-write".into())
+            .spawn(move || write_worker(fetch, session, file, worker_part, full_rx, free_tx))
+            .map_err(Error::Io)?;
+
+        // Reader: fill buffers from the socket and hand them over.
+        let mut sent: u64 = 0;
+        loop {
+            let Some(mut buf) = free_rx.recv().await else {
+                break;
+            };
+            let mut filled = 0;
+            let mut msg = None;
+            while filled < buf.len() {
+                match self
+                    .source
+                    .next(sent + filled as u64, &mut buf[filled..])
+                    .await
+                {
+                    Ok(Chunk::Data(n)) => filled += n,
+                    Ok(Chunk::Opened { offset, remaining }) => {
+                        // Sent after the bytes already in this buffer.
+                        msg = Some(Msg::Opened { offset, remaining });
+                        break;
+                    }
+                    Ok(Chunk::End) => {
+                        msg = Some(Msg::End);
+                        break;
+                    }
+                    Err(e) => {
+                        msg = Some(Msg::Failed(e));
+                        break;
+                    }
+                }
+            }
+            let stop = matches!(msg, Some(Msg::End) | Some(Msg::Failed(_)));
+            if filled > 0 {
+                sent += filled as u64;
+                if full_tx.send(Msg::Data(buf, filled)).await.is_err() {
+                    break; // the worker stopped: it has the error
+                }
+            }
+            if let Some(m) = msg {
+                if full_tx.send(m).await.is_err() {
+                    break;
+                }
+            }
+            if stop {
+                break;
+            }
+        }
+        drop(full_tx);
+        let (fetch, result) = tokio::task::spawn_blocking(move || worker.join())
+            .await
+            .map_err(|e| Error::Io(std::io::Error::other(e)))?
+            .map_err(|_| Error::Io(std::io::Error::other("the verify-write worker panicked")))?;
+        self.fetch = fetch;
+        self.handed_off = false;
+        match result {
+            Ok(verified) => {
+                if let Err(e) = std::fs::rename(&part, &path).and_then(|_| sync_dir(&path)) {
+                    let _ = std::fs::remove_file(&part);
+                    let msg = format!("cannot move the image to {}: {e}", path.display());
+                    return Err(self.fail(FetchError::Storage(msg)));
+                }
+                Ok(verified)
+            }
+            Err(e) => {
+                let _ = std::fs::remove_file(&part);
+                Err(Error::Fetch(e))
+            }
+        }
+    }
+}
+
+impl Drop for Download {
+    fn drop(&mut self) {
+        if self.started && !self.handed_off && self.fetch.outcome().is_none() {
+            self.fail(FetchError::Cancelled);
+        }
+    }
+}
+
+/// What the reader hands the worker.
+enum Msg {
+    Opened { offset: u64, remaining: Option<u64> },
+    Data(Vec<u8>, usize),
+    End,
+    Failed(FetchError),
+}
+
+/// Hashes and writes what the reader hands over, reports progress, and at the
+/// end verifies and syncs. Returns the fetch (for the caller's state) and the outcome.
+fn write_worker(
+    mut fetch: Fetch,
+    session: Arc<Session>,
+    mut file: std::fs::File,
+    part: PathBuf,
+    mut full_rx: mpsc::Receiver<Msg>,
+    free_tx: mpsc::Sender<Vec<u8>>,
+) -> (Fetch, Result<Verified, FetchError>) {
+    let result = (|| -> Result<Verified, FetchError> {
+        loop {
+            match full_rx.blocking_recv() {
+                Some(Msg::Opened { offset, remaining }) => {
+                    fetch.handle_response(offset, remaining)?
+                }
+                Some(Msg::Data(buf, n)) => {
+                    if let Some(report) = fetch.handle_data(&buf[..n], Instant::now())? {
+                        session.publish_progress(&report);
+                    }
+                    file.write_all(&buf[..n]).map_err(|e| {
+                        FetchError::Storage(format!("writing {}: {e}", part.display()))
+                    })?;
+                    // The reader may have stopped; then the buffer is just freed.
+                    let _ = free_tx.blocking_send(buf);
+                }
+                Some(Msg::End) => {
+                    let report = fetch.handle_end()?;
+                    file.sync_all().map_err(|e| {
+                        FetchError::Storage(format!("syncing {}: {e}", part.display()))
+                    })?;
+                    session.publish_progress(&report);
+                    // handle_end succeeded, so the outcome is the verified one.
+                    return fetch
+                        .outcome()
+                        .cloned()
+                        .unwrap_or(Err(FetchError::Finished));
+                }
+                Some(Msg::Failed(e)) => return Err(e),
+                None => return Err(FetchError::Cancelled),
+            }
+        }
+    })();
+    if let Err(e) = &result {
+        fetch.fail(e.clone());
+        session.publish_progress(&fetch.failure_report(e));
+    }
+    (fetch, result)
+}
+
+fn part_path(path: &Path) -> PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(".part");
+    PathBuf::from(name)
+}
+
+/// Makes a rename durable: fsync the directory that holds `path`.
+fn sync_dir(path: &Path) -> std::io::Result<()> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    std::fs::File::open(dir)?.sync_all()
+}

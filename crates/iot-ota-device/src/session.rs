@@ -1,0 +1,164 @@
+//! The MQTT side of the driver: the core engine wired to a rumqttc client.
+//!
+//! A [`Session`] is shared by whoever polls the MQTT event loop (the async
+//! client's background task, or the C API's `iot_mqtt_yield`) and by whoever
+//! reports (the application, a download). Every engine call goes through
+//! [`Session::with`], which drains the engine's outputs right after: the drive
+//! contract of `iot-ota-core`, written once.
+
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use iot_ota_core::{Event, Ota, Output, Progress};
+use rumqttc::{AsyncClient, EventLoop, MqttOptions, Packet, QoS, TlsConfiguration, Transport};
+
+use crate::config::Config;
+use crate::error::Error;
+use crate::tls;
+
+/// Receives the engine's events ([`Event`]), outside of any lock.
+pub type EventSink = Box<dyn Fn(Event) + Send + Sync>;
+
+/// The engine, the MQTT client that carries its messages, and where its events go.
+pub struct Session {
+    ota: Mutex<Ota>,
+    mqtt: AsyncClient,
+    sink: EventSink,
+}
+
+impl std::fmt::Debug for Session {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Session").finish_non_exhaustive()
+    }
+}
+
+/// rumqttc options for `config`: broker, client id, credentials, TLS, keep-alive,
+/// clean session (the platform does not keep offline devices' messages).
+pub fn mqtt_options(config: &Config) -> Result<MqttOptions, Error> {
+    let broker = config.broker();
+    let mut opts = MqttOptions::new(config.client_id(), broker.host.clone(), broker.port);
+    opts.set_keep_alive(config.keep_alive)
+        .set_clean_session(true)
+        .set_max_packet_size(64 * 1024, 64 * 1024)
+        .set_request_channel_capacity(256);
+    if let Some(user) = &config.username {
+        opts.set_credentials(user.clone(), config.password.clone().unwrap_or_default());
+    }
+    if broker.tls {
+        let tls = tls::client_config(&config.tls)?;
+        opts.set_transport(Transport::Tls(TlsConfiguration::Rustls(tls)));
+    }
+    Ok(opts)
+}
+
+/// A rumqttc client and event loop for `config`.
+pub fn mqtt_connect(config: &Config) -> Result<(AsyncClient, EventLoop), Error> {
+    let opts = mqtt_options(config)?;
+    let (client, mut eventloop) = AsyncClient::new(opts, 256);
+    let mut net = rumqttc::NetworkOptions::new();
+    net.set_connection_timeout(config.connect_timeout.as_secs().max(1));
+    eventloop.set_network_options(net);
+    Ok((client, eventloop))
+}
+
+impl Session {
+    /// A session over `ota`, publishing through `mqtt`, telling `sink` of events.
+    pub fn new(ota: Ota, mqtt: AsyncClient, sink: EventSink) -> Arc<Session> {
+        Arc::new(Session {
+            ota: Mutex::new(ota),
+            mqtt,
+            sink,
+        })
+    }
+
+    /// The MQTT client (to publish or subscribe beyond OTA).
+    pub fn mqtt(&self) -> &AsyncClient {
+        &self.mqtt
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Ota> {
+        // A panic while holding the lock leaves the engine consistent (every
+        // engine call is a few field updates), so a poisoned lock is still usable.
+        self.ota.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Runs `f` on the engine, then carries out its outputs: subscriptions and
+    /// publishes go to the MQTT client's queue, events to the sink (after the
+    /// lock is released, so the sink may call back into the session).
+    pub fn with<R>(&self, f: impl FnOnce(&mut Ota) -> R) -> R {
+        let mut events = Vec::new();
+        let result = {
+            let mut ota = self.lock();
+            let result = f(&mut ota);
+            while let Some(out) = ota.poll_output() {
+                match out {
+                    Output::Subscribe { topic } => {
+                        if let Err(e) = self.mqtt.try_subscribe(topic.clone(), QoS::AtLeastOnce) {
+                            log::error!("cannot queue subscribe to {topic}: {e}");
+                        }
+                    }
+                    Output::Publish { topic, payload } => {
+                        if let Err(e) =
+                            self.mqtt
+                                .try_publish(topic.clone(), QoS::AtLeastOnce, false, payload)
+                        {
+                            log::error!("cannot queue publish to {topic}: {e}");
+                        }
+                    }
+                    Output::Event(e) => events.push(e),
+                }
+            }
+            result
+        };
+        for e in events {
+            (self.sink)(e);
+        }
+        result
+    }
+
+    /// Feeds one event of the MQTT event loop to the engine. Returns true when
+    /// it was an OTA message or a connection event the engine handled.
+    pub fn handle_mqtt_event(&self, event: &rumqttc::Event) -> bool {
+        match event {
+            rumqttc::Event::Incoming(Packet::ConnAck(_)) => {
+                self.with(|ota| ota.handle_connected());
+                true
+            }
+            rumqttc::Event::Incoming(Packet::Publish(p)) => {
+                self.with(|ota| ota.handle_publish(&p.topic, &p.payload, Instant::now()))
+            }
+            _ => false,
+        }
+    }
+
+    /// Lets the engine expire what is due.
+    pub fn handle_timeout(&self) {
+        self.with(|ota| ota.handle_timeout(Instant::now()));
+    }
+
+    /// How long until [`Session::handle_timeout`] is due, if anything is pending.
+    pub fn next_timeout(&self) -> Option<Duration> {
+        self.lock()
+            .poll_timeout()
+            .map(|t| t.saturating_duration_since(Instant::now()))
+    }
+
+    /// Publishes a report. Reports are best effort while the broker is away:
+    /// they are queued, and a failure to queue is logged, never fatal to the
+    /// download that made them.
+    pub fn publish_progress(&self, report: &Progress) {
+        if let Err(e) = self.with(|ota| ota.publish_progress(report)) {
+            log::error!("progress report refused: {e}");
+        }
+    }
+
+    /// The firmware version last reported.
+    pub fn version(&self) -> String {
+        self.lock().version().to_owned()
+    }
+
+    /// The core engine's settings.
+    pub fn core_config(&self) -> iot_ota_core::Config {
+        self.lock().config().clone()
+    }
+}
