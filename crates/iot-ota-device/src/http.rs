@@ -1,0 +1,1703 @@
+//! A small streaming HTTP/1.1 GET client for firmware downloads.
+//!
+//! Why not a general HTTP client: the C API's `fetch_yield(buf, len, timeout)`
+//! wants socket reads to land straight in the caller's buffer, the download
+//! needs exact body-length checks and `Range` resume, and the device binary
+//! must stay small. This client does one thing: `GET` with
+//! `Connection: close`, redirects followed, one body streamed out.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), iot_ota_device::http::HttpError> {
+//! use iot_ota_device::http::{Body, HttpOptions};
+//! let mut body = Body::open("https://example.com/fw.bin", 0, &HttpOptions::default()).await?;
+//! let mut buf = vec![0u8; 64 * 1024];
+//! loop {
+//!     let n = body.read(&mut buf).await?;
+//!     if n == 0 {
+//!         break; // the whole body, checked against its declared length
+//!     }
+//!     // write buf[..n] to flash, feed the digest
+//! }
+//! # Ok(()) }
+//! ```
+#![deny(missing_docs)]
+
+use std::fmt;
+use std::future::Future;
+use std::io;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use iot_ota_core::protocol::{parse_url, UrlParts};
+use rustls::pki_types::ServerName;
+use rustls::ClientConfig;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::time::{timeout, timeout_at, Instant};
+use tokio_rustls::client::TlsStream;
+use tokio_rustls::TlsConnector;
+
+use crate::tls::{client_config, TlsError, TlsOptions};
+
+/// Largest response head accepted.
+const MAX_HEAD: usize = 64 * 1024;
+/// First size of the head buffer, which later holds chunked framing too.
+const INITIAL_BUF: usize = 8 * 1024;
+/// Longest chunk-size line (with its extensions) accepted.
+const MAX_CHUNK_LINE: usize = 8 * 1024;
+/// Most trailer bytes accepted after the last chunk.
+const MAX_TRAILERS: usize = 64 * 1024;
+/// How long to wait for bytes beyond a declared length before calling the
+/// body complete. A server that closes promptly costs nothing; one that
+/// keeps the connection open costs this once per download.
+const OVERRUN_GRACE: Duration = Duration::from_millis(50);
+/// Response headers parsed per head.
+const MAX_HEADERS: usize = 64;
+
+/// Settings of a download.
+#[derive(Debug, Clone)]
+pub struct HttpOptions {
+    /// Bound on name resolution, TCP connect, TLS handshake, sending the
+    /// request and receiving the response head, together, per redirect hop.
+    pub connect_timeout: Duration,
+    /// Bound on every single read of the socket.
+    pub idle_timeout: Duration,
+    /// Redirects followed before [`HttpError::TooManyRedirects`].
+    pub max_redirects: u8,
+    /// TLS configuration for `https` URLs; `None` uses the system roots
+    /// ([`TlsOptions::default`]), built once per process on first use.
+    pub tls: Option<Arc<ClientConfig>>,
+    /// The `User-Agent` header's value.
+    pub user_agent: String,
+}
+
+impl Default for HttpOptions {
+    fn default() -> Self {
+        Self {
+            connect_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(30),
+            max_redirects: 5,
+            tls: None,
+            user_agent: concat!("iot-ota-device/", env!("CARGO_PKG_VERSION")).to_owned(),
+        }
+    }
+}
+
+/// Why a download failed.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum HttpError {
+    /// The URL (given, or from a redirect) is not an `http`/`https` URL this
+    /// client can fetch.
+    BadUrl(String),
+    /// Name resolution failed, or no address of the host accepted a TCP
+    /// connection.
+    Connect {
+        /// The host of the URL.
+        host: String,
+        /// The port of the URL.
+        port: u16,
+        /// The last error seen.
+        source: io::Error,
+    },
+    /// A step took longer than its bound: `connect_timeout` for everything
+    /// up to the response head, `idle_timeout` for any one socket read.
+    Timeout {
+        /// The step: `connect`, `TLS handshake`, `request`, `response head`
+        /// or `read`.
+        during: &'static str,
+    },
+    /// The connection failed: reset, closed before the response head, or
+    /// another socket error.
+    Io(io::Error),
+    /// TLS failed: an untrusted or invalid certificate, a handshake the
+    /// server refused, a corrupt record.
+    Tls(rustls::Error),
+    /// No TLS configuration could be built for an `https` URL.
+    TlsConfig(TlsError),
+    /// The server's response is not valid HTTP/1.1, or uses something this
+    /// client does not support (a content or transfer coding).
+    BadResponse(String),
+    /// The server answered with a status other than 200, 206 or a redirect.
+    Status {
+        /// The status code.
+        code: u16,
+        /// The reason phrase, as sent.
+        reason: String,
+    },
+    /// More redirects than `max_redirects`.
+    TooManyRedirects {
+        /// The limit that was reached.
+        limit: u8,
+        /// The URL of the last redirect response.
+        url: String,
+    },
+    /// A download resumed with `Range` got a full `200` body: the server
+    /// ignores ranges. Resuming again is pointless: restart from offset 0.
+    RangeIgnored,
+    /// A `206` response whose `Content-Range` is missing, malformed or starts
+    /// elsewhere than the requested offset.
+    RangeMismatch {
+        /// The offset asked for.
+        requested: u64,
+        /// The `Content-Range` header, if there was one.
+        content_range: Option<String>,
+    },
+    /// The connection ended before the body was complete.
+    Truncated {
+        /// Bytes of this response's body that were due, when known.
+        expected: Option<u64>,
+        /// Bytes of this response's body received.
+        received: u64,
+    },
+    /// The server sent more body bytes than it declared.
+    TooLong {
+        /// Bytes of this response's body that were declared.
+        expected: u64,
+    },
+}
+
+impl HttpError {
+    /// Whether trying again (resuming from the bytes already kept) may
+    /// succeed: true for connection failures, resets, timeouts, truncation,
+    /// and the statuses that mean "later" (5xx, 408, 429); false for the
+    /// rest, which another attempt would meet again.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            Self::Connect { .. } | Self::Timeout { .. } | Self::Io(_) | Self::Truncated { .. } => {
+                true
+            }
+            Self::Status { code, .. } => *code >= 500 || *code == 408 || *code == 429,
+            _ => false,
+        }
+    }
+
+    /// Classifies a socket error: rustls reports TLS failures as
+    /// `io::Error`s that wrap a `rustls::Error`.
+    fn from_io(e: io::Error) -> Self {
+        let tls = e
+            .get_ref()
+            .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+            .cloned();
+        match tls {
+            Some(t) => Self::Tls(t),
+            None => Self::Io(e),
+        }
+    }
+}
+
+impl fmt::Display for HttpError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::BadUrl(why) => write!(f, "bad url: {why}"),
+            Self::Connect { host, port, source } => {
+                write!(f, "cannot connect to {host} port {port}: {source}")
+            }
+            Self::Timeout { during } => write!(f, "timed out: {during}"),
+            Self::Io(e) => write!(f, "connection failed: {e}"),
+            Self::Tls(e) => write!(f, "TLS failed: {e}"),
+            Self::TlsConfig(e) => write!(f, "TLS configuration: {e}"),
+            Self::BadResponse(why) => write!(f, "bad HTTP response: {why}"),
+            Self::Status { code, reason } => write!(f, "HTTP status {code} {reason}"),
+            Self::TooManyRedirects { limit, url } => {
+                write!(f, "more than {limit} redirects, the last from {url}")
+            }
+            Self::RangeIgnored => f.write_str("the server ignored the Range request (sent 200)"),
+            Self::RangeMismatch {
+                requested,
+                content_range,
+            } => write!(
+                f,
+                "206 response does not start at the requested offset {requested}: Content-Range {}",
+                content_range.as_deref().unwrap_or("missing")
+            ),
+            Self::Truncated {
+                expected: Some(expected),
+                received,
+            } => write!(f, "body truncated: received {received} of {expected} bytes"),
+            Self::Truncated {
+                expected: None,
+                received,
+            } => write!(f, "body truncated after {received} bytes"),
+            Self::TooLong { expected } => {
+                write!(f, "body longer than the declared {expected} bytes")
+            }
+        }
+    }
+}
+
+impl std::error::Error for HttpError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            Self::Connect { source, .. } | Self::Io(source) => Some(source),
+            Self::Tls(e) => Some(e),
+            Self::TlsConfig(e) => Some(e),
+            _ => None,
+        }
+    }
+}
+
+/// An open response body.
+///
+/// [`Body::read`] is cancel-safe: dropping its future (say, under the C
+/// API's `fetch_yield` timeout) loses no bytes, and reading may go on.
+pub struct Body {
+    conn: Conn,
+    framing: Framing,
+    status: u16,
+    offset: u64,
+    total_size: Option<u64>,
+    /// Bytes this response's body must carry, when known.
+    expected: Option<u64>,
+    received: u64,
+    final_url: String,
+    state: BodyState,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum BodyState {
+    Open,
+    /// Ended, and every end check passed: reads return 0.
+    Done,
+    /// A read failed: the connection is in an unknown state.
+    Failed,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Framing {
+    /// Exactly `expected` bytes.
+    Length,
+    /// Chunked transfer coding, at this step.
+    Chunked(Chunk),
+    /// Until the server closes the connection.
+    Eof,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Chunk {
+    /// Next: a chunk-size line.
+    Size,
+    /// Inside a chunk, with this many data bytes left.
+    Data(u64),
+    /// Next: the CRLF after a chunk's data.
+    DataEnd,
+    /// After the last chunk, with this many trailer bytes seen.
+    Trailers(usize),
+    /// The final empty line was read.
+    Done,
+}
+
+impl fmt::Debug for Body {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Body")
+            .field("status", &self.status)
+            .field("offset", &self.offset)
+            .field("total_size", &self.total_size)
+            .field("expected", &self.expected)
+            .field("received", &self.received)
+            .field("framing", &self.framing)
+            .field("final_url", &self.final_url)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Body {
+    /// GET `url`, from byte `offset` (sends `Range: bytes=offset-` when
+    /// offset > 0), following redirects.
+    ///
+    /// Returns once the response head of a `200` or `206` has arrived. A `200`
+    /// to a request with `offset > 0` is [`HttpError::RangeIgnored`]; a `206`
+    /// must start at `offset`.
+    pub async fn open(url: &str, offset: u64, opts: &HttpOptions) -> Result<Body, HttpError> {
+        let mut url = url.to_owned();
+        let mut redirects = 0u8;
+        loop {
+            let deadline = Instant::now() + opts.connect_timeout;
+            let (conn, head) = exchange(&url, offset, opts, deadline).await?;
+            match head.code {
+                200 | 206 => return Body::new(conn, head, offset, url),
+                301 | 302 | 303 | 307 | 308 => {
+                    if redirects >= opts.max_redirects {
+                        return Err(HttpError::TooManyRedirects {
+                            limit: opts.max_redirects,
+                            url,
+                        });
+                    }
+                    let location = head.location.ok_or_else(|| {
+                        HttpError::BadResponse(format!(
+                            "redirect {} without a Location header",
+                            head.code
+                        ))
+                    })?;
+                    url = resolve_location(&url, &location);
+                    redirects += 1;
+                }
+                code => {
+                    return Err(HttpError::Status {
+                        code,
+                        reason: head.reason,
+                    })
+                }
+            }
+        }
+    }
+
+    fn new(conn: Conn, head: Head, requested: u64, url: String) -> Result<Body, HttpError> {
+        if let Some(coding) = &head.content_encoding {
+            return Err(HttpError::BadResponse(format!(
+                "unsupported Content-Encoding {coding} (identity was asked for)"
+            )));
+        }
+        let (offset, total_size, expected) = match head.code {
+            200 if requested > 0 => return Err(HttpError::RangeIgnored),
+            // RFC 9112 6.3: with chunked, Content-Length is ignored.
+            200 if head.chunked => (0, None, None),
+            200 => (0, head.content_length, head.content_length),
+            _ => {
+                let mismatch = || HttpError::RangeMismatch {
+                    requested,
+                    content_range: head.content_range.clone(),
+                };
+                let (start, end, total) = head
+                    .content_range
+                    .as_deref()
+                    .and_then(parse_content_range)
+                    .filter(|&(start, _, _)| start == requested)
+                    .ok_or_else(mismatch)?;
+                let len = end - start + 1;
+                match head.content_length {
+                    Some(cl) if !head.chunked && cl != len => {
+                        return Err(HttpError::BadResponse(format!(
+                            "Content-Length {cl} disagrees with Content-Range {}",
+                            head.content_range.as_deref().unwrap_or_default()
+                        )))
+                    }
+                    _ => (start, total, Some(len)),
+                }
+            }
+        };
+        let framing = if head.chunked {
+            Framing::Chunked(Chunk::Size)
+        } else if expected.is_some() {
+            Framing::Length
+        } else {
+            Framing::Eof
+        };
+        Ok(Body {
+            conn,
+            framing,
+            status: head.code,
+            offset,
+            total_size,
+            expected,
+            received: 0,
+            final_url: url,
+            state: BodyState::Open,
+        })
+    }
+
+    /// The response status: 200 or 206.
+    pub fn status(&self) -> u16 {
+        self.status
+    }
+
+    /// The offset in the whole file of the first byte this body carries: 0
+    /// for a 200, the `Content-Range` start for a 206.
+    pub fn offset(&self) -> u64 {
+        self.offset
+    }
+
+    /// Bytes of the body still to come, if the length is known.
+    pub fn remaining(&self) -> Option<u64> {
+        self.expected.map(|e| e - self.received)
+    }
+
+    /// Size of the whole file: the `Content-Range` total of a 206, or the
+    /// `Content-Length` of a 200; `None` when the server did not say.
+    pub fn total_size(&self) -> Option<u64> {
+        self.total_size
+    }
+
+    /// The URL the body came from, after redirects.
+    pub fn final_url(&self) -> &str {
+        &self.final_url
+    }
+
+    /// Reads body bytes into `buf`, returning how many.
+    ///
+    /// `Ok(0)` comes only at the real, complete end of the body (or for an
+    /// empty `buf`). The read that reaches a declared length also checks that
+    /// the server sends nothing more ([`HttpError::TooLong`]), so a caller
+    /// may stop once [`Body::remaining`] is `Some(0)`. After an error the
+    /// body is unusable: open it again.
+    pub async fn read(&mut self, buf: &mut [u8]) -> Result<usize, HttpError> {
+        match self.state {
+            BodyState::Open if !buf.is_empty() => {}
+            BodyState::Failed => {
+                return Err(HttpError::Io(io::Error::other(
+                    "read after the body already failed",
+                )))
+            }
+            _ => return Ok(0),
+        }
+        match self.read_inner(buf).await {
+            Ok(n) => Ok(n),
+            Err(e) => {
+                self.state = BodyState::Failed;
+                Err(e)
+            }
+        }
+    }
+
+    async fn read_inner(&mut self, buf: &mut [u8]) -> Result<usize, HttpError> {
+        let want = match self.remaining() {
+            Some(r) => buf.len().min(usize::try_from(r).unwrap_or(usize::MAX)),
+            None => buf.len(),
+        };
+        let n = match self.framing {
+            Framing::Length if want == 0 => 0,
+            Framing::Length => self.read_length(&mut buf[..want]).await?,
+            Framing::Chunked(_) => self.read_chunked(&mut buf[..want]).await?,
+            Framing::Eof => self.read_eof(buf).await?,
+        };
+        self.received += n as u64;
+        if n == 0 || self.remaining() == Some(0) {
+            self.finish().await?;
+        }
+        Ok(n)
+    }
+
+    async fn read_length(&mut self, buf: &mut [u8]) -> Result<usize, HttpError> {
+        let n = self.conn.read(buf).await?;
+        if n == 0 {
+            return Err(self.truncated());
+        }
+        Ok(n)
+    }
+
+    async fn read_eof(&mut self, buf: &mut [u8]) -> Result<usize, HttpError> {
+        let n = self.conn.read(buf).await?;
+        // Without close_notify, a TLS EOF may be an attacker's cut.
+        if n == 0 && self.conn.unclean_eof {
+            return Err(self.truncated());
+        }
+        Ok(n)
+    }
+
+    async fn read_chunked(&mut self, buf: &mut [u8]) -> Result<usize, HttpError> {
+        loop {
+            match self.framing {
+                Framing::Chunked(Chunk::Data(left)) => {
+                    // An empty `buf` here means the declared length is
+                    // reached while a chunk still has data.
+                    if buf.is_empty() {
+                        return Err(self.too_long());
+                    }
+                    let want = buf.len().min(usize::try_from(left).unwrap_or(usize::MAX));
+                    let n = self.conn.read(&mut buf[..want]).await?;
+                    if n == 0 {
+                        return Err(self.truncated());
+                    }
+                    let left = left - n as u64;
+                    self.framing = Framing::Chunked(if left == 0 {
+                        Chunk::DataEnd
+                    } else {
+                        Chunk::Data(left)
+                    });
+                    return Ok(n);
+                }
+                Framing::Chunked(Chunk::Done) => return Ok(0),
+                _ => self.chunk_framing_line().await?,
+            }
+        }
+    }
+
+    /// Reads and acts on one line of chunked framing (a size line, the CRLF
+    /// after data, or a trailer line).
+    async fn chunk_framing_line(&mut self) -> Result<(), HttpError> {
+        let Some(line) = self.conn.line(MAX_CHUNK_LINE, "chunk line").await? else {
+            return Err(self.truncated());
+        };
+        let next = match self.framing {
+            Framing::Chunked(Chunk::Size) => match parse_chunk_size(line)? {
+                0 => Chunk::Trailers(0),
+                size => Chunk::Data(size),
+            },
+            Framing::Chunked(Chunk::DataEnd) if line.is_empty() => Chunk::Size,
+            Framing::Chunked(Chunk::DataEnd) => {
+                return Err(HttpError::BadResponse(
+                    "chunk data longer than its size".into(),
+                ))
+            }
+            Framing::Chunked(Chunk::Trailers(_)) if line.is_empty() => Chunk::Done,
+            Framing::Chunked(Chunk::Trailers(seen)) => {
+                let seen = seen + line.len() + 2;
+                if seen > MAX_TRAILERS {
+                    return Err(HttpError::BadResponse(format!(
+                        "trailers longer than {MAX_TRAILERS} bytes"
+                    )));
+                }
+                Chunk::Trailers(seen)
+            }
+            other => unreachable!("no framing line to read in {other:?}"),
+        };
+        self.framing = Framing::Chunked(next);
+        Ok(())
+    }
+
+    /// The end checks, once the body's end or declared length is reached.
+    async fn finish(&mut self) -> Result<(), HttpError> {
+        match self.framing {
+            Framing::Length => self.check_no_overrun().await?,
+            Framing::Chunked(_) => self.finish_chunked().await?,
+            Framing::Eof => {}
+        }
+        self.state = BodyState::Done;
+        Ok(())
+    }
+
+    /// Reads the chunked framing after the declared length: it must end
+    /// without another data byte, and not before that length.
+    async fn finish_chunked(&mut self) -> Result<(), HttpError> {
+        loop {
+            match self.framing {
+                Framing::Chunked(Chunk::Data(_)) => return Err(self.too_long()),
+                Framing::Chunked(Chunk::Done) => break,
+                _ => self.chunk_framing_line().await?,
+            }
+        }
+        match self.remaining() {
+            Some(r) if r > 0 => Err(self.truncated()),
+            _ => Ok(()),
+        }
+    }
+
+    /// After a `Content-Length` body: any further byte means the server
+    /// meant something else than it declared.
+    async fn check_no_overrun(&mut self) -> Result<(), HttpError> {
+        if self.conn.buffered() > 0 {
+            return Err(self.too_long());
+        }
+        let mut probe = [0u8; 1];
+        match timeout(OVERRUN_GRACE, self.conn.stream.read(&mut probe)).await {
+            Ok(Ok(n)) if n > 0 => Err(self.too_long()),
+            // EOF, silence, or an error once every declared byte is in.
+            _ => Ok(()),
+        }
+    }
+
+    fn truncated(&self) -> HttpError {
+        HttpError::Truncated {
+            expected: self.expected,
+            received: self.received,
+        }
+    }
+
+    fn too_long(&self) -> HttpError {
+        HttpError::TooLong {
+            expected: self.expected.unwrap_or(self.received),
+        }
+    }
+}
+
+/// One connection: connect, send the request, read the response head.
+async fn exchange(
+    url: &str,
+    offset: u64,
+    opts: &HttpOptions,
+    deadline: Instant,
+) -> Result<(Conn, Head), HttpError> {
+    let parts = parse_url(url).map_err(HttpError::BadUrl)?;
+    let tcp = before(deadline, "connect", tcp_connect(parts.host, parts.port)).await?;
+    // The request is one write; no reason to let Nagle hold any of it.
+    let _ = tcp.set_nodelay(true);
+    let stream = if parts.https {
+        let config = tls_config(opts)?;
+        let name = ServerName::try_from(parts.host.to_owned())
+            .map_err(|e| HttpError::BadUrl(format!("{}: {e}", parts.host)))?;
+        let handshake = async {
+            TlsConnector::from(config)
+                .connect(name, tcp)
+                .await
+                .map_err(HttpError::from_io)
+        };
+        Stream::Tls(Box::new(
+            before(deadline, "TLS handshake", handshake).await?,
+        ))
+    } else {
+        Stream::Plain(tcp)
+    };
+    let mut conn = Conn::new(stream, opts.idle_timeout);
+    let request = request_head(&parts, offset, &opts.user_agent);
+    before(
+        deadline,
+        "request",
+        conn.stream.write_all(request.as_bytes()),
+    )
+    .await?;
+    let head = before(deadline, "response head", read_head(&mut conn)).await?;
+    Ok((conn, head))
+}
+
+async fn tcp_connect(host: &str, port: u16) -> Result<TcpStream, HttpError> {
+    let fail = |source| HttpError::Connect {
+        host: host.to_owned(),
+        port,
+        source,
+    };
+    let mut last = None;
+    for addr in tokio::net::lookup_host((host, port)).await.map_err(fail)? {
+        match TcpStream::connect(addr).await {
+            Ok(s) => return Ok(s),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(fail(last.unwrap_or_else(|| {
+        io::Error::new(io::ErrorKind::NotFound, "the host has no address")
+    })))
+}
+
+fn tls_config(opts: &HttpOptions) -> Result<Arc<ClientConfig>, HttpError> {
+    // Loading the system roots parses every file in the system store: do it
+    // once per process, and not at all for plain-HTTP devices.
+    static DEFAULT: OnceLock<Arc<ClientConfig>> = OnceLock::new();
+    if let Some(config) = &opts.tls {
+        return Ok(config.clone());
+    }
+    if let Some(config) = DEFAULT.get() {
+        return Ok(config.clone());
+    }
+    let config = client_config(&TlsOptions::default()).map_err(HttpError::TlsConfig)?;
+    Ok(DEFAULT.get_or_init(|| config).clone())
+}
+
+fn request_head(url: &UrlParts<'_>, offset: u64, user_agent: &str) -> String {
+    use std::fmt::Write;
+    // A CR or LF in the configured agent would inject headers.
+    let agent: String = user_agent.chars().filter(|c| !c.is_control()).collect();
+    let mut req = String::with_capacity(160 + url.path.len() + url.host.len() + agent.len());
+    let _ = write!(
+        req,
+        "GET {} HTTP/1.1\r\nHost: {}\r\nUser-Agent: {agent}\r\n\
+         Accept-Encoding: identity\r\nConnection: close\r\n",
+        url.path,
+        host_header(url)
+    );
+    if offset > 0 {
+        let _ = write!(req, "Range: bytes={offset}-\r\n");
+    }
+    req.push_str("\r\n");
+    req
+}
+
+fn host_header(url: &UrlParts<'_>) -> String {
+    let host = if url.host.contains(':') {
+        format!("[{}]", url.host)
+    } else {
+        url.host.to_owned()
+    };
+    let default_port = if url.https { 443 } else { 80 };
+    if url.port == default_port {
+        host
+    } else {
+        format!("{host}:{}", url.port)
+    }
+}
+
+/// The target of a redirect: `location` resolved against `base` (RFC 3986
+/// section 5.2, without dot-segment removal, which servers do).
+fn resolve_location(base: &str, location: &str) -> String {
+    let location = location.trim();
+    if has_scheme(location) {
+        return location.to_owned();
+    }
+    // `base` passed parse_url: it has a scheme and an authority.
+    let scheme_end = base.find("://").map_or(0, |i| i + 3);
+    if let Some(rest) = location.strip_prefix("//") {
+        return format!("{}{rest}", &base[..scheme_end]);
+    }
+    let after_scheme = &base[scheme_end..];
+    let authority_len = after_scheme
+        .find(['/', '?', '#'])
+        .unwrap_or(after_scheme.len());
+    let origin = &base[..scheme_end + authority_len];
+    if location.starts_with('/') {
+        return format!("{origin}{location}");
+    }
+    let path = after_scheme[authority_len..]
+        .split(['?', '#'])
+        .next()
+        .unwrap_or_default();
+    if location.starts_with('?') || location.is_empty() {
+        let path = if path.is_empty() { "/" } else { path };
+        return format!("{origin}{path}{location}");
+    }
+    let dir = path.rfind('/').map_or("/", |i| &path[..=i]);
+    format!("{origin}{dir}{location}")
+}
+
+fn has_scheme(s: &str) -> bool {
+    match s.split_once(':') {
+        Some((scheme, _)) => {
+            scheme.starts_with(|c: char| c.is_ascii_alphabetic())
+                && scheme
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'))
+        }
+        None => false,
+    }
+}
+
+/// `bytes START-END/TOTAL` (TOTAL may be `*`) → (START, END, TOTAL).
+fn parse_content_range(value: &str) -> Option<(u64, u64, Option<u64>)> {
+    let (unit, rest) = value.trim().split_once(' ')?;
+    if !unit.eq_ignore_ascii_case("bytes") {
+        return None;
+    }
+    let (range, total) = rest.trim().split_once('/')?;
+    let (start, end) = range.split_once('-')?;
+    let start: u64 = start.trim().parse().ok()?;
+    let end: u64 = end.trim().parse().ok()?;
+    let total = match total.trim() {
+        "*" => None,
+        t => Some(t.parse::<u64>().ok()?),
+    };
+    let valid = end >= start && total.map_or(true, |t| end < t);
+    valid.then_some((start, end, total))
+}
+
+/// The hex size of a chunk-size line, extensions ignored.
+fn parse_chunk_size(line: &[u8]) -> Result<u64, HttpError> {
+    let bad = || {
+        HttpError::BadResponse(format!(
+            "bad chunk size line {:?}",
+            String::from_utf8_lossy(line)
+        ))
+    };
+    let digits = line.split(|&b| b == b';').next().unwrap_or_default();
+    let digits = digits.trim_ascii();
+    if digits.is_empty() || digits.len() > 16 {
+        return Err(bad());
+    }
+    digits.iter().try_fold(0u64, |size, &d| {
+        let v = char::from(d).to_digit(16).ok_or_else(bad)?;
+        Ok(size << 4 | u64::from(v))
+    })
+}
+
+/// What the body handling needs from a response head.
+#[derive(Debug)]
+struct Head {
+    code: u16,
+    reason: String,
+    location: Option<String>,
+    content_length: Option<u64>,
+    content_range: Option<String>,
+    /// A content coding other than identity, if the server used one.
+    content_encoding: Option<String>,
+    chunked: bool,
+}
+
+/// Reads response heads until a final one (1xx heads are skipped).
+async fn read_head(conn: &mut Conn) -> Result<Head, HttpError> {
+    loop {
+        if conn.buffered() > 0 {
+            if let Some((head, len)) = parse_head(conn.unread())? {
+                conn.consume(len);
+                if (100..200).contains(&head.code) && head.code != 101 {
+                    continue;
+                }
+                return Ok(head);
+            }
+        }
+        if conn.fill(MAX_HEAD, "response head").await? == 0 {
+            return Err(HttpError::Io(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "connection closed before the response head was complete",
+            )));
+        }
+    }
+}
+
+/// Parses a complete head at the start of `bytes`, returning it and its
+/// length; `None` while it is incomplete.
+fn parse_head(bytes: &[u8]) -> Result<Option<(Head, usize)>, HttpError> {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut response = httparse::Response::new(&mut headers);
+    let len = match response.parse(bytes) {
+        Ok(httparse::Status::Complete(len)) => len,
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(e) => {
+            return Err(HttpError::BadResponse(format!(
+                "malformed response head: {e}"
+            )))
+        }
+    };
+    let mut head = Head {
+        code: response.code.unwrap_or_default(),
+        reason: response.reason.unwrap_or_default().to_owned(),
+        location: None,
+        content_length: None,
+        content_range: None,
+        content_encoding: None,
+        chunked: false,
+    };
+    for header in response.headers.iter() {
+        let name = header.name;
+        let is = |n: &str| name.eq_ignore_ascii_case(n);
+        if !(is("content-length")
+            || is("transfer-encoding")
+            || is("content-encoding")
+            || is("location")
+            || is("content-range"))
+        {
+            continue;
+        }
+        let value = std::str::from_utf8(header.value)
+            .map_err(|_| HttpError::BadResponse(format!("{name} header is not UTF-8")))?
+            .trim();
+        if is("content-length") {
+            head.content_length = Some(merge_content_length(head.content_length, value)?);
+        } else if is("transfer-encoding") {
+            head.chunked |= transfer_is_chunked(value)?;
+        } else if is("content-encoding") {
+            if value
+                .split(',')
+                .any(|c| !c.trim().is_empty() && !c.trim().eq_ignore_ascii_case("identity"))
+            {
+                head.content_encoding = Some(value.to_owned());
+            }
+        } else if is("location") {
+            head.location = Some(value.to_owned());
+        } else {
+            head.content_range = Some(value.to_owned());
+        }
+    }
+    Ok(Some((head, len)))
+}
+
+/// Content-Length, possibly repeated or a list (RFC 9110 8.6): every value
+/// must agree.
+fn merge_content_length(previous: Option<u64>, value: &str) -> Result<u64, HttpError> {
+    let mut merged = previous;
+    for part in value.split(',') {
+        let part = part.trim();
+        let n = part
+            .bytes()
+            .all(|b| b.is_ascii_digit())
+            .then(|| part.parse::<u64>().ok())
+            .flatten()
+            .ok_or_else(|| HttpError::BadResponse(format!("bad Content-Length {value:?}")))?;
+        if merged.is_some_and(|m| m != n) {
+            return Err(HttpError::BadResponse(format!(
+                "conflicting Content-Length values {value:?}"
+            )));
+        }
+        merged = Some(n);
+    }
+    merged.ok_or_else(|| HttpError::BadResponse("empty Content-Length".into()))
+}
+
+/// Whether a Transfer-Encoding value ends in chunked; codings other than
+/// chunked and identity cannot be decoded here.
+fn transfer_is_chunked(value: &str) -> Result<bool, HttpError> {
+    let mut chunked = false;
+    for coding in value.split(',').map(str::trim) {
+        if coding.eq_ignore_ascii_case("chunked") {
+            chunked = true;
+        } else if !(coding.is_empty() || coding.eq_ignore_ascii_case("identity")) {
+            return Err(HttpError::BadResponse(format!(
+                "unsupported Transfer-Encoding {value:?}"
+            )));
+        }
+    }
+    Ok(chunked)
+}
+
+/// Runs `fut` with a deadline, naming the step that missed it.
+async fn before<T>(
+    deadline: Instant,
+    during: &'static str,
+    fut: impl Future<Output = Result<T, HttpError>>,
+) -> Result<T, HttpError> {
+    timeout_at(deadline, fut)
+        .await
+        .unwrap_or(Err(HttpError::Timeout { during }))
+}
+
+/// The socket, plain or TLS. An enum rather than a generic keeps `Body` one
+/// type, compiled once.
+enum Stream {
+    Plain(TcpStream),
+    Tls(Box<TlsStream<TcpStream>>),
+}
+
+impl Stream {
+    async fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Self::Plain(s) => s.read(buf).await,
+            Self::Tls(s) => s.read(buf).await,
+        }
+    }
+
+    async fn write_all(&mut self, data: &[u8]) -> Result<(), HttpError> {
+        let written = match self {
+            Self::Plain(s) => s.write_all(data).await,
+            // rustls buffers records until flushed.
+            Self::Tls(s) => match s.write_all(data).await {
+                Ok(()) => s.flush().await,
+                Err(e) => Err(e),
+            },
+        };
+        written.map_err(HttpError::from_io)
+    }
+}
+
+/// A connection with the bytes read past what was consumed: the response
+/// head first, then (for chunked bodies) framing lines. Body data is read
+/// straight into the caller's buffer once these bytes are used up.
+struct Conn {
+    stream: Stream,
+    buf: Vec<u8>,
+    start: usize,
+    end: usize,
+    idle: Duration,
+    /// The peer closed TLS without close_notify.
+    unclean_eof: bool,
+}
+
+impl Conn {
+    fn new(stream: Stream, idle: Duration) -> Self {
+        Self {
+            stream,
+            buf: vec![0; INITIAL_BUF],
+            start: 0,
+            end: 0,
+            idle,
+            unclean_eof: false,
+        }
+    }
+
+    fn buffered(&self) -> usize {
+        self.end - self.start
+    }
+
+    fn unread(&self) -> &[u8] {
+        &self.buf[self.start..self.end]
+    }
+
+    fn consume(&mut self, n: usize) {
+        self.start += n;
+    }
+
+    /// Buffered bytes first, else one socket read straight into `out`.
+    async fn read(&mut self, out: &mut [u8]) -> Result<usize, HttpError> {
+        if self.buffered() > 0 {
+            let n = out.len().min(self.buffered());
+            out[..n].copy_from_slice(&self.buf[self.start..self.start + n]);
+            self.start += n;
+            return Ok(n);
+        }
+        read_socket(&mut self.stream, self.idle, &mut self.unclean_eof, out).await
+    }
+
+    /// One socket read appended to the buffer, which may grow up to `max`
+    /// unread bytes; more than that is an error about `what`. Ok(0) at EOF.
+    async fn fill(&mut self, max: usize, what: &str) -> Result<usize, HttpError> {
+        if self.start == self.end {
+            self.start = 0;
+            self.end = 0;
+        }
+        if self.end == self.buf.len() {
+            if self.start > 0 {
+                self.buf.copy_within(self.start..self.end, 0);
+                self.end -= self.start;
+                self.start = 0;
+            } else if self.buf.len() < max {
+                let len = (self.buf.len() * 2).min(max);
+                self.buf.resize(len, 0);
+            } else {
+                return Err(HttpError::BadResponse(format!(
+                    "{what} longer than {} bytes",
+                    self.buf.len()
+                )));
+            }
+        }
+        let dest = &mut self.buf[self.end..];
+        let n = read_socket(&mut self.stream, self.idle, &mut self.unclean_eof, dest).await?;
+        self.end += n;
+        Ok(n)
+    }
+
+    /// The next line without its CRLF (a bare LF also ends it), or `None`
+    /// at EOF.
+    async fn line(&mut self, max: usize, what: &str) -> Result<Option<&[u8]>, HttpError> {
+        loop {
+            if let Some(i) = self.unread().iter().position(|&b| b == b'\n') {
+                let begin = self.start;
+                let mut end = begin + i;
+                self.start = end + 1;
+                if end > begin && self.buf[end - 1] == b'\r' {
+                    end -= 1;
+                }
+                return Ok(Some(&self.buf[begin..end]));
+            }
+            if self.fill(max, what).await? == 0 {
+                return Ok(None);
+            }
+        }
+    }
+}
+
+/// One socket read, bounded by the idle timeout.
+async fn read_socket(
+    stream: &mut Stream,
+    idle: Duration,
+    unclean_eof: &mut bool,
+    dest: &mut [u8],
+) -> Result<usize, HttpError> {
+    match timeout(idle, stream.read(dest)).await {
+        Err(_) => Err(HttpError::Timeout { during: "read" }),
+        Ok(Ok(n)) => Ok(n),
+        // A TLS peer that closed without close_notify: an end, whose meaning
+        // the body's framing decides.
+        Ok(Err(e)) if e.kind() == io::ErrorKind::UnexpectedEof => {
+            *unclean_eof = true;
+            Ok(0)
+        }
+        Ok(Err(e)) => Err(HttpError::from_io(e)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tls::tests::TempFile;
+    use std::net::SocketAddr;
+    use std::sync::Mutex;
+    use tokio::io::{AsyncRead, AsyncWrite};
+    use tokio::net::TcpListener;
+    use tokio::task::JoinHandle;
+    use tokio_rustls::TlsAcceptor;
+
+    /// What a test server does after reading a request.
+    enum Step {
+        Write(Vec<u8>),
+        Pause(Duration),
+    }
+
+    fn write(bytes: impl AsRef<[u8]>) -> Step {
+        Step::Write(bytes.as_ref().to_vec())
+    }
+
+    /// A loopback server answering each connection with the handler's steps,
+    /// then closing it. Dropping it stops it.
+    struct Server {
+        addr: SocketAddr,
+        requests: Arc<Mutex<Vec<String>>>,
+        task: JoinHandle<()>,
+    }
+
+    impl Drop for Server {
+        fn drop(&mut self) {
+            self.task.abort();
+        }
+    }
+
+    impl Server {
+        async fn start<F>(tls: Option<TlsAcceptor>, handler: F) -> Server
+        where
+            F: Fn(&str, u16) -> Vec<Step> + Send + Sync + 'static,
+        {
+            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap();
+            let requests = Arc::new(Mutex::new(Vec::new()));
+            let log = requests.clone();
+            // One connection at a time, inside this task, so that aborting
+            // it stops everything the server does.
+            let task = tokio::spawn(async move {
+                while let Ok((tcp, _)) = listener.accept().await {
+                    match &tls {
+                        None => answer(tcp, &handler, &log, addr.port()).await,
+                        Some(acceptor) => {
+                            if let Ok(s) = acceptor.accept(tcp).await {
+                                answer(s, &handler, &log, addr.port()).await;
+                            }
+                        }
+                    }
+                }
+            });
+            Server {
+                addr,
+                requests,
+                task,
+            }
+        }
+
+        async fn plain<F>(handler: F) -> Server
+        where
+            F: Fn(&str, u16) -> Vec<Step> + Send + Sync + 'static,
+        {
+            Self::start(None, handler).await
+        }
+
+        /// A server answering every request with the same bytes.
+        async fn fixed(response: &'static str) -> Server {
+            Self::plain(move |_, _| vec![write(response)]).await
+        }
+
+        fn url(&self, path: &str) -> String {
+            format!("http://{}{path}", self.addr)
+        }
+
+        fn request(&self, i: usize) -> String {
+            self.requests.lock().unwrap()[i].clone()
+        }
+    }
+
+    async fn answer<S, F>(mut s: S, handler: &F, log: &Mutex<Vec<String>>, port: u16)
+    where
+        S: AsyncRead + AsyncWrite + Unpin,
+        F: Fn(&str, u16) -> Vec<Step>,
+    {
+        let mut head = Vec::new();
+        let mut buf = [0u8; 1024];
+        while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => head.extend_from_slice(&buf[..n]),
+            }
+        }
+        let head = String::from_utf8_lossy(&head).into_owned();
+        let path = head.split(' ').nth(1).unwrap_or("/").to_owned();
+        log.lock().unwrap().push(head);
+        for step in handler(&path, port) {
+            match step {
+                Step::Write(bytes) => {
+                    if s.write_all(&bytes).await.is_err() || s.flush().await.is_err() {
+                        return;
+                    }
+                }
+                Step::Pause(d) => tokio::time::sleep(d).await,
+            }
+        }
+        let _ = s.shutdown().await;
+    }
+
+    async fn read_all(body: &mut Body, buf_size: usize) -> Result<Vec<u8>, HttpError> {
+        let mut out = Vec::new();
+        let mut buf = vec![0u8; buf_size];
+        loop {
+            match body.read(&mut buf).await? {
+                0 => return Ok(out),
+                n => out.extend_from_slice(&buf[..n]),
+            }
+        }
+    }
+
+    async fn get(url: &str) -> Result<Vec<u8>, HttpError> {
+        let mut body = Body::open(url, 0, &HttpOptions::default()).await?;
+        read_all(&mut body, 4096).await
+    }
+
+    #[tokio::test]
+    async fn content_length_body_and_request_head() {
+        let server =
+            Server::fixed("HTTP/1.1 200 OK\r\nContent-Length: 11\r\n\r\nhello world").await;
+        let mut body = Body::open(&server.url("/fw.bin?v=2"), 0, &HttpOptions::default())
+            .await
+            .unwrap();
+        assert_eq!(
+            (
+                body.status(),
+                body.offset(),
+                body.total_size(),
+                body.remaining()
+            ),
+            (200, 0, Some(11), Some(11))
+        );
+        assert_eq!(read_all(&mut body, 4).await.unwrap(), b"hello world");
+        assert_eq!(body.remaining(), Some(0));
+        assert_eq!(body.read(&mut [0; 8]).await.unwrap(), 0);
+        let req = server.request(0);
+        assert!(req.starts_with("GET /fw.bin?v=2 HTTP/1.1\r\n"), "{req}");
+        for header in [
+            format!("Host: {}\r\n", server.addr),
+            "User-Agent: iot-ota-device/".into(),
+            "Accept-Encoding: identity\r\n".into(),
+            "Connection: close\r\n".into(),
+        ] {
+            assert!(req.contains(&header), "{header} missing from {req}");
+        }
+        assert!(!req.contains("Range"), "{req}");
+    }
+
+    #[tokio::test]
+    async fn empty_content_length_body() {
+        let server = Server::fixed("HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n").await;
+        assert_eq!(get(&server.url("/")).await.unwrap(), b"");
+    }
+
+    const CHUNKED: &str = "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n\
+        4\r\nWiki\r\n5;name=value\r\npedia\r\nE \r\n in\r\n\r\nchunks.\r\n\
+        0\r\nExpires: never\r\nX-Trailer: 1\r\n\r\n";
+    const UNCHUNKED: &[u8] = b"Wikipedia in\r\n\r\nchunks.";
+
+    #[tokio::test]
+    async fn chunked_body_with_extensions_and_trailers() {
+        let server = Server::fixed(CHUNKED).await;
+        let mut body = Body::open(&server.url("/"), 0, &HttpOptions::default())
+            .await
+            .unwrap();
+        assert_eq!((body.remaining(), body.total_size()), (None, None));
+        assert_eq!(read_all(&mut body, 7).await.unwrap(), UNCHUNKED);
+    }
+
+    #[tokio::test]
+    async fn chunked_body_split_across_packets_read_with_7_byte_buffer() {
+        let server = Server::plain(|_, _| {
+            let mut steps = Vec::new();
+            for piece in CHUNKED.as_bytes().chunks(5) {
+                steps.push(write(piece));
+                steps.push(Step::Pause(Duration::from_millis(1)));
+            }
+            steps
+        })
+        .await;
+        let mut body = Body::open(&server.url("/"), 0, &HttpOptions::default())
+            .await
+            .unwrap();
+        assert_eq!(read_all(&mut body, 7).await.unwrap(), UNCHUNKED);
+    }
+
+    #[tokio::test]
+    async fn chunked_body_cut_short_is_truncated() {
+        let server =
+            Server::fixed("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n")
+                .await;
+        let err = get(&server.url("/")).await.unwrap_err();
+        assert!(
+            matches!(
+                err,
+                HttpError::Truncated {
+                    expected: None,
+                    received: 5
+                }
+            ),
+            "{err:?}"
+        );
+        assert!(err.is_retryable());
+    }
+
+    #[tokio::test]
+    async fn body_to_eof_has_unknown_length() {
+        let server = Server::fixed("HTTP/1.1 200 OK\r\n\r\nuntil the end").await;
+        let mut body = Body::open(&server.url("/"), 0, &HttpOptions::default())
+            .await
+            .unwrap();
+        assert_eq!((body.remaining(), body.total_size()), (None, None));
+        assert_eq!(read_all(&mut body, 3).await.unwrap(), b"until the end");
+    }
+
+    #[tokio::test]
+    async fn early_eof_is_truncated() {
+        let server = Server::fixed("HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nhello").await;
+        let err = get(&server.url("/")).await.unwrap_err();
+        assert!(
+            matches!(
+                err,
+                HttpError::Truncated {
+                    expected: Some(10),
+                    received: 5
+                }
+            ),
+            "{err:?}"
+        );
+        assert!(err.is_retryable());
+    }
+
+    #[tokio::test]
+    async fn extra_bytes_in_the_same_packet_are_too_long() {
+        let server = Server::fixed("HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhelloX").await;
+        let err = get(&server.url("/")).await.unwrap_err();
+        assert!(matches!(err, HttpError::TooLong { expected: 5 }), "{err:?}");
+        assert!(!err.is_retryable());
+    }
+
+    #[tokio::test]
+    async fn extra_bytes_arriving_later_are_too_long() {
+        let server = Server::plain(|_, _| {
+            vec![
+                write("HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello"),
+                Step::Pause(Duration::from_millis(10)),
+                write("more"),
+            ]
+        })
+        .await;
+        let mut body = Body::open(&server.url("/"), 0, &HttpOptions::default())
+            .await
+            .unwrap();
+        // The read that completes the declared length runs the check, so a
+        // caller stopping at remaining() == 0 is covered too.
+        let err = body.read(&mut [0; 64]).await.unwrap_err();
+        assert!(matches!(err, HttpError::TooLong { expected: 5 }), "{err:?}");
+        assert!(body.read(&mut [0; 64]).await.is_err());
+    }
+
+    #[tokio::test]
+    async fn statuses_other_than_200_and_206_are_errors() {
+        let server = Server::plain(|path, _| match path {
+            "/missing" => vec![write(
+                "HTTP/1.1 404 Not Found\r\nContent-Length: 9\r\n\r\nnot found",
+            )],
+            _ => vec![write("HTTP/1.1 500 Internal Server Error\r\n\r\n")],
+        })
+        .await;
+        let err = get(&server.url("/missing")).await.unwrap_err();
+        assert!(
+            matches!(&err, HttpError::Status { code: 404, reason } if reason == "Not Found"),
+            "{err:?}"
+        );
+        assert!(!err.is_retryable());
+        let err = get(&server.url("/broken")).await.unwrap_err();
+        assert!(
+            matches!(err, HttpError::Status { code: 500, .. }),
+            "{err:?}"
+        );
+        assert!(err.is_retryable());
+    }
+
+    #[tokio::test]
+    async fn relative_and_absolute_redirects_are_followed() {
+        let server = Server::plain(|path, port| {
+            let redirect = |code: u16, to: String| {
+                vec![write(format!(
+                    "HTTP/1.1 {code} Moved\r\nLocation: {to}\r\nContent-Length: 0\r\n\r\n"
+                ))]
+            };
+            match path {
+                "/a/start" => redirect(301, "next".into()),
+                "/a/next" => redirect(302, "/b".into()),
+                "/b" => redirect(307, format!("http://127.0.0.1:{port}/c")),
+                "/c" => redirect(308, format!("//127.0.0.1:{port}/d/file")),
+                "/d/file" => vec![write("HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")],
+                _ => vec![write("HTTP/1.1 404 Not Found\r\n\r\n")],
+            }
+        })
+        .await;
+        let mut body = Body::open(&server.url("/a/start"), 0, &HttpOptions::default())
+            .await
+            .unwrap();
+        assert_eq!(body.final_url(), server.url("/d/file"));
+        assert_eq!(read_all(&mut body, 64).await.unwrap(), b"ok");
+    }
+
+    #[tokio::test]
+    async fn redirect_limit() {
+        // /hopN redirects to /hop(N-1); /hop0 is the file.
+        let server = Server::plain(|path, _| {
+            let n: u32 = path.trim_start_matches("/hop").parse().unwrap();
+            if n == 0 {
+                return vec![write("HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\nx")];
+            }
+            vec![write(format!(
+                "HTTP/1.1 302 Found\r\nLocation: /hop{}\r\n\r\n",
+                n - 1
+            ))]
+        })
+        .await;
+        assert_eq!(get(&server.url("/hop5")).await.unwrap(), b"x");
+        let err = get(&server.url("/hop6")).await.unwrap_err();
+        assert!(
+            matches!(&err, HttpError::TooManyRedirects { limit: 5, url } if url.ends_with("/hop1")),
+            "{err:?}"
+        );
+        assert!(!err.is_retryable());
+    }
+
+    #[tokio::test]
+    async fn range_resume_gets_206() {
+        let server = Server::fixed(
+            "HTTP/1.1 206 Partial Content\r\nContent-Range: bytes 5-9/10\r\n\
+             Content-Length: 5\r\n\r\n56789",
+        )
+        .await;
+        let mut body = Body::open(&server.url("/"), 5, &HttpOptions::default())
+            .await
+            .unwrap();
+        assert!(server.request(0).contains("Range: bytes=5-\r\n"));
+        assert_eq!(
+            (
+                body.status(),
+                body.offset(),
+                body.total_size(),
+                body.remaining()
+            ),
+            (206, 5, Some(10), Some(5))
+        );
+        assert_eq!(read_all(&mut body, 64).await.unwrap(), b"56789");
+    }
+
+    #[tokio::test]
+    async fn range_206_without_content_length_uses_content_range() {
+        let server =
+            Server::fixed("HTTP/1.1 206 Partial Content\r\nContent-Range: bytes 5-9/*\r\n\r\n567")
+                .await;
+        let mut body = Body::open(&server.url("/"), 5, &HttpOptions::default())
+            .await
+            .unwrap();
+        assert_eq!((body.total_size(), body.remaining()), (None, Some(5)));
+        let err = read_all(&mut body, 64).await.unwrap_err();
+        assert!(
+            matches!(
+                err,
+                HttpError::Truncated {
+                    expected: Some(5),
+                    received: 3
+                }
+            ),
+            "{err:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn range_206_starting_elsewhere_is_a_mismatch() {
+        let server = Server::fixed(
+            "HTTP/1.1 206 Partial Content\r\nContent-Range: bytes 0-9/10\r\n\
+             Content-Length: 10\r\n\r\n0123456789",
+        )
+        .await;
+        let err = Body::open(&server.url("/"), 5, &HttpOptions::default())
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(
+                &err,
+                HttpError::RangeMismatch { requested: 5, content_range: Some(r) } if r == "bytes 0-9/10"
+            ),
+            "{err:?}"
+        );
+        assert!(!err.is_retryable());
+    }
+
+    #[tokio::test]
+    async fn range_answered_with_200_is_range_ignored() {
+        let server = Server::fixed("HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n0123456789").await;
+        let err = Body::open(&server.url("/"), 5, &HttpOptions::default())
+            .await
+            .unwrap_err();
+        assert!(matches!(err, HttpError::RangeIgnored), "{err:?}");
+        assert!(!err.is_retryable());
+    }
+
+    #[tokio::test]
+    async fn stalled_body_hits_idle_timeout() {
+        let server = Server::plain(|_, _| {
+            vec![
+                write("HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc"),
+                Step::Pause(Duration::from_secs(10)),
+            ]
+        })
+        .await;
+        let opts = HttpOptions {
+            idle_timeout: Duration::from_millis(200),
+            ..HttpOptions::default()
+        };
+        let mut body = Body::open(&server.url("/"), 0, &opts).await.unwrap();
+        let mut buf = [0u8; 64];
+        assert_eq!(body.read(&mut buf).await.unwrap(), 3);
+        let err = body.read(&mut buf).await.unwrap_err();
+        assert!(
+            matches!(err, HttpError::Timeout { during: "read" }),
+            "{err:?}"
+        );
+        assert!(err.is_retryable());
+    }
+
+    #[tokio::test]
+    async fn stalled_head_hits_connect_timeout() {
+        let server = Server::plain(|_, _| vec![Step::Pause(Duration::from_secs(10))]).await;
+        let opts = HttpOptions {
+            connect_timeout: Duration::from_millis(200),
+            ..HttpOptions::default()
+        };
+        let err = Body::open(&server.url("/"), 0, &opts).await.unwrap_err();
+        assert!(
+            matches!(
+                err,
+                HttpError::Timeout {
+                    during: "response head"
+                }
+            ),
+            "{err:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn refused_connection_is_retryable() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        drop(listener);
+        let err = get(&format!("http://{addr}/")).await.unwrap_err();
+        assert!(matches!(err, HttpError::Connect { .. }), "{err:?}");
+        assert!(err.is_retryable());
+    }
+
+    #[tokio::test]
+    async fn bad_url_is_not_retryable() {
+        let err = get("ftp://example.com/fw.bin").await.unwrap_err();
+        assert!(matches!(err, HttpError::BadUrl(_)), "{err:?}");
+        assert!(!err.is_retryable());
+    }
+
+    #[tokio::test]
+    async fn malformed_and_unsupported_responses() {
+        for response in [
+            "HTTP/1.1 200 OK\r\nContent-Length: x\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nContent-Encoding: gzip\r\nContent-Length: 1\r\n\r\nx",
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
+            "NOT HTTP\r\n\r\n",
+        ] {
+            let server = Server::fixed(response).await;
+            let err = get(&server.url("/")).await.unwrap_err();
+            assert!(
+                matches!(err, HttpError::BadResponse(_)),
+                "{response:?}: {err:?}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn informational_heads_are_skipped() {
+        let server = Server::fixed(
+            "HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
+        )
+        .await;
+        assert_eq!(get(&server.url("/")).await.unwrap(), b"ok");
+    }
+
+    /// A CA, and a TLS acceptor whose certificate it signed for
+    /// `localhost` and `127.0.0.1`.
+    fn pki() -> (String, TlsAcceptor) {
+        let ca_key = rcgen::KeyPair::generate().unwrap();
+        let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        ca_params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "iot-ota test CA");
+        let ca = ca_params.self_signed(&ca_key).unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let leaf = rcgen::CertificateParams::new(vec!["localhost".into(), "127.0.0.1".into()])
+            .unwrap()
+            .signed_by(&key, &ca, &ca_key)
+            .unwrap();
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(
+                vec![leaf.der().clone()],
+                rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+            )
+            .unwrap();
+        (ca.pem(), TlsAcceptor::from(Arc::new(config)))
+    }
+
+    fn https_options(ca_pem: &str) -> (TempFile, HttpOptions) {
+        let ca_file = TempFile::new(ca_pem);
+        let tls = client_config(&TlsOptions {
+            ca_file: Some(ca_file.0.clone()),
+            ..TlsOptions::default()
+        })
+        .unwrap();
+        let opts = HttpOptions {
+            tls: Some(tls),
+            ..HttpOptions::default()
+        };
+        (ca_file, opts)
+    }
+
+    #[tokio::test]
+    async fn https_with_a_trusted_ca() {
+        let (ca_pem, acceptor) = pki();
+        let server = Server::start(Some(acceptor), |_, _| {
+            vec![write(
+                "HTTP/1.1 200 OK\r\nContent-Length: 12\r\n\r\nsecure bytes",
+            )]
+        })
+        .await;
+        let (_ca_file, opts) = https_options(&ca_pem);
+        let port = server.addr.port();
+        for host in ["127.0.0.1", "localhost"] {
+            let url = format!("https://{host}:{port}/fw.bin");
+            let mut body = Body::open(&url, 0, &opts).await.unwrap();
+            assert_eq!(read_all(&mut body, 5).await.unwrap(), b"secure bytes");
+        }
+    }
+
+    #[tokio::test]
+    async fn https_with_an_untrusted_certificate_fails() {
+        let (_, acceptor) = pki();
+        let (other_ca_pem, _) = pki();
+        let server = Server::start(Some(acceptor), |_, _| {
+            vec![write("HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")]
+        })
+        .await;
+        let (_ca_file, opts) = https_options(&other_ca_pem);
+        let url = format!("https://127.0.0.1:{}/", server.addr.port());
+        let err = Body::open(&url, 0, &opts).await.unwrap_err();
+        assert!(
+            matches!(err, HttpError::Tls(rustls::Error::InvalidCertificate(_))),
+            "{err:?}"
+        );
+        assert!(!err.is_retryable());
+    }
+
+    #[test]
+    fn locations_resolve_against_the_current_url() {
+        let base = "https://h.example:8443/dir/fw.bin?x=1";
+        for (location, expected) in [
+            ("http://other/a", "http://other/a"),
+            ("HTTPS://other/a", "HTTPS://other/a"),
+            ("//cdn.example/b", "https://cdn.example/b"),
+            ("/c", "https://h.example:8443/c"),
+            ("d.bin", "https://h.example:8443/dir/d.bin"),
+            ("?y=2", "https://h.example:8443/dir/fw.bin?y=2"),
+        ] {
+            assert_eq!(resolve_location(base, location), expected, "{location}");
+        }
+        assert_eq!(resolve_location("http://h", "e"), "http://h/e");
+    }
+
+    #[test]
+    fn host_header_brackets_ipv6_and_omits_default_ports() {
+        let header = |url: &str| host_header(&parse_url(url).unwrap());
+        assert_eq!(header("https://h/x"), "h");
+        assert_eq!(header("http://h:80/x"), "h");
+        assert_eq!(header("http://h:8080/x"), "h:8080");
+        assert_eq!(header("https://[::1]/x"), "[::1]");
+        assert_eq!(header("https://[::1]:8443/x"), "[::1]:8443");
+    }
+
+    #[test]
+    fn content_range_and_chunk_size_parsing() {
+        assert_eq!(parse_content_range("bytes 5-9/10"), Some((5, 9, Some(10))));
+        assert_eq!(parse_content_range("bytes 5-9/*"), Some((5, 9, None)));
+        for bad in [
+            "bytes 9-5/10",
+            "bytes 5-10/10",
+            "items 0-1/2",
+            "bytes */10",
+            "",
+        ] {
+            assert_eq!(parse_content_range(bad), None, "{bad}");
+        }
+        assert_eq!(parse_chunk_size(b"1aF").unwrap(), 0x1af);
+        assert_eq!(parse_chunk_size(b"10 ; ext=\"v\"").unwrap(), 16);
+        for bad in [&b""[..], b"g", b"; ext", b"11111111111111111"] {
+            assert!(parse_chunk_size(bad).is_err(), "{bad:?}");
+        }
+    }
+}

@@ -1,0 +1,333 @@
+//! TLS client configuration shared by the MQTT adapter and the HTTP(S)
+//! downloader.
+//!
+//! One [`rustls::ClientConfig`] serves both: rumqttc takes an
+//! `Arc<ClientConfig>` and so does [`crate::http`]. The crypto provider is
+//! always ring, passed explicitly, so the configuration never depends on a
+//! process-wide default provider being installed (and aws-lc never enters the
+//! device binary).
+#![deny(missing_docs)]
+
+use std::fmt;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::{ClientConfig, RootCertStore};
+
+/// Where the TLS trust anchors and the optional client identity come from.
+///
+/// All files are PEM. With every field `None`, the system's root
+/// certificates are trusted and no client certificate is sent.
+#[derive(Debug, Clone, Default)]
+pub struct TlsOptions {
+    /// Extra trusted CA certificates (every certificate in the file), added to
+    /// the system's roots.
+    pub ca_file: Option<PathBuf>,
+    /// Client certificate chain for mutual TLS; needs `client_key`.
+    pub client_cert: Option<PathBuf>,
+    /// Private key of `client_cert` (PKCS#8, PKCS#1 or SEC1); needs
+    /// `client_cert`.
+    pub client_key: Option<PathBuf>,
+}
+
+/// Why a TLS client configuration could not be built.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum TlsError {
+    /// A file could not be read.
+    Unreadable {
+        /// The file.
+        path: PathBuf,
+        /// The operating system's error.
+        source: io::Error,
+    },
+    /// A file is not valid PEM, or holds a certificate that cannot be used.
+    Malformed {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// A file that should hold certificates holds none.
+    NoCertificates {
+        /// The file.
+        path: PathBuf,
+    },
+    /// The client key file holds no private key.
+    NoKey {
+        /// The file.
+        path: PathBuf,
+    },
+    /// Only one of the client certificate and the client key was given.
+    IncompleteClientAuth {
+        /// The file that was given.
+        given: PathBuf,
+        /// The option that is missing: `client_key` or `client_cert`.
+        missing: &'static str,
+    },
+    /// No trusted root at all: the system has none and no CA file was given.
+    NoRoots,
+    /// rustls refused the client certificate and key (unsupported key type,
+    /// or a key that does not match the certificate).
+    ClientAuth {
+        /// The certificate file.
+        cert: PathBuf,
+        /// The key file.
+        key: PathBuf,
+        /// rustls' reason.
+        source: rustls::Error,
+    },
+    /// rustls refused the configuration itself.
+    Config(rustls::Error),
+}
+
+impl fmt::Display for TlsError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Unreadable { path, source } => {
+                write!(f, "cannot read {}: {source}", path.display())
+            }
+            Self::Malformed { path, reason } => write!(f, "{}: {reason}", path.display()),
+            Self::NoCertificates { path } => {
+                write!(f, "no PEM certificate in {}", path.display())
+            }
+            Self::NoKey { path } => write!(f, "no PEM private key in {}", path.display()),
+            Self::IncompleteClientAuth { given, missing } => write!(
+                f,
+                "client certificate and key are both needed: {} was given, {missing} is missing",
+                given.display()
+            ),
+            Self::NoRoots => f.write_str(
+                "no trusted root certificate: the system has none and no CA file was given",
+            ),
+            Self::ClientAuth { cert, key, source } => write!(
+                f,
+                "client certificate {} with key {} refused: {source}",
+                cert.display(),
+                key.display()
+            ),
+            Self::Config(e) => write!(f, "TLS configuration refused: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for TlsError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            Self::Unreadable { source, .. } => Some(source),
+            Self::ClientAuth { source, .. } | Self::Config(source) => Some(source),
+            _ => None,
+        }
+    }
+}
+
+/// Builds the client configuration described by `opts`.
+///
+/// Roots are the system's certificates (a bad one among them is skipped: one
+/// broken file in `/etc/ssl` must not take the device offline) plus every
+/// certificate of `opts.ca_file`. Errors in files the caller named are not
+/// skipped: they name the file and the problem.
+pub fn client_config(opts: &TlsOptions) -> Result<Arc<ClientConfig>, TlsError> {
+    let roots = root_store(opts.ca_file.as_deref())?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(TlsError::Config)?
+        .with_root_certificates(roots);
+    let config = match (&opts.client_cert, &opts.client_key) {
+        (None, None) => builder.with_no_client_auth(),
+        (Some(cert), Some(key)) => {
+            let chain = read_certs(cert)?;
+            let private = read_key(key)?;
+            builder
+                .with_client_auth_cert(chain, private)
+                .map_err(|source| TlsError::ClientAuth {
+                    cert: cert.clone(),
+                    key: key.clone(),
+                    source,
+                })?
+        }
+        (Some(given), None) => {
+            return Err(TlsError::IncompleteClientAuth {
+                given: given.clone(),
+                missing: "client_key",
+            })
+        }
+        (None, Some(given)) => {
+            return Err(TlsError::IncompleteClientAuth {
+                given: given.clone(),
+                missing: "client_cert",
+            })
+        }
+    };
+    Ok(Arc::new(config))
+}
+
+fn root_store(ca_file: Option<&Path>) -> Result<RootCertStore, TlsError> {
+    let mut roots = RootCertStore::empty();
+    // Errors here are per-file or per-certificate problems of the system
+    // store; whatever loaded is still worth trusting.
+    let native = rustls_native_certs::load_native_certs();
+    roots.add_parsable_certificates(native.certs);
+    if let Some(path) = ca_file {
+        for cert in read_certs(path)? {
+            roots.add(cert).map_err(|e| TlsError::Malformed {
+                path: path.to_owned(),
+                reason: format!("unusable CA certificate: {e}"),
+            })?;
+        }
+    }
+    if roots.is_empty() {
+        return Err(TlsError::NoRoots);
+    }
+    Ok(roots)
+}
+
+fn read_file(path: &Path) -> Result<Vec<u8>, TlsError> {
+    std::fs::read(path).map_err(|source| TlsError::Unreadable {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+fn malformed(path: &Path, e: io::Error) -> TlsError {
+    TlsError::Malformed {
+        path: path.to_owned(),
+        reason: format!("bad PEM: {e}"),
+    }
+}
+
+fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let pem = read_file(path)?;
+    let certs = rustls_pemfile::certs(&mut pem.as_slice())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| malformed(path, e))?;
+    if certs.is_empty() {
+        return Err(TlsError::NoCertificates {
+            path: path.to_owned(),
+        });
+    }
+    Ok(certs)
+}
+
+fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
+    let pem = read_file(path)?;
+    rustls_pemfile::private_key(&mut pem.as_slice())
+        .map_err(|e| malformed(path, e))?
+        .ok_or_else(|| TlsError::NoKey {
+            path: path.to_owned(),
+        })
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    /// A file in the temp directory, removed on drop.
+    pub(crate) struct TempFile(pub(crate) PathBuf);
+
+    impl TempFile {
+        pub(crate) fn new(contents: &str) -> Self {
+            static N: AtomicU32 = AtomicU32::new(0);
+            let name = format!(
+                "iot-ota-tls-test-{}-{}.pem",
+                std::process::id(),
+                N.fetch_add(1, Ordering::Relaxed)
+            );
+            let path = std::env::temp_dir().join(name);
+            std::fs::write(&path, contents).unwrap();
+            Self(path)
+        }
+    }
+
+    impl Drop for TempFile {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+
+    fn ca() -> (String, String) {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let cert = params.self_signed(&key).unwrap();
+        (cert.pem(), key.serialize_pem())
+    }
+
+    fn opts(ca: Option<&TempFile>, cert: Option<&TempFile>, key: Option<&TempFile>) -> TlsOptions {
+        TlsOptions {
+            ca_file: ca.map(|f| f.0.clone()),
+            client_cert: cert.map(|f| f.0.clone()),
+            client_key: key.map(|f| f.0.clone()),
+        }
+    }
+
+    #[test]
+    fn ca_file_and_client_identity_build_a_config() {
+        let (cert_pem, key_pem) = ca();
+        let ca_file = TempFile::new(&cert_pem);
+        let cert = TempFile::new(&cert_pem);
+        let key = TempFile::new(&key_pem);
+        client_config(&opts(Some(&ca_file), Some(&cert), Some(&key))).unwrap();
+        client_config(&opts(Some(&ca_file), None, None)).unwrap();
+    }
+
+    #[test]
+    fn missing_ca_file_is_unreadable_and_named() {
+        let o = TlsOptions {
+            ca_file: Some(PathBuf::from("/nonexistent/ca.pem")),
+            ..TlsOptions::default()
+        };
+        let err = client_config(&o).unwrap_err();
+        assert!(matches!(err, TlsError::Unreadable { .. }), "{err:?}");
+        assert!(err.to_string().contains("/nonexistent/ca.pem"), "{err}");
+    }
+
+    #[test]
+    fn file_without_certificates_is_refused() {
+        let (_, key_pem) = ca();
+        let ca_file = TempFile::new(&key_pem);
+        let err = client_config(&opts(Some(&ca_file), None, None)).unwrap_err();
+        assert!(matches!(err, TlsError::NoCertificates { .. }), "{err:?}");
+    }
+
+    #[test]
+    fn key_file_without_key_is_refused() {
+        let (cert_pem, _) = ca();
+        let ca_file = TempFile::new(&cert_pem);
+        let err = client_config(&opts(Some(&ca_file), Some(&ca_file), Some(&ca_file))).unwrap_err();
+        assert!(matches!(err, TlsError::NoKey { .. }), "{err:?}");
+    }
+
+    #[test]
+    fn cert_without_key_and_key_without_cert_are_refused() {
+        let (cert_pem, key_pem) = ca();
+        let ca_file = TempFile::new(&cert_pem);
+        let key = TempFile::new(&key_pem);
+        let err = client_config(&opts(Some(&ca_file), Some(&ca_file), None)).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                TlsError::IncompleteClientAuth {
+                    missing: "client_key",
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        let err = client_config(&opts(Some(&ca_file), None, Some(&key))).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                TlsError::IncompleteClientAuth {
+                    missing: "client_cert",
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+    }
+}
