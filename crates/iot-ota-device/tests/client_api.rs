@@ -1,0 +1,308 @@
+//! The async API against a real Mosquitto and HTTP server: rejections on the
+//! wire, fetch_yield, resume, get, and a broker restart.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use iot_ota_core::digest::{digest_hex, SignMethod};
+use iot_ota_device::{Config, Error, FetchState, OtaClient, Status, Upgrades};
+use iot_ota_testkit::{random_bytes, Route};
+use serde_json::json;
+
+async fn connect(rig: &Rig, dev: &str) -> (OtaClient, Upgrades) {
+    let config = Config::new(&rig.broker.url(), PK, dev, "1.0.0")
+        .unwrap()
+        .idle_timeout(Duration::from_millis(500))
+        .get_timeout(Duration::from_secs(1));
+    let pair = OtaClient::connect(config).await.expect("connect");
+    rig.wire
+        .wait_for_async(|m| m.topic == rig.topic(dev, "inform"), WAIT)
+        .await
+        .expect("inform at connect");
+    pair
+}
+
+fn good_data() -> serde_json::Value {
+    json!({"policy": "standard", "size": 10, "firmwareVersion": "2.0",
+           "url": "http://127.0.0.1:1/f", "sign": "9e107d9d372bb6826bd81d3542a419d6", "signMethod": "Md5"})
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_rejection_is_replied_and_reported() {
+    let rig = Rig::new();
+    let (_client, _upgrades) = connect(&rig, "x1").await;
+    let mut data_cases: Vec<(serde_json::Value, u16, &str)> = Vec::new();
+    for field in ["size", "firmwareVersion", "url", "sign", "signMethod"] {
+        let mut d = good_data();
+        d.as_object_mut().unwrap().remove(field);
+        data_cases.push((
+            d,
+            400,
+            Box::leak(format!("missing field {field}").into_boxed_str()),
+        ));
+    }
+    let with = |k: &str, v: serde_json::Value| {
+        let mut d = good_data();
+        d[k] = v;
+        d
+    };
+    data_cases.extend([
+        (with("size", json!(-1)), 400, "size must not be negative"),
+        (with("size", json!(0)), 400, "size must not be zero"),
+        (with("size", json!("10")), 400, "size must be an integer"),
+        (
+            with("firmwareVersion", json!("")),
+            400,
+            "firmwareVersion is empty",
+        ),
+        (
+            with("url", json!("ftp://127.0.0.1/f")),
+            400,
+            "url scheme must be http or https, not ftp",
+        ),
+        (
+            with("sign", json!("abc")),
+            400,
+            "sign must be a 32-character hex MD5 digest",
+        ),
+        (
+            with("signMethod", json!("crc32")),
+            412,
+            "signMethod \"crc32\" is not supported",
+        ),
+        (
+            with("policy", json!("whenever")),
+            400,
+            "policy must be standard or silent",
+        ),
+    ]);
+    for (i, (data, code, message)) in data_cases.iter().enumerate() {
+        rig.wire.clear();
+        let id = format!("r{i}");
+        rig.push(
+            "x1",
+            json!({"msgId": id, "version": "1.0", "data": data}).to_string(),
+        );
+        let reply = rig.expect("x1", "upgrade_reply", |_| true);
+        assert_eq!(reply.json_str("msgId").as_deref(), Some(id.as_str()));
+        assert_eq!(reply.json_i64("code"), Some(i64::from(*code)), "{data}");
+        let got = reply.json_str("message").unwrap();
+        assert!(got.starts_with(message), "{data}: {got}");
+        let report = rig.expect("x1", "progress", |_| true);
+        assert_eq!(report.json_i64("data.status"), Some(-1));
+        assert_eq!(report.json_str("data.desc"), Some(got));
+    }
+    // Malformed JSON: no msgId to echo, still a 400 and a report.
+    rig.wire.clear();
+    rig.push("x1", "{not json");
+    let reply = rig.expect("x1", "upgrade_reply", |_| true);
+    assert_eq!(reply.json_i64("code"), Some(400));
+    assert_eq!(reply.json_str("msgId").as_deref(), Some(""));
+    assert!(reply
+        .json_str("message")
+        .unwrap()
+        .contains("not valid JSON"));
+    rig.expect("x1", "progress", |m| m.json_i64("data.status") == Some(-1));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn numeric_msg_id_and_spaced_keys() {
+    let rig = Rig::new();
+    let (_client, mut upgrades) = connect(&rig, "x2").await;
+    let payload = json!({"msgId ": 123, "version": "1.0", "data ": good_data()}).to_string();
+    rig.push("x2", payload);
+    let cmd = tokio::time::timeout(WAIT, upgrades.next())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(cmd.msg_id, "123");
+    assert_eq!(cmd.firmware.version, "2.0");
+    let reply = rig.expect("x2", "upgrade_reply", |_| true);
+    assert_eq!(
+        reply.json,
+        Some(json!({"msgId": "123", "code": 200, "message": "success"}))
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fetch_yield_states_timeouts_and_end() {
+    let rig = Rig::new();
+    let body = random_bytes(60_000, 21);
+    let url = rig.files.add("/s.bin", Route::stall(body.clone(), 20_000));
+    let (client, mut upgrades) = connect(&rig, "y1").await;
+    rig.push("y1", command("1", "2.0", &url, &body, SignMethod::Md5));
+    let cmd = upgrades.next().await.unwrap();
+    let mut dl = client.download(&cmd);
+    assert_eq!(dl.state(), FetchState::Fetching);
+    let mut buf = vec![0u8; 5000];
+    let mut got = Vec::new();
+    // Read until the stall: then a short timeout yields Timeout, not an error.
+    loop {
+        match dl.fetch_yield(&mut buf, Duration::from_millis(200)).await {
+            Ok(n) => {
+                assert!(n > 0 && n <= 5000);
+                got.extend_from_slice(&buf[..n]);
+            }
+            Err(Error::Timeout) => break,
+            Err(e) => panic!("{e}"),
+        }
+    }
+    assert_eq!(got.len(), 20_000);
+    assert_eq!(dl.fetched_size(), 20_000);
+    assert_eq!(dl.file_size(), Some(60_000));
+    assert!(dl.is_fetching());
+    // Unstall: the idle timeout (500 ms) breaks the transfer and it resumes with Range.
+    rig.files.set("/s.bin", Route::file(body.clone()));
+    loop {
+        match dl.fetch_yield(&mut buf, Duration::from_secs(1)).await {
+            Ok(0) => break,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(Error::Timeout) => {}
+            Err(e) => panic!("{e}"),
+        }
+        if dl.is_finished() {
+            assert_eq!(
+                dl.fetch_yield(&mut buf, Duration::from_secs(1))
+                    .await
+                    .unwrap(),
+                0
+            );
+            break;
+        }
+    }
+    assert_eq!(got, body);
+    assert_eq!(dl.state(), FetchState::Fetched);
+    assert_eq!(dl.digest_hex(), digest_hex(SignMethod::Md5, &body));
+    let ranges: Vec<_> = rig
+        .files
+        .requests()
+        .into_iter()
+        .filter_map(|r| r.range)
+        .collect();
+    assert_eq!(ranges, vec!["bytes=20000-".to_owned()]);
+    rig.expect("y1", "progress", |m| m.json_i64("data.status") == Some(2));
+    // After the end every call returns 0.
+    assert!(matches!(
+        dl.fetch_yield(&mut [], Duration::from_secs(1)).await,
+        Ok(0)
+    ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn download_to_resumes_after_a_stall() {
+    let rig = Rig::new();
+    let body = random_bytes(400_000, 22);
+    let url = rig.files.add("/r.bin", Route::stall(body.clone(), 150_000));
+    let (client, mut upgrades) = connect(&rig, "y2").await;
+    rig.push("y2", command("1", "2.0", &url, &body, SignMethod::Sha256));
+    let cmd = upgrades.next().await.unwrap();
+    let files = &rig.files;
+    // Swap the route once the first request is in, so the resume gets the rest.
+    let swap = async {
+        while files.requests().is_empty() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        files.set("/r.bin", Route::file(body.clone()));
+    };
+    let path = rig.dir.path().join("fw.bin");
+    let (res, ()) = tokio::join!(client.download(&cmd).download_to(&path), swap);
+    let verified = res.expect("download");
+    assert_eq!(verified.size, 400_000);
+    assert_eq!(std::fs::read(&path).unwrap(), body);
+    let last = rig.files.requests().last().unwrap().range.clone().unwrap();
+    assert!(last.starts_with("bytes=") && last != "bytes=0-", "{last}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn get_firmware_info_success_404_and_timeout() {
+    let rig = Rig::new();
+    let (client, _upgrades) = connect(&rig, "q1").await;
+    let reply_topic = rig.topic("q1", "get_reply");
+    let wire = &rig.wire;
+    let platform = async {
+        for answer in ["found", "missing"] {
+            let get = wire
+                .wait_for_async(|m| m.topic.ends_with("/get"), WAIT)
+                .await
+                .expect("get request");
+            let id = get.json_str("msgId").unwrap();
+            let version = get.json_str("data.firmwareVersion").unwrap();
+            let payload = if answer == "found" {
+                json!({"msgId": id, "version": "1.0", "data": {"firmwareVersion": version,
+                    "url": "http://127.0.0.1:9/f", "sign": "a".repeat(64), "signMethod": "Sha256"}})
+                .to_string()
+                .into_bytes()
+            } else {
+                iot_ota_core::protocol::encode_get_not_found(&id, &version)
+            };
+            wire.clear();
+            wire.publish_async(&reply_topic, payload, true)
+                .await
+                .unwrap();
+        }
+    };
+    let asks = async {
+        let found = client.get_firmware_info("2.0").await.unwrap();
+        let missing = client.get_firmware_info("9.0").await.unwrap_err();
+        (found, missing)
+    };
+    let ((found, missing), ()) = tokio::join!(asks, platform);
+    assert_eq!(found.version, "2.0");
+    assert_eq!(found.sign_method, SignMethod::Sha256);
+    assert_eq!(found.size, None);
+    match missing {
+        Error::NotFound { code, message } => {
+            assert_eq!(code, 404);
+            assert_eq!(message, "FirmwareVersion 9.0 not existed");
+        }
+        e => panic!("{e}"),
+    }
+    // Nobody answers: a timeout after the get timeout (1 s here).
+    let started = std::time::Instant::now();
+    assert!(matches!(
+        client.get_firmware_info("3.0").await,
+        Err(Error::Timeout)
+    ));
+    assert!(started.elapsed() >= Duration::from_millis(900));
+    // A bad version never reaches the wire.
+    assert!(matches!(
+        client.get_firmware_info("").await,
+        Err(Error::Core(_))
+    ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscriptions_come_back_after_a_broker_restart() {
+    let mut rig = Rig::new();
+    let (client, mut upgrades) = connect(&rig, "z1").await;
+    rig.broker.restart();
+    assert!(rig.wire.wait_ready_async(WAIT).await, "recorder back");
+    rig.wire.clear();
+    // The client reconnects and, with a clean session, re-subscribes and re-informs.
+    rig.expect_inform("z1", "1.0.0");
+    rig.push(
+        "z1",
+        json!({"msgId": "after", "version": "1.0", "data": good_data()}).to_string(),
+    );
+    let cmd = tokio::time::timeout(WAIT, upgrades.next())
+        .await
+        .expect("command after restart")
+        .unwrap();
+    assert_eq!(cmd.msg_id, "after");
+    rig.expect("z1", "upgrade_reply", |m| m.json_i64("code") == Some(200));
+    client
+        .report_progress(Status::UpgradeFailed, 0, "test over")
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_failure_is_reported() {
+    let port = iot_ota_testkit::free_port();
+    let config = Config::new(&format!("mqtt://127.0.0.1:{port}"), PK, "c1", "1.0")
+        .unwrap()
+        .connect_timeout(Duration::from_secs(2));
+    let err = OtaClient::connect(config).await.unwrap_err();
+    assert!(matches!(err, Error::Mqtt(_)), "{err}");
+}

@@ -1,0 +1,322 @@
+//! Whole upgrades through the example device binary, against a real
+//! Mosquitto and a real HTTP(S) server; the wire recorder plays the platform.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use iot_ota_core::digest::SignMethod;
+use iot_ota_testkit::{random_bytes, FileServer, Route, TestCa};
+use serde_json::json;
+
+/// Checks the wire of a successful upgrade to `version` of `dev`.
+fn assert_success_wire(rig: &Rig, dev: &str, msg_id: &str, version: &str) {
+    let replies = rig.all(dev, "upgrade_reply");
+    assert_eq!(
+        replies,
+        vec![json!({"msgId": msg_id, "code": 200, "message": "success"})]
+    );
+    let statuses = rig.statuses(dev);
+    assert_eq!(statuses.first(), Some(&(1, 0)), "{statuses:?}");
+    let tail: Vec<_> = statuses.iter().rev().take(4).rev().cloned().collect();
+    assert_eq!(
+        tail,
+        vec![(1, 100), (2, 100), (3, 100), (4, 100)],
+        "{statuses:?}"
+    );
+    let downloading: Vec<i64> = statuses.iter().filter(|s| s.0 == 1).map(|s| s.1).collect();
+    assert!(
+        downloading.windows(2).all(|w| w[0] < w[1]),
+        "{downloading:?}"
+    );
+    for p in rig.all(dev, "progress") {
+        assert_eq!(p["data"]["firmwareVersion"], version);
+    }
+    let informs: Vec<_> = rig
+        .all(dev, "inform")
+        .iter()
+        .map(|v| v["data"]["firmwareVersion"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(informs, vec!["1.0.0".to_owned(), version.to_owned()]);
+}
+
+#[test]
+fn upgrade_md5_over_http() {
+    let rig = Rig::new();
+    let body = random_bytes(3 * 1024 * 1024 + 17, 1);
+    let url = rig.files.add("/fw-2.bin", Route::file(body.clone()));
+    let child = rig.example("d1", &["--once"]);
+    rig.expect_inform("d1", "1.0.0");
+    rig.push("d1", command("m1", "2.0.0", &url, &body, SignMethod::Md5));
+    let (code, log) = wait_exit(child, WAIT);
+    assert_eq!(code, 0, "{log}");
+    assert_success_wire(&rig, "d1", "m1", "2.0.0");
+    assert_eq!(std::fs::read(rig.out_file("d1", "2.0.0")).unwrap(), body);
+    assert!(!rig.out_file("d1", "2.0.0.bin.part").exists());
+    assert!(log.contains("upgraded to 2.0.0"), "{log}");
+}
+
+#[test]
+fn upgrade_sha256_over_https() {
+    let rig = Rig::new();
+    let ca = TestCa::new();
+    let ca_file = ca.write_ca(rig.dir.path());
+    let tls_files = FileServer::start_tls(&ca);
+    let body = random_bytes(1024 * 1024, 2);
+    let url = tls_files.add("/fw.bin", Route::file(body.clone()));
+    assert!(url.starts_with("https://"));
+    let child = rig.example("d2", &["--once", "--ca-file", ca_file.to_str().unwrap()]);
+    rig.expect_inform("d2", "1.0.0");
+    rig.push("d2", command("s1", "2.1", &url, &body, SignMethod::Sha256));
+    let (code, log) = wait_exit(child, WAIT);
+    assert_eq!(code, 0, "{log}");
+    assert_success_wire(&rig, "d2", "s1", "2.1");
+    assert_eq!(std::fs::read(rig.out_file("d2", "2.1")).unwrap(), body);
+}
+
+#[test]
+fn md5_over_https_and_sha256_over_http() {
+    let rig = Rig::new();
+    let ca = TestCa::new();
+    let ca_file = ca.write_ca(rig.dir.path());
+    let tls_files = FileServer::start_tls(&ca);
+    let body = random_bytes(200_000, 3);
+    let https = tls_files.add("/a.bin", Route::file(body.clone()));
+    let http = rig.files.add("/b.bin", Route::chunked(body.clone()));
+    let child = rig.example("d3", &["--ca-file", ca_file.to_str().unwrap()]);
+    rig.expect_inform("d3", "1.0.0");
+    rig.push("d3", command("1", "2.0", &https, &body, SignMethod::Md5));
+    rig.expect_inform("d3", "2.0");
+    rig.push("d3", command("2", "3.0", &http, &body, SignMethod::Sha256));
+    rig.expect_inform("d3", "3.0");
+    stop(child);
+    assert_eq!(std::fs::read(rig.out_file("d3", "2.0")).unwrap(), body);
+    assert_eq!(std::fs::read(rig.out_file("d3", "3.0")).unwrap(), body);
+    let replies: Vec<_> = rig
+        .all("d3", "upgrade_reply")
+        .iter()
+        .map(|r| r["code"].clone())
+        .collect();
+    assert_eq!(replies, vec![json!(200), json!(200)]);
+}
+
+/// Runs one failing upgrade and returns the device's reports and stderr.
+fn failing_upgrade(dev: &str, route: Route, body: &[u8]) -> (Rig, Vec<(i64, i64)>, String) {
+    let rig = Rig::new();
+    let url = rig.files.add("/bad.bin", route);
+    let child = rig.example(dev, &["--once"]);
+    rig.expect_inform(dev, "1.0.0");
+    rig.push(dev, command("f1", "2.0.0", &url, body, SignMethod::Md5));
+    let (code, log) = wait_exit(child, WAIT);
+    assert_eq!(code, 1, "{log}");
+    assert!(
+        !rig.out_file(dev, "2.0.0").exists(),
+        "unverified bytes reached the final path"
+    );
+    assert!(!rig
+        .dir
+        .path()
+        .join(dev)
+        .join("firmware-2.0.0.bin.part")
+        .exists());
+    assert_eq!(
+        rig.all(dev, "inform").len(),
+        1,
+        "no new version may be informed"
+    );
+    let statuses = rig.statuses(dev);
+    (rig, statuses, log)
+}
+
+#[test]
+fn wrong_digest_is_verify_failed() {
+    let body = random_bytes(100_000, 4);
+    let mut served = body.clone();
+    served[5000] ^= 1;
+    let (rig, statuses, _) = failing_upgrade("v1", Route::file(served), &body);
+    assert_eq!(statuses.last(), Some(&(-3, 100)), "{statuses:?}");
+    let desc = rig.all("v1", "progress").last().unwrap()["data"]["desc"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(desc.contains("MD5 mismatch"), "{desc}");
+}
+
+#[test]
+fn truncated_body_is_download_failed() {
+    let body = random_bytes(100_000, 5);
+    let (_, statuses, log) = failing_upgrade("t1", Route::truncated(body.clone(), 40_000), &body);
+    let last = statuses.last().unwrap();
+    assert_eq!(last.0, -2, "{statuses:?}\n{log}");
+}
+
+#[test]
+fn oversized_body_is_download_failed() {
+    let body = random_bytes(100_000, 6);
+    let (rig, statuses, _) =
+        failing_upgrade("o1", Route::oversized(body.clone(), vec![0u8; 1000]), &body);
+    assert_eq!(statuses.last().unwrap().0, -2, "{statuses:?}");
+    let desc = rig.all("o1", "progress").last().unwrap()["data"]["desc"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(desc.contains("longer"), "{desc}");
+}
+
+#[test]
+fn content_length_unlike_size_is_download_failed() {
+    let body = random_bytes(100_000, 7);
+    let (rig, statuses, _) =
+        failing_upgrade("w1", Route::wrong_length(body.clone(), 150_000), &body);
+    assert_eq!(statuses, vec![(1, 0), (-2, 0)]);
+    let desc = rig.all("w1", "progress").last().unwrap()["data"]["desc"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(desc.contains("150000"), "{desc}");
+}
+
+#[test]
+fn missing_file_is_download_failed() {
+    let body = random_bytes(1000, 8);
+    let (rig, statuses, _) = failing_upgrade("n1", Route::Status(404), &body);
+    assert_eq!(statuses, vec![(1, 0), (-2, 0)]);
+    let desc = rig.all("n1", "progress").last().unwrap()["data"]["desc"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(desc.contains("404"), "{desc}");
+}
+
+#[test]
+fn failure_then_next_command_succeeds() {
+    let rig = Rig::new();
+    let body = random_bytes(50_000, 9);
+    let bad = rig.files.add("/bad.bin", Route::Status(500));
+    let good = rig.files.add("/good.bin", Route::file(body.clone()));
+    let child = rig.example("r1", &[]);
+    rig.expect_inform("r1", "1.0.0");
+    rig.push("r1", command("1", "2.0.0", &bad, &body, SignMethod::Md5));
+    rig.expect("r1", "progress", |m| m.json_i64("data.status") == Some(-2));
+    rig.push("r1", command("2", "2.0.0", &good, &body, SignMethod::Md5));
+    rig.expect_inform("r1", "2.0.0");
+    stop(child);
+    let codes: Vec<_> = rig
+        .all("r1", "upgrade_reply")
+        .iter()
+        .map(|r| r["code"].clone())
+        .collect();
+    assert_eq!(codes, vec![json!(200), json!(200)]);
+    // The second download started from fresh counters: 0% first again.
+    let statuses = rig.statuses("r1");
+    let second: Vec<_> = statuses
+        .iter()
+        .skip_while(|s| s.0 != -2)
+        .skip(1)
+        .cloned()
+        .collect();
+    assert_eq!(second.first(), Some(&(1, 0)), "{statuses:?}");
+    assert_eq!(second.last(), Some(&(4, 100)), "{statuses:?}");
+}
+
+#[test]
+fn duplicate_command_while_downloading_gets_409() {
+    let rig = Rig::new();
+    let body = random_bytes(300_000, 10);
+    let url = rig
+        .files
+        .add("/slow.bin", Route::slow(body.clone(), 200_000));
+    let child = rig.example("b1", &["--once"]);
+    rig.expect_inform("b1", "1.0.0");
+    let cmd = command("100", "2.0.0", &url, &body, SignMethod::Md5);
+    rig.push("b1", cmd.clone());
+    rig.expect("b1", "progress", |m| m.json_i64("data.status") == Some(1));
+    rig.push("b1", cmd.replace("\"100\"", "\"101\""));
+    let busy = rig.expect("b1", "upgrade_reply", |m| {
+        m.json_str("msgId").as_deref() == Some("101")
+    });
+    assert_eq!(busy.json_i64("code"), Some(409));
+    assert_eq!(
+        busy.json_str("message").as_deref(),
+        Some("busy: upgrading to 2.0.0")
+    );
+    let (code, log) = wait_exit(child, WAIT);
+    assert_eq!(code, 0, "{log}");
+    assert_eq!(std::fs::read(rig.out_file("b1", "2.0.0")).unwrap(), body);
+    // No failure report for the duplicate: the running upgrade is untouched.
+    assert!(
+        rig.statuses("b1").iter().all(|s| s.0 > 0),
+        "{:?}",
+        rig.statuses("b1")
+    );
+}
+
+#[test]
+fn get_version_success_upgrades() {
+    let rig = Rig::new();
+    let body = random_bytes(70_000, 11);
+    let url = rig.files.add("/fw3.bin", Route::file(body.clone()));
+    let child = rig.example("g1", &["--once", "--get-version", "3.0.0"]);
+    let get = rig.expect("g1", "get", |_| true);
+    assert_eq!(
+        get.json_str("data.firmwareVersion").as_deref(),
+        Some("3.0.0")
+    );
+    let msg_id = get.json_str("msgId").unwrap();
+    let reply = json!({"msgId": msg_id, "version": "1.0", "data": {
+        "firmwareVersion": "3.0.0", "url": url,
+        "sign": iot_ota_core::digest::digest_hex(SignMethod::Md5, &body), "signMethod": "MD5"}});
+    rig.wire
+        .publish(&rig.topic("g1", "get_reply"), reply.to_string(), true)
+        .unwrap();
+    let (code, log) = wait_exit(child, WAIT);
+    assert_eq!(code, 0, "{log}");
+    assert_eq!(std::fs::read(rig.out_file("g1", "3.0.0")).unwrap(), body);
+    // No command, so no reply; the size came from the server.
+    assert!(rig.all("g1", "upgrade_reply").is_empty());
+    let statuses = rig.statuses("g1");
+    assert_eq!(statuses.last(), Some(&(4, 100)), "{statuses:?}");
+    rig.expect_inform("g1", "3.0.0");
+}
+
+#[test]
+fn get_version_404_exits_2() {
+    let rig = Rig::new();
+    let child = rig.example("g2", &["--once", "--get-version", "9.9"]);
+    let get = rig.expect("g2", "get", |_| true);
+    let msg_id = get.json_str("msgId").unwrap();
+    let reply = iot_ota_core::protocol::encode_get_not_found(&msg_id, "9.9");
+    rig.wire
+        .publish(&rig.topic("g2", "get_reply"), reply, true)
+        .unwrap();
+    let (code, log) = wait_exit(child, WAIT);
+    assert_eq!(code, 2, "{log}");
+    assert!(log.contains("FirmwareVersion 9.9 not existed"), "{log}");
+}
+
+#[test]
+fn bad_flags_are_refused() {
+    let out = std::process::Command::new(example_path())
+        .args(["--broker", "mqtt://127.0.0.1:1"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--product-key is required"), "{err}");
+    let out = std::process::Command::new(example_path())
+        .args([
+            "--broker",
+            "http://x",
+            "--product-key",
+            "p",
+            "--device-name",
+            "d",
+        ])
+        .args(["--firmware-version", "1", "--output-dir", "/tmp"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unsupported scheme"));
+    let _ = Duration::ZERO;
+}
