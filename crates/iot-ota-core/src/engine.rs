@@ -105,14 +105,23 @@ impl Ota {
     /// An engine for a device currently running `version`.
     pub fn new(config: Config, version: &str) -> Result<Ota, Error> {
         protocol::validate_version(version).map_err(|r| Error::InvalidParam(r.message))?;
-        Ok(Ota {
+        let mut ota = Ota::unversioned(config);
+        ota.version = version.to_owned();
+        Ok(ota)
+    }
+
+    /// An engine whose version is not known yet: the C API's `iot_ota_init`,
+    /// where the application reports the version afterwards. Until then
+    /// [`Ota::version`] is empty and downgrades cannot be judged.
+    pub fn unversioned(config: Config) -> Ota {
+        Ota {
             config,
-            version: version.to_owned(),
+            version: String::new(),
             next_id: 0,
             outputs: VecDeque::new(),
             job: None,
             gets: Vec::new(),
-        })
+        }
     }
 
     // ---- getters ----
@@ -127,7 +136,8 @@ impl Ota {
         &self.config.topics
     }
 
-    /// The firmware version last reported.
+    /// The firmware version last reported (empty for an [`Ota::unversioned`]
+    /// engine before its first report).
     pub fn version(&self) -> &str {
         &self.version
     }
@@ -205,7 +215,10 @@ impl Ota {
     }
 
     fn check_policy(&self, fw: &Firmware) -> Result<(), Rejection> {
-        if self.config.refuse_downgrade && compare_versions(&fw.version, &self.version).is_lt() {
+        if self.config.refuse_downgrade
+            && !self.version.is_empty()
+            && compare_versions(&fw.version, &self.version).is_lt()
+        {
             return Err(Rejection::refused(format!(
                 "downgrade from {} to {} refused by device policy",
                 self.version, fw.version
