@@ -1,0 +1,1188 @@
+//! The batch and record state machine: pure, no IO, no clock.
+//!
+//! Every input takes `now` (milliseconds since the epoch); every output is a
+//! value: [`Action`]s to carry out and [`Batch::next_wakeup`] for when to call
+//! [`Batch::poll`] again. The IO shell (`service`) persists the changed
+//! records ([`Batch::take_dirty`]) *before* it carries out the actions, so a
+//! crash between the two loses nothing: a record marked pushed whose command
+//! never left simply fails its ack timeout and is retried.
+//!
+//! ```text
+//!   to_push --poll--> pushed --reply 200--> pending --progress--> upgrading --inform target--> success
+//!                        |                     |                      |
+//!                        | no reply in          | validity ended       | failure status / timeout
+//!                        | ack timeout          | (no progress)        |
+//!                        v                      v                      v
+//!                     failure -------------------------------------> failure
+//!   failure: retries left and the retry lands before the validity end -> awaiting_retry --poll--> pushed
+//!            otherwise                                                -> failed (reason)
+//!   terminate: every unfinished record -> failed (batch terminated)
+//! ```
+//!
+//! An inform of the target version finishes any unfinished record with
+//! success: the platform judges success by the version alone.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+
+use iot_ota_core::protocol::Progress;
+use iot_ota_core::{Policy, SignMethod, Status};
+
+/// Milliseconds since the Unix epoch.
+pub type Millis = i64;
+
+/// The state of one device's record in a batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum RecordState {
+    /// Not pushed yet.
+    ToPush,
+    /// Command published, no reply yet.
+    Pushed,
+    /// The device accepted the command (reply 200), no progress yet.
+    Pending,
+    /// The device reported progress; the upgrade timeout runs.
+    Upgrading,
+    /// Failed, a retry is scheduled.
+    AwaitingRetry,
+    /// The device reported the target version.
+    Success,
+    /// Failed for good (see the reason).
+    Failed,
+}
+
+impl RecordState {
+    /// Every state.
+    pub const ALL: [RecordState; 7] = [
+        RecordState::ToPush,
+        RecordState::Pushed,
+        RecordState::Pending,
+        RecordState::Upgrading,
+        RecordState::AwaitingRetry,
+        RecordState::Success,
+        RecordState::Failed,
+    ];
+
+    /// Success or failed.
+    pub fn is_final(self) -> bool {
+        matches!(self, RecordState::Success | RecordState::Failed)
+    }
+
+    /// The snake_case name used in the API and the database.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RecordState::ToPush => "to_push",
+            RecordState::Pushed => "pushed",
+            RecordState::Pending => "pending",
+            RecordState::Upgrading => "upgrading",
+            RecordState::AwaitingRetry => "awaiting_retry",
+            RecordState::Success => "success",
+            RecordState::Failed => "failed",
+        }
+    }
+
+    /// The state named `s`.
+    pub fn parse(s: &str) -> Option<RecordState> {
+        RecordState::ALL.into_iter().find(|r| r.as_str() == s)
+    }
+}
+
+impl fmt::Display for RecordState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Why a record failed (the console's reasons, plus `rejected` and `upgrade_failed`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum FailReason {
+    /// No reply to the command within the ack timeout (10 s on the console).
+    PushFailed,
+    /// The device replied with a code other than 200 (400, 409, 412).
+    Rejected,
+    /// The device reported DOWNLOAD_FAILED (-2).
+    DownloadFailed,
+    /// The device reported VERIFY_FAILED (-3).
+    VerifyFailed,
+    /// The device reported FLASH_FAILED (-4).
+    FlashFailed,
+    /// The device reported UPGRADE_FAILED (-1).
+    UpgradeFailed,
+    /// No inform of the target version within the timeout after the first progress,
+    /// or no progress at all before the validity period ended.
+    UpgradeTimeout,
+    /// The batch was terminated by hand, or expired before the record was pushed.
+    BatchTerminated,
+}
+
+impl FailReason {
+    /// Every reason.
+    pub const ALL: [FailReason; 8] = [
+        FailReason::PushFailed,
+        FailReason::Rejected,
+        FailReason::DownloadFailed,
+        FailReason::VerifyFailed,
+        FailReason::FlashFailed,
+        FailReason::UpgradeFailed,
+        FailReason::UpgradeTimeout,
+        FailReason::BatchTerminated,
+    ];
+
+    /// The snake_case name used in the API and the database.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FailReason::PushFailed => "push_failed",
+            FailReason::Rejected => "rejected",
+            FailReason::DownloadFailed => "download_failed",
+            FailReason::VerifyFailed => "verify_failed",
+            FailReason::FlashFailed => "flash_failed",
+            FailReason::UpgradeFailed => "upgrade_failed",
+            FailReason::UpgradeTimeout => "upgrade_timeout",
+            FailReason::BatchTerminated => "batch_terminated",
+        }
+    }
+
+    /// The reason named `s`.
+    pub fn parse(s: &str) -> Option<FailReason> {
+        FailReason::ALL.into_iter().find(|r| r.as_str() == s)
+    }
+
+    /// The reason a failure status maps to.
+    pub fn from_status(status: Status) -> Option<FailReason> {
+        match status {
+            Status::DownloadFailed => Some(FailReason::DownloadFailed),
+            Status::VerifyFailed => Some(FailReason::VerifyFailed),
+            Status::FlashFailed => Some(FailReason::FlashFailed),
+            Status::UpgradeFailed => Some(FailReason::UpgradeFailed),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for FailReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.as_str().replace('_', " "))
+    }
+}
+
+/// The state of a batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum BatchState {
+    /// Some record is unfinished.
+    InProgress,
+    /// Every record succeeded or failed, within the validity period.
+    Completed,
+    /// Stopped by hand, or the validity period ended with records unfinished.
+    Terminated,
+}
+
+impl BatchState {
+    /// The snake_case name used in the API and the database.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BatchState::InProgress => "in_progress",
+            BatchState::Completed => "completed",
+            BatchState::Terminated => "terminated",
+        }
+    }
+
+    /// The state named `s`.
+    pub fn parse(s: &str) -> Option<BatchState> {
+        [
+            BatchState::InProgress,
+            BatchState::Completed,
+            BatchState::Terminated,
+        ]
+        .into_iter()
+        .find(|b| b.as_str() == s)
+    }
+}
+
+impl fmt::Display for BatchState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The rules of one batch, all durations resolved to milliseconds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BatchConfig {
+    /// Installation policy put in the commands.
+    pub policy: Policy,
+    /// Digest put in the commands.
+    pub sign_method: SignMethod,
+    /// Validity period from creation: nothing is pushed after it.
+    pub validity_ms: Millis,
+    /// Upgrade timeout, counted from the record's first progress report.
+    pub timeout_ms: Millis,
+    /// Retries after a failure (0-5).
+    pub retries: u32,
+    /// Wait between a failure and the retry's push.
+    pub retry_interval_ms: Millis,
+    /// How long a pushed command waits for its reply (10 s on the console).
+    pub ack_timeout_ms: Millis,
+}
+
+/// One device's record in a batch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Record {
+    /// Device identifier (`device_name`).
+    pub device: String,
+    /// Current state.
+    pub state: RecordState,
+    /// Last status reported in this attempt (wire code), if any.
+    pub status: Option<i32>,
+    /// Last percent reported in this attempt.
+    pub progress: u32,
+    /// Commands pushed so far (1 + retries used).
+    pub attempts: u32,
+    /// `msgId` of the last command pushed.
+    pub msg_id: Option<String>,
+    /// Failure reason: final when failed, the one being retried when awaiting retry.
+    pub reason: Option<FailReason>,
+    /// Details of the last failure (the device's `desc`, the reply message, ...).
+    pub desc: String,
+    /// The most recent failure of any attempt, kept after a retry succeeds.
+    pub last_failure: Option<FailReason>,
+    /// Last version the device informed since the batch began.
+    pub version: Option<String>,
+    /// When the last command was pushed.
+    pub pushed_ms: Option<Millis>,
+    /// First progress report of the current attempt (the timeout clock's start).
+    pub started_ms: Option<Millis>,
+    /// The pending timer: ack deadline, upgrade deadline or retry time.
+    pub deadline_ms: Option<Millis>,
+    /// When the record succeeded or failed.
+    pub finished_ms: Option<Millis>,
+}
+
+impl Record {
+    /// A fresh record, to push.
+    pub fn new(device: impl Into<String>) -> Self {
+        Record {
+            device: device.into(),
+            state: RecordState::ToPush,
+            status: None,
+            progress: 0,
+            attempts: 0,
+            msg_id: None,
+            reason: None,
+            desc: String::new(),
+            last_failure: None,
+            version: None,
+            pushed_ms: None,
+            started_ms: None,
+            deadline_ms: None,
+            finished_ms: None,
+        }
+    }
+}
+
+/// What the shell must do after a call.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Publish the batch's upgrade command to `device` with `msg_id`.
+    Push {
+        /// Batch id.
+        batch: i64,
+        /// Device identifier.
+        device: String,
+        /// The command's `msgId`, echoed by the reply.
+        msg_id: String,
+    },
+}
+
+/// Counts of records by outcome.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Totals {
+    /// Every record.
+    pub total: usize,
+    /// Records in success.
+    pub success: usize,
+    /// Records in failed.
+    pub failed: usize,
+    /// Records not finished.
+    pub unfinished: usize,
+}
+
+/// A batch upgrade and its records.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Batch {
+    /// Database id.
+    pub id: i64,
+    /// Product key of every device in the batch.
+    pub product: String,
+    /// Target firmware version.
+    pub firmware_version: String,
+    /// Rules.
+    pub config: BatchConfig,
+    /// Current state.
+    pub state: BatchState,
+    /// Creation time; the validity period starts here.
+    pub created_ms: Millis,
+    /// When the batch completed or was terminated.
+    pub finished_ms: Option<Millis>,
+    /// Records by device identifier.
+    pub records: BTreeMap<String, Record>,
+    /// True once the validity period ended with some record unfinished and cut short.
+    pub validity_cut: bool,
+    dirty: BTreeSet<String>,
+    batch_dirty: bool,
+}
+
+impl Batch {
+    /// A new batch with every device to push.
+    pub fn new(
+        id: i64,
+        product: impl Into<String>,
+        firmware_version: impl Into<String>,
+        config: BatchConfig,
+        devices: impl IntoIterator<Item = String>,
+        now: Millis,
+    ) -> Self {
+        let records: BTreeMap<String, Record> = devices
+            .into_iter()
+            .map(|d| (d.clone(), Record::new(d)))
+            .collect();
+        let dirty = records.keys().cloned().collect();
+        Batch {
+            id,
+            product: product.into(),
+            firmware_version: firmware_version.into(),
+            config,
+            state: BatchState::InProgress,
+            created_ms: now,
+            finished_ms: None,
+            records,
+            validity_cut: false,
+            dirty,
+            batch_dirty: true,
+        }
+    }
+
+    /// A batch as loaded from storage: nothing dirty.
+    #[allow(clippy::too_many_arguments)]
+    pub fn restore(
+        id: i64,
+        product: String,
+        firmware_version: String,
+        config: BatchConfig,
+        state: BatchState,
+        created_ms: Millis,
+        finished_ms: Option<Millis>,
+        validity_cut: bool,
+        records: Vec<Record>,
+    ) -> Self {
+        Batch {
+            id,
+            product,
+            firmware_version,
+            config,
+            state,
+            created_ms,
+            finished_ms,
+            records: records.into_iter().map(|r| (r.device.clone(), r)).collect(),
+            validity_cut,
+            dirty: BTreeSet::new(),
+            batch_dirty: false,
+        }
+    }
+
+    /// End of the validity period.
+    pub fn expires_ms(&self) -> Millis {
+        self.created_ms.saturating_add(self.config.validity_ms)
+    }
+
+    /// True while the batch runs.
+    pub fn is_running(&self) -> bool {
+        self.state == BatchState::InProgress
+    }
+
+    /// Counts of records by outcome.
+    pub fn totals(&self) -> Totals {
+        let mut t = Totals {
+            total: self.records.len(),
+            ..Totals::default()
+        };
+        for r in self.records.values() {
+            match r.state {
+                RecordState::Success => t.success += 1,
+                RecordState::Failed => t.failed += 1,
+                _ => t.unfinished += 1,
+            }
+        }
+        t
+    }
+
+    /// The records changed since the last call, and whether the batch row changed.
+    pub fn take_dirty(&mut self) -> (Vec<String>, bool) {
+        let devices = std::mem::take(&mut self.dirty).into_iter().collect();
+        (devices, std::mem::replace(&mut self.batch_dirty, false))
+    }
+
+    /// When [`Batch::poll`] next has something to do, if ever.
+    pub fn next_wakeup(&self) -> Option<Millis> {
+        if !self.is_running() {
+            return None;
+        }
+        let mut next: Option<Millis> = None;
+        let mut min = |t: Millis| next = Some(next.map_or(t, |n| n.min(t)));
+        for r in self.records.values() {
+            match r.state {
+                RecordState::ToPush => min(self.created_ms),
+                RecordState::Pushed | RecordState::Upgrading => {
+                    if let Some(d) = r.deadline_ms {
+                        min(d)
+                    }
+                }
+                RecordState::AwaitingRetry => {
+                    if let Some(d) = r.deadline_ms {
+                        min(d)
+                    }
+                    min(self.expires_ms())
+                }
+                RecordState::Pending => min(self.expires_ms()),
+                RecordState::Success | RecordState::Failed => {}
+            }
+        }
+        next
+    }
+
+    /// Runs the timers due at `now`: pushes, ack timeouts, upgrade timeouts,
+    /// retries and the validity period. Returns the pushes to publish.
+    pub fn poll(&mut self, now: Millis) -> Vec<Action> {
+        let mut actions = Vec::new();
+        if !self.is_running() {
+            return actions;
+        }
+        let expired = now >= self.expires_ms();
+        let devices: Vec<String> = self.records.keys().cloned().collect();
+        for device in devices {
+            let rec = &self.records[&device];
+            let due = rec.deadline_ms.is_some_and(|d| now >= d);
+            match rec.state {
+                RecordState::ToPush if expired => {
+                    self.cut();
+                    self.finish_failed(
+                        &device,
+                        FailReason::BatchTerminated,
+                        "the validity period ended before the push".into(),
+                        now,
+                    )
+                }
+                RecordState::ToPush => actions.push(self.push(&device, now)),
+                RecordState::Pushed if due => {
+                    let secs = self.config.ack_timeout_ms as f64 / 1000.0;
+                    self.fail(
+                        &device,
+                        FailReason::PushFailed,
+                        format!("no reply within {secs} s"),
+                        now,
+                    )
+                }
+                RecordState::Pending if expired => {
+                    self.cut();
+                    self.finish_failed(
+                        &device,
+                        FailReason::UpgradeTimeout,
+                        "no progress report before the validity period ended".into(),
+                        now,
+                    )
+                }
+                RecordState::Upgrading if due => {
+                    let secs = self.config.timeout_ms as f64 / 1000.0;
+                    self.fail(
+                        &device,
+                        FailReason::UpgradeTimeout,
+                        format!(
+                            "target version not reported within {secs} s of the first progress"
+                        ),
+                        now,
+                    )
+                }
+                RecordState::AwaitingRetry if expired => {
+                    let reason = rec.reason.unwrap_or(FailReason::BatchTerminated);
+                    let desc = format!("{}; no retry after the validity period", rec.desc);
+                    self.cut();
+                    self.finish_failed(&device, reason, desc, now)
+                }
+                RecordState::AwaitingRetry if due => actions.push(self.push(&device, now)),
+                _ => {}
+            }
+        }
+        self.check_done(now);
+        actions
+    }
+
+    /// The device's reply to a command.
+    pub fn handle_reply(
+        &mut self,
+        device: &str,
+        msg_id: &str,
+        code: i64,
+        message: &str,
+        now: Millis,
+    ) -> bool {
+        if !self.is_running() {
+            return false;
+        }
+        let Some(rec) = self.records.get(device) else {
+            return false;
+        };
+        if rec.msg_id.as_deref() != Some(msg_id) {
+            return false;
+        }
+        // A late 200 after the ack timeout: the device is upgrading after all.
+        let late_ack =
+            rec.state == RecordState::AwaitingRetry && rec.reason == Some(FailReason::PushFailed);
+        if rec.state != RecordState::Pushed && !late_ack {
+            return false;
+        }
+        if code == 200 {
+            let rec = self.rec_mut(device);
+            rec.state = RecordState::Pending;
+            rec.reason = None;
+            rec.deadline_ms = None;
+        } else {
+            let desc = format!("device replied {code}: {message}");
+            if code == 409 {
+                self.fail(device, FailReason::Rejected, desc, now);
+            } else {
+                // Malformed command or device policy: a retry would be refused again.
+                self.finish_failed(device, FailReason::Rejected, desc, now);
+            }
+        }
+        self.check_done(now);
+        true
+    }
+
+    /// A progress report from the device.
+    pub fn handle_progress(&mut self, device: &str, p: &Progress, now: Millis) -> bool {
+        if !self.is_running() {
+            return false;
+        }
+        let Some(rec) = self.records.get(device) else {
+            return false;
+        };
+        if !p.firmware_version.is_empty() && p.firmware_version != self.firmware_version {
+            return false;
+        }
+        let accepts = match rec.state {
+            RecordState::Pushed | RecordState::Pending | RecordState::Upgrading => true,
+            RecordState::AwaitingRetry => rec.reason == Some(FailReason::PushFailed),
+            _ => false,
+        };
+        if !accepts {
+            return false;
+        }
+        let timeout = self.config.timeout_ms;
+        let rec = self.rec_mut(device);
+        if rec.state != RecordState::Upgrading {
+            rec.state = RecordState::Upgrading;
+            rec.reason = None;
+            rec.started_ms = Some(now);
+            rec.deadline_ms = Some(now.saturating_add(timeout));
+        }
+        rec.status = Some(p.status.code());
+        rec.progress = p.progress.min(100);
+        if let Some(reason) = FailReason::from_status(p.status) {
+            let desc = if p.desc.is_empty() {
+                p.status.name().to_owned()
+            } else {
+                p.desc.clone()
+            };
+            self.fail(device, reason, desc, now);
+        }
+        self.check_done(now);
+        true
+    }
+
+    /// A version inform from the device: success when it is the target.
+    pub fn handle_inform(&mut self, device: &str, version: &str, now: Millis) -> bool {
+        if !self.is_running() {
+            return false;
+        }
+        let Some(rec) = self.records.get(device) else {
+            return false;
+        };
+        if rec.state.is_final() {
+            return false;
+        }
+        let target = version == self.firmware_version;
+        let rec = self.rec_mut(device);
+        rec.version = Some(version.to_owned());
+        if target {
+            rec.state = RecordState::Success;
+            rec.progress = 100;
+            rec.reason = None;
+            rec.deadline_ms = None;
+            rec.finished_ms = Some(now);
+        }
+        self.check_done(now);
+        true
+    }
+
+    /// Stops the batch: every unfinished record fails with `batch terminated`.
+    pub fn terminate(&mut self, now: Millis) -> bool {
+        if !self.is_running() {
+            return false;
+        }
+        let open: Vec<String> = self
+            .records
+            .values()
+            .filter(|r| !r.state.is_final())
+            .map(|r| r.device.clone())
+            .collect();
+        for device in open {
+            self.finish_failed(
+                &device,
+                FailReason::BatchTerminated,
+                "terminated by hand".into(),
+                now,
+            );
+        }
+        self.state = BatchState::Terminated;
+        self.finished_ms = Some(now);
+        self.batch_dirty = true;
+        true
+    }
+
+    fn cut(&mut self) {
+        if !self.validity_cut {
+            self.validity_cut = true;
+            self.batch_dirty = true;
+        }
+    }
+
+    fn rec_mut(&mut self, device: &str) -> &mut Record {
+        self.dirty.insert(device.to_owned());
+        self.records
+            .get_mut(device)
+            .expect("callers check the record exists")
+    }
+
+    fn push(&mut self, device: &str, now: Millis) -> Action {
+        let batch = self.id;
+        let ack = self.config.ack_timeout_ms;
+        let rec = self.rec_mut(device);
+        rec.attempts += 1;
+        let msg_id = format!("b{batch}a{}", rec.attempts);
+        rec.state = RecordState::Pushed;
+        rec.msg_id = Some(msg_id.clone());
+        rec.status = None;
+        rec.progress = 0;
+        rec.started_ms = None;
+        rec.pushed_ms = Some(now);
+        rec.deadline_ms = Some(now.saturating_add(ack));
+        Action::Push {
+            batch,
+            device: device.to_owned(),
+            msg_id,
+        }
+    }
+
+    /// A failure: retry when retries remain and the retry lands within the validity period.
+    fn fail(&mut self, device: &str, reason: FailReason, desc: String, now: Millis) {
+        let retry_at = now.saturating_add(self.config.retry_interval_ms);
+        let retries_used = self.records[device].attempts.saturating_sub(1);
+        if retries_used < self.config.retries && retry_at < self.expires_ms() {
+            let rec = self.rec_mut(device);
+            rec.state = RecordState::AwaitingRetry;
+            rec.reason = Some(reason);
+            rec.last_failure = Some(reason);
+            rec.desc = desc;
+            rec.deadline_ms = Some(retry_at);
+        } else {
+            self.finish_failed(device, reason, desc, now);
+        }
+    }
+
+    fn finish_failed(&mut self, device: &str, reason: FailReason, desc: String, now: Millis) {
+        let rec = self.rec_mut(device);
+        rec.state = RecordState::Failed;
+        rec.reason = Some(reason);
+        rec.last_failure = Some(reason);
+        rec.desc = desc;
+        rec.deadline_ms = None;
+        rec.finished_ms = Some(now);
+    }
+
+    fn check_done(&mut self, now: Millis) {
+        if !self.is_running() || self.records.values().any(|r| !r.state.is_final()) {
+            return;
+        }
+        // Records cut by the validity period make the batch terminated, not completed.
+        self.state = if self.validity_cut {
+            BatchState::Terminated
+        } else {
+            BatchState::Completed
+        };
+        self.finished_ms = Some(now);
+        self.batch_dirty = true;
+    }
+}
+
+/// A known device, as eligibility sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceInfo {
+    /// Device identifier.
+    pub device: String,
+    /// Last informed version.
+    pub version: String,
+}
+
+/// Why a device was left out of a batch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Exclusion {
+    /// The device never informed a version (never activated).
+    NeverSeen,
+    /// The device already runs the target version.
+    AlreadyOnVersion,
+    /// The device has an unfinished record in this other running batch.
+    InRunningBatch(i64),
+}
+
+impl fmt::Display for Exclusion {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Exclusion::NeverSeen => f.write_str("never seen (no version inform yet)"),
+            Exclusion::AlreadyOnVersion => f.write_str("already on the target version"),
+            Exclusion::InRunningBatch(b) => write!(f, "in running batch {b}"),
+        }
+    }
+}
+
+/// Applies the console's eligibility rules.
+///
+/// `scope` is `None` for every known device of the product, or the chosen
+/// list; `known` the product's devices; `busy` maps a device to the running
+/// batch that holds an unfinished record of it. Returns the eligible devices
+/// (sorted, no duplicates) and the excluded ones with why.
+pub fn select_devices(
+    target_version: &str,
+    scope: Option<&[String]>,
+    known: &[DeviceInfo],
+    busy: &BTreeMap<String, i64>,
+) -> (Vec<String>, Vec<(String, Exclusion)>) {
+    let by_id: BTreeMap<&str, &DeviceInfo> = known.iter().map(|d| (d.device.as_str(), d)).collect();
+    let wanted: BTreeSet<String> = match scope {
+        Some(list) => list.iter().cloned().collect(),
+        None => known.iter().map(|d| d.device.clone()).collect(),
+    };
+    let mut eligible = Vec::new();
+    let mut excluded = Vec::new();
+    for device in wanted {
+        let why = match by_id.get(device.as_str()) {
+            None => Some(Exclusion::NeverSeen),
+            Some(d) if d.version == target_version => Some(Exclusion::AlreadyOnVersion),
+            Some(_) => busy.get(&device).map(|b| Exclusion::InRunningBatch(*b)),
+        };
+        match why {
+            Some(why) => excluded.push((device, why)),
+            None => eligible.push(device),
+        }
+    }
+    (eligible, excluded)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const T0: Millis = 1_000_000;
+
+    fn config() -> BatchConfig {
+        BatchConfig {
+            policy: Policy::Standard,
+            sign_method: SignMethod::Md5,
+            validity_ms: 100_000,
+            timeout_ms: 20_000,
+            retries: 0,
+            retry_interval_ms: 5_000,
+            ack_timeout_ms: 10_000,
+        }
+    }
+
+    fn batch(cfg: BatchConfig, devices: &[&str]) -> Batch {
+        Batch::new(
+            7,
+            "pk",
+            "2.0.0",
+            cfg,
+            devices.iter().map(|d| d.to_string()),
+            T0,
+        )
+    }
+
+    fn progress(status: Status, pct: u32) -> Progress {
+        Progress {
+            status,
+            progress: pct,
+            desc: String::new(),
+            firmware_version: "2.0.0".into(),
+        }
+    }
+
+    fn state(b: &Batch, d: &str) -> RecordState {
+        b.records[d].state
+    }
+
+    #[test]
+    fn happy_path_through_every_state() {
+        let mut b = batch(config(), &["d1"]);
+        assert_eq!(state(&b, "d1"), RecordState::ToPush);
+        assert_eq!(b.next_wakeup(), Some(T0));
+        let actions = b.poll(T0);
+        assert_eq!(
+            actions,
+            vec![Action::Push {
+                batch: 7,
+                device: "d1".into(),
+                msg_id: "b7a1".into()
+            }]
+        );
+        assert_eq!(state(&b, "d1"), RecordState::Pushed);
+        assert_eq!(b.next_wakeup(), Some(T0 + 10_000));
+        assert!(b.poll(T0 + 1).is_empty(), "pushed only once");
+        // A reply with another msgId is not ours.
+        assert!(!b.handle_reply("d1", "b7a9", 200, "success", T0 + 100));
+        assert!(b.handle_reply("d1", "b7a1", 200, "success", T0 + 100));
+        assert_eq!(state(&b, "d1"), RecordState::Pending);
+        assert_eq!(b.next_wakeup(), Some(b.expires_ms()));
+        assert!(b.handle_progress("d1", &progress(Status::Downloading, 10), T0 + 200));
+        let r = &b.records["d1"];
+        assert_eq!(
+            (r.state, r.started_ms, r.deadline_ms, r.progress),
+            (
+                RecordState::Upgrading,
+                Some(T0 + 200),
+                Some(T0 + 20_200),
+                10
+            )
+        );
+        // Later progress does not restart the clock.
+        assert!(b.handle_progress("d1", &progress(Status::Upgrading, 50), T0 + 5_000));
+        assert_eq!(b.records["d1"].deadline_ms, Some(T0 + 20_200));
+        assert!(b.handle_progress("d1", &progress(Status::Success, 100), T0 + 6_000));
+        assert_eq!(
+            state(&b, "d1"),
+            RecordState::Upgrading,
+            "SUCCESS waits for the inform"
+        );
+        // An inform of another version is not success.
+        assert!(b.handle_inform("d1", "1.0.0", T0 + 6_500));
+        assert_eq!(state(&b, "d1"), RecordState::Upgrading);
+        assert!(b.handle_inform("d1", "2.0.0", T0 + 7_000));
+        let r = &b.records["d1"];
+        assert_eq!(r.state, RecordState::Success);
+        assert_eq!(r.finished_ms, Some(T0 + 7_000));
+        assert_eq!(b.state, BatchState::Completed);
+        assert_eq!(b.next_wakeup(), None);
+        assert_eq!(
+            b.totals(),
+            Totals {
+                total: 1,
+                success: 1,
+                failed: 0,
+                unfinished: 0
+            }
+        );
+    }
+
+    #[test]
+    fn push_failed_without_ack() {
+        let mut b = batch(config(), &["d1"]);
+        b.poll(T0);
+        assert!(b.poll(T0 + 9_999).is_empty());
+        assert_eq!(state(&b, "d1"), RecordState::Pushed);
+        b.poll(T0 + 10_000);
+        let r = &b.records["d1"];
+        assert_eq!(r.state, RecordState::Failed);
+        assert_eq!(r.reason, Some(FailReason::PushFailed));
+        assert!(r.desc.contains("10 s"), "{}", r.desc);
+        assert_eq!(b.state, BatchState::Completed);
+    }
+
+    #[test]
+    fn failure_statuses_map_to_reasons() {
+        for (status, reason) in [
+            (Status::DownloadFailed, FailReason::DownloadFailed),
+            (Status::VerifyFailed, FailReason::VerifyFailed),
+            (Status::FlashFailed, FailReason::FlashFailed),
+            (Status::UpgradeFailed, FailReason::UpgradeFailed),
+        ] {
+            let mut b = batch(config(), &["d1"]);
+            b.poll(T0);
+            b.handle_reply("d1", "b7a1", 200, "", T0 + 1);
+            let mut p = progress(status, 100);
+            p.desc = "boom".into();
+            assert!(b.handle_progress("d1", &p, T0 + 2));
+            let r = &b.records["d1"];
+            assert_eq!(r.state, RecordState::Failed, "{status}");
+            assert_eq!(r.reason, Some(reason));
+            assert_eq!(r.desc, "boom");
+            assert_eq!(r.status, Some(status.code()));
+        }
+    }
+
+    #[test]
+    fn upgrade_timeout_counts_from_first_progress() {
+        let mut b = batch(config(), &["d1"]);
+        b.poll(T0);
+        b.handle_reply("d1", "b7a1", 200, "", T0 + 1);
+        // Pending for long: no clock yet.
+        b.poll(T0 + 50_000);
+        assert_eq!(state(&b, "d1"), RecordState::Pending);
+        b.handle_progress("d1", &progress(Status::Downloading, 1), T0 + 50_000);
+        b.poll(T0 + 69_999);
+        assert_eq!(state(&b, "d1"), RecordState::Upgrading);
+        b.poll(T0 + 70_000);
+        let r = &b.records["d1"];
+        assert_eq!(
+            (r.state, r.reason),
+            (RecordState::Failed, Some(FailReason::UpgradeTimeout))
+        );
+    }
+
+    #[test]
+    fn retries_wait_their_interval_and_are_bounded() {
+        let mut cfg = config();
+        cfg.retries = 2;
+        let mut b = batch(cfg, &["d1"]);
+        b.poll(T0);
+        b.handle_reply("d1", "b7a1", 200, "", T0 + 1);
+        b.handle_progress("d1", &progress(Status::VerifyFailed, 100), T0 + 2);
+        let r = &b.records["d1"];
+        assert_eq!(r.state, RecordState::AwaitingRetry);
+        assert_eq!(r.reason, Some(FailReason::VerifyFailed));
+        assert_eq!(r.deadline_ms, Some(T0 + 5_002));
+        assert_eq!(b.next_wakeup(), Some(T0 + 5_002));
+        assert!(b.poll(T0 + 5_001).is_empty());
+        // A stray progress of the failed attempt does not revive it.
+        assert!(!b.handle_progress("d1", &progress(Status::Downloading, 3), T0 + 5_001));
+        let a = b.poll(T0 + 5_002);
+        assert_eq!(a.len(), 1);
+        let r = &b.records["d1"];
+        assert_eq!(
+            (r.state, r.attempts, r.msg_id.as_deref()),
+            (RecordState::Pushed, 2, Some("b7a2"))
+        );
+        // Second failure: push failed; one retry left.
+        b.poll(T0 + 15_002);
+        assert_eq!(state(&b, "d1"), RecordState::AwaitingRetry);
+        b.poll(T0 + 20_002);
+        assert_eq!(b.records["d1"].attempts, 3);
+        b.handle_reply("d1", "b7a3", 200, "", T0 + 20_003);
+        b.handle_progress("d1", &progress(Status::DownloadFailed, 40), T0 + 20_004);
+        let r = &b.records["d1"];
+        assert_eq!(
+            (r.state, r.reason),
+            (RecordState::Failed, Some(FailReason::DownloadFailed))
+        );
+        assert_eq!(b.state, BatchState::Completed);
+    }
+
+    #[test]
+    fn retry_then_success_keeps_the_last_failure() {
+        let mut cfg = config();
+        cfg.retries = 1;
+        let mut b = batch(cfg, &["d1"]);
+        b.poll(T0);
+        b.handle_reply("d1", "b7a1", 200, "", T0 + 1);
+        b.handle_progress("d1", &progress(Status::VerifyFailed, 100), T0 + 2);
+        b.poll(T0 + 5_002);
+        b.handle_reply("d1", "b7a2", 200, "", T0 + 5_003);
+        b.handle_progress("d1", &progress(Status::Downloading, 5), T0 + 5_004);
+        b.handle_inform("d1", "2.0.0", T0 + 6_000);
+        let r = &b.records["d1"];
+        assert_eq!(r.state, RecordState::Success);
+        assert_eq!(r.reason, None);
+        assert_eq!(r.last_failure, Some(FailReason::VerifyFailed));
+        assert_eq!(r.attempts, 2);
+    }
+
+    #[test]
+    fn late_ack_after_push_failed_resumes() {
+        let mut cfg = config();
+        cfg.retries = 1;
+        let mut b = batch(cfg, &["d1"]);
+        b.poll(T0);
+        b.poll(T0 + 10_000);
+        assert_eq!(state(&b, "d1"), RecordState::AwaitingRetry);
+        assert!(b.handle_reply("d1", "b7a1", 200, "", T0 + 10_500));
+        assert_eq!(state(&b, "d1"), RecordState::Pending);
+    }
+
+    #[test]
+    fn rejection_codes() {
+        let mut cfg = config();
+        cfg.retries = 1;
+        let mut b = batch(cfg.clone(), &["d1", "d2"]);
+        b.poll(T0);
+        b.handle_reply("d1", "b7a1", 412, "downgrade refused", T0 + 1);
+        let r = &b.records["d1"];
+        assert_eq!(
+            (r.state, r.reason),
+            (RecordState::Failed, Some(FailReason::Rejected))
+        );
+        assert!(r.desc.contains("412"));
+        b.handle_reply("d2", "b7a1", 409, "busy", T0 + 1);
+        assert_eq!(state(&b, "d2"), RecordState::AwaitingRetry);
+    }
+
+    #[test]
+    fn no_retry_beyond_validity() {
+        let mut cfg = config();
+        cfg.retries = 5;
+        cfg.validity_ms = 12_000;
+        let mut b = batch(cfg, &["d1"]);
+        b.poll(T0);
+        // Push failed at +10 s; a retry at +15 s would be past the validity end (+12 s).
+        b.poll(T0 + 10_000);
+        let r = &b.records["d1"];
+        assert_eq!(
+            (r.state, r.reason),
+            (RecordState::Failed, Some(FailReason::PushFailed))
+        );
+    }
+
+    #[test]
+    fn validity_expiry() {
+        let mut cfg = config();
+        cfg.validity_ms = 30_000;
+        cfg.retries = 1;
+        cfg.retry_interval_ms = 1_000;
+        let mut b = batch(cfg, &["wait", "pend", "up", "late"]);
+        b.poll(T0);
+        // "late" was never pushed in time: simulate a batch loaded after its end.
+        b.records.get_mut("late").unwrap().state = RecordState::ToPush;
+        b.handle_reply("pend", "b7a1", 200, "", T0 + 1);
+        b.handle_reply("up", "b7a1", 200, "", T0 + 1);
+        b.handle_progress("up", &progress(Status::Downloading, 1), T0 + 25_000);
+        b.handle_reply("wait", "b7a1", 409, "busy", T0 + 28_000);
+        assert_eq!(state(&b, "wait"), RecordState::AwaitingRetry);
+        assert!(
+            b.poll(T0 + 30_000).is_empty(),
+            "nothing pushed past the end"
+        );
+        assert_eq!(state(&b, "late"), RecordState::Failed);
+        assert_eq!(b.records["late"].reason, Some(FailReason::BatchTerminated));
+        assert_eq!(b.records["wait"].reason, Some(FailReason::Rejected));
+        assert_eq!(state(&b, "wait"), RecordState::Failed);
+        assert_eq!(b.records["pend"].reason, Some(FailReason::UpgradeTimeout));
+        // An upgrade already running may still finish after the end.
+        assert_eq!(state(&b, "up"), RecordState::Upgrading);
+        assert_eq!(b.state, BatchState::InProgress);
+        b.handle_inform("up", "2.0.0", T0 + 31_000);
+        assert_eq!(state(&b, "up"), RecordState::Success);
+        assert_eq!(
+            b.state,
+            BatchState::Terminated,
+            "expired with devices unfinished"
+        );
+    }
+
+    #[test]
+    fn terminate_fails_the_unfinished() {
+        let mut b = batch(config(), &["d1", "d2"]);
+        b.poll(T0);
+        b.handle_reply("d1", "b7a1", 200, "", T0 + 1);
+        b.handle_progress("d1", &progress(Status::Downloading, 1), T0 + 2);
+        b.handle_inform("d1", "2.0.0", T0 + 3);
+        assert!(b.terminate(T0 + 4));
+        assert_eq!(b.state, BatchState::Terminated);
+        assert_eq!(state(&b, "d1"), RecordState::Success);
+        let r = &b.records["d2"];
+        assert_eq!(
+            (r.state, r.reason),
+            (RecordState::Failed, Some(FailReason::BatchTerminated))
+        );
+        assert!(!b.terminate(T0 + 5));
+        assert!(b.poll(T0 + 100_000).is_empty());
+        assert!(!b.handle_inform("d2", "2.0.0", T0 + 6));
+    }
+
+    #[test]
+    fn inform_of_target_succeeds_from_any_unfinished_state() {
+        let mut b = batch(config(), &["d1", "d2"]);
+        assert!(b.handle_inform("d1", "2.0.0", T0));
+        assert_eq!(state(&b, "d1"), RecordState::Success);
+        b.poll(T0);
+        assert!(b.handle_inform("d2", "2.0.0", T0 + 1));
+        assert_eq!(b.state, BatchState::Completed);
+        // Devices outside the batch are ignored.
+        assert!(!b.handle_inform("zz", "2.0.0", T0 + 2));
+    }
+
+    #[test]
+    fn progress_for_another_version_is_ignored() {
+        let mut b = batch(config(), &["d1"]);
+        b.poll(T0);
+        let mut p = progress(Status::Downloading, 10);
+        p.firmware_version = "3.0.0".into();
+        assert!(!b.handle_progress("d1", &p, T0 + 1));
+        assert_eq!(state(&b, "d1"), RecordState::Pushed);
+        // Progress without an ack seen implies the ack.
+        assert!(b.handle_progress("d1", &progress(Status::Downloading, 10), T0 + 1));
+        assert_eq!(state(&b, "d1"), RecordState::Upgrading);
+    }
+
+    #[test]
+    fn dirty_tracking() {
+        let mut b = batch(config(), &["d1", "d2"]);
+        let (d, batch_row) = b.take_dirty();
+        assert_eq!((d.len(), batch_row), (2, true));
+        assert_eq!(b.take_dirty(), (vec![], false));
+        b.poll(T0);
+        b.take_dirty();
+        b.handle_reply("d2", "b7a1", 200, "", T0 + 1);
+        assert_eq!(b.take_dirty(), (vec!["d2".to_string()], false));
+    }
+
+    #[test]
+    fn eligibility() {
+        let known = vec![
+            DeviceInfo {
+                device: "a".into(),
+                version: "1.0.0".into(),
+            },
+            DeviceInfo {
+                device: "b".into(),
+                version: "2.0.0".into(),
+            },
+            DeviceInfo {
+                device: "c".into(),
+                version: "1.0.0".into(),
+            },
+        ];
+        let busy = BTreeMap::from([("c".to_string(), 3)]);
+        let (ok, ex) = select_devices("2.0.0", None, &known, &busy);
+        assert_eq!(ok, vec!["a".to_string()]);
+        assert_eq!(
+            ex,
+            vec![
+                ("b".to_string(), Exclusion::AlreadyOnVersion),
+                ("c".to_string(), Exclusion::InRunningBatch(3))
+            ]
+        );
+        let list = vec!["a".to_string(), "ghost".to_string(), "a".to_string()];
+        let (ok, ex) = select_devices("2.0.0", Some(&list), &known, &busy);
+        assert_eq!(ok, vec!["a".to_string()]);
+        assert_eq!(ex, vec![("ghost".to_string(), Exclusion::NeverSeen)]);
+        assert!(Exclusion::InRunningBatch(3).to_string().contains('3'));
+    }
+
+    #[test]
+    fn names_round_trip() {
+        for s in RecordState::ALL {
+            assert_eq!(RecordState::parse(s.as_str()), Some(s));
+        }
+        for r in FailReason::ALL {
+            assert_eq!(FailReason::parse(r.as_str()), Some(r));
+        }
+        assert_eq!(FailReason::PushFailed.to_string(), "push failed");
+        assert_eq!(
+            BatchState::parse("terminated"),
+            Some(BatchState::Terminated)
+        );
+    }
+}

@@ -1,0 +1,306 @@
+//! The HTTP side: the JSON API under `/api` and the firmware files under `/fw`.
+
+use std::io::SeekFrom;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use axum::body::{Body, Bytes};
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get, post};
+use axum::{Json, Router};
+use iot_ota_core::digest::to_hex;
+use md5::{Digest as _, Md5};
+use serde::Deserialize;
+use sha2::Sha256;
+use tokio::io::{AsyncReadExt, AsyncSeekExt};
+use tokio_util::io::ReaderStream;
+
+use crate::api::{check_firmware, ApiError, CreateBatch};
+use crate::service::{OpError, Shared, Upload};
+
+impl IntoResponse for OpError {
+    fn into_response(self) -> Response {
+        let status = StatusCode::from_u16(self.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        (
+            status,
+            Json(ApiError {
+                error: self.message,
+            }),
+        )
+            .into_response()
+    }
+}
+
+type ApiResult<T> = Result<Json<T>, OpError>;
+
+pub(crate) fn router(shared: Arc<Shared>) -> Router {
+    let limit = usize::try_from(shared.max_size)
+        .unwrap_or(usize::MAX)
+        .saturating_add(1);
+    Router::new()
+        .route("/api/health", get(health))
+        .route(
+            "/api/firmware",
+            get(list_firmware)
+                .post(add_firmware)
+                .layer(DefaultBodyLimit::max(limit)),
+        )
+        .route("/api/firmware/:product/:version", delete(delete_firmware))
+        .route("/api/devices", get(list_devices))
+        .route("/api/batches", get(list_batches).post(create_batch))
+        .route("/api/batches/:id", get(show_batch))
+        .route("/api/batches/:id/terminate", post(terminate_batch))
+        .route("/fw/:product/:version/:name", get(serve_firmware))
+        .with_state(shared)
+}
+
+async fn health(State(s): State<Arc<Shared>>) -> Json<serde_json::Value> {
+    Json(serde_json::json!({
+        "ok": true,
+        "mqtt_connected": s.mqtt_up.load(Ordering::SeqCst),
+        "public_url": s.public_url,
+    }))
+}
+
+#[derive(Deserialize)]
+struct ProductQuery {
+    product: Option<String>,
+}
+
+async fn list_firmware(
+    State(s): State<Arc<Shared>>,
+    Query(q): Query<ProductQuery>,
+) -> ApiResult<Vec<crate::api::FirmwareInfo>> {
+    Ok(Json(s.list_firmware(q.product.as_deref())?))
+}
+
+#[derive(Deserialize)]
+struct AddFirmware {
+    product: String,
+    version: String,
+    name: Option<String>,
+}
+
+async fn add_firmware(
+    State(s): State<Arc<Shared>>,
+    Query(q): Query<AddFirmware>,
+    body: Bytes,
+) -> Result<(StatusCode, Json<crate::api::FirmwareInfo>), OpError> {
+    let name = q
+        .name
+        .unwrap_or_else(|| format!("firmware-{}.bin", q.version));
+    // Check the names before touching the disk; the size is checked on the body.
+    check_firmware(
+        &q.product,
+        &q.version,
+        &name,
+        body.len().max(1) as u64,
+        u64::MAX,
+    )
+    .map_err(|m| OpError::new(400, m))?;
+    if body.len() as u64 > s.max_size {
+        return Err(OpError::new(
+            413,
+            format!(
+                "the firmware file is above the limit of {} bytes",
+                s.max_size
+            ),
+        ));
+    }
+    let tmp_dir = s.data_dir.join("tmp");
+    let shared = s.clone();
+    let info = tokio::task::spawn_blocking(move || {
+        std::fs::create_dir_all(&tmp_dir).map_err(|e| OpError::new(500, e.to_string()))?;
+        let tmp = tmp_dir.join(format!(
+            "upload-{}-{}",
+            std::process::id(),
+            crate::service::now_ms()
+        ));
+        let md5 = to_hex(&Md5::digest(&body));
+        let sha256 = to_hex(&Sha256::digest(&body));
+        std::fs::write(&tmp, &body).map_err(|e| OpError::new(500, e.to_string()))?;
+        let r = shared.add_firmware(Upload {
+            product: q.product,
+            version: q.version,
+            name,
+            tmp: tmp.clone(),
+            size: body.len() as u64,
+            md5,
+            sha256,
+        });
+        if r.is_err() {
+            let _ = std::fs::remove_file(&tmp);
+        }
+        r
+    })
+    .await
+    .map_err(|e| OpError::new(500, e.to_string()))??;
+    Ok((StatusCode::CREATED, Json(info)))
+}
+
+async fn delete_firmware(
+    State(s): State<Arc<Shared>>,
+    Path((product, version)): Path<(String, String)>,
+) -> Result<StatusCode, OpError> {
+    s.delete_firmware(&product, &version)?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn list_devices(
+    State(s): State<Arc<Shared>>,
+    Query(q): Query<ProductQuery>,
+) -> ApiResult<Vec<crate::api::DeviceView>> {
+    Ok(Json(s.list_devices(q.product.as_deref())?))
+}
+
+async fn create_batch(
+    State(s): State<Arc<Shared>>,
+    body: Bytes,
+) -> Result<(StatusCode, Json<crate::api::CreatedBatch>), OpError> {
+    let req: CreateBatch = serde_json::from_slice(&body)
+        .map_err(|e| OpError::new(400, format!("bad batch request: {e}")))?;
+    Ok((StatusCode::CREATED, Json(s.create_batch(&req)?)))
+}
+
+async fn list_batches(State(s): State<Arc<Shared>>) -> ApiResult<Vec<crate::api::BatchView>> {
+    Ok(Json(s.list_batches()?))
+}
+
+fn batch_id(id: &str) -> Result<i64, OpError> {
+    id.parse()
+        .map_err(|_| OpError::new(400, format!("batch id must be a number, got {id:?}")))
+}
+
+async fn show_batch(
+    State(s): State<Arc<Shared>>,
+    Path(id): Path<String>,
+) -> ApiResult<crate::api::BatchView> {
+    Ok(Json(s.show_batch(batch_id(&id)?)?))
+}
+
+async fn terminate_batch(
+    State(s): State<Arc<Shared>>,
+    Path(id): Path<String>,
+) -> ApiResult<crate::api::BatchView> {
+    Ok(Json(s.terminate_batch(batch_id(&id)?)?))
+}
+
+/// A `Range` header's single byte range resolved against `total`:
+/// `Ok(None)` for no usable range (serve it all), `Err(())` for unsatisfiable.
+pub(crate) fn parse_range(value: &str, total: u64) -> Result<Option<(u64, u64)>, ()> {
+    let Some(spec) = value.trim().strip_prefix("bytes=") else {
+        return Ok(None);
+    };
+    if spec.contains(',') {
+        // Multipart ranges are not supported: serve the whole file (allowed by RFC 9110).
+        return Ok(None);
+    }
+    let (a, b) = spec.split_once('-').ok_or(())?;
+    let (a, b) = (a.trim(), b.trim());
+    let (start, end) = if a.is_empty() {
+        let n: u64 = b.parse().map_err(|_| ())?;
+        if n == 0 {
+            return Err(());
+        }
+        (total.saturating_sub(n), total.saturating_sub(1))
+    } else {
+        let start: u64 = a.parse().map_err(|_| ())?;
+        let end: u64 = if b.is_empty() {
+            total.saturating_sub(1)
+        } else {
+            b.parse::<u64>()
+                .map_err(|_| ())?
+                .min(total.saturating_sub(1))
+        };
+        (start, end)
+    };
+    if total == 0 || start >= total || start > end {
+        return Err(());
+    }
+    Ok(Some((start, end)))
+}
+
+async fn serve_firmware(
+    State(s): State<Arc<Shared>>,
+    Path((product, version, name)): Path<(String, String, String)>,
+    headers: HeaderMap,
+) -> Result<Response, OpError> {
+    let row = s.firmware_file(&product, &version, &name)?;
+    let total = row.size;
+    let etag = format!("\"{}\"", &row.sha256[..row.sha256.len().min(32)]);
+    let hv = |s: &str| HeaderValue::from_str(s).unwrap_or(HeaderValue::from_static(""));
+    let header_str = |h: header::HeaderName| {
+        headers
+            .get(h)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    };
+    if let Some(inm) = header_str(header::IF_NONE_MATCH) {
+        if inm.split(',').any(|t| t.trim() == etag || t.trim() == "*") {
+            let mut r = StatusCode::NOT_MODIFIED.into_response();
+            r.headers_mut().insert(header::ETAG, hv(&etag));
+            return Ok(r);
+        }
+    }
+    let if_range_ok = header_str(header::IF_RANGE).map_or(true, |v| v.trim() == etag);
+    let range = match header_str(header::RANGE) {
+        Some(v) if if_range_ok => match parse_range(&v, total) {
+            Ok(r) => r,
+            Err(()) => {
+                let mut r = StatusCode::RANGE_NOT_SATISFIABLE.into_response();
+                r.headers_mut()
+                    .insert(header::CONTENT_RANGE, hv(&format!("bytes */{total}")));
+                return Ok(r);
+            }
+        },
+        _ => None,
+    };
+    let (start, len, status) = match range {
+        Some((a, b)) => (a, b - a + 1, StatusCode::PARTIAL_CONTENT),
+        None => (0, total, StatusCode::OK),
+    };
+    let mut file = tokio::fs::File::open(&row.path)
+        .await
+        .map_err(|e| OpError::new(500, format!("opening {}: {e}", row.path)))?;
+    file.seek(SeekFrom::Start(start))
+        .await
+        .map_err(|e| OpError::new(500, e.to_string()))?;
+    let body = Body::from_stream(ReaderStream::with_capacity(file.take(len), 64 * 1024));
+    let mut resp = Response::new(body);
+    *resp.status_mut() = status;
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/octet-stream"),
+    );
+    h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+    h.insert(header::ETAG, hv(&etag));
+    h.insert(header::CONTENT_LENGTH, hv(&len.to_string()));
+    if status == StatusCode::PARTIAL_CONTENT {
+        h.insert(
+            header::CONTENT_RANGE,
+            hv(&format!("bytes {start}-{}/{total}", start + len - 1)),
+        );
+    }
+    Ok(resp)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_range;
+
+    #[test]
+    fn ranges() {
+        assert_eq!(parse_range("bytes=0-9", 100), Ok(Some((0, 9))));
+        assert_eq!(parse_range("bytes=90-", 100), Ok(Some((90, 99))));
+        assert_eq!(parse_range("bytes=-10", 100), Ok(Some((90, 99))));
+        assert_eq!(parse_range("bytes=50-1000", 100), Ok(Some((50, 99))));
+        assert_eq!(parse_range("bytes=100-", 100), Err(()));
+        assert_eq!(parse_range("bytes=9-3", 100), Err(()));
+        assert_eq!(parse_range("bytes=-0", 100), Err(()));
+        assert_eq!(parse_range("bytes=0-1,5-6", 100), Ok(None));
+        assert_eq!(parse_range("items=0-1", 100), Ok(None));
+    }
+}

@@ -1,0 +1,262 @@
+//! The local IoT platform: a console-like OTA service on one machine.
+//!
+//! - MQTT: an embedded rumqttd broker ([`EmbeddedBroker`]) or any external
+//!   broker, reached through an ordinary MQTT client in both cases.
+//! - A firmware HTTP server with `Range`, `ETag` and `Content-Length` (`/fw/...`).
+//! - State in SQLite ([`store`]): firmware, devices, batches and records.
+//! - Batches and records run on a pure state machine ([`engine`]): every
+//!   input takes `now`, every timer comes out as a value, and the shell
+//!   ([`Platform`]) commits each change before acting on it.
+//! - An HTTP JSON API ([`api`], `docs/platform-api.md`) and a small client for
+//!   it ([`client::ApiClient`]), used by the `iot-ota` command line.
+//!
+//! ```no_run
+//! # async fn run() -> Result<(), String> {
+//! use iot_ota_platform::{Platform, PlatformConfig};
+//! let platform = Platform::start(PlatformConfig::new("/var/lib/iot-ota")).await?;
+//! println!("API on {}, broker {}", platform.api_url(), platform.broker_url());
+//! # Ok(()) }
+//! ```
+#![forbid(unsafe_code)]
+#![deny(missing_docs)]
+
+pub mod api;
+pub mod broker;
+pub mod client;
+pub mod engine;
+mod http;
+mod service;
+pub mod store;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rumqttc::{AsyncClient, MqttOptions, Transport};
+use tokio::task::JoinHandle;
+
+pub use broker::{BrokerUrl, EmbeddedBroker};
+pub use client::ApiClient;
+pub use service::now_ms;
+
+/// Where the platform's MQTT broker is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BrokerChoice {
+    /// Start an embedded rumqttd on this address (port 0: a free port).
+    Embedded(SocketAddr),
+    /// Use this external broker (`mqtt://HOST:PORT` or `mqtts://HOST:PORT`).
+    External(String),
+}
+
+/// How to run the platform.
+#[derive(Debug, Clone)]
+pub struct PlatformConfig {
+    /// Database and firmware files live here.
+    pub data_dir: PathBuf,
+    /// HTTP listen address (API and firmware files); port 0 for a free port.
+    pub http_addr: SocketAddr,
+    /// Base URL put in commands, when devices reach the server by another name
+    /// (default `http://` + the bound address).
+    pub public_url: Option<String>,
+    /// The MQTT broker.
+    pub broker: BrokerChoice,
+    /// Topic prefix (default `/sys`).
+    pub topic_prefix: String,
+    /// Largest firmware accepted (default 100 MB).
+    pub max_firmware_size: u64,
+    /// MQTT username for an external broker.
+    pub mqtt_username: Option<String>,
+    /// MQTT password for an external broker.
+    pub mqtt_password: Option<String>,
+    /// CA certificates (PEM) for `mqtts://`; default: the system's roots.
+    pub ca_file: Option<PathBuf>,
+    /// MQTT client id (default `iot-ota-platform-<pid>-<ms>`).
+    pub client_id: Option<String>,
+}
+
+impl PlatformConfig {
+    /// Defaults: HTTP on 127.0.0.1:8080, embedded broker on 127.0.0.1:1883, prefix `/sys`.
+    pub fn new(data_dir: impl Into<PathBuf>) -> Self {
+        PlatformConfig {
+            data_dir: data_dir.into(),
+            http_addr: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            public_url: None,
+            broker: BrokerChoice::Embedded(SocketAddr::from(([127, 0, 0, 1], 1883))),
+            topic_prefix: iot_ota_core::protocol::DEFAULT_PREFIX.into(),
+            max_firmware_size: api::DEFAULT_MAX_FIRMWARE_SIZE,
+            mqtt_username: None,
+            mqtt_password: None,
+            ca_file: None,
+            client_id: None,
+        }
+    }
+}
+
+/// A running platform. Dropping it (or [`Platform::shutdown`]) stops the HTTP
+/// server, the MQTT client and the ticker; an embedded broker keeps running.
+pub struct Platform {
+    shared: Arc<service::Shared>,
+    http_addr: SocketAddr,
+    broker_url: String,
+    tasks: Vec<JoinHandle<()>>,
+    _broker: Option<EmbeddedBroker>,
+}
+
+fn tls_config(ca_file: Option<&PathBuf>) -> Result<rustls::ClientConfig, String> {
+    let mut roots = rustls::RootCertStore::empty();
+    match ca_file {
+        Some(path) => {
+            let pem = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+            for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
+                let cert = cert.map_err(|e| format!("{}: {e}", path.display()))?;
+                roots.add(cert).map_err(|e| e.to_string())?;
+            }
+        }
+        None => {
+            for cert in rustls_native_certs::load_native_certs().certs {
+                let _ = roots.add(cert);
+            }
+        }
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    Ok(rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots)
+        .with_no_client_auth())
+}
+
+impl Platform {
+    /// Starts everything and waits (up to 10 s) until the MQTT subscriptions are in place.
+    pub async fn start(config: PlatformConfig) -> Result<Platform, String> {
+        std::fs::create_dir_all(&config.data_dir)
+            .map_err(|e| format!("{}: {e}", config.data_dir.display()))?;
+        let store =
+            store::Store::open(&config.data_dir.join("platform.db")).map_err(|e| e.to_string())?;
+        let (embedded, broker_url) = match &config.broker {
+            BrokerChoice::Embedded(addr) => {
+                let addr = *addr;
+                let b = tokio::task::spawn_blocking(move || EmbeddedBroker::start(addr))
+                    .await
+                    .map_err(|e| e.to_string())??;
+                let url = b.url();
+                (Some(b), url)
+            }
+            BrokerChoice::External(url) => (None, url.clone()),
+        };
+        let url = BrokerUrl::parse(&broker_url)?;
+        let client_id = config
+            .client_id
+            .clone()
+            .unwrap_or_else(|| format!("iot-ota-platform-{}-{}", std::process::id(), now_ms()));
+        let mut opts = MqttOptions::new(client_id, url.host.clone(), url.port);
+        opts.set_keep_alive(Duration::from_secs(30))
+            .set_clean_session(true)
+            .set_max_packet_size(1024 * 1024, 1024 * 1024);
+        if let Some(user) = &config.mqtt_username {
+            opts.set_credentials(user, config.mqtt_password.clone().unwrap_or_default());
+        }
+        if url.tls {
+            let tls = tls_config(config.ca_file.as_ref())?;
+            opts.set_transport(Transport::tls_with_config(
+                rumqttc::TlsConfiguration::Rustls(Arc::new(tls)),
+            ));
+        }
+        let (mqtt, eventloop) = AsyncClient::new(opts, 1024);
+
+        let listener = tokio::net::TcpListener::bind(config.http_addr)
+            .await
+            .map_err(|e| format!("HTTP listen on {}: {e}", config.http_addr))?;
+        let http_addr = listener.local_addr().map_err(|e| e.to_string())?;
+        let public_url = config
+            .public_url
+            .clone()
+            .unwrap_or_else(|| format!("http://{http_addr}"))
+            .trim_end_matches('/')
+            .to_owned();
+        let shared = Arc::new(
+            service::Shared::new(
+                store,
+                mqtt,
+                config.topic_prefix.clone(),
+                public_url,
+                config.data_dir.clone(),
+                config.max_firmware_size,
+            )
+            .map_err(|e| e.to_string())?,
+        );
+        let app = http::router(shared.clone());
+        let mut tasks = vec![
+            tokio::spawn(async move {
+                if let Err(e) = axum::serve(listener, app).await {
+                    eprintln!("platform: HTTP server stopped: {e}");
+                }
+            }),
+            tokio::spawn(service::mqtt_loop(shared.clone(), eventloop)),
+        ];
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while !shared.mqtt_up.load(Ordering::SeqCst) {
+            if tokio::time::Instant::now() > deadline {
+                for t in &tasks {
+                    t.abort();
+                }
+                return Err(format!("could not connect and subscribe to {broker_url}"));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        tasks.push(tokio::spawn(service::ticker(shared.clone())));
+        Ok(Platform {
+            shared,
+            http_addr,
+            broker_url,
+            tasks,
+            _broker: embedded,
+        })
+    }
+
+    /// The bound HTTP address.
+    pub fn http_addr(&self) -> SocketAddr {
+        self.http_addr
+    }
+
+    /// `http://ADDR`, the API's base URL.
+    pub fn api_url(&self) -> String {
+        format!("http://{}", self.http_addr)
+    }
+
+    /// The base URL put in commands.
+    pub fn public_url(&self) -> &str {
+        &self.shared.public_url
+    }
+
+    /// The broker the platform uses (the embedded one's `mqtt://ADDR`, or the external URL).
+    pub fn broker_url(&self) -> &str {
+        &self.broker_url
+    }
+
+    /// True while the MQTT connection is up and subscribed.
+    pub fn mqtt_connected(&self) -> bool {
+        self.shared.mqtt_up.load(Ordering::SeqCst)
+    }
+
+    /// Stops the HTTP server, the MQTT client and the ticker.
+    pub async fn shutdown(mut self) {
+        let _ = self.shared.mqtt.disconnect().await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        self.stop_tasks();
+    }
+
+    fn stop_tasks(&mut self) {
+        for t in self.tasks.drain(..) {
+            t.abort();
+        }
+    }
+}
+
+impl Drop for Platform {
+    fn drop(&mut self) {
+        self.stop_tasks();
+    }
+}

@@ -1,0 +1,605 @@
+//! SQLite storage: firmware, devices, batches and records.
+//!
+//! WAL journal, `synchronous=FULL`: a committed transaction survives a crash
+//! of the process and of the machine. The schema version lives in
+//! `PRAGMA user_version`; [`Store::open`] upgrades an older file step by step
+//! and refuses a newer one.
+
+use std::path::Path;
+
+use iot_ota_core::{Policy, SignMethod};
+use rusqlite::{params, Connection, OptionalExtension, Row};
+
+use crate::api::{DeviceView, FirmwareInfo};
+use crate::engine::{Batch, BatchConfig, BatchState, FailReason, Millis, Record, RecordState};
+
+/// The schema version this code writes.
+pub const SCHEMA_VERSION: i64 = 1;
+
+const SCHEMA_V1: &str = "
+CREATE TABLE firmware (
+    product    TEXT NOT NULL,
+    version    TEXT NOT NULL,
+    name       TEXT NOT NULL,
+    size       INTEGER NOT NULL,
+    md5        TEXT NOT NULL,
+    sha256     TEXT NOT NULL,
+    path       TEXT NOT NULL,
+    created_ms INTEGER NOT NULL,
+    PRIMARY KEY (product, version)
+);
+CREATE TABLE devices (
+    product       TEXT NOT NULL,
+    device        TEXT NOT NULL,
+    version       TEXT NOT NULL,
+    first_seen_ms INTEGER NOT NULL,
+    last_seen_ms  INTEGER NOT NULL,
+    PRIMARY KEY (product, device)
+);
+CREATE TABLE batches (
+    id                INTEGER PRIMARY KEY AUTOINCREMENT,
+    product           TEXT NOT NULL,
+    firmware_version  TEXT NOT NULL,
+    policy            TEXT NOT NULL,
+    sign_method       TEXT NOT NULL,
+    validity_ms       INTEGER NOT NULL,
+    timeout_ms        INTEGER NOT NULL,
+    retries           INTEGER NOT NULL,
+    retry_interval_ms INTEGER NOT NULL,
+    ack_timeout_ms    INTEGER NOT NULL,
+    state             TEXT NOT NULL,
+    created_ms        INTEGER NOT NULL,
+    finished_ms       INTEGER,
+    validity_cut      INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE records (
+    batch_id     INTEGER NOT NULL REFERENCES batches(id),
+    device       TEXT NOT NULL,
+    state        TEXT NOT NULL,
+    status       INTEGER,
+    progress     INTEGER NOT NULL,
+    attempts     INTEGER NOT NULL,
+    msg_id       TEXT,
+    reason       TEXT,
+    desc         TEXT NOT NULL,
+    last_failure TEXT,
+    version      TEXT,
+    pushed_ms    INTEGER,
+    started_ms   INTEGER,
+    deadline_ms  INTEGER,
+    finished_ms  INTEGER,
+    PRIMARY KEY (batch_id, device)
+);
+CREATE INDEX records_device ON records(device);
+";
+
+/// A storage error: the SQLite message, or a corrupt value.
+#[derive(Debug)]
+pub struct StoreError(pub String);
+
+impl std::fmt::Display for StoreError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "storage: {}", self.0)
+    }
+}
+
+impl std::error::Error for StoreError {}
+
+impl From<rusqlite::Error> for StoreError {
+    fn from(e: rusqlite::Error) -> Self {
+        StoreError(e.to_string())
+    }
+}
+
+type Result<T> = std::result::Result<T, StoreError>;
+
+/// A registered firmware as stored (the URL is the service's business).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FirmwareRow {
+    /// Product key.
+    pub product: String,
+    /// Version.
+    pub version: String,
+    /// File name.
+    pub name: String,
+    /// Bytes.
+    pub size: u64,
+    /// MD5 hex.
+    pub md5: String,
+    /// SHA-256 hex.
+    pub sha256: String,
+    /// Path of the file on disk.
+    pub path: String,
+    /// Registration time.
+    pub created_ms: Millis,
+}
+
+impl FirmwareRow {
+    /// The API view, with its download URL under `base`.
+    pub fn info(&self, base: &str) -> FirmwareInfo {
+        FirmwareInfo {
+            product: self.product.clone(),
+            version: self.version.clone(),
+            name: self.name.clone(),
+            size: self.size,
+            md5: self.md5.clone(),
+            sha256: self.sha256.clone(),
+            created_ms: self.created_ms,
+            url: firmware_url(base, &self.product, &self.version, &self.name),
+        }
+    }
+}
+
+/// The download URL of a firmware file under `base` (`http://host:port`).
+pub fn firmware_url(base: &str, product: &str, version: &str, name: &str) -> String {
+    format!(
+        "{}/fw/{product}/{version}/{name}",
+        base.trim_end_matches('/')
+    )
+}
+
+/// The platform's database.
+pub struct Store {
+    conn: Connection,
+}
+
+impl Store {
+    /// Opens (creating or upgrading) the database at `path`.
+    pub fn open(path: &Path) -> Result<Store> {
+        let conn = Connection::open(path)?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        conn.pragma_update(None, "foreign_keys", "ON")?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        let mut store = Store { conn };
+        store.migrate()?;
+        Ok(store)
+    }
+
+    fn migrate(&mut self) -> Result<()> {
+        let version: i64 = self
+            .conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))?;
+        if version > SCHEMA_VERSION {
+            return Err(StoreError(format!(
+                "the database has schema version {version}, newer than this program's {SCHEMA_VERSION}"
+            )));
+        }
+        if version < 1 {
+            let tx = self.conn.transaction()?;
+            tx.execute_batch(SCHEMA_V1)?;
+            tx.pragma_update(None, "user_version", 1)?;
+            tx.commit()?;
+        }
+        Ok(())
+    }
+
+    /// The schema version of the open file.
+    pub fn schema_version(&self) -> Result<i64> {
+        Ok(self
+            .conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))?)
+    }
+
+    // ---- firmware
+
+    /// Registers a firmware; false when the product already has that version.
+    pub fn insert_firmware(&self, f: &FirmwareRow) -> Result<bool> {
+        let n = self.conn.execute(
+            "INSERT OR IGNORE INTO firmware (product, version, name, size, md5, sha256, path, created_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            params![f.product, f.version, f.name, f.size as i64, f.md5, f.sha256, f.path, f.created_ms],
+        )?;
+        Ok(n == 1)
+    }
+
+    fn firmware_row(r: &Row<'_>) -> rusqlite::Result<FirmwareRow> {
+        Ok(FirmwareRow {
+            product: r.get(0)?,
+            version: r.get(1)?,
+            name: r.get(2)?,
+            size: r.get::<_, i64>(3)? as u64,
+            md5: r.get(4)?,
+            sha256: r.get(5)?,
+            path: r.get(6)?,
+            created_ms: r.get(7)?,
+        })
+    }
+
+    /// One firmware.
+    pub fn firmware(&self, product: &str, version: &str) -> Result<Option<FirmwareRow>> {
+        Ok(self
+            .conn
+            .query_row(
+                "SELECT product, version, name, size, md5, sha256, path, created_ms FROM firmware
+                 WHERE product = ?1 AND version = ?2",
+                params![product, version],
+                Self::firmware_row,
+            )
+            .optional()?)
+    }
+
+    /// Every firmware, of one product or all.
+    pub fn list_firmware(&self, product: Option<&str>) -> Result<Vec<FirmwareRow>> {
+        let mut st = self.conn.prepare(
+            "SELECT product, version, name, size, md5, sha256, path, created_ms FROM firmware
+             WHERE ?1 IS NULL OR product = ?1 ORDER BY product, created_ms, version",
+        )?;
+        let rows = st.query_map(params![product], Self::firmware_row)?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    /// Deletes a firmware row; false when there was none.
+    pub fn delete_firmware(&self, product: &str, version: &str) -> Result<bool> {
+        let n = self.conn.execute(
+            "DELETE FROM firmware WHERE product = ?1 AND version = ?2",
+            params![product, version],
+        )?;
+        Ok(n == 1)
+    }
+
+    // ---- devices
+
+    /// Records a version inform.
+    pub fn device_informed(
+        &self,
+        product: &str,
+        device: &str,
+        version: &str,
+        now: Millis,
+    ) -> Result<()> {
+        self.conn.execute(
+            "INSERT INTO devices (product, device, version, first_seen_ms, last_seen_ms)
+             VALUES (?1, ?2, ?3, ?4, ?4)
+             ON CONFLICT (product, device) DO UPDATE SET version = ?3, last_seen_ms = ?4",
+            params![product, device, version, now],
+        )?;
+        Ok(())
+    }
+
+    /// Notes any message from a known device.
+    pub fn device_seen(&self, product: &str, device: &str, now: Millis) -> Result<()> {
+        self.conn.execute(
+            "UPDATE devices SET last_seen_ms = ?3 WHERE product = ?1 AND device = ?2",
+            params![product, device, now],
+        )?;
+        Ok(())
+    }
+
+    /// Known devices, of one product or all.
+    pub fn list_devices(&self, product: Option<&str>) -> Result<Vec<DeviceView>> {
+        let mut st = self.conn.prepare(
+            "SELECT product, device, version, first_seen_ms, last_seen_ms FROM devices
+             WHERE ?1 IS NULL OR product = ?1 ORDER BY product, device",
+        )?;
+        let rows = st.query_map(params![product], |r| {
+            Ok(DeviceView {
+                product: r.get(0)?,
+                device: r.get(1)?,
+                version: r.get(2)?,
+                first_seen_ms: r.get(3)?,
+                last_seen_ms: r.get(4)?,
+            })
+        })?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    // ---- batches
+
+    /// Creates a batch: `make` receives the new id and builds the batch, which
+    /// is written with all its records in the same transaction.
+    pub fn create_batch(
+        &mut self,
+        product: &str,
+        firmware_version: &str,
+        config: &BatchConfig,
+        now: Millis,
+        make: impl FnOnce(i64) -> Batch,
+    ) -> Result<Batch> {
+        let tx = self.conn.transaction()?;
+        tx.execute(
+            "INSERT INTO batches (product, firmware_version, policy, sign_method, validity_ms, timeout_ms,
+                                  retries, retry_interval_ms, ack_timeout_ms, state, created_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, 'in_progress', ?10)",
+            params![
+                product,
+                firmware_version,
+                config.policy.as_str(),
+                config.sign_method.wire_name(),
+                config.validity_ms,
+                config.timeout_ms,
+                config.retries,
+                config.retry_interval_ms,
+                config.ack_timeout_ms,
+                now
+            ],
+        )?;
+        let id = tx.last_insert_rowid();
+        let mut batch = make(id);
+        let (devices, _) = batch.take_dirty();
+        write_batch_row(&tx, &batch)?;
+        for d in devices {
+            write_record(&tx, id, &batch.records[&d])?;
+        }
+        tx.commit()?;
+        Ok(batch)
+    }
+
+    /// Writes the batch's changed rows (see [`Batch::take_dirty`]) in one transaction.
+    pub fn save(&mut self, batch: &mut Batch) -> Result<()> {
+        let (devices, row) = batch.take_dirty();
+        if devices.is_empty() && !row {
+            return Ok(());
+        }
+        let tx = self.conn.transaction()?;
+        if row {
+            write_batch_row(&tx, batch)?;
+        }
+        for d in devices {
+            write_record(&tx, batch.id, &batch.records[&d])?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Ids of batches, newest first, optionally only running ones.
+    pub fn batch_ids(&self, running_only: bool) -> Result<Vec<i64>> {
+        let mut st = self.conn.prepare(
+            "SELECT id FROM batches WHERE ?1 = 0 OR state = 'in_progress' ORDER BY id DESC",
+        )?;
+        let rows = st.query_map(params![running_only as i64], |r| r.get(0))?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    /// Loads one batch with its records.
+    pub fn load_batch(&self, id: i64) -> Result<Option<Batch>> {
+        let head = self
+            .conn
+            .query_row(
+                "SELECT product, firmware_version, policy, sign_method, validity_ms, timeout_ms, retries,
+                        retry_interval_ms, ack_timeout_ms, state, created_ms, finished_ms, validity_cut
+                 FROM batches WHERE id = ?1",
+                params![id],
+                |r| {
+                    Ok((
+                        r.get::<_, String>(0)?,
+                        r.get::<_, String>(1)?,
+                        r.get::<_, String>(2)?,
+                        r.get::<_, String>(3)?,
+                        [r.get::<_, i64>(4)?, r.get(5)?, r.get(6)?, r.get(7)?, r.get(8)?],
+                        r.get::<_, String>(9)?,
+                        r.get::<_, i64>(10)?,
+                        r.get::<_, Option<i64>>(11)?,
+                        r.get::<_, bool>(12)?,
+                    ))
+                },
+            )
+            .optional()?;
+        let Some((product, version, policy, sign, nums, state, created, finished, cut)) = head
+        else {
+            return Ok(None);
+        };
+        let bad = |what: &str, v: &str| StoreError(format!("batch {id}: bad {what} {v:?}"));
+        let config = BatchConfig {
+            policy: match policy.as_str() {
+                "standard" => Policy::Standard,
+                "silent" => Policy::Silent,
+                _ => return Err(bad("policy", &policy)),
+            },
+            sign_method: SignMethod::parse(&sign).ok_or_else(|| bad("sign method", &sign))?,
+            validity_ms: nums[0],
+            timeout_ms: nums[1],
+            retries: nums[2] as u32,
+            retry_interval_ms: nums[3],
+            ack_timeout_ms: nums[4],
+        };
+        let state = BatchState::parse(&state).ok_or_else(|| bad("state", &state))?;
+        let mut st = self.conn.prepare(
+            "SELECT device, state, status, progress, attempts, msg_id, reason, desc, last_failure, version,
+                    pushed_ms, started_ms, deadline_ms, finished_ms
+             FROM records WHERE batch_id = ?1 ORDER BY device",
+        )?;
+        let raw = st
+            .query_map(params![id], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, Option<i32>>(2)?,
+                    r.get::<_, u32>(3)?,
+                    r.get::<_, u32>(4)?,
+                    r.get::<_, Option<String>>(5)?,
+                    r.get::<_, Option<String>>(6)?,
+                    r.get::<_, String>(7)?,
+                    r.get::<_, Option<String>>(8)?,
+                    r.get::<_, Option<String>>(9)?,
+                    [
+                        r.get::<_, Option<i64>>(10)?,
+                        r.get(11)?,
+                        r.get(12)?,
+                        r.get(13)?,
+                    ],
+                ))
+            })?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        let reason = |v: Option<String>| -> Result<Option<FailReason>> {
+            v.map(|s| FailReason::parse(&s).ok_or_else(|| bad("reason", &s)))
+                .transpose()
+        };
+        let mut records = Vec::with_capacity(raw.len());
+        for (device, rstate, status, progress, attempts, msg_id, why, desc, last, version, t) in raw
+        {
+            records.push(Record {
+                state: RecordState::parse(&rstate).ok_or_else(|| bad("record state", &rstate))?,
+                device,
+                status,
+                progress,
+                attempts,
+                msg_id,
+                reason: reason(why)?,
+                desc,
+                last_failure: reason(last)?,
+                version,
+                pushed_ms: t[0],
+                started_ms: t[1],
+                deadline_ms: t[2],
+                finished_ms: t[3],
+            });
+        }
+        Ok(Some(Batch::restore(
+            id, product, version, config, state, created, finished, cut, records,
+        )))
+    }
+
+    /// True when a running batch targets this firmware.
+    pub fn firmware_in_use(&self, product: &str, version: &str) -> Result<Option<i64>> {
+        Ok(self
+            .conn
+            .query_row(
+                "SELECT id FROM batches WHERE product = ?1 AND firmware_version = ?2
+                 AND state = 'in_progress' LIMIT 1",
+                params![product, version],
+                |r| r.get(0),
+            )
+            .optional()?)
+    }
+}
+
+fn write_batch_row(tx: &rusqlite::Transaction<'_>, b: &Batch) -> Result<()> {
+    tx.execute(
+        "UPDATE batches SET state = ?2, finished_ms = ?3, validity_cut = ?4 WHERE id = ?1",
+        params![b.id, b.state.as_str(), b.finished_ms, b.validity_cut],
+    )?;
+    Ok(())
+}
+
+fn write_record(tx: &rusqlite::Transaction<'_>, batch: i64, r: &Record) -> Result<()> {
+    tx.execute(
+        "INSERT OR REPLACE INTO records (batch_id, device, state, status, progress, attempts, msg_id, reason,
+                                         desc, last_failure, version, pushed_ms, started_ms, deadline_ms,
+                                         finished_ms)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
+        params![
+            batch,
+            r.device,
+            r.state.as_str(),
+            r.status,
+            r.progress,
+            r.attempts,
+            r.msg_id,
+            r.reason.map(FailReason::as_str),
+            r.desc,
+            r.last_failure.map(FailReason::as_str),
+            r.version,
+            r.pushed_ms,
+            r.started_ms,
+            r.deadline_ms,
+            r.finished_ms
+        ],
+    )?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use iot_ota_core::protocol::Progress;
+    use iot_ota_core::Status;
+
+    fn temp_db(tag: &str) -> std::path::PathBuf {
+        let dir = std::env::temp_dir().join(format!(
+            "iot-ota-store-{tag}-{}-{}",
+            std::process::id(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        dir.join("platform.db")
+    }
+
+    fn cfg() -> BatchConfig {
+        BatchConfig {
+            policy: Policy::Silent,
+            sign_method: SignMethod::Sha256,
+            validity_ms: 60_000,
+            timeout_ms: 5_000,
+            retries: 2,
+            retry_interval_ms: 1_000,
+            ack_timeout_ms: 2_000,
+        }
+    }
+
+    #[test]
+    fn batches_survive_reopen() {
+        let path = temp_db("reopen");
+        let mut store = Store::open(&path).unwrap();
+        assert_eq!(store.schema_version().unwrap(), SCHEMA_VERSION);
+        let mut b = store
+            .create_batch("pk", "2.0", &cfg(), 100, |id| {
+                Batch::new(id, "pk", "2.0", cfg(), ["a".into(), "b".into()], 100)
+            })
+            .unwrap();
+        b.poll(100);
+        b.handle_reply("a", "b1a1", 200, "", 150);
+        b.handle_progress(
+            "a",
+            &Progress {
+                status: Status::VerifyFailed,
+                progress: 100,
+                desc: "md5 mismatch".into(),
+                firmware_version: "2.0".into(),
+            },
+            160,
+        );
+        store.save(&mut b).unwrap();
+        assert_eq!(store.firmware_in_use("pk", "2.0").unwrap(), Some(b.id));
+        drop(store);
+        let store = Store::open(&path).unwrap();
+        let loaded = store.load_batch(b.id).unwrap().unwrap();
+        assert_eq!(loaded, b);
+        assert_eq!(store.batch_ids(true).unwrap(), vec![b.id]);
+        assert!(store.load_batch(99).unwrap().is_none());
+    }
+
+    #[test]
+    fn firmware_and_devices() {
+        let store = Store::open(&temp_db("fw")).unwrap();
+        let row = FirmwareRow {
+            product: "pk".into(),
+            version: "2.0".into(),
+            name: "fw.bin".into(),
+            size: 3,
+            md5: "m".into(),
+            sha256: "s".into(),
+            path: "/x".into(),
+            created_ms: 1,
+        };
+        assert!(store.insert_firmware(&row).unwrap());
+        assert!(!store.insert_firmware(&row).unwrap(), "duplicate version");
+        assert_eq!(store.firmware("pk", "2.0").unwrap(), Some(row.clone()));
+        assert_eq!(store.list_firmware(Some("other")).unwrap(), vec![]);
+        assert_eq!(row.info("http://h:1/").url, "http://h:1/fw/pk/2.0/fw.bin");
+        assert!(store.delete_firmware("pk", "2.0").unwrap());
+        assert!(!store.delete_firmware("pk", "2.0").unwrap());
+        store.device_informed("pk", "d1", "1.0", 5).unwrap();
+        store.device_informed("pk", "d1", "1.1", 9).unwrap();
+        store.device_seen("pk", "d1", 12).unwrap();
+        let d = store.list_devices(None).unwrap();
+        assert_eq!(
+            (d[0].version.as_str(), d[0].first_seen_ms, d[0].last_seen_ms),
+            ("1.1", 5, 12)
+        );
+    }
+
+    #[test]
+    fn refuses_a_newer_schema() {
+        let path = temp_db("newer");
+        {
+            let c = Connection::open(&path).unwrap();
+            c.pragma_update(None, "user_version", 7).unwrap();
+        }
+        let err = Store::open(&path).err().unwrap();
+        assert!(err.0.contains("newer"), "{err}");
+    }
+}
