@@ -409,38 +409,3 @@ async fn https_with_client_certificates() {
         .is_err());
 }
 
-/// Throughput of the `Path` route over loopback, for the benchmark's sake:
-/// `cargo test -p iot-ota-testkit --release --test http -- --ignored --nocapture`.
-#[tokio::test]
-#[ignore = "throughput measurement: 256 MiB on disk"]
-async fn path_route_throughput() {
-    let dir = TempDir::new("http-bench");
-    let path = dir.join("big.bin");
-    let len: u64 = 256 << 20;
-    write_random_file(&path, len, 10).unwrap();
-    let server = FileServer::start();
-    server.add("/big.bin", Route::path(&path));
-    let mut tcp = TcpStream::connect(("127.0.0.1", server.port()))
-        .await
-        .unwrap();
-    tcp.write_all(request("GET", "/big.bin", &[]).as_bytes())
-        .await
-        .unwrap();
-    let started = Instant::now();
-    let mut buf = vec![0u8; 256 * 1024];
-    let mut total = 0u64;
-    loop {
-        let n = tcp.read(&mut buf).await.unwrap();
-        if n == 0 {
-            break;
-        }
-        total += n as u64;
-    }
-    let secs = started.elapsed().as_secs_f64();
-    assert!(total > len);
-    eprintln!(
-        "{} MiB in {secs:.2} s: {:.0} MiB/s",
-        len >> 20,
-        (len >> 20) as f64 / secs
-    );
-}

@@ -1,0 +1,152 @@
+#!/usr/bin/env bash
+# Download benchmark: the SDK against curl pipelines, same file, same server, one run.
+#
+#   bench/download.sh [SIZE_MIB]        (default 256)
+#
+# Serves one random file over HTTP and HTTPS from one local server and prints MB/s for:
+#   - md5sum FILE                              (the digest alone, from the page cache)
+#   - curl -s URL | md5sum                     (HTTP baseline)
+#   - ota_example: download + MD5 + write      (HTTP, the SDK, end to end from the command)
+#   - curl --cacert CA URL | openssl dgst -sha256   (HTTPS baseline)
+#   - ota_example: download + SHA-256 + write  (HTTPS)
+# and the ratios; then the peak RSS of ota_example upgrading a 1 GiB and a 1 MiB image.
+# Each figure is the best of 3 runs. Needs mosquitto, curl, openssl and /usr/bin/time.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+SIZE_MIB=${1:-256}
+RUNS=${RUNS:-3}
+for tool in mosquitto curl openssl md5sum /usr/bin/time; do
+  command -v "$tool" >/dev/null 2>&1 || [ -x "/usr/sbin/$tool" ] || {
+    echo "bench: $tool is missing (apt-get install -y mosquitto curl openssl time)" >&2; exit 1; }
+done
+MOSQUITTO=$(command -v mosquitto || echo /usr/sbin/mosquitto)
+
+echo "building (release)..." >&2
+cargo build -q --release -p iot-ota-device --example ota_example
+cargo build -q --release -p iot-ota-testkit --bin ota-bench-helper
+TARGET=$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')
+EXAMPLE=$TARGET/release/examples/ota_example
+HELPER=$TARGET/release/ota-bench-helper
+
+WORK=$(mktemp -d /tmp/ota-bench.XXXXXX)
+pids=()
+cleanup() {
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+
+# Broker.
+PORT=$(free_port)
+printf 'listener %s 127.0.0.1\nallow_anonymous true\npersistence false\nuser root\n' "$PORT" > "$WORK/mosquitto.conf"
+"$MOSQUITTO" -c "$WORK/mosquitto.conf" >"$WORK/mosquitto.log" 2>&1 &
+pids+=($!)
+BROKER=mqtt://127.0.0.1:$PORT
+
+# Files and server.
+head -c $((SIZE_MIB << 20)) /dev/urandom > "$WORK/fw.bin"
+head -c $((1 << 20)) /dev/urandom > "$WORK/small.bin"
+mkfifo "$WORK/server.in"
+"$HELPER" serve "$WORK/fw.bin" "$WORK/ca.pem" < "$WORK/server.in" > "$WORK/server.out" &
+pids+=($!)
+exec 7>"$WORK/server.in"   # keeps the server's stdin open until we exit
+for _ in $(seq 100); do [ -s "$WORK/server.out" ] && break; sleep 0.05; done
+read -r HTTP_URL HTTPS_URL < "$WORK/server.out"
+SIZE=$(stat -c %s "$WORK/fw.bin")
+MD5=$(md5sum "$WORK/fw.bin" | cut -d' ' -f1)
+SHA=$(sha256sum "$WORK/fw.bin" | cut -d' ' -f1)
+
+now() { date +%s.%N; }
+mbps() { python3 -c "print(f'{$SIZE / ($2 - $1) / 1e6:.0f}')"; }
+
+best=0
+# Runs "$@" RUNS times; sets $best to the best MB/s.
+measure() {
+  best=0
+  for _ in $(seq "$RUNS"); do
+    local t0 t1 r
+    t0=$(now); "$@"; t1=$(now)
+    r=$(mbps "$t0" "$t1")
+    if [ "$r" -gt "$best" ]; then best=$r; fi
+  done
+}
+
+n=0
+# One upgrade through ota_example: start it, wait until it listens, push the
+# command, wait for it to exit. Timing covers command to verified file on disk.
+sdk_upgrade() { # URL SIGN METHOD [extra flags...]
+  local url=$1 sign=$2 method=$3; shift 3
+  n=$((n + 1))
+  local dev=bench$n out=$WORK/out$n
+  "$EXAMPLE" --broker "$BROKER" --product-key bench --device-name "$dev" --firmware-version 1.0 \
+    --output-dir "$out" --once "$@" 2>"$WORK/example$n.log" &
+  local pid=$!
+  for _ in $(seq 200); do grep -q "waiting for upgrade commands" "$WORK/example$n.log" && break; sleep 0.02; done
+  local cmd
+  cmd=$(printf '{"msgId":"%s","version":"1.0","data":{"policy":"standard","size":%s,"firmwareVersion":"2.0","url":"%s","sign":"%s","signMethod":"%s"}}' \
+    "$n" "$SIZE" "$url" "$sign" "$method")
+  T0=$(now)
+  "$HELPER" publish "$BROKER" "/sys/bench/$dev/ota/firmware/upgrade" "$cmd"
+  wait "$pid" || { echo "ota_example failed:" >&2; cat "$WORK/example$n.log" >&2; exit 1; }
+  T1=$(now)
+  cmp -s "$WORK/fw.bin" "$out/firmware-2.0.bin" || { echo "bench: downloaded file differs" >&2; exit 1; }
+  rm -rf "$out"
+}
+
+sdk_best=0
+measure_sdk() {
+  sdk_best=0
+  for _ in $(seq "$RUNS"); do
+    sdk_upgrade "$@"
+    local r; r=$(mbps "$T0" "$T1")
+    if [ "$r" -gt "$sdk_best" ]; then sdk_best=$r; fi
+  done
+}
+
+cat "$WORK/fw.bin" > /dev/null  # warm the page cache for every contender alike
+
+echo "file: $SIZE_MIB MiB; best of $RUNS runs; MB/s = 10^6 bytes/s"
+measure sh -c "md5sum '$WORK/fw.bin' > /dev/null"; md5_file=$best
+measure sh -c "curl -s '$HTTP_URL' | md5sum > /dev/null"; curl_md5=$best
+measure_sdk "$HTTP_URL" "$MD5" Md5; sdk_md5=$sdk_best
+measure sh -c "curl -s --cacert '$WORK/ca.pem' '$HTTPS_URL' | openssl dgst -sha256 > /dev/null"; curl_sha=$best
+measure_sdk "$HTTPS_URL" "$SHA" Sha256 --ca-file "$WORK/ca.pem"; sdk_sha=$sdk_best
+
+ratio() { python3 -c "print(f'{$1 / $2:.2f}x')"; }
+printf '%-52s %8s\n' "contender" "MB/s"
+printf '%-52s %8s\n' "md5sum FILE" "$md5_file"
+printf '%-52s %8s\n' "curl -s URL | md5sum (HTTP)" "$curl_md5"
+printf '%-52s %8s   %s vs curl|md5sum (target >= 1.10x)\n' "ota_example download+MD5+write (HTTP)" "$sdk_md5" "$(ratio "$sdk_md5" "$curl_md5")"
+printf '%-52s %8s\n' "curl --cacert CA URL | openssl dgst -sha256 (HTTPS)" "$curl_sha"
+printf '%-52s %8s   %s vs curl|openssl (target >= 1.2x)\n' "ota_example download+SHA-256+write (HTTPS)" "$sdk_sha" "$(ratio "$sdk_sha" "$curl_sha")"
+
+# Peak RSS: a 1 GiB image against a 1 MiB image.
+rss() { # FILE -> peak RSS in KiB of ota_example upgrading it
+  local file=$1
+  n=$((n + 1))
+  "$HELPER" serve "$file" "$WORK/ca2.pem" < "$WORK/server.in" > "$WORK/server$n.out" &
+  pids+=($!)
+  for _ in $(seq 100); do [ -s "$WORK/server$n.out" ] && break; sleep 0.05; done
+  local url; read -r url _ < "$WORK/server$n.out"
+  local size md5 dev=rss$n out=$WORK/out$n
+  size=$(stat -c %s "$file"); md5=$(md5sum "$file" | cut -d' ' -f1)
+  /usr/bin/time -f %M -o "$WORK/rss$n" "$EXAMPLE" --broker "$BROKER" --product-key bench --device-name "$dev" \
+    --firmware-version 1.0 --output-dir "$out" --once 2>"$WORK/example$n.log" &
+  local pid=$!
+  for _ in $(seq 200); do grep -q "waiting for upgrade commands" "$WORK/example$n.log" && break; sleep 0.02; done
+  "$HELPER" publish "$BROKER" "/sys/bench/$dev/ota/firmware/upgrade" \
+    "{\"msgId\":\"$n\",\"data\":{\"size\":$size,\"firmwareVersion\":\"2.0\",\"url\":\"$url\",\"sign\":\"$md5\",\"signMethod\":\"Md5\"}}"
+  wait "$pid" || { echo "ota_example failed:" >&2; cat "$WORK/example$n.log" >&2; exit 1; }
+  rm -rf "$out"
+  cat "$WORK/rss$n"
+}
+head -c $((1 << 30)) /dev/urandom > "$WORK/big.bin"
+rss_big=$(rss "$WORK/big.bin")
+rm -f "$WORK/big.bin"
+rss_small=$(rss "$WORK/small.bin")
+printf 'peak RSS of ota_example: 1 GiB image %s KiB, 1 MiB image %s KiB, difference %s KiB (targets: <= 8192 KiB, difference <= 1024 KiB)\n' \
+  "$rss_big" "$rss_small" "$((rss_big - rss_small))"
