@@ -243,6 +243,7 @@ impl Platform {
 
     /// Stops the HTTP server, the MQTT client and the ticker.
     pub async fn shutdown(mut self) {
+        self.shared.stopping.store(true, Ordering::SeqCst);
         let _ = self.shared.mqtt.disconnect().await;
         tokio::time::sleep(Duration::from_millis(50)).await;
         self.stop_tasks();

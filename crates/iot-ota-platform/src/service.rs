@@ -93,6 +93,7 @@ pub(crate) struct Shared {
     pub(crate) max_size: u64,
     pub(crate) wake: Notify,
     pub(crate) mqtt_up: AtomicBool,
+    pub(crate) stopping: AtomicBool,
 }
 
 impl Shared {
@@ -119,6 +120,7 @@ impl Shared {
             max_size,
             wake: Notify::new(),
             mqtt_up: AtomicBool::new(false),
+            stopping: AtomicBool::new(false),
         })
     }
 
@@ -605,7 +607,9 @@ pub(crate) async fn mqtt_loop(shared: Arc<Shared>, mut eventloop: EventLoop) {
             }
             Ok(_) => {}
             Err(e) => {
-                if shared.mqtt_up.swap(false, Ordering::SeqCst) {
+                if shared.mqtt_up.swap(false, Ordering::SeqCst)
+                    && !shared.stopping.load(Ordering::SeqCst)
+                {
                     eprintln!("platform: MQTT connection lost: {e}; reconnecting");
                 }
                 tokio::time::sleep(Duration::from_millis(300)).await;

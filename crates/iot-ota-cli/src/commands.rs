@@ -1,0 +1,352 @@
+//! The API subcommands: firmware, batch, device list.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Subcommand;
+use iot_ota_platform::api::{BatchView, CreateBatch};
+use iot_ota_platform::ApiClient;
+use serde::Serialize;
+
+use crate::table::{records_table, render, totals_line};
+use crate::ApiOpts;
+
+/// `iot-ota firmware ...`
+#[derive(Subcommand, Debug)]
+pub enum FirmwareCmd {
+    /// Register a firmware file (MD5 and SHA-256 are computed by the platform).
+    Add {
+        /// Product key.
+        #[arg(long)]
+        product: String,
+        /// Version: 1-100 letters, digits, '_', '-', '.'; unique within the product.
+        #[arg(long)]
+        version: String,
+        /// Name the file is served under (default: the file's own name).
+        #[arg(long)]
+        name: Option<String>,
+        /// The firmware file.
+        file: PathBuf,
+    },
+    /// List registered firmware.
+    List {
+        /// Only this product.
+        #[arg(long)]
+        product: Option<String>,
+    },
+    /// Delete a firmware (refused while a running batch uses it).
+    Delete {
+        /// Product key.
+        #[arg(long)]
+        product: String,
+        /// Version.
+        #[arg(long)]
+        version: String,
+    },
+}
+
+/// `iot-ota batch ...`
+#[derive(Subcommand, Debug)]
+#[allow(clippy::large_enum_variant)] // parsed once per run: size does not matter
+pub enum BatchCmd {
+    /// Start a batch upgrade of a product's eligible devices (or a chosen list).
+    Create {
+        /// Product key.
+        #[arg(long)]
+        product: String,
+        /// Target firmware version (registered with `firmware add`).
+        #[arg(long)]
+        version: String,
+        /// Only these devices (comma-separated); default: every eligible device.
+        #[arg(long, value_delimiter = ',')]
+        devices: Option<Vec<String>>,
+        /// standard or silent.
+        #[arg(long)]
+        policy: Option<String>,
+        /// md5 or sha256.
+        #[arg(long)]
+        sign_method: Option<String>,
+        /// Validity period, 1-7 days.
+        #[arg(long)]
+        validity_days: Option<u32>,
+        /// Upgrade timeout from the first progress, 1-1440 minutes.
+        #[arg(long)]
+        timeout_minutes: Option<u32>,
+        /// Retries after a failure, 0-5.
+        #[arg(long)]
+        retries: Option<u32>,
+        /// Retry interval, 1-4320 minutes.
+        #[arg(long)]
+        retry_interval_minutes: Option<u32>,
+        /// Override: validity period in seconds (tests, demos).
+        #[arg(long)]
+        validity_secs: Option<f64>,
+        /// Override: upgrade timeout in seconds.
+        #[arg(long)]
+        timeout_secs: Option<f64>,
+        /// Override: retry interval in seconds.
+        #[arg(long)]
+        retry_interval_secs: Option<f64>,
+        /// Override: how long a push waits for the device's reply, seconds (default 10).
+        #[arg(long)]
+        ack_timeout_secs: Option<f64>,
+    },
+    /// A batch and every record: state, progress bar, version, reason.
+    Show {
+        /// Batch id.
+        id: i64,
+        /// Redraw every second until the batch is no longer in progress.
+        #[arg(long)]
+        watch: bool,
+    },
+    /// Every batch, newest first.
+    List,
+    /// Stop a batch: unfinished records fail with "batch terminated".
+    Terminate {
+        /// Batch id.
+        id: i64,
+    },
+}
+
+fn client(api: &ApiOpts) -> Result<ApiClient, String> {
+    ApiClient::new(&api.api).map_err(|e| e.to_string())
+}
+
+fn print_json<T: Serialize>(v: &T) -> Result<(), String> {
+    println!(
+        "{}",
+        serde_json::to_string_pretty(v).map_err(|e| e.to_string())?
+    );
+    Ok(())
+}
+
+fn short(hex: &str) -> String {
+    hex.chars().take(12).collect()
+}
+
+/// `iot-ota firmware ...`
+pub async fn firmware(api: &ApiOpts, cmd: FirmwareCmd) -> Result<ExitCode, String> {
+    let c = client(api)?;
+    match cmd {
+        FirmwareCmd::Add {
+            product,
+            version,
+            name,
+            file,
+        } => {
+            let bytes =
+                std::fs::read(&file).map_err(|e| format!("reading {}: {e}", file.display()))?;
+            let name = name.unwrap_or_else(|| {
+                file.file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_else(|| "firmware.bin".into())
+            });
+            let fw = c
+                .add_firmware(&product, &version, &name, &bytes)
+                .await
+                .map_err(|e| e.to_string())?;
+            if api.json {
+                print_json(&fw)?;
+            } else {
+                println!(
+                    "added {} {} ({} bytes, md5 {}, sha256 {})\n  {}",
+                    fw.product, fw.version, fw.size, fw.md5, fw.sha256, fw.url
+                );
+            }
+        }
+        FirmwareCmd::List { product } => {
+            let list = c
+                .list_firmware(product.as_deref())
+                .await
+                .map_err(|e| e.to_string())?;
+            if api.json {
+                print_json(&list)?;
+            } else {
+                let rows: Vec<Vec<String>> = list
+                    .iter()
+                    .map(|f| {
+                        vec![
+                            f.product.clone(),
+                            f.version.clone(),
+                            f.name.clone(),
+                            f.size.to_string(),
+                            short(&f.md5),
+                            short(&f.sha256),
+                            f.url.clone(),
+                        ]
+                    })
+                    .collect();
+                print!(
+                    "{}",
+                    render(
+                        &["PRODUCT", "VERSION", "NAME", "SIZE", "MD5", "SHA256", "URL"],
+                        &rows
+                    )
+                );
+            }
+        }
+        FirmwareCmd::Delete { product, version } => {
+            c.delete_firmware(&product, &version)
+                .await
+                .map_err(|e| e.to_string())?;
+            if api.json {
+                print_json(
+                    &serde_json::json!({"deleted": {"product": product, "version": version}}),
+                )?;
+            } else {
+                println!("deleted {product} {version}");
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn show(b: &BatchView) -> String {
+    format!("{}\n{}", totals_line(b), records_table(b, true))
+}
+
+/// `iot-ota batch ...`
+pub async fn batch(api: &ApiOpts, cmd: BatchCmd) -> Result<ExitCode, String> {
+    let c = client(api)?;
+    match cmd {
+        BatchCmd::Create {
+            product,
+            version,
+            devices,
+            policy,
+            sign_method,
+            validity_days,
+            timeout_minutes,
+            retries,
+            retry_interval_minutes,
+            validity_secs,
+            timeout_secs,
+            retry_interval_secs,
+            ack_timeout_secs,
+        } => {
+            let req = CreateBatch {
+                product,
+                firmware_version: version,
+                devices,
+                policy,
+                sign_method,
+                validity_days,
+                timeout_minutes,
+                retries,
+                retry_interval_minutes,
+                validity_secs,
+                timeout_secs,
+                retry_interval_secs,
+                ack_timeout_secs,
+            };
+            let created = c.create_batch(&req).await.map_err(|e| e.to_string())?;
+            if api.json {
+                print_json(&created)?;
+            } else {
+                println!(
+                    "batch {} created: {} devices to upgrade to {}",
+                    created.batch.id, created.batch.totals.total, created.batch.firmware_version
+                );
+                for e in &created.excluded {
+                    println!("  excluded {}: {}", e.device, e.reason);
+                }
+            }
+        }
+        BatchCmd::Show { id, watch } => loop {
+            let b = c.show_batch(id).await.map_err(|e| e.to_string())?;
+            if api.json {
+                print_json(&b)?;
+            } else {
+                if watch {
+                    // Clear the screen and home the cursor between frames.
+                    print!("\x1b[2J\x1b[H");
+                }
+                print!("{}", show(&b));
+            }
+            if !watch || b.state != "in_progress" {
+                break;
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        },
+        BatchCmd::List => {
+            let list = c.list_batches().await.map_err(|e| e.to_string())?;
+            if api.json {
+                print_json(&list)?;
+            } else {
+                let rows: Vec<Vec<String>> = list
+                    .iter()
+                    .map(|b| {
+                        vec![
+                            b.id.to_string(),
+                            b.product.clone(),
+                            b.firmware_version.clone(),
+                            b.state.clone(),
+                            b.policy.clone(),
+                            b.totals.total.to_string(),
+                            b.totals.success.to_string(),
+                            b.totals.failed.to_string(),
+                            b.totals.unfinished.to_string(),
+                        ]
+                    })
+                    .collect();
+                print!(
+                    "{}",
+                    render(
+                        &[
+                            "ID",
+                            "PRODUCT",
+                            "VERSION",
+                            "STATE",
+                            "POLICY",
+                            "RECORDS",
+                            "SUCCESS",
+                            "FAILED",
+                            "UNFINISHED"
+                        ],
+                        &rows
+                    )
+                );
+            }
+        }
+        BatchCmd::Terminate { id } => {
+            let b = c.terminate_batch(id).await.map_err(|e| e.to_string())?;
+            if api.json {
+                print_json(&b)?;
+            } else {
+                print!("{}", show(&b));
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `iot-ota device list`
+pub async fn devices(api: &ApiOpts, product: Option<String>) -> Result<ExitCode, String> {
+    let c = client(api)?;
+    let list = c
+        .list_devices(product.as_deref())
+        .await
+        .map_err(|e| e.to_string())?;
+    if api.json {
+        print_json(&list)?;
+    } else {
+        let now = iot_ota_platform::now_ms();
+        let rows: Vec<Vec<String>> = list
+            .iter()
+            .map(|d| {
+                vec![
+                    d.product.clone(),
+                    d.device.clone(),
+                    d.version.clone(),
+                    format!("{} ago", crate::table::duration_ms(now - d.last_seen_ms)),
+                ]
+            })
+            .collect();
+        print!(
+            "{}",
+            render(&["PRODUCT", "DEVICE", "VERSION", "LAST SEEN"], &rows)
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,452 @@
+//! `iot-ota demo`: a whole batch upgrade on this machine.
+//!
+//! In this one process, on loopback: the platform with its embedded broker
+//! and a temporary directory, N simulated devices on the device SDK (version
+//! 1.0.0), a firmware 2.0.0 of random bytes, a batch, live progress bars, and
+//! a final table of every record.
+//!
+//! `--with-faults` adds two devices:
+//! - `device-corrupt` downloads its first attempt from a server that flips
+//!   one byte of the image (the simulated device is handed that URL instead of
+//!   the command's): the SDK reports VERIFY_FAILED, the platform schedules the
+//!   batch's one retry 2 s later, and the second attempt (the real URL)
+//!   succeeds. Its record ends in success, "retried after verify failed".
+//! - `device-offline` informs its version and disconnects: both pushes go
+//!   unanswered (3 s ack timeout in the demo, 10 s on the console), so its
+//!   record fails with "push failed".
+//!
+//! The exit status is 0 only when every record succeeded, so the demo with
+//! faults exits 1 by design.
+
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::Args;
+use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
+use iot_ota_device::{Config, OtaClient, Status};
+use iot_ota_platform::api::{BatchView, CreateBatch};
+use iot_ota_platform::{ApiClient, BrokerChoice, Platform, PlatformConfig};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::task::JoinHandle;
+
+use crate::table::{overall_percent, reason_text, records_table, totals_line};
+
+const PRODUCT: &str = "demo-product";
+const FROM: &str = "1.0.0";
+const TO: &str = "2.0.0";
+
+/// `iot-ota demo` options.
+#[derive(Args, Debug, Clone)]
+pub struct DemoArgs {
+    /// Number of simulated devices.
+    #[arg(long, default_value_t = 5)]
+    pub devices: usize,
+    /// Add a device that gets a corrupted download (verify failed, then a retry)
+    /// and one that is offline (push failed).
+    #[arg(long)]
+    pub with_faults: bool,
+    /// Firmware size in MiB.
+    #[arg(long, default_value_t = 4)]
+    pub size_mib: u64,
+    /// Keep the temporary directory (database, firmware, downloads) and print its path.
+    #[arg(long)]
+    pub keep: bool,
+    /// Give up (and terminate the batch) after this many seconds.
+    #[arg(long, default_value_t = 120)]
+    pub timeout_secs: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Normal,
+    Corrupt,
+    Offline,
+}
+
+/// Deterministic-enough filler: splitmix64 seeded by the clock.
+fn random_bytes(len: usize) -> Vec<u8> {
+    let mut state = iot_ota_platform::now_ms() as u64 ^ 0x9e37_79b9_7f4a_7c15;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        out.extend_from_slice(&(z ^ (z >> 31)).to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+/// A one-route HTTP server that serves `bytes` to any GET: the "bad mirror".
+async fn corrupt_server(bytes: Arc<Vec<u8>>) -> std::io::Result<(String, JoinHandle<()>)> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let task = tokio::spawn(async move {
+        while let Ok((mut sock, _)) = listener.accept().await {
+            let bytes = bytes.clone();
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 16 * 1024 {
+                    match sock.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let header = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                    bytes.len()
+                );
+                if sock.write_all(header.as_bytes()).await.is_ok() {
+                    let _ = sock.write_all(&bytes).await;
+                }
+                let _ = sock.shutdown().await;
+            });
+        }
+    });
+    Ok((format!("http://{addr}/mirror/firmware-{TO}.bin"), task))
+}
+
+/// One simulated device on the SDK: downloads, "installs" in five steps, informs the new version.
+async fn simulated_device(
+    broker: String,
+    name: String,
+    kind: Kind,
+    dir: PathBuf,
+    corrupt_url: Option<String>,
+    ready: tokio::sync::oneshot::Sender<Result<(), String>>,
+) {
+    let config = match Config::new(&broker, PRODUCT, &name, FROM) {
+        Ok(c) => c.progress_throttle(5, Duration::from_millis(100)),
+        Err(e) => {
+            let _ = ready.send(Err(format!("{name}: {e}")));
+            return;
+        }
+    };
+    let (client, mut upgrades) = match OtaClient::connect(config).await {
+        Ok(x) => x,
+        Err(e) => {
+            let _ = ready.send(Err(format!("{name}: {e}")));
+            return;
+        }
+    };
+    if kind == Kind::Offline {
+        // Known to the platform (it informed 1.0.0 on connecting), then gone.
+        client.disconnect().await;
+        let _ = ready.send(Ok(()));
+        return;
+    }
+    let _ = ready.send(Ok(()));
+    let mut attempt = 0;
+    while let Some(cmd) = upgrades.next().await {
+        attempt += 1;
+        let mut cmd_used = cmd.clone();
+        if kind == Kind::Corrupt && attempt == 1 {
+            if let Some(url) = &corrupt_url {
+                cmd_used.firmware.url = url.clone();
+            }
+        }
+        let path = dir.join(format!("{name}-{}.bin", cmd.firmware.version));
+        if client.download(&cmd_used).download_to(&path).await.is_err() {
+            // The SDK reported DOWNLOAD_FAILED or VERIFY_FAILED; wait for a retry.
+            continue;
+        }
+        for pct in [20, 40, 60, 80, 100] {
+            tokio::time::sleep(Duration::from_millis(150)).await;
+            let _ = client.report_progress(Status::Upgrading, pct, "");
+        }
+        let _ = client.report_progress(Status::Success, 100, "");
+        let _ = client.report_version(&cmd.firmware.version);
+        let _ = std::fs::remove_file(&path);
+    }
+}
+
+struct Live {
+    multi: MultiProgress,
+    bars: Vec<(String, ProgressBar)>,
+    plain: bool,
+    last: Vec<(String, String)>,
+}
+
+impl Live {
+    fn new(batch: &BatchView) -> Live {
+        let plain = !std::io::stderr().is_terminal();
+        let multi = MultiProgress::with_draw_target(if plain {
+            ProgressDrawTarget::hidden()
+        } else {
+            ProgressDrawTarget::stderr()
+        });
+        let style =
+            ProgressStyle::with_template("{prefix:<16} [{bar:30.cyan/blue}] {pos:>3}% {msg}")
+                .unwrap_or_else(|_| ProgressStyle::default_bar())
+                .progress_chars("##.");
+        let bars = batch
+            .records
+            .iter()
+            .map(|r| {
+                let bar = multi.add(ProgressBar::new(100));
+                bar.set_style(style.clone());
+                bar.set_prefix(r.device.clone());
+                bar.set_message(r.state.clone());
+                (r.device.clone(), bar)
+            })
+            .collect();
+        Live {
+            multi,
+            bars,
+            plain,
+            last: Vec::new(),
+        }
+    }
+
+    fn update(&mut self, b: &BatchView, started: Instant) {
+        for r in &b.records {
+            let status = r
+                .status
+                .and_then(|s| Status::from_code(s.into()))
+                .map(|s| s.name().to_lowercase())
+                .unwrap_or_default();
+            let mut msg = r.state.replace('_', " ");
+            if r.state == "upgrading" && !status.is_empty() {
+                msg = format!("{msg} ({status})");
+            }
+            let why = reason_text(r);
+            if !why.is_empty() {
+                msg = format!("{msg} - {why}");
+            }
+            if let Some((_, bar)) = self.bars.iter().find(|(d, _)| *d == r.device) {
+                bar.set_position(overall_percent(r) as u64);
+                bar.set_message(msg.clone());
+                if r.state == "success" || r.state == "failed" {
+                    bar.finish();
+                }
+            }
+            if self.plain {
+                let key = format!("{} {}", r.state, status);
+                match self.last.iter_mut().find(|(d, _)| *d == r.device) {
+                    Some((_, k)) if *k == key => {}
+                    Some((_, k)) => {
+                        *k = key;
+                        eprintln!(
+                            "[{:>6.2}s] {:<16} {msg}",
+                            started.elapsed().as_secs_f64(),
+                            r.device
+                        );
+                    }
+                    None => {
+                        self.last.push((r.device.clone(), key));
+                        eprintln!(
+                            "[{:>6.2}s] {:<16} {msg}",
+                            started.elapsed().as_secs_f64(),
+                            r.device
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    fn finish(self) {
+        for (_, bar) in &self.bars {
+            bar.finish();
+        }
+        let _ = self.multi.clear();
+    }
+}
+
+fn temp_dir() -> PathBuf {
+    std::env::temp_dir().join(format!(
+        "iot-ota-demo-{}-{}",
+        std::process::id(),
+        iot_ota_platform::now_ms()
+    ))
+}
+
+/// Runs the demo; exit 0 only when every record succeeded.
+pub async fn run(args: DemoArgs) -> Result<ExitCode, String> {
+    let dir = temp_dir();
+    let result = run_in(&args, &dir).await;
+    if args.keep {
+        println!("kept {}", dir.display());
+    } else {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    result
+}
+
+async fn run_in(args: &DemoArgs, dir: &Path) -> Result<ExitCode, String> {
+    if args.devices == 0 && !args.with_faults {
+        return Err("--devices must be at least 1".into());
+    }
+    let started = Instant::now();
+    let downloads = dir.join("devices");
+    std::fs::create_dir_all(&downloads).map_err(|e| format!("{}: {e}", downloads.display()))?;
+    let mut config = PlatformConfig::new(dir.join("platform"));
+    config.http_addr = ([127, 0, 0, 1], 0).into();
+    config.broker = BrokerChoice::Embedded(([127, 0, 0, 1], 0).into());
+    let platform = Platform::start(config).await?;
+    println!(
+        "platform: API {}  broker {}  data {}",
+        platform.api_url(),
+        platform.broker_url(),
+        dir.display()
+    );
+    let api = ApiClient::new(&platform.api_url()).map_err(|e| e.to_string())?;
+
+    let image = random_bytes((args.size_mib.max(1) * 1024 * 1024) as usize);
+    let fw = api
+        .add_firmware(PRODUCT, TO, &format!("firmware-{TO}.bin"), &image)
+        .await
+        .map_err(|e| e.to_string())?;
+    println!(
+        "firmware: {PRODUCT} {TO}, {} bytes, md5 {}",
+        fw.size, fw.md5
+    );
+
+    let mut tasks: Vec<JoinHandle<()>> = Vec::new();
+    let corrupt_url = if args.with_faults {
+        let mut bad = image.clone();
+        let mid = bad.len() / 2;
+        bad[mid] ^= 0xff;
+        let (url, task) = corrupt_server(Arc::new(bad))
+            .await
+            .map_err(|e| e.to_string())?;
+        tasks.push(task);
+        Some(url)
+    } else {
+        None
+    };
+
+    let mut fleet: Vec<(String, Kind)> = (1..=args.devices)
+        .map(|i| (format!("device-{i:02}"), Kind::Normal))
+        .collect();
+    if args.with_faults {
+        fleet.push(("device-corrupt".into(), Kind::Corrupt));
+        fleet.push(("device-offline".into(), Kind::Offline));
+    }
+    let mut readies = Vec::new();
+    for (name, kind) in &fleet {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        tasks.push(tokio::spawn(simulated_device(
+            platform.broker_url().to_owned(),
+            name.clone(),
+            *kind,
+            downloads.clone(),
+            corrupt_url.clone(),
+            tx,
+        )));
+        readies.push(rx);
+    }
+    let outcome = drive(args, &api, &fleet, readies, started).await;
+    for t in tasks {
+        t.abort();
+    }
+    platform.shutdown().await;
+    outcome
+}
+
+async fn drive(
+    args: &DemoArgs,
+    api: &ApiClient,
+    fleet: &[(String, Kind)],
+    readies: Vec<tokio::sync::oneshot::Receiver<Result<(), String>>>,
+    started: Instant,
+) -> Result<ExitCode, String> {
+    for rx in readies {
+        rx.await
+            .map_err(|_| "a simulated device stopped".to_string())??;
+    }
+    // Every device must be known (its inform processed) before the batch.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let known = api
+            .list_devices(Some(PRODUCT))
+            .await
+            .map_err(|e| e.to_string())?;
+        if fleet
+            .iter()
+            .all(|(n, _)| known.iter().any(|d| d.device == *n && d.version == FROM))
+        {
+            break;
+        }
+        if Instant::now() > deadline {
+            return Err(format!(
+                "only {} of {} devices reported their version",
+                known.len(),
+                fleet.len()
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    println!(
+        "devices: {} on {FROM}{}",
+        fleet.len(),
+        if args.with_faults {
+            " (device-corrupt gets a corrupted first download, device-offline is offline)"
+        } else {
+            ""
+        }
+    );
+
+    let req = CreateBatch {
+        product: PRODUCT.into(),
+        firmware_version: TO.into(),
+        retries: Some(1),
+        retry_interval_secs: Some(2.0),
+        ack_timeout_secs: Some(3.0),
+        timeout_secs: Some(60.0),
+        validity_secs: Some(600.0),
+        ..CreateBatch::default()
+    };
+    let created = api.create_batch(&req).await.map_err(|e| e.to_string())?;
+    let id = created.batch.id;
+    println!(
+        "batch {id}: {} devices, retries 1 after 2 s, ack timeout 3 s, upgrade timeout 60 s",
+        created.batch.totals.total
+    );
+    let mut live = Live::new(&created.batch);
+    let deadline = Instant::now() + Duration::from_secs(args.timeout_secs);
+    let mut batch;
+    loop {
+        batch = api.show_batch(id).await.map_err(|e| e.to_string())?;
+        live.update(&batch, started);
+        if batch.state != "in_progress" {
+            break;
+        }
+        if Instant::now() > deadline {
+            eprintln!(
+                "demo: no end after {} s; terminating the batch",
+                args.timeout_secs
+            );
+            batch = api.terminate_batch(id).await.map_err(|e| e.to_string())?;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    live.finish();
+    // Records carry the versions informed during the batch; fill in the rest.
+    let devices = api
+        .list_devices(Some(PRODUCT))
+        .await
+        .map_err(|e| e.to_string())?;
+    for r in batch.records.iter_mut().filter(|r| r.version.is_none()) {
+        r.version = devices
+            .iter()
+            .find(|d| d.device == r.device)
+            .map(|d| d.version.clone());
+    }
+    println!();
+    print!("{}", records_table(&batch, false));
+    println!("{}", totals_line(&batch));
+    println!("total time {:.1} s", started.elapsed().as_secs_f64());
+    let all_ok = batch.totals.success == batch.totals.total;
+    Ok(if all_ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}

@@ -1,0 +1,187 @@
+//! `iot-ota`: the local IoT platform, its command line, the device agent and the demo.
+//!
+//! ```text
+//! iot-ota demo [--devices N] [--with-faults]        one-command upgrade on loopback
+//! iot-ota platform [--data-dir D] [--http ADDR] [--broker URL | --mqtt-listen ADDR]
+//! iot-ota firmware add|list|delete ...              over the platform's HTTP API
+//! iot-ota batch create|show|list|terminate ...
+//! iot-ota device list                               known devices
+//! iot-ota device run --config FILE                  the device agent (on the SDK)
+//! ```
+//!
+//! Every API subcommand takes `--api URL` (default `http://127.0.0.1:8080`,
+//! or `$IOT_OTA_API`) and `--json` for scripts.
+#![forbid(unsafe_code)]
+#![deny(missing_docs)]
+
+mod agent;
+mod commands;
+mod demo;
+mod table;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+
+/// The local IoT OTA platform, its command line, a device agent and a demo.
+#[derive(Parser, Debug)]
+#[command(name = "iot-ota", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// Where the platform's API is, and the output form.
+#[derive(Args, Debug, Clone)]
+struct ApiOpts {
+    /// Base URL of the platform's HTTP API.
+    #[arg(
+        long,
+        global = true,
+        env = "IOT_OTA_API",
+        default_value = "http://127.0.0.1:8080"
+    )]
+    api: String,
+    /// Print JSON instead of tables.
+    #[arg(long, global = true)]
+    json: bool,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the whole upgrade on this machine: platform, embedded broker, simulated devices.
+    Demo(demo::DemoArgs),
+    /// Run the platform service (until Ctrl-C).
+    Platform(PlatformArgs),
+    /// Firmware registry.
+    Firmware {
+        #[command(flatten)]
+        api: ApiOpts,
+        #[command(subcommand)]
+        cmd: commands::FirmwareCmd,
+    },
+    /// Batch upgrades.
+    Batch {
+        #[command(flatten)]
+        api: ApiOpts,
+        #[command(subcommand)]
+        cmd: commands::BatchCmd,
+    },
+    /// Devices: list the known ones, or run the device agent.
+    Device {
+        #[command(flatten)]
+        api: ApiOpts,
+        #[command(subcommand)]
+        cmd: DeviceCmd,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+#[allow(clippy::large_enum_variant)] // parsed once per run: size does not matter
+enum DeviceCmd {
+    /// Devices known from their version informs.
+    List {
+        /// Only this product.
+        #[arg(long)]
+        product: Option<String>,
+    },
+    /// Run the device agent: receive upgrades, download, verify, install, report.
+    Run(agent::AgentArgs),
+}
+
+/// `iot-ota platform`.
+#[derive(Args, Debug)]
+struct PlatformArgs {
+    /// Database and firmware files.
+    #[arg(long, default_value = "iot-ota-data")]
+    data_dir: PathBuf,
+    /// HTTP listen address: the API and the firmware files.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    http: SocketAddr,
+    /// Base URL put in upgrade commands, when devices reach this server by another name.
+    #[arg(long)]
+    public_url: Option<String>,
+    /// Use this external broker (mqtt://HOST:PORT or mqtts://HOST:PORT) instead of the embedded one.
+    #[arg(long)]
+    broker: Option<String>,
+    /// Listen address of the embedded broker.
+    #[arg(long, default_value = "127.0.0.1:1883")]
+    mqtt_listen: SocketAddr,
+    /// MQTT username for an external broker.
+    #[arg(long)]
+    mqtt_username: Option<String>,
+    /// MQTT password for an external broker.
+    #[arg(long, env = "IOT_OTA_MQTT_PASSWORD")]
+    mqtt_password: Option<String>,
+    /// CA certificates (PEM) for mqtts://.
+    #[arg(long)]
+    ca_file: Option<PathBuf>,
+    /// Topic prefix.
+    #[arg(long, default_value = "/sys")]
+    topic_prefix: String,
+    /// Largest firmware accepted, bytes.
+    #[arg(long, default_value_t = iot_ota_platform::api::DEFAULT_MAX_FIRMWARE_SIZE)]
+    max_firmware_size: u64,
+}
+
+async fn run_platform(a: PlatformArgs) -> Result<(), String> {
+    let mut config = iot_ota_platform::PlatformConfig::new(&a.data_dir);
+    config.http_addr = a.http;
+    config.public_url = a.public_url;
+    config.broker = match a.broker {
+        Some(url) => iot_ota_platform::BrokerChoice::External(url),
+        None => iot_ota_platform::BrokerChoice::Embedded(a.mqtt_listen),
+    };
+    config.mqtt_username = a.mqtt_username;
+    config.mqtt_password = a.mqtt_password;
+    config.ca_file = a.ca_file;
+    config.topic_prefix = a.topic_prefix;
+    config.max_firmware_size = a.max_firmware_size;
+    let platform = iot_ota_platform::Platform::start(config).await?;
+    println!(
+        "iot-ota platform: API {} | firmware URLs {} | broker {} | data {}",
+        platform.api_url(),
+        platform.public_url(),
+        platform.broker_url(),
+        a.data_dir.display()
+    );
+    tokio::signal::ctrl_c().await.map_err(|e| e.to_string())?;
+    println!("stopping");
+    platform.shutdown().await;
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("iot-ota: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result: Result<ExitCode, String> = rt.block_on(async move {
+        match cli.command {
+            Command::Demo(args) => demo::run(args).await,
+            Command::Platform(args) => run_platform(args).await.map(|_| ExitCode::SUCCESS),
+            Command::Firmware { api, cmd } => commands::firmware(&api, cmd).await,
+            Command::Batch { api, cmd } => commands::batch(&api, cmd).await,
+            Command::Device { api, cmd } => match cmd {
+                DeviceCmd::List { product } => commands::devices(&api, product).await,
+                DeviceCmd::Run(args) => agent::run(args).await,
+            },
+        }
+    });
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("iot-ota: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
