@@ -29,6 +29,8 @@ use clap::{Args, Parser, Subcommand};
 #[derive(Parser, Debug)]
 #[command(name = "iot-ota", version, about)]
 struct Cli {
+    #[command(flatten)]
+    api: ApiOpts,
     #[command(subcommand)]
     command: Command,
 }
@@ -57,22 +59,16 @@ enum Command {
     Platform(PlatformArgs),
     /// Firmware registry.
     Firmware {
-        #[command(flatten)]
-        api: ApiOpts,
         #[command(subcommand)]
         cmd: commands::FirmwareCmd,
     },
     /// Batch upgrades.
     Batch {
-        #[command(flatten)]
-        api: ApiOpts,
         #[command(subcommand)]
         cmd: commands::BatchCmd,
     },
     /// Devices: list the known ones, or run the device agent.
     Device {
-        #[command(flatten)]
-        api: ApiOpts,
         #[command(subcommand)]
         cmd: DeviceCmd,
     },
@@ -165,13 +161,14 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let api = cli.api;
     let result: Result<ExitCode, String> = rt.block_on(async move {
         match cli.command {
             Command::Demo(args) => demo::run(args).await,
             Command::Platform(args) => run_platform(args).await.map(|_| ExitCode::SUCCESS),
-            Command::Firmware { api, cmd } => commands::firmware(&api, cmd).await,
-            Command::Batch { api, cmd } => commands::batch(&api, cmd).await,
-            Command::Device { api, cmd } => match cmd {
+            Command::Firmware { cmd } => commands::firmware(&api, cmd).await,
+            Command::Batch { cmd } => commands::batch(&api, cmd).await,
+            Command::Device { cmd } => match cmd {
                 DeviceCmd::List { product } => commands::devices(&api, product).await,
                 DeviceCmd::Run(args) => agent::run(args).await,
             },

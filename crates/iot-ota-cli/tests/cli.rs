@@ -1,0 +1,420 @@
+//! The `iot-ota` binary: the demo, the API subcommands and the device agent.
+
+use std::path::Path;
+use std::process::Output;
+use std::time::{Duration, Instant};
+
+use iot_ota_platform::api::{BatchView, CreatedBatch, FirmwareInfo};
+use iot_ota_platform::{ApiClient, BrokerChoice, Platform, PlatformConfig};
+use iot_ota_testkit::{random_bytes, TempDir, WireRecorder};
+
+const BIN: &str = env!("CARGO_BIN_EXE_iot-ota");
+
+async fn run(args: &[&str]) -> Output {
+    let out = tokio::time::timeout(
+        Duration::from_secs(90),
+        tokio::process::Command::new(BIN)
+            .args(args)
+            .env_remove("IOT_OTA_API")
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .expect("iot-ota finished in time")
+    .expect("iot-ota runs");
+    out
+}
+
+fn text(o: &Output) -> (String, String) {
+    (
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
+}
+
+async fn platform(dir: &Path) -> Platform {
+    let mut c = PlatformConfig::new(dir);
+    c.http_addr = ([127, 0, 0, 1], 0).into();
+    c.broker = BrokerChoice::Embedded(([127, 0, 0, 1], 0).into());
+    Platform::start(c).await.unwrap()
+}
+
+async fn wait_batch(api: &ApiClient, id: i64, pred: impl Fn(&BatchView) -> bool) -> BatchView {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let b = api.show_batch(id).await.unwrap();
+        if pred(&b) {
+            return b;
+        }
+        assert!(Instant::now() < deadline, "batch never got there: {b:#?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn wait_device(api: &ApiClient, product: &str, device: &str) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !api
+        .list_devices(Some(product))
+        .await
+        .unwrap()
+        .iter()
+        .any(|d| d.device == device)
+    {
+        assert!(Instant::now() < deadline, "{device} never informed");
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn demo_exits_0() {
+    let o = run(&["demo"]).await;
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "stdout:\n{out}\nstderr:\n{err}");
+    let rows: Vec<&str> = out.lines().filter(|l| l.starts_with("device-")).collect();
+    assert_eq!(rows.len(), 5, "{out}");
+    for r in rows {
+        assert!(r.contains(" success ") && r.contains("2.0.0"), "{r}");
+    }
+    assert!(
+        out.contains("completed: 5 records, 5 success, 0 failed, 0 unfinished"),
+        "{out}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn demo_with_faults_shows_the_failed_records() {
+    let o = run(&["demo", "--with-faults", "--devices", "2", "--size-mib", "1"]).await;
+    let (out, err) = text(&o);
+    assert_eq!(o.status.code(), Some(1), "stdout:\n{out}\nstderr:\n{err}");
+    let row = |name: &str| {
+        out.lines()
+            .find(|l| l.starts_with(name))
+            .unwrap_or_else(|| panic!("no row for {name}:\n{out}"))
+            .to_owned()
+    };
+    let corrupt = row("device-corrupt");
+    assert!(corrupt.contains(" success "), "{corrupt}");
+    assert!(corrupt.contains("retried after verify failed"), "{corrupt}");
+    let offline = row("device-offline");
+    assert!(offline.contains(" failed "), "{offline}");
+    assert!(
+        offline.contains("push failed: no reply within 3 s"),
+        "{offline}"
+    );
+    assert!(
+        offline.contains("1.0.0"),
+        "still on the old version: {offline}"
+    );
+    for d in ["device-01", "device-02"] {
+        assert!(row(d).contains(" success "), "{out}");
+    }
+    assert!(
+        out.contains("4 records, 3 success, 1 failed, 0 unfinished (push failed: 1)"),
+        "{out}"
+    );
+    // The live log (plain lines when stderr is not a terminal) shows the retry.
+    assert!(err.contains("retry after verify failed"), "{err}");
+    assert!(err.contains("retry after push failed"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_subcommands() {
+    let dir = TempDir::new("cli-api");
+    let p = platform(&dir.join("platform")).await;
+    let api_url = p.api_url();
+    let a = ["--api", api_url.as_str()];
+    let api = ApiClient::new(&api_url).unwrap();
+    let image = dir.join("fw.bin");
+    std::fs::write(&image, random_bytes(10_000, 1)).unwrap();
+    let img = image.to_str().unwrap();
+
+    let o = run(&[
+        &a[..],
+        &[
+            "firmware",
+            "add",
+            "--product",
+            "pk",
+            "--version",
+            "2.0",
+            img,
+            "--json",
+        ],
+    ]
+    .concat())
+    .await;
+    assert!(o.status.success(), "{:?}", text(&o));
+    let fw: FirmwareInfo = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!((fw.name.as_str(), fw.size), ("fw.bin", 10_000));
+
+    let o = run(&[
+        &a[..],
+        &[
+            "firmware",
+            "add",
+            "--product",
+            "pk",
+            "--version",
+            "2 0",
+            img,
+        ],
+    ]
+    .concat())
+    .await;
+    assert_eq!(o.status.code(), Some(1));
+    assert!(text(&o).1.contains("HTTP 400"), "{:?}", text(&o));
+
+    let o = run(&[&a[..], &["firmware", "list"]].concat()).await;
+    let (out, _) = text(&o);
+    assert!(out.starts_with("PRODUCT"), "{out}");
+    assert!(out.contains(&fw.md5[..12]), "{out}");
+
+    // A device makes itself known.
+    let broker = p.broker_url().to_owned();
+    let w = tokio::task::spawn_blocking(move || WireRecorder::connect(&broker, "/sys/#"))
+        .await
+        .unwrap();
+    assert!(w.wait_ready_async(Duration::from_secs(10)).await);
+    w.publish_async(
+        "/sys/pk/d1/ota/firmware/inform",
+        iot_ota_core::protocol::encode_inform("1", "1.0"),
+        true,
+    )
+    .await
+    .unwrap();
+    wait_device(&api, "pk", "d1").await;
+    let o = run(&[&a[..], &["device", "list"]].concat()).await;
+    let (out, _) = text(&o);
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("pk") && l.contains("d1") && l.contains("1.0")),
+        "{out}"
+    );
+
+    let o = run(&[
+        &a[..],
+        &[
+            "batch",
+            "create",
+            "--product",
+            "pk",
+            "--version",
+            "2.0",
+            "--devices",
+            "d1,ghost",
+            "--ack-timeout-secs",
+            "30",
+            "--json",
+        ],
+    ]
+    .concat())
+    .await;
+    assert!(o.status.success(), "{:?}", text(&o));
+    let created: CreatedBatch = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(created.excluded[0].device, "ghost");
+    let id = created.batch.id.to_string();
+
+    let o = run(&[&a[..], &["batch", "show", &id]].concat()).await;
+    let (out, _) = text(&o);
+    assert!(out.contains("in progress: 1 records"), "{out}");
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("d1") && l.contains("pushed") && l.contains("[....")),
+        "{out}"
+    );
+
+    let o = run(&[&a[..], &["batch", "list"]].concat()).await;
+    assert!(
+        text(&o).0.lines().nth(2).unwrap().contains("in_progress"),
+        "{:?}",
+        text(&o)
+    );
+
+    let o = run(&[
+        &a[..],
+        &["firmware", "delete", "--product", "pk", "--version", "2.0"],
+    ]
+    .concat())
+    .await;
+    assert_eq!(o.status.code(), Some(1));
+    assert!(text(&o).1.contains("running batch"), "{:?}", text(&o));
+
+    let o = run(&[&a[..], &["batch", "terminate", &id]].concat()).await;
+    let (out, _) = text(&o);
+    assert!(out.contains("terminated"), "{out}");
+    assert!(
+        out.contains("batch terminated: terminated by hand"),
+        "{out}"
+    );
+
+    let o = run(&[
+        &a[..],
+        &["firmware", "delete", "--product", "pk", "--version", "2.0"],
+    ]
+    .concat())
+    .await;
+    assert!(o.status.success(), "{:?}", text(&o));
+    assert!(api.list_firmware(None).await.unwrap().is_empty());
+
+    let o = run(&["--version"]).await;
+    assert!(text(&o).0.starts_with("iot-ota "));
+    let o = run(&["firmware", "list", "--api", "http://127.0.0.1:1"]).await;
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        text(&o).1.contains("connecting to 127.0.0.1:1"),
+        "{:?}",
+        text(&o)
+    );
+    p.shutdown().await;
+}
+
+/// Starts `iot-ota device run --once` with `extra` arguments, for device `name`.
+fn agent(p: &Platform, dir: &TempDir, name: &str, extra: &[&str]) -> tokio::process::Child {
+    let version_file = dir.join(format!("{name}.version"));
+    std::fs::write(&version_file, "1.0.0\n").unwrap();
+    tokio::process::Command::new(BIN)
+        .args([
+            "device",
+            "run",
+            "--broker",
+            p.broker_url(),
+            "--product-key",
+            "pk",
+            "--device-name",
+            name,
+            "--version-file",
+            version_file.to_str().unwrap(),
+            "--work-dir",
+            dir.join(format!("{name}-work")).to_str().unwrap(),
+            "--once",
+        ])
+        .args(extra)
+        .kill_on_drop(true)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+async fn finish(child: tokio::process::Child) -> (Option<i32>, String) {
+    let out = tokio::time::timeout(Duration::from_secs(30), child.wait_with_output())
+        .await
+        .expect("the agent exits")
+        .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn device_agent_installs_into_slots_and_runs_commands() {
+    let dir = TempDir::new("cli-agent");
+    let p = platform(&dir.join("platform")).await;
+    let api = ApiClient::new(&p.api_url()).unwrap();
+    let image = random_bytes(200_000, 2);
+    api.add_firmware("pk", "2.0.0", "fw.bin", &image)
+        .await
+        .unwrap();
+    let slots = dir.join("slots");
+    let good = agent(
+        &p,
+        &dir,
+        "slotted",
+        &["--install-dir", slots.to_str().unwrap()],
+    );
+    let bad = agent(
+        &p,
+        &dir,
+        "scripted",
+        &[
+            "--install-command",
+            "echo installing {version} from {file}; echo disk full >&2; exit 3",
+        ],
+    );
+    wait_device(&api, "pk", "slotted").await;
+    wait_device(&api, "pk", "scripted").await;
+    let req = iot_ota_platform::api::CreateBatch {
+        product: "pk".into(),
+        firmware_version: "2.0.0".into(),
+        ack_timeout_secs: Some(10.0),
+        timeout_secs: Some(20.0),
+        ..Default::default()
+    };
+    let id = api.create_batch(&req).await.unwrap().batch.id;
+    let (code, log) = finish(good).await;
+    assert_eq!(code, Some(0), "{log}");
+    assert_eq!(
+        std::fs::read_to_string(slots.join("active")).unwrap(),
+        "a 2.0.0\n"
+    );
+    assert!(std::fs::read(slots.join("a/firmware.bin")).unwrap() == image);
+    assert_eq!(
+        std::fs::read_to_string(dir.join("slotted.version")).unwrap(),
+        "2.0.0\n"
+    );
+    let (code, log) = finish(bad).await;
+    assert_eq!(code, Some(1), "{log}");
+    let b = wait_batch(&api, id, |b| b.state == "completed").await;
+    let rec = |d: &str| b.records.iter().find(|r| r.device == d).unwrap().clone();
+    assert_eq!(rec("slotted").state, "success");
+    let s = rec("scripted");
+    assert_eq!(
+        (s.state.as_str(), s.reason.as_deref()),
+        ("failed", Some("flash_failed"))
+    );
+    assert!(
+        s.desc.contains("status 3") && s.desc.contains("disk full"),
+        "{}",
+        s.desc
+    );
+    assert_eq!(
+        std::fs::read_to_string(dir.join("scripted.version")).unwrap(),
+        "1.0.0\n",
+        "a failed install keeps the version"
+    );
+    p.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn device_agent_defers_silent_upgrades_to_the_trigger() {
+    let dir = TempDir::new("cli-silent");
+    let p = platform(&dir.join("platform")).await;
+    let api = ApiClient::new(&p.api_url()).unwrap();
+    api.add_firmware("pk", "2.0.0", "fw.bin", &random_bytes(50_000, 3))
+        .await
+        .unwrap();
+    let slots = dir.join("slots");
+    let child = agent(
+        &p,
+        &dir,
+        "quiet",
+        &["--install-dir", slots.to_str().unwrap()],
+    );
+    wait_device(&api, "pk", "quiet").await;
+    let req = iot_ota_platform::api::CreateBatch {
+        product: "pk".into(),
+        firmware_version: "2.0.0".into(),
+        policy: Some("silent".into()),
+        ack_timeout_secs: Some(10.0),
+        timeout_secs: Some(30.0),
+        ..Default::default()
+    };
+    let id = api.create_batch(&req).await.unwrap().batch.id;
+    // Downloaded and verified (status 2), then it waits.
+    wait_batch(&api, id, |b| b.records[0].status == Some(2)).await;
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let b = api.show_batch(id).await.unwrap();
+    assert_eq!(b.records[0].state, "upgrading");
+    assert!(
+        !slots.join("active").exists(),
+        "nothing installed before the trigger"
+    );
+    std::fs::write(dir.join("quiet-work").join("install-now"), "").unwrap();
+    let (code, log) = finish(child).await;
+    assert_eq!(code, Some(0), "{log}");
+    assert!(log.contains("silent"), "{log}");
+    let b = wait_batch(&api, id, |b| b.state == "completed").await;
+    assert_eq!(b.records[0].state, "success");
+    assert!(!dir.join("quiet-work").join("install-now").exists());
+    p.shutdown().await;
+}

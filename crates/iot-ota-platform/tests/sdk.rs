@@ -1,0 +1,135 @@
+//! End to end with the real device SDK: the same upgrade through the embedded
+//! broker, through Mosquitto, and through Mosquitto over TLS.
+
+mod common;
+
+use std::path::Path;
+use std::time::Duration;
+
+use common::*;
+use iot_ota_device::{Config, OtaClient, Status};
+use iot_ota_platform::{BrokerChoice, PlatformConfig};
+use iot_ota_testkit::{random_bytes, Mosquitto, TempDir, TestCa};
+
+/// An SDK device that installs every accepted command and informs the new version.
+async fn device(config: Config, dir: &Path) -> tokio::task::JoinHandle<()> {
+    let (client, mut upgrades) = OtaClient::connect(config).await.expect("device connects");
+    let dir = dir.to_owned();
+    tokio::spawn(async move {
+        while let Some(cmd) = upgrades.next().await {
+            let path = dir.join(format!("fw-{}.bin", cmd.firmware.version));
+            if client.download(&cmd).download_to(&path).await.is_err() {
+                continue;
+            }
+            client.report_progress(Status::Upgrading, 50, "").unwrap();
+            client.report_progress(Status::Success, 100, "").unwrap();
+            client.report_version(&cmd.firmware.version).unwrap();
+        }
+    })
+}
+
+async fn upgrade(
+    platform_config: PlatformConfig,
+    device_config: impl Fn(&str, &str) -> Config,
+    dir: &TempDir,
+) {
+    let p = iot_ota_platform::Platform::start(platform_config)
+        .await
+        .expect("platform starts");
+    let broker = p.broker_url().to_owned();
+    let api = api(&p);
+    let image = random_bytes(1_500_000, 42);
+    api.add_firmware(PK, "2.0.0", "fw.bin", &image)
+        .await
+        .unwrap();
+    let mut tasks = Vec::new();
+    for name in ["sdk-a", "sdk-b"] {
+        let out = dir.join(name);
+        std::fs::create_dir_all(&out).unwrap();
+        tasks.push(device(device_config(&broker, name), &out).await);
+    }
+    // Both informed 1.0.0 on connecting.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while api.list_devices(Some(PK)).await.unwrap().len() < 2 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "devices never informed"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut req = quick_batch(None);
+    req.sign_method = Some("sha256".into());
+    let id = api.create_batch(&req).await.unwrap().batch.id;
+    let b = wait_batch(&api, id, "completed", Duration::from_secs(30), |b| {
+        b.state != "in_progress"
+    })
+    .await;
+    assert_eq!(b.state, "completed");
+    for name in ["sdk-a", "sdk-b"] {
+        let r = record(&b, name);
+        assert_eq!(
+            (r.state.as_str(), r.version.as_deref(), r.attempts),
+            ("success", Some("2.0.0"), 1),
+            "{r:?}"
+        );
+        let written = std::fs::read(dir.join(name).join("fw-2.0.0.bin")).unwrap();
+        assert!(written == image, "{name}: the installed image differs");
+    }
+    for t in tasks {
+        t.abort();
+    }
+    p.shutdown().await;
+}
+
+fn platform_config(dir: &TempDir, broker: BrokerChoice) -> PlatformConfig {
+    let mut c = PlatformConfig::new(dir.join("platform"));
+    c.http_addr = any_port();
+    c.broker = broker;
+    c
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sdk_upgrade_through_the_embedded_broker() {
+    let dir = TempDir::new("sdk-embedded");
+    upgrade(
+        platform_config(&dir, embedded()),
+        |broker, name| Config::new(broker, PK, name, "1.0.0").unwrap(),
+        &dir,
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sdk_upgrade_through_mosquitto() {
+    let m = Mosquitto::start();
+    let dir = TempDir::new("sdk-mosquitto");
+    let url = m.url();
+    upgrade(
+        platform_config(&dir, BrokerChoice::External(url)),
+        |broker, name| Config::new(broker, PK, name, "1.0.0").unwrap(),
+        &dir,
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sdk_upgrade_through_mosquitto_over_tls() {
+    let ca = TestCa::new();
+    let m = Mosquitto::start_tls(&ca);
+    let dir = TempDir::new("sdk-tls");
+    let ca_file = ca.write_ca(dir.path());
+    let url = m.url();
+    assert!(url.starts_with("mqtts://"));
+    let mut config = platform_config(&dir, BrokerChoice::External(url));
+    config.ca_file = Some(ca_file.clone());
+    upgrade(
+        config,
+        |broker, name| {
+            Config::new(broker, PK, name, "1.0.0")
+                .unwrap()
+                .ca_file(ca_file.clone())
+        },
+        &dir,
+    )
+    .await;
+}
