@@ -117,6 +117,16 @@ struct PlatformArgs {
     /// Topic prefix.
     #[arg(long, default_value = "/sys")]
     topic_prefix: String,
+    /// Also serve the API and the firmware over HTTPS on this address (needs --tls-cert, --tls-key);
+    /// command URLs then default to https://.
+    #[arg(long, requires_all = ["tls_cert", "tls_key"])]
+    https: Option<SocketAddr>,
+    /// Server certificate chain (PEM) for --https.
+    #[arg(long)]
+    tls_cert: Option<PathBuf>,
+    /// Server private key (PEM) for --https.
+    #[arg(long)]
+    tls_key: Option<PathBuf>,
     /// Largest firmware accepted, bytes.
     #[arg(long, default_value_t = iot_ota_platform::api::DEFAULT_MAX_FIRMWARE_SIZE)]
     max_firmware_size: u64,
@@ -135,6 +145,9 @@ async fn run_platform(a: PlatformArgs) -> Result<(), String> {
     config.ca_file = a.ca_file;
     config.topic_prefix = a.topic_prefix;
     config.max_firmware_size = a.max_firmware_size;
+    config.https_addr = a.https;
+    config.tls_cert = a.tls_cert;
+    config.tls_key = a.tls_key;
     let platform = iot_ota_platform::Platform::start(config).await?;
     println!(
         "iot-ota platform: API {} | firmware URLs {} | broker {} | data {}",

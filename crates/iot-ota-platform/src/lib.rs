@@ -2,7 +2,7 @@
 //!
 //! - MQTT: an embedded rumqttd broker ([`EmbeddedBroker`]) or any external
 //!   broker, reached through an ordinary MQTT client in both cases.
-//! - A firmware HTTP server with `Range`, `ETag` and `Content-Length` (`/fw/...`).
+//! - A firmware HTTP(S) server with `Range`, `ETag` and `Content-Length` (`/fw/...`).
 //! - State in SQLite ([`store`]): firmware, devices, batches and records.
 //! - Batches and records run on a pure state machine ([`engine`]): every
 //!   input takes `now`, every timer comes out as a value, and the shell
@@ -74,6 +74,14 @@ pub struct PlatformConfig {
     pub ca_file: Option<PathBuf>,
     /// MQTT client id (default `iot-ota-platform-<pid>-<ms>`).
     pub client_id: Option<String>,
+    /// Also serve (API and firmware) over HTTPS on this address, with
+    /// [`PlatformConfig::tls_cert`] and [`PlatformConfig::tls_key`]; the
+    /// command URLs then default to `https://` this address.
+    pub https_addr: Option<SocketAddr>,
+    /// Server certificate chain (PEM) for HTTPS.
+    pub tls_cert: Option<PathBuf>,
+    /// Server private key (PEM) for HTTPS.
+    pub tls_key: Option<PathBuf>,
 }
 
 impl PlatformConfig {
@@ -90,6 +98,9 @@ impl PlatformConfig {
             mqtt_password: None,
             ca_file: None,
             client_id: None,
+            https_addr: None,
+            tls_cert: None,
+            tls_key: None,
         }
     }
 }
@@ -99,6 +110,7 @@ impl PlatformConfig {
 pub struct Platform {
     shared: Arc<service::Shared>,
     http_addr: SocketAddr,
+    https_addr: Option<SocketAddr>,
     broker_url: String,
     tasks: Vec<JoinHandle<()>>,
     _broker: Option<EmbeddedBroker>,
@@ -126,6 +138,56 @@ fn tls_config(ca_file: Option<&PathBuf>) -> Result<rustls::ClientConfig, String>
         .map_err(|e| e.to_string())?
         .with_root_certificates(roots)
         .with_no_client_auth())
+}
+
+fn tls_server_config(cert: &PathBuf, key: &PathBuf) -> Result<rustls::ServerConfig, String> {
+    let read = |p: &PathBuf| std::fs::read(p).map_err(|e| format!("{}: {e}", p.display()));
+    let certs = rustls_pemfile::certs(&mut read(cert)?.as_slice())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("{}: {e}", cert.display()))?;
+    if certs.is_empty() {
+        return Err(format!("{}: no certificate", cert.display()));
+    }
+    let key_der = rustls_pemfile::private_key(&mut read(key)?.as_slice())
+        .map_err(|e| format!("{}: {e}", key.display()))?
+        .ok_or_else(|| format!("{}: no private key", key.display()))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_no_client_auth()
+        .with_single_cert(certs, key_der)
+        .map_err(|e| format!("TLS certificate and key: {e}"))
+}
+
+/// Serves `app` over TLS, one task per connection.
+async fn serve_tls(
+    listener: tokio::net::TcpListener,
+    app: axum::Router,
+    acceptor: tokio_rustls::TlsAcceptor,
+) {
+    loop {
+        let (tcp, _) = match listener.accept().await {
+            Ok(x) => x,
+            Err(_) => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let acceptor = acceptor.clone();
+        let app = app.clone();
+        tokio::spawn(async move {
+            let Ok(Ok(tls)) =
+                tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await
+            else {
+                return;
+            };
+            let service = hyper_util::service::TowerToHyperService::new(app);
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
+                .await;
+        });
+    }
 }
 
 impl Platform {
@@ -170,10 +232,29 @@ impl Platform {
             .await
             .map_err(|e| format!("HTTP listen on {}: {e}", config.http_addr))?;
         let http_addr = listener.local_addr().map_err(|e| e.to_string())?;
+        let https = match config.https_addr {
+            None => None,
+            Some(addr) => {
+                let (Some(cert), Some(key)) = (&config.tls_cert, &config.tls_key) else {
+                    return Err("HTTPS needs a certificate and a key".into());
+                };
+                let tls = tls_server_config(cert, key)?;
+                let l = tokio::net::TcpListener::bind(addr)
+                    .await
+                    .map_err(|e| format!("HTTPS listen on {addr}: {e}"))?;
+                let bound = l.local_addr().map_err(|e| e.to_string())?;
+                Some((l, bound, tokio_rustls::TlsAcceptor::from(Arc::new(tls))))
+            }
+        };
+        let https_addr = https.as_ref().map(|(_, a, _)| *a);
+        let default_url = match https_addr {
+            Some(a) => format!("https://{a}"),
+            None => format!("http://{http_addr}"),
+        };
         let public_url = config
             .public_url
             .clone()
-            .unwrap_or_else(|| format!("http://{http_addr}"))
+            .unwrap_or(default_url)
             .trim_end_matches('/')
             .to_owned();
         let shared = Arc::new(
@@ -188,14 +269,16 @@ impl Platform {
             .map_err(|e| e.to_string())?,
         );
         let app = http::router(shared.clone());
-        let mut tasks = vec![
-            tokio::spawn(async move {
-                if let Err(e) = axum::serve(listener, app).await {
-                    eprintln!("platform: HTTP server stopped: {e}");
-                }
-            }),
-            tokio::spawn(service::mqtt_loop(shared.clone(), eventloop)),
-        ];
+        let mut tasks = Vec::new();
+        if let Some((l, _, acceptor)) = https {
+            tasks.push(tokio::spawn(serve_tls(l, app.clone(), acceptor)));
+        }
+        tasks.push(tokio::spawn(async move {
+            if let Err(e) = axum::serve(listener, app).await {
+                eprintln!("platform: HTTP server stopped: {e}");
+            }
+        }));
+        tasks.push(tokio::spawn(service::mqtt_loop(shared.clone(), eventloop)));
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
         while !shared.mqtt_up.load(Ordering::SeqCst) {
             if tokio::time::Instant::now() > deadline {
@@ -210,6 +293,7 @@ impl Platform {
         Ok(Platform {
             shared,
             http_addr,
+            https_addr,
             broker_url,
             tasks,
             _broker: embedded,
@@ -219,6 +303,11 @@ impl Platform {
     /// The bound HTTP address.
     pub fn http_addr(&self) -> SocketAddr {
         self.http_addr
+    }
+
+    /// The bound HTTPS address, when HTTPS is on.
+    pub fn https_addr(&self) -> Option<SocketAddr> {
+        self.https_addr
     }
 
     /// `http://ADDR`, the API's base URL.

@@ -39,9 +39,11 @@ async fn upgrade(
     let broker = p.broker_url().to_owned();
     let api = api(&p);
     let image = random_bytes(1_500_000, 42);
-    api.add_firmware(PK, "2.0.0", "fw.bin", &image)
+    let fw = api
+        .add_firmware(PK, "2.0.0", "fw.bin", &image)
         .await
         .unwrap();
+    assert!(fw.url.starts_with(p.public_url()), "{}", fw.url);
     let mut tasks = Vec::new();
     for name in ["sdk-a", "sdk-b"] {
         let out = dir.join(name);
@@ -122,6 +124,31 @@ async fn sdk_upgrade_through_mosquitto_over_tls() {
     assert!(url.starts_with("mqtts://"));
     let mut config = platform_config(&dir, BrokerChoice::External(url));
     config.ca_file = Some(ca_file.clone());
+    upgrade(
+        config,
+        |broker, name| {
+            Config::new(broker, PK, name, "1.0.0")
+                .unwrap()
+                .ca_file(ca_file.clone())
+        },
+        &dir,
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sdk_upgrade_with_firmware_over_https() {
+    let ca = TestCa::new();
+    let dir = TempDir::new("sdk-https");
+    let ca_file = ca.write_ca(dir.path());
+    let (cert, key) = ca.write_server_cert(dir.path());
+    let port = iot_ota_testkit::free_port();
+    let mut config = platform_config(&dir, embedded());
+    config.https_addr = Some(([127, 0, 0, 1], port).into());
+    config.tls_cert = Some(cert);
+    config.tls_key = Some(key);
+    // The certificate names localhost.
+    config.public_url = Some(format!("https://localhost:{port}"));
     upgrade(
         config,
         |broker, name| {
