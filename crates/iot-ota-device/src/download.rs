@@ -182,6 +182,16 @@ impl Download {
         self.fetch.digest_hex()
     }
 
+    /// Ends the download without reporting anything: for when the application
+    /// has itself reported the upgrade's outcome (SUCCESS or a failure
+    /// status), so the "download cancelled" report that dropping an
+    /// unfinished download sends would be a second, contradicting one.
+    /// (The C API uses it when `iot_ota_report_progress` ends an upgrade
+    /// whose download is still running.)
+    pub fn abandon(mut self) {
+        self.fetch.fail(FetchError::Cancelled);
+    }
+
     fn begin(&mut self) {
         if !self.started {
             self.started = true;
@@ -295,8 +305,9 @@ impl Download {
     /// once size and digest check out. On failure the part file is removed and
     /// `path` is untouched.
     ///
-    /// Receiving overlaps hashing and writing: this task reads the socket while
-    /// a worker thread hashes and writes, with four 128 KiB buffers in flight.
+    /// Receiving overlaps hashing and writing: this task reads the socket into buffers;
+    /// a worker thread hashes them and a third writes them, with six 128 KiB
+    /// buffers in flight (under 1 MiB in all).
     pub async fn download_to(mut self, path: impl AsRef<Path>) -> Result<Verified, Error> {
         let path = path.as_ref().to_path_buf();
         if self.fetch.outcome().is_some() || self.started {
@@ -315,8 +326,6 @@ impl Download {
         };
         self.begin();
 
-        const BUFFERS: usize = 4;
-        const BUF_SIZE: usize = 128 * 1024;
         let (full_tx, full_rx) = mpsc::channel::<Msg>(BUFFERS);
         let (free_tx, mut free_rx) = mpsc::channel::<Vec<u8>>(BUFFERS);
         for _ in 0..BUFFERS {
@@ -329,8 +338,8 @@ impl Download {
         let session = self.session.clone();
         let worker_part = part.clone();
         let worker = std::thread::Builder::new()
-            .name("ota-verify-write".into())
-            .spawn(move || write_worker(fetch, session, file, worker_part, full_rx, free_tx))
+            .name("ota-verify".into())
+            .spawn(move || verify_worker(fetch, session, file, worker_part, full_rx, free_tx))
             .map_err(Error::Io)?;
 
         // Reader: fill buffers from the socket and hand them over.
@@ -411,6 +420,12 @@ impl Drop for Download {
     }
 }
 
+/// Buffers in flight between the reader, the hasher and the writer.
+const BUFFERS: usize = 6;
+/// Size of each buffer: large enough that handing one over is cheap next to
+/// filling it, small enough that the whole pipeline stays under 1 MiB.
+const BUF_SIZE: usize = 128 * 1024;
+
 /// What the reader hands the worker.
 enum Msg {
     Opened { offset: u64, remaining: Option<u64> },
@@ -419,54 +434,121 @@ enum Msg {
     Failed(FetchError),
 }
 
-/// Hashes and writes what the reader hands over, reports progress, and at the
-/// end verifies and syncs. Returns the fetch (for the caller's state) and the outcome.
-fn write_worker(
+/// What the hasher hands the writer.
+enum ToWriter {
+    Data(Vec<u8>, usize),
+    /// Everything is written: sync and stop.
+    Finish,
+}
+
+/// Hashes what the reader hands over and passes it on to the writer thread,
+/// reports progress, and at the end verifies (after the writer has synced).
+/// Returns the fetch (for the caller's state) and the outcome.
+///
+/// Hashing is the one serial cost of a download (MD5 runs at about 500 MB/s
+/// on one core here); writing to the page cache costs almost half as much
+/// again, so it runs on its own thread rather than after each hash.
+fn verify_worker(
     mut fetch: Fetch,
     session: Arc<Session>,
-    mut file: std::fs::File,
+    file: std::fs::File,
     part: PathBuf,
     mut full_rx: mpsc::Receiver<Msg>,
     free_tx: mpsc::Sender<Vec<u8>>,
 ) -> (Fetch, Result<Verified, FetchError>) {
-    let result = (|| -> Result<Verified, FetchError> {
-        loop {
-            match full_rx.blocking_recv() {
-                Some(Msg::Opened { offset, remaining }) => {
-                    fetch.handle_response(offset, remaining)?
+    let (to_writer, writer_rx) = std::sync::mpsc::sync_channel::<ToWriter>(BUFFERS);
+    let writer = std::thread::Builder::new()
+        .name("ota-write".into())
+        .spawn(move || write_stage(file, &part, writer_rx, free_tx));
+    let result = match writer {
+        Err(e) => Err(FetchError::Storage(format!(
+            "cannot start the writer thread: {e}"
+        ))),
+        Ok(writer) => {
+            let mut writer = Some(writer);
+            // The writer's own error explains a closed channel best.
+            let mut writer_result = |to_writer: Option<std::sync::mpsc::SyncSender<ToWriter>>| {
+                drop(to_writer);
+                match writer.take().map(|w| w.join()) {
+                    Some(Ok(r)) => r,
+                    Some(Err(_)) => Err(FetchError::Storage("the writer thread panicked".into())),
+                    None => Err(FetchError::Cancelled),
                 }
-                Some(Msg::Data(buf, n)) => {
-                    if let Some(report) = fetch.handle_data(&buf[..n], Instant::now())? {
-                        session.publish_progress(&report);
+            };
+            let mut to_writer = Some(to_writer);
+            let result = (|| -> Result<Verified, FetchError> {
+                loop {
+                    match full_rx.blocking_recv() {
+                        Some(Msg::Opened { offset, remaining }) => {
+                            fetch.handle_response(offset, remaining)?
+                        }
+                        Some(Msg::Data(buf, n)) => {
+                            if let Some(report) = fetch.handle_data(&buf[..n], Instant::now())? {
+                                session.publish_progress(&report);
+                            }
+                            let sent = to_writer
+                                .as_ref()
+                                .map(|w| w.send(ToWriter::Data(buf, n)).is_ok());
+                            if sent != Some(true) {
+                                return Err(writer_result(to_writer.take())
+                                    .err()
+                                    .unwrap_or(FetchError::Cancelled));
+                            }
+                        }
+                        Some(Msg::End) => {
+                            if let Some(w) = &to_writer {
+                                let _ = w.send(ToWriter::Finish);
+                            }
+                            writer_result(to_writer.take())?;
+                            let report = fetch.handle_end()?;
+                            session.publish_progress(&report);
+                            // handle_end succeeded, so the outcome is the verified one.
+                            return fetch
+                                .outcome()
+                                .cloned()
+                                .unwrap_or(Err(FetchError::Finished));
+                        }
+                        Some(Msg::Failed(e)) => return Err(e),
+                        None => return Err(FetchError::Cancelled),
                     }
-                    file.write_all(&buf[..n]).map_err(|e| {
-                        FetchError::Storage(format!("writing {}: {e}", part.display()))
-                    })?;
-                    // The reader may have stopped; then the buffer is just freed.
-                    let _ = free_tx.blocking_send(buf);
                 }
-                Some(Msg::End) => {
-                    let report = fetch.handle_end()?;
-                    file.sync_all().map_err(|e| {
-                        FetchError::Storage(format!("syncing {}: {e}", part.display()))
-                    })?;
-                    session.publish_progress(&report);
-                    // handle_end succeeded, so the outcome is the verified one.
-                    return fetch
-                        .outcome()
-                        .cloned()
-                        .unwrap_or(Err(FetchError::Finished));
-                }
-                Some(Msg::Failed(e)) => return Err(e),
-                None => return Err(FetchError::Cancelled),
-            }
+            })();
+            // Stop the writer on every path (it drops its file when the channel closes).
+            drop(to_writer);
+            result
         }
-    })();
+    };
     if let Err(e) = &result {
         fetch.fail(e.clone());
         session.publish_progress(&fetch.failure_report(e));
     }
     (fetch, result)
+}
+
+/// Writes the hashed buffers in order, returns them to the reader, and syncs
+/// the file when told everything is written.
+fn write_stage(
+    mut file: std::fs::File,
+    part: &Path,
+    rx: std::sync::mpsc::Receiver<ToWriter>,
+    free_tx: mpsc::Sender<Vec<u8>>,
+) -> Result<(), FetchError> {
+    for msg in rx {
+        match msg {
+            ToWriter::Data(buf, n) => {
+                file.write_all(&buf[..n])
+                    .map_err(|e| FetchError::Storage(format!("writing {}: {e}", part.display())))?;
+                // The reader may have stopped; then the buffer is just freed.
+                let _ = free_tx.blocking_send(buf);
+            }
+            ToWriter::Finish => {
+                return file
+                    .sync_all()
+                    .map_err(|e| FetchError::Storage(format!("syncing {}: {e}", part.display())));
+            }
+        }
+    }
+    Err(FetchError::Cancelled)
 }
 
 fn part_path(path: &Path) -> PathBuf {

@@ -1,0 +1,688 @@
+//! `iot_ota.h`: the guide's eight functions and the extras.
+//!
+//! An OTA instance is one device's engine (`iot_ota_core::Ota`, in an
+//! `iot_ota_device::Session` publishing through the MQTT instance) and the
+//! download of its current upgrade (`iot_ota_device::Download`). Engine
+//! events (an accepted command, a firmware reply) are queued by the MQTT
+//! task and applied at the start of the next call on the instance, so the
+//! instance's state only changes inside the application's own calls.
+
+use std::collections::VecDeque;
+use std::ffi::{c_char, c_int, c_void};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use iot_ota_core::protocol::MAX_VERSION_LEN;
+use iot_ota_core::{Config, Event, FetchError, FetchState, Firmware, Ota, Status};
+use iot_ota_device::http::HttpOptions;
+use iot_ota_device::{Download, DownloadOptions, Error, Session};
+
+use crate::mqtt::{Mqtt, MQTTS};
+use crate::registry::Registry;
+use crate::{
+    c_str, guard, lock, IOT_OTA_ERR_FETCH_FAILED, IOT_OTA_ERR_GENERAL, IOT_OTA_ERR_INVALID_PARAM,
+    IOT_OTA_ERR_INVALID_STATE, IOT_OTA_ERR_MQTT_FAILED, IOT_OTA_ERR_NONE, IOT_OTA_ERR_STR_TOO_LONG,
+    IOT_OTA_ERR_VERIFY_FAILED,
+};
+
+/// Longest version, in bytes (the console's 1-100 characters).
+pub const IOT_OTA_VERSION_MAX: usize = MAX_VERSION_LEN;
+/// Longest URL, in bytes.
+pub const IOT_OTA_URL_MAX: usize = iot_ota_core::protocol::MAX_URL_LEN;
+/// Longest digest, in hex digits (SHA-256).
+pub const IOT_OTA_SIGN_MAX: usize = 64;
+
+/// `iot_ota_fetch_state_t`: the MQTT instance has not connected yet (the
+/// upgrade topic is not subscribed).
+pub const IOT_OTA_FETCH_STATE_UNINIT: c_int = FetchState::Uninit as c_int;
+/// `iot_ota_fetch_state_t`: ready, no upgrade arrived yet.
+pub const IOT_OTA_FETCH_STATE_INIT: c_int = FetchState::Init as c_int;
+/// `iot_ota_fetch_state_t`: an upgrade was accepted and is downloading.
+pub const IOT_OTA_FETCH_STATE_FETCHING: c_int = FetchState::Fetching as c_int;
+/// `iot_ota_fetch_state_t`: the download has ended (complete or failed).
+pub const IOT_OTA_FETCH_STATE_FETCHED: c_int = FetchState::Fetched as c_int;
+
+/// `iot_ota_firmware_t`: the details of the current upgrade, copied into the
+/// caller's struct by `iot_ota_get_firmware`. Every string is NUL-terminated.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct IotOtaFirmware {
+    /// Target firmware version.
+    pub version: [c_char; IOT_OTA_VERSION_MAX + 1],
+    /// `http://` or `https://` URL of the image.
+    pub url: [c_char; IOT_OTA_URL_MAX + 1],
+    /// Expected digest, lowercase hex.
+    pub sign: [c_char; IOT_OTA_SIGN_MAX + 1],
+    /// `Md5` or `Sha256`.
+    pub sign_method: [c_char; 16],
+    /// `standard`, `silent`, or empty when the device asked (get reply).
+    pub policy: [c_char; 16],
+    /// Size in bytes; 0 when unknown (a get reply without one).
+    pub size: u64,
+}
+
+/// An OTA instance (the guide's `void *handle`).
+pub struct OtaHandle {
+    mqtt: Arc<Mqtt>,
+    session: Arc<Session>,
+    product_key: String,
+    device_name: String,
+    /// Engine events, queued by the MQTT task; applied by [`OtaHandle::sync`].
+    events: Arc<Mutex<VecDeque<Event>>>,
+    state: Mutex<OtaState>,
+}
+
+#[derive(Default)]
+struct OtaState {
+    /// The download of the current (or last) upgrade.
+    download: Option<Download>,
+}
+
+impl std::fmt::Debug for OtaHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OtaHandle")
+            .field("product_key", &self.product_key)
+            .field("device_name", &self.device_name)
+            .finish_non_exhaustive()
+    }
+}
+
+static OTAS: Registry<OtaHandle> = Registry::new();
+
+impl OtaHandle {
+    /// Applies the queued engine events: an accepted command, or a firmware
+    /// reply to our get, starts a new download (fresh counters and digest).
+    fn sync(&self, st: &mut OtaState) {
+        // Expire firmware gets whose reply did not come.
+        self.session.handle_timeout();
+        let events: Vec<Event> = lock(&self.events).drain(..).collect();
+        for event in events {
+            match event {
+                Event::Upgrade(cmd) => self.start(st, cmd.firmware),
+                Event::FirmwareInfo(reply) => match reply.result {
+                    Ok(fw) => match self.session.with(|ota| ota.accept_firmware(&fw)) {
+                        Ok(()) => self.start(st, fw),
+                        Err(e) => log::warn!("firmware {} not started: {e}", fw.version),
+                    },
+                    Err(e) => log::info!("firmware get {}: {} {}", reply.msg_id, e.code, e.message),
+                },
+                Event::Rejected { msg_id, rejection } => {
+                    log::warn!("upgrade command {msg_id:?} rejected: {rejection}")
+                }
+                Event::GetTimedOut { msg_id, version } => {
+                    log::warn!("firmware get {msg_id} for {version}: no reply")
+                }
+            }
+        }
+    }
+
+    fn start(&self, st: &mut OtaState, firmware: Firmware) {
+        let options = DownloadOptions {
+            http: HttpOptions {
+                tls: self.mqtt.https.clone(),
+                ..HttpOptions::default()
+            },
+            retries: 3,
+        };
+        let _context = self.mqtt.rt.enter();
+        // The engine accepts an upgrade only once the previous one has ended
+        // by a terminal report, so the download replaced here has ended too
+        // (or never started): dropping it reports nothing.
+        st.download = Some(Download::new(self.session.clone(), firmware, options));
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, OtaState> {
+        let mut st = lock(&self.state);
+        self.sync(&mut st);
+        st
+    }
+
+    fn fetch_state(&self) -> FetchState {
+        let st = self.state();
+        match &st.download {
+            Some(d) => d.state(),
+            None if self.mqtt.has_connected() => FetchState::Init,
+            None => FetchState::Uninit,
+        }
+    }
+}
+
+/// The error code of a failed download.
+fn fetch_error_code(e: &FetchError) -> c_int {
+    match e {
+        FetchError::DigestMismatch { .. } => IOT_OTA_ERR_VERIFY_FAILED,
+        _ => IOT_OTA_ERR_FETCH_FAILED,
+    }
+}
+
+/// Checks a product key or device name: what may go into a topic level.
+fn valid_identity(s: &str) -> bool {
+    !s.is_empty()
+        && !s
+            .chars()
+            .any(|c| matches!(c, '/' | '+' | '#') || c.is_whitespace() || c.is_control())
+}
+
+/// Reads a version argument: NULL, non-UTF-8 or empty is invalid; above 100 bytes too long.
+///
+/// # Safety
+/// As [`c_str`].
+unsafe fn version_arg<'a>(ptr: *const c_char) -> Result<&'a str, c_int> {
+    // SAFETY: forwarded contract.
+    let v = unsafe { c_str(ptr) }?;
+    if v.len() > IOT_OTA_VERSION_MAX {
+        return Err(IOT_OTA_ERR_STR_TOO_LONG);
+    }
+    if v.is_empty() {
+        return Err(IOT_OTA_ERR_INVALID_PARAM);
+    }
+    Ok(v)
+}
+
+/// Looks up a live OTA handle whose MQTT instance is still there.
+fn live(handle: *mut c_void) -> Result<Arc<OtaHandle>, c_int> {
+    let h = OTAS.get(handle).ok_or(IOT_OTA_ERR_INVALID_PARAM)?;
+    if h.mqtt.is_closed() {
+        return Err(IOT_OTA_ERR_MQTT_FAILED);
+    }
+    Ok(h)
+}
+
+fn code(r: Result<c_int, c_int>) -> c_int {
+    r.unwrap_or_else(|e| e)
+}
+
+/// Copies `s` into a fixed C array, NUL-terminated.
+fn copy_str(dst: &mut [c_char], s: &str) -> Result<(), c_int> {
+    if s.len() >= dst.len() {
+        return Err(IOT_OTA_ERR_STR_TOO_LONG);
+    }
+    for (d, b) in dst.iter_mut().zip(s.bytes()) {
+        *d = b as c_char;
+    }
+    dst[s.len()] = 0;
+    Ok(())
+}
+
+// ---- the guide's eight functions ----
+
+/// `void *iot_ota_init(const char *product_key, const char *device_name, void *mqtt_client)`:
+/// the OTA instance of device `device_name` of product `product_key` on the
+/// MQTT instance `mqtt_client`. Subscribes to the device's upgrade and get
+/// reply topics (now if connected, else on connection, and after every
+/// reconnect). The firmware version is reported separately.
+///
+/// NULL when an argument is NULL, not UTF-8 or not a valid identity (empty,
+/// or with `/`, `+`, `#` or spaces), when `mqtt_client` is not a live MQTT
+/// instance, or when that device already has an instance on it.
+///
+/// # Safety
+/// `product_key` and `device_name` are NULL or NUL-terminated strings (copied).
+#[no_mangle]
+pub unsafe extern "C" fn iot_ota_init(
+    product_key: *const c_char,
+    device_name: *const c_char,
+    mqtt_client: *mut c_void,
+) -> *mut c_void {
+    guard(std::ptr::null_mut(), || {
+        // SAFETY: the caller's contract on both strings.
+        let (Ok(pk), Ok(dn)) = (unsafe { c_str(product_key) }, unsafe { c_str(device_name) })
+        else {
+            return std::ptr::null_mut();
+        };
+        if !valid_identity(pk) || !valid_identity(dn) {
+            return std::ptr::null_mut();
+        }
+        let Some(mqtt) = MQTTS.get(mqtt_client) else {
+            return std::ptr::null_mut();
+        };
+        if mqtt.is_closed()
+            || OTAS
+                .any(|h| Arc::ptr_eq(&h.mqtt, &mqtt) && h.product_key == pk && h.device_name == dn)
+        {
+            return std::ptr::null_mut();
+        }
+        let events: Arc<Mutex<VecDeque<Event>>> = Arc::default();
+        let sink_events = events.clone();
+        let shared = mqtt.shared_weak();
+        let sink = Box::new(move |event: Event| {
+            lock(&sink_events).push_back(event);
+            if let Some(shared) = shared.upgrade() {
+                shared.ota_event();
+            }
+        });
+        let ota = Ota::unversioned(Config::new(pk, dn));
+        let session = Session::new(ota, mqtt.client().clone(), sink);
+        if mqtt.attach(session.clone()) {
+            session.with(|ota| ota.handle_connected());
+        }
+        OTAS.insert(Arc::new(OtaHandle {
+            mqtt,
+            session,
+            product_key: pk.to_owned(),
+            device_name: dn.to_owned(),
+            events,
+            state: Mutex::new(OtaState::default()),
+        }))
+    })
+}
+
+/// `int iot_ota_destroy(void *handle)`: frees the instance. A download in
+/// progress is cancelled and reported DOWNLOAD_FAILED (sent by the next
+/// `iot_mqtt_yield` or by `iot_mqtt_destroy`); the device's OTA topics are
+/// unsubscribed. Returns 0, or `IOT_OTA_ERR_INVALID_PARAM` (harmless) for
+/// NULL or a stale handle.
+///
+/// # Safety
+/// Any pointer value is accepted; only live handles are used.
+#[no_mangle]
+pub unsafe extern "C" fn iot_ota_destroy(handle: *mut c_void) -> c_int {
+    guard(IOT_OTA_ERR_GENERAL, || {
+        let Some(h) = OTAS.remove(handle) else {
+            return IOT_OTA_ERR_INVALID_PARAM;
+        };
+        let download = lock(&h.state).download.take();
+        {
+            let _context = h.mqtt.rt.enter();
+            drop(download);
+        }
+        h.mqtt.detach(&h.session);
+        if !h.mqtt.is_closed() {
+            let topics = h.session.core_config().topics;
+            for topic in [topics.upgrade, topics.get_reply] {
+                let _ = h.mqtt.client().try_unsubscribe(topic);
+            }
+        }
+        lock(&h.events).clear();
+        IOT_OTA_ERR_NONE
+    })
+}
+
+/// `int iot_ota_report_progress(void *handle, iot_ota_status_t status, uint32_t progress)`:
+/// reports a status and percent for the current upgrade. SUCCESS or a
+/// negative status ends the upgrade (a download still running is stopped,
+/// without a second report); the next command is accepted after it.
+///
+/// Returns 0; `IOT_OTA_ERR_INVALID_PARAM` for a bad handle, a status that is
+/// not an `iot_ota_status_t` or a progress above 100; `IOT_OTA_ERR_MQTT_FAILED`
+/// when the MQTT instance is gone.
+///
+/// # Safety
+/// Any pointer value is accepted; only live handles are used.
+#[no_mangle]
+pub unsafe extern "C" fn iot_ota_report_progress(
+    handle: *mut c_void,
+    status: c_int,
+    progress: u32,
+) -> c_int {
+    guard(IOT_OTA_ERR_GENERAL, || {
+        code((|| {
+            let h = live(handle)?;
+            let status = Status::from_code(i64::from(status)).ok_or(IOT_OTA_ERR_INVALID_PARAM)?;
+            if progress > 100 {
+                return Err(IOT_OTA_ERR_INVALID_PARAM);
+            }
+            let mut st = h.state();
+            if status.is_terminal() && st.download.as_ref().is_some_and(|d| !d.is_finished()) {
+                if let Some(d) = st.download.take() {
+                    let _context = h.mqtt.rt.enter();
+                    d.abandon();
+                }
+            }
+            drop(st);
+            h.session
+                .with(|ota| ota.report_progress(status, progress, ""))
+                .map_err(|_| IOT_OTA_ERR_INVALID_PARAM)?;
+            Ok(IOT_OTA_ERR_NONE)
+        })())
+    })
+}
+
+/// `int iot_ota_report_firmware_version(void *handle, const char *version)`:
+/// reports the running firmware version (at every start, and after an upgrade).
+///
+/// Returns 0; `IOT_OTA_ERR_INVALID_PARAM` for a bad handle or a NULL, empty,
+/// non-UTF-8 or malformed version; `IOT_OTA_ERR_STR_TOO_LONG` above 100
+/// bytes; `IOT_OTA_ERR_MQTT_FAILED` when the MQTT instance is gone.
+///
+/// # Safety
+/// `version` is NULL or a NUL-terminated string (copied).
+#[no_mangle]
+pub unsafe extern "C" fn iot_ota_report_firmware_version(
+    handle: *mut c_void,
+    version: *const c_char,
+) -> c_int {
+    guard(IOT_OTA_ERR_GENERAL, || {
+        code((|| {
+            let h = live(handle)?;
+            // SAFETY: the caller's contract.
+            let version = unsafe { version_arg(version) }?;
+            h.session
+                .with(|ota| ota.report_version(version))
+                .map_err(|_| IOT_OTA_ERR_INVALID_PARAM)?;
+            Ok(IOT_OTA_ERR_NONE)
+        })())
+    })
+}
+
+/// `int iot_ota_is_fetching(void *handle)`: 1 while an accepted upgrade is
+/// downloading (state fetching), else 0; `IOT_OTA_ERR_INVALID_PARAM` for a bad handle.
+///
+/// # Safety
+/// Any pointer value is accepted; only live handles are used.
+#[no_mangle]
+pub unsafe extern "C" fn iot_ota_is_fetching(handle: *mut c_void) -> c_int {
+    guard(IOT_OTA_ERR_GENERAL, || match OTAS.get(handle) {
+        Some(h) => c_int::from(h.fetch_state() == FetchState::Fetching),
+        None => IOT_OTA_ERR_INVALID_PARAM,
+    })
+}
+
+/// `int iot_ota_fetch_finish(void *handle)`: 1 once the download has ended
+/// (state fetched: complete, or failed), else 0; `IOT_OTA_ERR_INVALID_PARAM`
+/// for a bad handle. `iot_ota_check_firmware` tells which way it ended.
+///
+/// # Safety
+/// Any pointer value is accepted; only live handles are used.
+#[no_mangle]
+pub unsafe extern "C" fn iot_ota_fetch_finish(handle: *mut c_void) -> c_int {
+    guard(IOT_OTA_ERR_GENERAL, || match OTAS.get(handle) {
+        Some(h) => c_int::from(h.fetch_state() == FetchState::Fetched),
+        None => IOT_OTA_ERR_INVALID_PARAM,
+    })
+}
+
+/// `int iot_ota_fetch_yield(void *handle, char *buf, uint32_t buf_len, uint32_t timeout_s)`:
+/// downloads the next bytes of the firmware into `buf`, waiting at most
+/// `timeout_s` seconds, while the MQTT connection is kept serviced.
+///
+/// Returns the bytes copied (> 0); 0 when nothing arrived within `timeout_s`
+/// (the download goes on: call again); a negative value once the download
+/// has ended: `IOT_OTA_ERR_INVALID_STATE` when it is over and complete (or no
+/// upgrade has arrived), `IOT_OTA_ERR_VERIFY_FAILED` after a digest mismatch,
+/// `IOT_OTA_ERR_FETCH_FAILED` after any other failure (the failure status is
+/// already reported); `IOT_OTA_ERR_INVALID_PARAM` for a bad handle, a NULL
+/// `buf` or a zero `buf_len`. The call that returns the last bytes has
+/// already verified size and digest.
+///
+/// # Safety
+/// `buf` is NULL or valid for writes of `buf_len` bytes.
+#[no_mangle]
+pub unsafe extern "C" fn iot_ota_fetch_yield(
+    handle: *mut c_void,
+    buf: *mut c_char,
+    buf_len: u32,
+    timeout_s: u32,
+) -> c_int {
+    guard(IOT_OTA_ERR_GENERAL, || {
+        let h = match live(handle) {
+            Ok(h) => h,
+            Err(e) => return e,
+        };
+        if buf.is_null() || buf_len == 0 {
+            return IOT_OTA_ERR_INVALID_PARAM;
+        }
+        // The count is returned as an int: never copy more than fits.
+        let len = (buf_len as usize).min(c_int::MAX as usize);
+        // SAFETY: non-NULL and writable for buf_len >= len bytes, by the caller's contract.
+        let buf = unsafe { std::slice::from_raw_parts_mut(buf.cast::<u8>(), len) };
+        let result = {
+            let mut st = h.state();
+            let Some(download) = st.download.as_mut() else {
+                return IOT_OTA_ERR_INVALID_STATE;
+            };
+            let timeout = Duration::from_secs(u64::from(timeout_s));
+            match h.mqtt.block_on(download.fetch_yield(buf, timeout)) {
+                Ok(0) => IOT_OTA_ERR_INVALID_STATE,
+                Ok(n) => c_int::try_from(n).unwrap_or(c_int::MAX),
+                Err(Error::Timeout) => 0,
+                Err(Error::Fetch(e)) => fetch_error_code(&e),
+                Err(Error::Core(_)) => IOT_OTA_ERR_INVALID_PARAM,
+                Err(e) => {
+                    log::error!("fetch: {e}");
+                    IOT_OTA_ERR_GENERAL
+                }
+            }
+        };
+        // Callbacks of what arrived meanwhile, with no lock held.
+        h.mqtt.deliver();
+        result
+    })
+}
+
+/// `int iot_ota_get_firmware_info(void *handle, const char *product_key,
+/// const char *identifier, const char *version)`: asks the platform for
+/// firmware `version` of this device's product. The reply arrives on
+/// `MQTT_SUB_TYPE_OTA_FIRMWARE_GET_INF_REPLY` (seen by its callback, during a
+/// yield); when it offers the firmware and no upgrade is running, the
+/// download starts as if a command had brought it (`iot_ota_is_fetching`
+/// becomes 1). A 404 reply starts nothing; no reply within 10 s neither.
+///
+/// Returns the request's id (> 0, the guide's "packageid", the `msgId` of
+/// the get and of its reply); `IOT_OTA_ERR_INVALID_PARAM` for a bad handle,
+/// NULL or non-UTF-8 strings, or a `product_key` / `identifier` that is not
+/// this instance's device; `IOT_OTA_ERR_STR_TOO_LONG` for a version above
+/// 100 bytes; `IOT_OTA_ERR_MQTT_FAILED` when the MQTT instance is gone.
+///
+/// # Safety
+/// The strings are NULL or NUL-terminated (copied).
+#[no_mangle]
+pub unsafe extern "C" fn iot_ota_get_firmware_info(
+    handle: *mut c_void,
+    product_key: *const c_char,
+    identifier: *const c_char,
+    version: *const c_char,
+) -> c_int {
+    guard(IOT_OTA_ERR_GENERAL, || {
+        code((|| {
+            let h = live(handle)?;
+            // SAFETY: the caller's contract on the three strings.
+            let (pk, id) = unsafe { (c_str(product_key)?, c_str(identifier)?) };
+            // SAFETY: as above.
+            let version = unsafe { version_arg(version) }?;
+            if pk != h.product_key || id != h.device_name {
+                return Err(IOT_OTA_ERR_INVALID_PARAM);
+            }
+            let msg_id = h
+                .session
+                .with(|ota| ota.request_firmware_info(version, Instant::now()))
+                .map_err(|_| IOT_OTA_ERR_INVALID_PARAM)?;
+            // The engine numbers its messages 1, 2, ...
+            Ok(msg_id.parse::<u64>().map_or(IOT_OTA_ERR_GENERAL, |n| {
+                c_int::try_from(n).unwrap_or(c_int::MAX)
+            }))
+        })())
+    })
+}
+
+// ---- extras ----
+
+/// `int iot_ota_fetch_state(void *handle)`: the download state as an
+/// `iot_ota_fetch_state_t` (uninit 0, init 1, fetching 2, fetched 3), or
+/// `IOT_OTA_ERR_INVALID_PARAM` for a bad handle.
+///
+/// # Safety
+/// Any pointer value is accepted; only live handles are used.
+#[no_mangle]
+pub unsafe extern "C" fn iot_ota_fetch_state(handle: *mut c_void) -> c_int {
+    guard(IOT_OTA_ERR_GENERAL, || match OTAS.get(handle) {
+        Some(h) => h.fetch_state() as c_int,
+        None => IOT_OTA_ERR_INVALID_PARAM,
+    })
+}
+
+/// `int iot_ota_get_firmware(void *handle, iot_ota_firmware_t *info)`: copies
+/// the details of the current (or last) upgrade into `*info`: version, URL,
+/// size, sign, sign method and policy. Returns 0;
+/// `IOT_OTA_ERR_INVALID_STATE` when no upgrade has arrived;
+/// `IOT_OTA_ERR_INVALID_PARAM` for a bad handle or a NULL `info`.
+///
+/// # Safety
+/// `info` is NULL or valid for writing one `iot_ota_firmware_t`.
+#[no_mangle]
+pub unsafe extern "C" fn iot_ota_get_firmware(
+    handle: *mut c_void,
+    info: *mut IotOtaFirmware,
+) -> c_int {
+    guard(IOT_OTA_ERR_GENERAL, || {
+        code((|| {
+            let h = OTAS.get(handle).ok_or(IOT_OTA_ERR_INVALID_PARAM)?;
+            if info.is_null() {
+                return Err(IOT_OTA_ERR_INVALID_PARAM);
+            }
+            let st = h.state();
+            let fw = st
+                .download
+                .as_ref()
+                .ok_or(IOT_OTA_ERR_INVALID_STATE)?
+                .firmware();
+            let mut out = IotOtaFirmware {
+                version: [0; IOT_OTA_VERSION_MAX + 1],
+                url: [0; IOT_OTA_URL_MAX + 1],
+                sign: [0; IOT_OTA_SIGN_MAX + 1],
+                sign_method: [0; 16],
+                policy: [0; 16],
+                size: fw.size.unwrap_or(0),
+            };
+            copy_str(&mut out.version, &fw.version)?;
+            copy_str(&mut out.url, &fw.url)?;
+            copy_str(&mut out.sign, &fw.sign)?;
+            copy_str(&mut out.sign_method, fw.sign_method.wire_name())?;
+            copy_str(&mut out.policy, fw.policy.map_or("", |p| p.as_str()))?;
+            // SAFETY: non-NULL and writable, by the caller's contract.
+            unsafe { info.write(out) };
+            Ok(IOT_OTA_ERR_NONE)
+        })())
+    })
+}
+
+/// `int iot_ota_check_firmware(void *handle)`: the digest check after the
+/// fetch. 0 when the download is complete and its size and digest match the
+/// command's; `IOT_OTA_ERR_VERIFY_FAILED` when the digest did not match;
+/// `IOT_OTA_ERR_FETCH_FAILED` when the download failed otherwise;
+/// `IOT_OTA_ERR_INVALID_STATE` before the end (or with no upgrade);
+/// `IOT_OTA_ERR_INVALID_PARAM` for a bad handle.
+///
+/// # Safety
+/// Any pointer value is accepted; only live handles are used.
+#[no_mangle]
+pub unsafe extern "C" fn iot_ota_check_firmware(handle: *mut c_void) -> c_int {
+    guard(IOT_OTA_ERR_GENERAL, || {
+        let Some(h) = OTAS.get(handle) else {
+            return IOT_OTA_ERR_INVALID_PARAM;
+        };
+        let st = h.state();
+        match st.download.as_ref().and_then(|d| d.outcome()) {
+            None => IOT_OTA_ERR_INVALID_STATE,
+            Some(Ok(_)) => IOT_OTA_ERR_NONE,
+            Some(Err(e)) => fetch_error_code(e),
+        }
+    })
+}
+
+/// `int iot_ota_get_digest(void *handle, char *buf, uint32_t buf_len)`: the
+/// digest (lowercase hex, the command's method) of the bytes received so
+/// far, NUL-terminated into `buf`. Returns its length (32 or 64);
+/// `IOT_OTA_ERR_STR_TOO_LONG` when `buf_len` cannot hold it and the NUL;
+/// `IOT_OTA_ERR_INVALID_STATE` with no upgrade; `IOT_OTA_ERR_INVALID_PARAM`
+/// for a bad handle or a NULL `buf`.
+///
+/// # Safety
+/// `buf` is NULL or valid for writes of `buf_len` bytes.
+#[no_mangle]
+pub unsafe extern "C" fn iot_ota_get_digest(
+    handle: *mut c_void,
+    buf: *mut c_char,
+    buf_len: u32,
+) -> c_int {
+    guard(IOT_OTA_ERR_GENERAL, || {
+        code((|| {
+            let h = OTAS.get(handle).ok_or(IOT_OTA_ERR_INVALID_PARAM)?;
+            if buf.is_null() {
+                return Err(IOT_OTA_ERR_INVALID_PARAM);
+            }
+            let st = h.state();
+            let hex = st
+                .download
+                .as_ref()
+                .ok_or(IOT_OTA_ERR_INVALID_STATE)?
+                .digest_hex();
+            // SAFETY: non-NULL and writable for buf_len bytes, by the caller's contract.
+            let out = unsafe { std::slice::from_raw_parts_mut(buf, buf_len as usize) };
+            copy_str(out, &hex)?;
+            Ok(c_int::try_from(hex.len()).unwrap_or(c_int::MAX))
+        })())
+    })
+}
+
+/// `int64_t iot_ota_fetched_size(void *handle)`: bytes of the current
+/// download received so far (0 with no upgrade), or `IOT_OTA_ERR_INVALID_PARAM`.
+///
+/// # Safety
+/// Any pointer value is accepted; only live handles are used.
+#[no_mangle]
+pub unsafe extern "C" fn iot_ota_fetched_size(handle: *mut c_void) -> i64 {
+    guard(i64::from(IOT_OTA_ERR_GENERAL), || match OTAS.get(handle) {
+        Some(h) => h
+            .state()
+            .download
+            .as_ref()
+            .map_or(0, |d| i64::try_from(d.fetched_size()).unwrap_or(i64::MAX)),
+        None => i64::from(IOT_OTA_ERR_INVALID_PARAM),
+    })
+}
+
+/// `int64_t iot_ota_file_size(void *handle)`: the firmware's total size in
+/// bytes (the command's `size`, else the server's length once known; 0 when
+/// unknown or with no upgrade), or `IOT_OTA_ERR_INVALID_PARAM`.
+///
+/// # Safety
+/// Any pointer value is accepted; only live handles are used.
+#[no_mangle]
+pub unsafe extern "C" fn iot_ota_file_size(handle: *mut c_void) -> i64 {
+    guard(i64::from(IOT_OTA_ERR_GENERAL), || match OTAS.get(handle) {
+        Some(h) => h
+            .state()
+            .download
+            .as_ref()
+            .and_then(|d| d.file_size())
+            .map_or(0, |s| i64::try_from(s).unwrap_or(i64::MAX)),
+        None => i64::from(IOT_OTA_ERR_INVALID_PARAM),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn identities() {
+        assert!(valid_identity("pk1"));
+        for bad in ["", "a/b", "a+b", "a#", "a b", "a\tb"] {
+            assert!(!valid_identity(bad), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn copies_strings_with_their_nul() {
+        let mut dst = [1 as c_char; 4];
+        assert_eq!(copy_str(&mut dst, "abc"), Ok(()));
+        assert_eq!(dst, [97, 98, 99, 0]);
+        assert_eq!(copy_str(&mut dst, "abcd"), Err(IOT_OTA_ERR_STR_TOO_LONG));
+    }
+
+    #[test]
+    fn fetch_errors_map_to_codes() {
+        let digest = FetchError::DigestMismatch {
+            method: iot_ota_core::SignMethod::Md5,
+            expected: "a".into(),
+            actual: "b".into(),
+        };
+        assert_eq!(fetch_error_code(&digest), IOT_OTA_ERR_VERIFY_FAILED);
+        let short = FetchError::Truncated {
+            expected: 2,
+            received: 1,
+        };
+        assert_eq!(fetch_error_code(&short), IOT_OTA_ERR_FETCH_FAILED);
+    }
+}

@@ -1,0 +1,889 @@
+//! The C API from C: programs compiled with gcc (`-Wall -Wextra -Werror`)
+//! against the checked-in headers and the `libiot_ota.a` that cargo built for
+//! this test run, run against a real Mosquitto and the testkit's HTTP server.
+//! The Rust side plays the platform (pushes commands, answers gets) and
+//! checks what went over the wire.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use iot_ota_core::digest::{digest_hex, SignMethod};
+use iot_ota_core::protocol::{encode_get_not_found, encode_get_reply};
+use iot_ota_core::Firmware;
+use iot_ota_testkit::{random_bytes, FileServer, Mosquitto, Route, TempDir, WireRecorder};
+use serde_json::{json, Value};
+
+const PK: &str = "cpk";
+const WAIT: Duration = Duration::from_secs(30);
+
+// ---- building C programs ----
+
+/// The cargo profile directory of this test binary (target/debug).
+fn profile_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("test binary path");
+    // target/debug/deps/c_api-HASH -> target/debug
+    exe.parent()
+        .and_then(Path::parent)
+        .expect("profile dir")
+        .to_path_buf()
+}
+
+/// The static library cargo built for this run: next to the test binary
+/// (target/debug/deps, where `cargo test` leaves the lib's crate types), or
+/// in the profile directory (where `cargo build` puts it).
+fn static_lib() -> PathBuf {
+    let exe = std::env::current_exe().expect("test binary path");
+    let candidates = [
+        exe.parent().expect("deps dir").join("libiot_ota.a"),
+        profile_dir().join("libiot_ota.a"),
+    ];
+    candidates
+        .iter()
+        .find(|p| p.exists())
+        .unwrap_or_else(|| panic!("libiot_ota.a is missing ({candidates:?}): run via cargo test"))
+        .clone()
+}
+
+fn crate_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn include_dir() -> PathBuf {
+    crate_dir().join("include")
+}
+
+fn build_dir() -> PathBuf {
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("iot-ota-ffi-c");
+    std::fs::create_dir_all(&dir).expect("build dir");
+    dir
+}
+
+/// Runs gcc with the strict flags and the header directory; returns
+/// (success, diagnostics).
+fn gcc(args: &[&std::ffi::OsStr]) -> (bool, String) {
+    let out = Command::new("gcc")
+        .args(["-std=c11", "-Wall", "-Wextra", "-Werror", "-g", "-I"])
+        .arg(include_dir())
+        .args(args)
+        .output()
+        .expect("gcc must be installed to test the C API");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Compiles only (no link).
+fn compile_only(source: &Path, defines: &[&str]) -> (bool, String) {
+    let obj = build_dir().join(format!(
+        "{}-{}.o",
+        source.file_stem().unwrap().to_string_lossy(),
+        defines.len()
+    ));
+    let mut args: Vec<&std::ffi::OsStr> = defines.iter().map(|d| d.as_ref()).collect();
+    args.extend([
+        "-c".as_ref(),
+        source.as_os_str(),
+        "-o".as_ref(),
+        obj.as_os_str(),
+    ]);
+    gcc(&args)
+}
+
+/// Compiles and links `source` against libiot_ota.a, once per test run.
+fn program(source: &Path) -> PathBuf {
+    static BUILT: Mutex<Option<HashMap<PathBuf, PathBuf>>> = Mutex::new(None);
+    let mut built = BUILT.lock().unwrap_or_else(|p| p.into_inner());
+    let built = built.get_or_insert_with(HashMap::new);
+    if let Some(exe) = built.get(source) {
+        return exe.clone();
+    }
+    let exe = build_dir().join(source.file_stem().unwrap());
+    let lib = static_lib();
+    let (ok, diagnostics) = gcc(&[
+        source.as_os_str(),
+        lib.as_os_str(),
+        "-lpthread".as_ref(),
+        "-ldl".as_ref(),
+        "-lm".as_ref(),
+        "-o".as_ref(),
+        exe.as_os_str(),
+    ]);
+    assert!(ok, "gcc {}:\n{diagnostics}", source.display());
+    built.insert(source.to_path_buf(), exe.clone());
+    exe
+}
+
+fn c_test_program() -> PathBuf {
+    program(&crate_dir().join("tests/c/c_api_test.c"))
+}
+
+fn example_program() -> PathBuf {
+    program(&crate_dir().join("examples/ota_example.c"))
+}
+
+// ---- running them ----
+
+struct Exit {
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+fn spawn(exe: &Path, args: &[String]) -> Child {
+    Command::new(exe)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {}: {e}", exe.display()))
+}
+
+/// Waits for a child we started; kills it (by its handle) after `timeout`.
+fn wait_exit(mut child: Child, timeout: Duration) -> Exit {
+    let start = Instant::now();
+    // Read the pipes on threads so a chatty child never blocks on them.
+    let mut out = child.stdout.take().unwrap();
+    let mut err = child.stderr.take().unwrap();
+    let out_reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = out.read_to_string(&mut s);
+        s
+    });
+    let err_reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = err.read_to_string(&mut s);
+        s
+    });
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break Some(status);
+        }
+        if start.elapsed() > timeout {
+            child.kill().ok();
+            child.wait().ok();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let stdout = out_reader.join().unwrap();
+    let stderr = err_reader.join().unwrap();
+    match status {
+        Some(s) => Exit {
+            code: s.code().unwrap_or(-1),
+            stdout,
+            stderr,
+        },
+        None => panic!("no exit within {timeout:?}\nstdout:\n{stdout}\nstderr:\n{stderr}"),
+    }
+}
+
+fn assert_success(exit: &Exit) {
+    assert_eq!(
+        exit.code, 0,
+        "exit code {}\nstdout:\n{}\nstderr:\n{}",
+        exit.code, exit.stdout, exit.stderr
+    );
+}
+
+// ---- the platform side ----
+
+struct Rig {
+    broker: Mosquitto,
+    files: FileServer,
+    wire: WireRecorder,
+    dir: TempDir,
+}
+
+impl Rig {
+    fn new() -> Rig {
+        let broker = Mosquitto::start();
+        let wire = WireRecorder::connect(&broker.url(), "/sys/#");
+        Rig {
+            files: FileServer::start(),
+            wire,
+            broker,
+            dir: TempDir::new("ota-ffi-test"),
+        }
+    }
+
+    /// HOST PORT PK DN, the C test program's common arguments.
+    fn args(&self, dev: &str) -> Vec<String> {
+        vec![
+            "127.0.0.1".into(),
+            self.broker.port().to_string(),
+            PK.into(),
+            dev.into(),
+        ]
+    }
+
+    fn topic(&self, dev: &str, kind: &str) -> String {
+        format!("/sys/{PK}/{dev}/ota/firmware/{kind}")
+    }
+
+    fn push(&self, dev: &str, payload: String) {
+        self.wire
+            .publish(&self.topic(dev, "upgrade"), payload, true)
+            .expect("publish command");
+    }
+
+    /// Waits for a JSON message from `dev` on `kind` whose `data.firmwareVersion` is `version`.
+    fn expect_version(&self, dev: &str, kind: &str, version: &str) -> Value {
+        let topic = self.topic(dev, kind);
+        self.wire
+            .wait_for(
+                |m| {
+                    m.topic == topic
+                        && m.json_str("data.firmwareVersion").as_deref() == Some(version)
+                },
+                WAIT,
+            )
+            .and_then(|m| m.json)
+            .unwrap_or_else(|| {
+                panic!(
+                    "no {kind} of {version} from {dev}; wire:\n{}",
+                    self.wire.summary()
+                )
+            })
+    }
+
+    fn all(&self, dev: &str, kind: &str) -> Vec<Value> {
+        let topic = self.topic(dev, kind);
+        self.wire
+            .messages()
+            .into_iter()
+            .filter(|m| m.topic == topic)
+            .filter_map(|m| m.json)
+            .collect()
+    }
+
+    fn statuses(&self, dev: &str) -> Vec<(i64, i64)> {
+        self.all(dev, "progress")
+            .iter()
+            .map(|v| {
+                (
+                    v["data"]["status"].as_i64().unwrap(),
+                    v["data"]["progress"].as_i64().unwrap(),
+                )
+            })
+            .collect()
+    }
+
+    fn informs(&self, dev: &str) -> Vec<String> {
+        self.all(dev, "inform")
+            .iter()
+            .map(|v| v["data"]["firmwareVersion"].as_str().unwrap().to_owned())
+            .collect()
+    }
+
+    /// Waits until `dev` has sent a progress report matching `pred`.
+    fn wait_status(&self, dev: &str, pred: impl Fn(i64, i64) -> bool) {
+        let topic = self.topic(dev, "progress");
+        let seen = self.wire.wait_for(
+            |m| {
+                m.topic == topic
+                    && pred(
+                        m.json_i64("data.status").unwrap_or(0),
+                        m.json_i64("data.progress").unwrap_or(-1),
+                    )
+            },
+            WAIT,
+        );
+        assert!(seen.is_some(), "wire:\n{}", self.wire.summary());
+    }
+}
+
+fn firmware(version: &str, url: &str, body: &[u8]) -> Firmware {
+    Firmware {
+        version: version.into(),
+        url: url.into(),
+        size: Some(body.len() as u64),
+        sign: digest_hex(SignMethod::Md5, body),
+        sign_method: SignMethod::Md5,
+        policy: None,
+    }
+}
+
+/// An upgrade command's JSON, signed with `sign` (the body's MD5 unless overridden).
+fn command(id: &str, version: &str, url: &str, body: &[u8], sign: Option<&str>) -> String {
+    json!({
+        "msgId": id,
+        "version": "1.0",
+        "data": {
+            "policy": "standard",
+            "size": body.len(),
+            "firmwareVersion": version,
+            "url": url,
+            "sign": sign.map_or_else(|| digest_hex(SignMethod::Md5, body), str::to_owned),
+            "signMethod": "Md5",
+        }
+    })
+    .to_string()
+}
+
+// ---- the header against the guide and the library ----
+
+#[test]
+fn header_has_the_guides_exact_prototypes() {
+    let (ok, diagnostics) = compile_only(&crate_dir().join("tests/c/guide_prototypes.c"), &[]);
+    assert!(
+        ok,
+        "the guide's prototypes conflict with iot_ota.h:\n{diagnostics}"
+    );
+}
+
+#[test]
+fn device_ota_gates_the_ota_declarations() {
+    let source = crate_dir().join("tests/c/device_ota_off.c");
+    let (ok, diagnostics) = compile_only(&source, &["-DIOT_CONFIG_NO_DEVICE_OTA"]);
+    assert!(ok, "with DEVICE_OTA off:\n{diagnostics}");
+    let (ok, diagnostics) = compile_only(&source, &[]);
+    assert!(
+        !ok && diagnostics.contains("iot_ota_init"),
+        "with DEVICE_OTA on, the OTA names must be declared:\n{diagnostics}"
+    );
+}
+
+/// The functions the headers declare (comments stripped).
+fn declared_functions() -> BTreeSet<String> {
+    let mut names = BTreeSet::new();
+    for header in ["iot_ota.h", "iot_mqtt.h", "iot_config.h"] {
+        let text = std::fs::read_to_string(include_dir().join(header)).unwrap();
+        let mut code = String::new();
+        let mut rest = text.as_str();
+        while let Some(start) = rest.find("/*") {
+            code.push_str(&rest[..start]);
+            let end = rest[start..].find("*/").expect("closed comment") + start + 2;
+            rest = &rest[end..];
+        }
+        code.push_str(rest);
+        let bytes = code.as_bytes();
+        let mut i = 0;
+        while let Some(pos) = code[i..].find("iot_") {
+            let start = i + pos;
+            let ident_start = start == 0
+                || !(bytes[start - 1].is_ascii_alphanumeric() || bytes[start - 1] == b'_');
+            let mut end = start;
+            while end < bytes.len() && (bytes[end].is_ascii_alphanumeric() || bytes[end] == b'_') {
+                end += 1;
+            }
+            let after = code[end..].trim_start();
+            if ident_start && after.starts_with('(') {
+                names.insert(code[start..end].to_owned());
+            }
+            i = end;
+        }
+    }
+    names
+}
+
+#[test]
+fn headers_declare_exactly_the_exported_functions() {
+    let out = Command::new("nm")
+        .args(["-g", "--defined-only"])
+        .arg(static_lib())
+        .output()
+        .expect("nm (binutils) must be installed");
+    assert!(out.status.success());
+    let exported: BTreeSet<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| {
+            let mut parts = l.split_whitespace();
+            let (_, kind, name) = (parts.next()?, parts.next()?, parts.next()?);
+            (kind == "T" && name.starts_with("iot_")).then(|| name.to_owned())
+        })
+        .collect();
+    let declared = declared_functions();
+    assert!(declared.contains("iot_ota_init") && declared.contains("iot_mqtt_create"));
+    assert_eq!(
+        declared, exported,
+        "headers (left) and libiot_ota.a (right) disagree"
+    );
+}
+
+#[test]
+fn abi_layouts_and_values_match_the_rust_side() {
+    use iot_ota::*;
+    use std::mem::{offset_of, size_of};
+    let exit = wait_exit(
+        spawn(&program(&crate_dir().join("tests/c/layout.c")), &[]),
+        WAIT,
+    );
+    assert_success(&exit);
+    let c: BTreeMap<&str, i64> = exit
+        .stdout
+        .lines()
+        .filter_map(|l| {
+            let (k, v) = l.rsplit_once(' ')?;
+            Some((k, v.parse().ok()?))
+        })
+        .collect();
+    let int = |v: i32| i64::from(v);
+    let rust: BTreeMap<&str, i64> = [
+        (
+            "sizeof(iot_mqtt_config_t)",
+            size_of::<IotMqttConfig>() as i64,
+        ),
+        (
+            "sizeof(iot_ota_firmware_t)",
+            size_of::<IotOtaFirmware>() as i64,
+        ),
+        (
+            "iot_mqtt_config_t.host",
+            offset_of!(IotMqttConfig, host) as i64,
+        ),
+        (
+            "iot_mqtt_config_t.port",
+            offset_of!(IotMqttConfig, port) as i64,
+        ),
+        (
+            "iot_mqtt_config_t.client_id",
+            offset_of!(IotMqttConfig, client_id) as i64,
+        ),
+        (
+            "iot_mqtt_config_t.username",
+            offset_of!(IotMqttConfig, username) as i64,
+        ),
+        (
+            "iot_mqtt_config_t.password",
+            offset_of!(IotMqttConfig, password) as i64,
+        ),
+        (
+            "iot_mqtt_config_t.ca_file",
+            offset_of!(IotMqttConfig, ca_file) as i64,
+        ),
+        (
+            "iot_mqtt_config_t.use_tls",
+            offset_of!(IotMqttConfig, use_tls) as i64,
+        ),
+        (
+            "iot_mqtt_config_t.keep_alive_s",
+            offset_of!(IotMqttConfig, keep_alive_s) as i64,
+        ),
+        (
+            "iot_ota_firmware_t.version",
+            offset_of!(IotOtaFirmware, version) as i64,
+        ),
+        (
+            "iot_ota_firmware_t.url",
+            offset_of!(IotOtaFirmware, url) as i64,
+        ),
+        (
+            "iot_ota_firmware_t.sign",
+            offset_of!(IotOtaFirmware, sign) as i64,
+        ),
+        (
+            "iot_ota_firmware_t.sign_method",
+            offset_of!(IotOtaFirmware, sign_method) as i64,
+        ),
+        (
+            "iot_ota_firmware_t.policy",
+            offset_of!(IotOtaFirmware, policy) as i64,
+        ),
+        (
+            "iot_ota_firmware_t.size",
+            offset_of!(IotOtaFirmware, size) as i64,
+        ),
+        // Enums cross the boundary as C ints.
+        (
+            "sizeof(iot_ota_status_t)",
+            size_of::<std::ffi::c_int>() as i64,
+        ),
+        (
+            "sizeof(iot_mqtt_sub_type_t)",
+            size_of::<std::ffi::c_int>() as i64,
+        ),
+        ("IOT_OTA_ERR_NONE", int(IOT_OTA_ERR_NONE)),
+        ("IOT_OTA_ERR_GENERAL", int(IOT_OTA_ERR_GENERAL)),
+        ("IOT_OTA_ERR_INVALID_PARAM", int(IOT_OTA_ERR_INVALID_PARAM)),
+        ("IOT_OTA_ERR_INVALID_STATE", int(IOT_OTA_ERR_INVALID_STATE)),
+        ("IOT_OTA_ERR_STR_TOO_LONG", int(IOT_OTA_ERR_STR_TOO_LONG)),
+        ("IOT_OTA_ERR_FETCH_FAILED", int(IOT_OTA_ERR_FETCH_FAILED)),
+        ("IOT_OTA_ERR_NOMEM", int(IOT_OTA_ERR_NOMEM)),
+        ("IOT_OTA_ERR_MQTT_FAILED", int(IOT_OTA_ERR_MQTT_FAILED)),
+        ("IOT_OTA_ERR_TIMEOUT", int(IOT_OTA_ERR_TIMEOUT)),
+        ("IOT_OTA_ERR_VERIFY_FAILED", int(IOT_OTA_ERR_VERIFY_FAILED)),
+        ("IOT_OTA_STATUS_DOWNLOADING", 1),
+        ("IOT_OTA_STATUS_DOWNLOADED", 2),
+        ("IOT_OTA_STATUS_UPGRADING", 3),
+        ("IOT_OTA_STATUS_SUCCESS", 4),
+        ("IOT_OTA_STATUS_UPGRADE_FAILED", -1),
+        ("IOT_OTA_STATUS_DOWNLOAD_FAILED", -2),
+        ("IOT_OTA_STATUS_VERIFY_FAILED", -3),
+        ("IOT_OTA_STATUS_FLASH_FAILED", -4),
+        (
+            "IOT_OTA_FETCH_STATE_UNINIT",
+            int(IOT_OTA_FETCH_STATE_UNINIT),
+        ),
+        ("IOT_OTA_FETCH_STATE_INIT", int(IOT_OTA_FETCH_STATE_INIT)),
+        (
+            "IOT_OTA_FETCH_STATE_FETCHING",
+            int(IOT_OTA_FETCH_STATE_FETCHING),
+        ),
+        (
+            "IOT_OTA_FETCH_STATE_FETCHED",
+            int(IOT_OTA_FETCH_STATE_FETCHED),
+        ),
+        (
+            "MQTT_SUB_TYPE_OTA_FIRMWARE_UPGRADE",
+            int(MQTT_SUB_TYPE_OTA_FIRMWARE_UPGRADE),
+        ),
+        (
+            "MQTT_SUB_TYPE_OTA_FIRMWARE_GET_INF_REPLY",
+            int(MQTT_SUB_TYPE_OTA_FIRMWARE_GET_INF_REPLY),
+        ),
+        ("IOT_OTA_VERSION_MAX", IOT_OTA_VERSION_MAX as i64),
+        ("IOT_OTA_URL_MAX", IOT_OTA_URL_MAX as i64),
+        ("IOT_OTA_SIGN_MAX", IOT_OTA_SIGN_MAX as i64),
+    ]
+    .into_iter()
+    .collect();
+    assert_eq!(c, rust, "C (left) and Rust (right) disagree");
+    // The status values are the core's wire codes.
+    for s in iot_ota_core::Status::ALL {
+        assert_eq!(
+            c[format!("IOT_OTA_STATUS_{}", s.name()).as_str()],
+            i64::from(s.code())
+        );
+    }
+}
+
+// ---- behaviour, from C ----
+
+#[test]
+fn every_invalid_parameter_is_rejected() {
+    let exit = wait_exit(spawn(&c_test_program(), &["params".into()]), WAIT);
+    assert_success(&exit);
+    assert!(exit.stdout.contains("params ok"), "{}", exit.stdout);
+}
+
+#[test]
+fn happy_path_with_states_and_fresh_counters_per_command() {
+    let rig = Rig::new();
+    let dev = "happy";
+    let body1 = random_bytes(300_017, 11);
+    let body2 = random_bytes(123_456, 12);
+    let url1 = rig.files.add("/fw1.bin", Route::file(body1.clone()));
+    let url2 = rig.files.add("/fw2.bin", Route::chunked(body2.clone()));
+    let mut args = vec!["happy".to_owned()];
+    args.extend(rig.args(dev));
+    args.push(rig.dir.path().display().to_string());
+    args.extend(["2.0.0".into(), body1.len().to_string()]);
+    args.extend(["3.0.0".into(), body2.len().to_string()]);
+    let child = spawn(&c_test_program(), &args);
+
+    rig.expect_version(dev, "inform", "1.0.0");
+    rig.push(dev, command("h1", "2.0.0", &url1, &body1, None));
+    rig.expect_version(dev, "inform", "2.0.0");
+    rig.push(dev, command("h2", "3.0.0", &url2, &body2, None));
+    let exit = wait_exit(child, WAIT);
+    assert_success(&exit);
+    // The last message the device sent: everything before it is recorded then.
+    rig.expect_version(dev, "inform", "3.0.0");
+
+    assert_eq!(
+        std::fs::read(rig.dir.path().join("round-1.bin")).unwrap(),
+        body1
+    );
+    assert_eq!(
+        std::fs::read(rig.dir.path().join("round-2.bin")).unwrap(),
+        body2
+    );
+    let codes: Vec<_> = rig
+        .all(dev, "upgrade_reply")
+        .iter()
+        .map(|r| (r["msgId"].clone(), r["code"].clone()))
+        .collect();
+    assert_eq!(
+        codes,
+        vec![(json!("h1"), json!(200)), (json!("h2"), json!(200))]
+    );
+    assert_eq!(rig.informs(dev), vec!["1.0.0", "2.0.0", "3.0.0"]);
+    // Each upgrade: DOWNLOADING from 0 rising to 100, DOWNLOADED, UPGRADING, SUCCESS.
+    let progress = rig.all(dev, "progress");
+    for version in ["2.0.0", "3.0.0"] {
+        let mine: Vec<(i64, i64)> = progress
+            .iter()
+            .filter(|p| p["data"]["firmwareVersion"] == version)
+            .map(|p| {
+                (
+                    p["data"]["status"].as_i64().unwrap(),
+                    p["data"]["progress"].as_i64().unwrap(),
+                )
+            })
+            .collect();
+        assert_eq!(mine.first(), Some(&(1, 0)), "{version}: {mine:?}");
+        let tail: Vec<_> = mine.iter().rev().take(4).rev().cloned().collect();
+        assert_eq!(
+            tail,
+            vec![(1, 100), (2, 100), (3, 100), (4, 100)],
+            "{mine:?}"
+        );
+        let downloading: Vec<i64> = mine.iter().filter(|s| s.0 == 1).map(|s| s.1).collect();
+        assert!(
+            downloading.windows(2).all(|w| w[0] < w[1]),
+            "{downloading:?}"
+        );
+    }
+}
+
+/// Runs the C `fail` scenario against `route`; returns the rig for wire checks.
+fn failing_fetch(dev: &str, route: Route, body: &[u8], sign: Option<&str>, expected: i32) -> Rig {
+    let rig = Rig::new();
+    let url = rig.files.add("/bad.bin", route);
+    let mut args = vec!["fail".to_owned()];
+    args.extend(rig.args(dev));
+    args.push(expected.to_string());
+    let child = spawn(&c_test_program(), &args);
+    rig.expect_version(dev, "inform", "1.0.0");
+    rig.push(dev, command("f1", "2.0.0", &url, body, sign));
+    let exit = wait_exit(child, WAIT);
+    assert_success(&exit);
+    rig
+}
+
+#[test]
+fn wrong_md5_ends_with_verify_failed() {
+    let body = random_bytes(60_000, 13);
+    let wrong = digest_hex(SignMethod::Md5, b"something else");
+    let rig = failing_fetch(
+        "md5",
+        Route::file(body.clone()),
+        &body,
+        Some(&wrong),
+        iot_ota::IOT_OTA_ERR_VERIFY_FAILED,
+    );
+    rig.wait_status("md5", |s, p| (s, p) == (-3, 100));
+    let statuses = rig.statuses("md5");
+    assert_eq!(statuses.last(), Some(&(-3, 100)), "{statuses:?}");
+    assert!(!statuses.contains(&(2, 100)), "{statuses:?}");
+    assert_eq!(rig.informs("md5"), vec!["1.0.0"]);
+}
+
+#[test]
+fn truncated_download_ends_with_fetch_failed() {
+    let body = random_bytes(50_000, 14);
+    let rig = failing_fetch(
+        "short",
+        Route::truncated(body.clone(), 20_000),
+        &body,
+        None,
+        iot_ota::IOT_OTA_ERR_FETCH_FAILED,
+    );
+    rig.wait_status("short", |s, _| s == -2);
+    let statuses = rig.statuses("short");
+    assert_eq!(statuses.last().map(|s| s.0), Some(-2), "{statuses:?}");
+}
+
+#[test]
+fn fetch_yield_times_out_with_zero_and_destroy_mid_fetch_reports_it() {
+    let rig = Rig::new();
+    let dev = "stall";
+    let body = random_bytes(100_000, 15);
+    let url = rig
+        .files
+        .add("/stall.bin", Route::stall(body.clone(), 12_000));
+    let mut args = vec!["stall".to_owned()];
+    args.extend(rig.args(dev));
+    args.push("12000".into());
+    let child = spawn(&c_test_program(), &args);
+    rig.expect_version(dev, "inform", "1.0.0");
+    rig.push(dev, command("s1", "2.0.0", &url, &body, None));
+    let exit = wait_exit(child, WAIT);
+    assert_success(&exit);
+    // The destroy's cancel went out before the disconnect.
+    rig.wait_status(dev, |status, _| status == -2);
+    let last = rig.all(dev, "progress").pop().unwrap();
+    assert_eq!(last["data"]["status"], -2);
+    assert_eq!(last["data"]["firmwareVersion"], "2.0.0");
+    assert!(
+        last["data"]["desc"].as_str().unwrap().contains("cancelled"),
+        "{last}"
+    );
+}
+
+#[test]
+fn get_firmware_info_reply_reaches_the_callback_and_404_starts_nothing() {
+    let rig = Rig::new();
+    let dev = "getter";
+    let body = random_bytes(80_000, 16);
+    let url = rig.files.add("/got.bin", Route::file(body.clone()));
+    let mut args = vec!["get".to_owned()];
+    args.extend(rig.args(dev));
+    args.push(rig.dir.path().display().to_string());
+    args.extend(["2.5.0".into(), "9.9.9".into()]);
+    let child = spawn(&c_test_program(), &args);
+
+    // Play the platform: answer each get as it comes.
+    let get1 = rig.expect_version(dev, "get", "2.5.0");
+    let id1 = get1["msgId"].as_str().unwrap().to_owned();
+    let reply = encode_get_reply(&id1, &firmware("2.5.0", &url, &body));
+    rig.wire
+        .publish(&rig.topic(dev, "get_reply"), reply, true)
+        .unwrap();
+    let get2 = rig.expect_version(dev, "get", "9.9.9");
+    let id2 = get2["msgId"].as_str().unwrap().to_owned();
+    rig.wire
+        .publish(
+            &rig.topic(dev, "get_reply"),
+            encode_get_not_found(&id2, "9.9.9"),
+            true,
+        )
+        .unwrap();
+    let exit = wait_exit(child, WAIT);
+    assert_success(&exit);
+
+    // The ids the C calls returned are the requests' msgIds.
+    assert!(
+        exit.stdout.contains(&format!("get {id1} 2.5.0")),
+        "{}",
+        exit.stdout
+    );
+    assert!(
+        exit.stdout.contains(&format!("get {id2} 9.9.9")),
+        "{}",
+        exit.stdout
+    );
+    assert_eq!(std::fs::read(rig.dir.path().join("get.bin")).unwrap(), body);
+    rig.expect_version(dev, "inform", "2.5.0");
+    assert_eq!(rig.informs(dev), vec!["1.0.0", "2.5.0"]);
+    let statuses = rig.statuses(dev);
+    assert_eq!(statuses.first(), Some(&(1, 0)), "{statuses:?}");
+    assert_eq!(statuses.last(), Some(&(4, 100)), "{statuses:?}");
+    // A get is not a command: no reply from the device.
+    assert!(rig.all(dev, "upgrade_reply").is_empty());
+}
+
+// ---- the C example ----
+
+fn example_args(rig: &Rig, dev: &str) -> Vec<String> {
+    [
+        "--broker",
+        &rig.broker.url(),
+        "--product-key",
+        PK,
+        "--device-name",
+        dev,
+        "--firmware-version",
+        "1.0.0",
+        "--output-dir",
+        &rig.dir.path().join(dev).display().to_string(),
+        "--once",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+#[test]
+fn example_with_wrong_md5_exits_1_and_keeps_no_file() {
+    let rig = Rig::new();
+    let dev = "exbad";
+    let body = random_bytes(70_000, 17);
+    let url = rig.files.add("/ex-bad.bin", Route::file(body.clone()));
+    let child = spawn(&example_program(), &example_args(&rig, dev));
+    rig.expect_version(dev, "inform", "1.0.0");
+    let wrong = digest_hex(SignMethod::Md5, b"not it");
+    rig.push(dev, command("e1", "2.0.0", &url, &body, Some(&wrong)));
+    let exit = wait_exit(child, WAIT);
+    assert_eq!(exit.code, 1, "{}", exit.stderr);
+    let out = rig.dir.path().join(dev);
+    assert!(!out.join("firmware-2.0.0.bin").exists());
+    assert!(!out.join("firmware-2.0.0.bin.part").exists());
+    rig.wait_status(dev, |s, p| (s, p) == (-3, 100));
+    let statuses = rig.statuses(dev);
+    assert_eq!(statuses.last(), Some(&(-3, 100)), "{statuses:?}");
+    assert_eq!(rig.informs(dev), vec!["1.0.0"]);
+}
+
+/// valgrind, when installed. Absent in CI is a failure; absent elsewhere a loud skip.
+fn valgrind() -> Option<PathBuf> {
+    let found = std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|p| p.join("valgrind"))
+            .find(|p| p.is_file())
+    });
+    if found.is_none() {
+        if std::env::var_os("CI").is_some() {
+            panic!("valgrind is required in CI (install it: apt-get install valgrind)");
+        }
+        eprintln!(
+            "\n!!!!!!!! valgrind is not installed: SKIPPING the C example's leak check !!!!!!!!\n"
+        );
+    }
+    found
+}
+
+#[test]
+fn example_upgrade_under_valgrind_has_no_leaks_and_no_errors() {
+    let Some(valgrind) = valgrind() else { return };
+    let rig = Rig::new();
+    let dev = "exvg";
+    let body = random_bytes(200_000, 18);
+    let url = rig.files.add("/ex.bin", Route::file(body.clone()));
+    let log = rig.dir.path().join("valgrind.log");
+    let mut args = vec![
+        "--leak-check=full".to_owned(),
+        "--error-exitcode=99".into(),
+        format!("--log-file={}", log.display()),
+        example_program().display().to_string(),
+    ];
+    args.extend(example_args(&rig, dev));
+    let child = spawn(&valgrind, &args);
+    let slow = Duration::from_secs(180);
+    let inform = rig.wire.wait_for(
+        |m| {
+            m.topic == rig.topic(dev, "inform")
+                && m.json_str("data.firmwareVersion").as_deref() == Some("1.0.0")
+        },
+        slow,
+    );
+    assert!(inform.is_some(), "no inform under valgrind");
+    rig.push(dev, command("v1", "2.0.0", &url, &body, None));
+    let exit = wait_exit(child, slow);
+    let report = std::fs::read_to_string(&log).unwrap_or_default();
+    assert_eq!(
+        exit.code, 0,
+        "exit {}\nstderr:\n{}\nvalgrind:\n{report}",
+        exit.code, exit.stderr
+    );
+    let summary: Vec<&str> = report
+        .lines()
+        .filter(|l| {
+            [
+                "definitely lost",
+                "indirectly lost",
+                "possibly lost",
+                "ERROR SUMMARY",
+                "All heap blocks",
+            ]
+            .iter()
+            .any(|k| l.contains(k))
+        })
+        .collect();
+    eprintln!("valgrind summary:\n{}", summary.join("\n"));
+    assert!(report.contains("ERROR SUMMARY: 0 errors"), "{report}");
+    let no_leaks = report.contains("All heap blocks were freed")
+        || (report.contains("definitely lost: 0 bytes")
+            && report.contains("indirectly lost: 0 bytes"));
+    assert!(no_leaks, "{report}");
+
+    let out = rig.dir.path().join(dev);
+    assert_eq!(std::fs::read(out.join("firmware-2.0.0.bin")).unwrap(), body);
+    rig.expect_version(dev, "inform", "2.0.0");
+    assert!(!out.join("firmware-2.0.0.bin.part").exists());
+    assert_eq!(rig.informs(dev), vec!["1.0.0", "2.0.0"]);
+    let statuses = rig.statuses(dev);
+    let tail: Vec<_> = statuses.iter().rev().take(4).rev().cloned().collect();
+    assert_eq!(
+        tail,
+        vec![(1, 100), (2, 100), (3, 100), (4, 100)],
+        "{statuses:?}"
+    );
+    assert!(exit.stderr.contains("upgraded to 2.0.0"), "{}", exit.stderr);
+}
