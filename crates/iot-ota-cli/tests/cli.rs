@@ -418,3 +418,67 @@ async fn device_agent_defers_silent_upgrades_to_the_trigger() {
     assert!(!dir.join("quiet-work").join("install-now").exists());
     p.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn platform_subcommand_serves_until_stopped() {
+    let dir = TempDir::new("cli-platform");
+    let http = format!("127.0.0.1:{}", iot_ota_testkit::free_port());
+    let mqtt = format!("127.0.0.1:{}", iot_ota_testkit::free_port());
+    let mut child = tokio::process::Command::new(BIN)
+        .args([
+            "platform",
+            "--data-dir",
+            dir.join("data").to_str().unwrap(),
+            "--http",
+            &http,
+            "--mqtt-listen",
+            &mqtt,
+        ])
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let api = ApiClient::new(&format!("http://{http}")).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let health = loop {
+        if let Ok(h) = api.health().await {
+            break h;
+        }
+        assert!(Instant::now() < deadline, "the platform never answered");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(health["mqtt_connected"], true);
+    // The embedded broker takes devices on the chosen port.
+    let w = tokio::task::spawn_blocking(move || {
+        WireRecorder::connect(&format!("mqtt://{mqtt}"), "/sys/#")
+    })
+    .await
+    .unwrap();
+    assert!(w.wait_ready_async(Duration::from_secs(10)).await);
+    w.publish_async(
+        "/sys/pk/agent/ota/firmware/inform",
+        iot_ota_core::protocol::encode_inform("1", "3.1"),
+        true,
+    )
+    .await
+    .unwrap();
+    wait_device(&api, "pk", "agent").await;
+    let o = run(&[
+        "--api",
+        &format!("http://{http}"),
+        "device",
+        "list",
+        "--json",
+    ])
+    .await;
+    let list: Vec<iot_ota_platform::api::DeviceView> = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(
+        (list[0].device.as_str(), list[0].version.as_str()),
+        ("agent", "3.1")
+    );
+    child.kill().await.unwrap();
+    let out = child.wait_with_output().await.unwrap();
+    let banner = String::from_utf8_lossy(&out.stdout);
+    assert!(banner.contains(&format!("API http://{http}")), "{banner}");
+    assert!(dir.join("data").join("platform.db").exists());
+}

@@ -335,7 +335,15 @@ impl Platform {
         self.shared.stopping.store(true, Ordering::SeqCst);
         let _ = self.shared.mqtt.disconnect().await;
         tokio::time::sleep(Duration::from_millis(50)).await;
-        self.stop_tasks();
+        // Wait for the aborted tasks, so the listeners are closed (and their
+        // ports free for a restart) when this returns.
+        let tasks: Vec<JoinHandle<()>> = self.tasks.drain(..).collect();
+        for t in &tasks {
+            t.abort();
+        }
+        for t in tasks {
+            let _ = t.await;
+        }
     }
 
     fn stop_tasks(&mut self) {
