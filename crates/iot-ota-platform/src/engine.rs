@@ -21,6 +21,45 @@
 //!
 //! An inform of the target version finishes any unfinished record with
 //! success: the platform judges success by the version alone.
+//!
+//! # Drive contract
+//!
+//! Feed every device message to the batch (`handle_reply`, `handle_progress`,
+//! `handle_inform`), call [`Batch::poll`] at [`Batch::next_wakeup`] (or
+//! sooner: polling early is harmless), and after every call write
+//! [`Batch::take_dirty`]'s rows, then carry out the returned actions.
+//!
+//! ```
+//! use iot_ota_core::{Policy, SignMethod};
+//! use iot_ota_platform::engine::{Action, Batch, BatchConfig, FailReason, RecordState};
+//!
+//! let config = BatchConfig {
+//!     policy: Policy::Standard,
+//!     sign_method: SignMethod::Md5,
+//!     validity_ms: 60_000,
+//!     timeout_ms: 10_000,
+//!     retries: 1,
+//!     retry_interval_ms: 2_000,
+//!     ack_timeout_ms: 10_000,
+//! };
+//! let t0 = 1_700_000_000_000;
+//! let mut batch = Batch::new(1, "pk", "2.0.0", config, ["dev".to_string()], t0);
+//! // The shell's loop: poll when due, persist, then act.
+//! let actions = batch.poll(t0);
+//! let (changed, _batch_row) = batch.take_dirty(); // write these rows, then publish:
+//! assert_eq!(changed, ["dev"]);
+//! let Action::Push { msg_id, .. } = &actions[0];
+//! assert_eq!(msg_id, "b1a1");
+//! // No reply within the ack timeout: push failed, a retry 2 s later.
+//! assert_eq!(batch.next_wakeup(), Some(t0 + 10_000));
+//! batch.poll(t0 + 10_000);
+//! let rec = &batch.records["dev"];
+//! assert_eq!((rec.state, rec.reason), (RecordState::AwaitingRetry, Some(FailReason::PushFailed)));
+//! assert_eq!(batch.poll(t0 + 12_000).len(), 1, "the retry's push");
+//! batch.handle_reply("dev", "b1a2", 200, "success", t0 + 12_100);
+//! batch.handle_inform("dev", "2.0.0", t0 + 15_000);
+//! assert_eq!(batch.records["dev"].state, RecordState::Success);
+//! ```
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
