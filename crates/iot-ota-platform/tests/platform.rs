@@ -165,7 +165,7 @@ async fn every_failure_reason() {
     assert!(record(&b, "off").desc.contains("no reply within 1 s"));
     let slow = record(&b, "slow");
     let took = slow.finished_ms.unwrap() - slow.started_ms.unwrap();
-    assert!((1000..2500).contains(&took), "timeout after {took} ms");
+    assert!((1000..4000).contains(&took), "timeout after {took} ms");
     assert!(t0.elapsed() >= Duration::from_millis(900));
     assert_eq!(b.totals.failed, 7);
     p.shutdown().await;
@@ -241,9 +241,9 @@ async fn validity_expiry_and_terminate() {
     api.add_firmware(PK, "2.0.0", "fw.bin", &random_bytes(1000, 4))
         .await
         .unwrap();
-    // Validity 1.5 s: "idle" acks but never reports progress; it is cut at the end.
+    // Validity 3 s: "idle" acks but never reports progress; it is cut at the end.
     let mut req = quick_batch(Some(vec!["idle", "busy"]));
-    req.validity_secs = Some(1.5);
+    req.validity_secs = Some(3.0);
     req.ack_timeout_secs = Some(5.0);
     let id = api.create_batch(&req).await.unwrap().batch.id;
     let msg = format!("b{id}a1");
@@ -256,7 +256,7 @@ async fn validity_expiry_and_terminate() {
         record(b, "idle").state == "failed"
     })
     .await;
-    assert!(b.created_ms + 1500 <= record(&b, "idle").finished_ms.unwrap());
+    assert!(b.created_ms + 3000 <= record(&b, "idle").finished_ms.unwrap());
     assert_eq!(
         record(&b, "idle").reason.as_deref(),
         Some("upgrade_timeout")
@@ -564,7 +564,7 @@ async fn restart_mid_batch_loses_no_record() {
         .await
         .unwrap();
     let mut req = quick_batch(None);
-    req.ack_timeout_secs = Some(4.0);
+    req.ack_timeout_secs = Some(6.0);
     let id = api1.create_batch(&req).await.unwrap().batch.id;
     let msg = format!("b{id}a1");
     for d in ["done", "mid", "silent"] {
