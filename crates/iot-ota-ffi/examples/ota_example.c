@@ -57,6 +57,7 @@ static int parse_args(int argc, char **argv, struct args *a)
     for (int i = 1; i < argc; i++) {
         const char *flag = argv[i];
         const char **slot = NULL;
+        if (strcmp(flag, "-h") == 0 || strcmp(flag, "--help") == 0) return -1;
         if (strcmp(flag, "--once") == 0) {
             a->once = 1;
             continue;

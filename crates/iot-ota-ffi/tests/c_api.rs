@@ -122,8 +122,15 @@ fn c_test_program() -> PathBuf {
     program(&crate_dir().join("tests/c/c_api_test.c"))
 }
 
+/// The C example: built here against the debug library, or the binary named
+/// by `IOT_OTA_EXAMPLE` (`make test-c` points it at the device build).
 fn example_program() -> PathBuf {
-    program(&crate_dir().join("examples/ota_example.c"))
+    match std::env::var_os("IOT_OTA_EXAMPLE") {
+        Some(path) => {
+            std::fs::canonicalize(&path).unwrap_or_else(|e| panic!("IOT_OTA_EXAMPLE={path:?}: {e}"))
+        }
+        None => program(&crate_dir().join("examples/ota_example.c")),
+    }
 }
 
 // ---- running them ----
