@@ -8,6 +8,7 @@
  *   c_api_test fail   HOST PORT PK DN EXPECTED_ERR
  *   c_api_test stall  HOST PORT PK DN SENT_BYTES
  *   c_api_test get    HOST PORT PK DN OUTDIR VERSION_OK VERSION_MISSING
+ *   c_api_test slow   HOST PORT PK DN
  *
  * Every check that fails prints its line and exits with 2.
  */
@@ -525,6 +526,30 @@ static int scenario_get(char **argv)
     return 0;
 }
 
+/* ---- slow: a download longer than the keep-alive, with no yield ---- */
+
+static int scenario_slow(char **argv)
+{
+    const char *host = argv[0], *port = argv[1], *pk = argv[2], *dn = argv[3];
+    iot_mqtt_t *m = connect_mqtt(host, port, "c-slow"); /* keep-alive 5 s */
+    void *ota = iot_ota_init(pk, dn, m);
+    CHECK(ota != NULL);
+    CHECK_EQ(iot_ota_report_firmware_version(ota, "1.0.0"), 0);
+    wait_fetching(m, ota, 30);
+    double t0 = now_s();
+    long long got = fetch_all(ota, NULL);
+    double took = now_s() - t0;
+    printf("fetched %lld bytes in %.1f s\n", got, took);
+    /* Only iot_ota_fetch_yield ran all that time: it kept the connection up. */
+    CHECK(took > 8.0);
+    CHECK_EQ(iot_mqtt_is_connected(m), 1);
+    report_success(m, ota, "2.0.0");
+    CHECK_EQ(iot_ota_destroy(ota), 0);
+    CHECK_EQ(iot_mqtt_destroy(m), 0);
+    printf("slow ok\n");
+    return 0;
+}
+
 int main(int argc, char **argv)
 {
     setvbuf(stdout, NULL, _IOLBF, 0);
@@ -533,6 +558,7 @@ int main(int argc, char **argv)
     if (argc >= 7 && strcmp(argv[1], "fail") == 0) return scenario_fail(argv + 2);
     if (argc >= 7 && strcmp(argv[1], "stall") == 0) return scenario_stall(argv + 2);
     if (argc >= 9 && strcmp(argv[1], "get") == 0) return scenario_get(argv + 2);
-    fprintf(stderr, "usage: c_api_test params|happy|fail|stall|get ARGS...\n");
+    if (argc >= 6 && strcmp(argv[1], "slow") == 0) return scenario_slow(argv + 2);
+    fprintf(stderr, "usage: c_api_test params|happy|fail|stall|get|slow ARGS...\n");
     return 64;
 }
