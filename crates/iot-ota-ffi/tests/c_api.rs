@@ -817,6 +817,39 @@ fn a_long_download_keeps_the_connection_alive_and_reports_as_it_goes() {
     assert!(downloading.len() >= 5, "{downloading:?}");
 }
 
+#[test]
+fn reconnects_after_a_broker_restart_and_resubscribes() {
+    let mut rig = Rig::new();
+    let dev = "recon";
+    let body = random_bytes(40_000, 21);
+    let url = rig.files.add("/recon.bin", Route::file(body.clone()));
+    let mut args = vec!["reconnect".to_owned()];
+    args.extend(rig.args(dev));
+    let child = spawn(&c_test_program(), &args);
+    rig.expect_version(dev, "inform", "1.0.0");
+    rig.broker.restart();
+    assert!(rig.wire.wait_ready(WAIT), "the recorder did not come back");
+    // The device resubscribes by itself; until it has, a command is lost
+    // (clean session), so push until it is acknowledged.
+    let reply_topic = rig.topic(dev, "upgrade_reply");
+    let deadline = Instant::now() + WAIT;
+    loop {
+        assert!(Instant::now() < deadline, "wire:\n{}", rig.wire.summary());
+        rig.push(dev, command("r1", "2.0.0", &url, &body, None));
+        if rig
+            .wire
+            .wait_for(|m| m.topic == reply_topic, Duration::from_secs(1))
+            .is_some()
+        {
+            break;
+        }
+    }
+    let exit = wait_exit(child, WAIT);
+    assert_success(&exit);
+    rig.expect_version(dev, "inform", "2.0.0");
+    assert_eq!(rig.informs(dev).last().map(String::as_str), Some("2.0.0"));
+}
+
 // ---- the C example ----
 
 fn example_args(rig: &Rig, dev: &str) -> Vec<String> {

@@ -9,6 +9,7 @@
  *   c_api_test stall  HOST PORT PK DN SENT_BYTES
  *   c_api_test get    HOST PORT PK DN OUTDIR VERSION_OK VERSION_MISSING
  *   c_api_test slow   HOST PORT PK DN
+ *   c_api_test reconnect HOST PORT PK DN
  *
  * Every check that fails prints its line and exits with 2.
  */
@@ -550,6 +551,39 @@ static int scenario_slow(char **argv)
     return 0;
 }
 
+/* ---- reconnect: the broker restarts while the device waits ---- */
+
+static int scenario_reconnect(char **argv)
+{
+    const char *host = argv[0], *port = argv[1], *pk = argv[2], *dn = argv[3];
+    iot_mqtt_t *m = connect_mqtt(host, port, "c-reconnect");
+    void *ota = iot_ota_init(pk, dn, m);
+    CHECK(ota != NULL);
+    CHECK_EQ(iot_ota_report_firmware_version(ota, "1.0.0"), 0);
+    int down = 0;
+    double deadline = now_s() + 60;
+    while (iot_ota_is_fetching(ota) != 1) {
+        CHECK(now_s() < deadline);
+        int rc = iot_mqtt_yield(m, 200);
+        if (rc == IOT_OTA_ERR_MQTT_FAILED) {
+            down++;
+            CHECK_EQ(iot_mqtt_is_connected(m), 0);
+        } else {
+            CHECK_EQ(rc, 0);
+        }
+    }
+    /* The connection was seen down, and came back by itself. */
+    printf("yields while down: %d\n", down);
+    CHECK(down > 0);
+    CHECK_EQ(iot_mqtt_is_connected(m), 1);
+    CHECK(fetch_all(ota, NULL) > 0);
+    report_success(m, ota, "2.0.0");
+    CHECK_EQ(iot_ota_destroy(ota), 0);
+    CHECK_EQ(iot_mqtt_destroy(m), 0);
+    printf("reconnect ok\n");
+    return 0;
+}
+
 int main(int argc, char **argv)
 {
     setvbuf(stdout, NULL, _IOLBF, 0);
@@ -559,6 +593,7 @@ int main(int argc, char **argv)
     if (argc >= 7 && strcmp(argv[1], "stall") == 0) return scenario_stall(argv + 2);
     if (argc >= 9 && strcmp(argv[1], "get") == 0) return scenario_get(argv + 2);
     if (argc >= 6 && strcmp(argv[1], "slow") == 0) return scenario_slow(argv + 2);
-    fprintf(stderr, "usage: c_api_test params|happy|fail|stall|get|slow ARGS...\n");
+    if (argc >= 6 && strcmp(argv[1], "reconnect") == 0) return scenario_reconnect(argv + 2);
+    fprintf(stderr, "usage: c_api_test params|happy|fail|stall|get|slow|reconnect ARGS...\n");
     return 64;
 }
