@@ -38,6 +38,8 @@ struct Inner {
     http: HttpOptions,
     waiters: GetWaiters,
     timer: Arc<Notify>,
+    /// Signalled when the event loop has written the DISCONNECT packet.
+    disconnected: Arc<Notify>,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -113,7 +115,13 @@ impl OtaClient {
         let timer = Arc::new(Notify::new());
 
         let (first_tx, first_rx) = oneshot::channel();
-        let driver = tokio::spawn(drive(eventloop, session.clone(), Some(first_tx)));
+        let disconnected = Arc::new(Notify::new());
+        let driver = tokio::spawn(drive(
+            eventloop,
+            session.clone(),
+            Some(first_tx),
+            disconnected.clone(),
+        ));
         let timers = tokio::spawn(run_timers(session.clone(), timer.clone()));
         let connected =
             tokio::time::timeout(config.connect_timeout + Duration::from_secs(1), first_rx).await;
@@ -145,6 +153,7 @@ impl OtaClient {
                 http,
                 waiters,
                 timer,
+                disconnected,
                 tasks: vec![driver, timers],
             }),
         };
@@ -231,12 +240,15 @@ impl OtaClient {
         }
     }
 
-    /// Disconnects from the broker (after sending what is queued) and stops
-    /// the background tasks.
+    /// Disconnects from the broker after sending what is queued (reports
+    /// included: requests go out in order), waiting at most 2 s for that, and
+    /// stops the background tasks.
     pub async fn disconnect(self) {
-        let _ = self.inner.session.mqtt().disconnect().await;
-        // Give the event loop a moment to flush the queue and the DISCONNECT.
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        if self.inner.session.mqtt().disconnect().await.is_ok() {
+            let _ =
+                tokio::time::timeout(Duration::from_secs(2), self.inner.disconnected.notified())
+                    .await;
+        }
     }
 }
 
@@ -249,11 +261,16 @@ async fn drive(
     mut eventloop: EventLoop,
     session: Arc<Session>,
     mut first: Option<oneshot::Sender<Result<(), Error>>>,
+    disconnected: Arc<Notify>,
 ) {
     const MAX_BACKOFF: Duration = Duration::from_secs(30);
     let mut backoff = Duration::from_millis(500);
     loop {
         match eventloop.poll().await {
+            Ok(rumqttc::Event::Outgoing(rumqttc::Outgoing::Disconnect)) => {
+                disconnected.notify_one();
+                return;
+            }
             Ok(event) => {
                 let connack = matches!(event, rumqttc::Event::Incoming(Packet::ConnAck(_)));
                 session.handle_mqtt_event(&event);
