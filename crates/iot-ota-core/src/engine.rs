@@ -189,21 +189,20 @@ impl Ota {
     fn handle_upgrade(&mut self, payload: &[u8]) {
         let cmd = match protocol::parse_upgrade(payload, &self.config.limits) {
             Ok(cmd) => cmd,
+            // While busy, a bad command gets its reply but no failure report:
+            // the platform would take the report as the running upgrade's.
+            Err((msg_id, rejection)) if self.job.is_some() => {
+                return self.reject_quietly(msg_id, rejection)
+            }
             Err((msg_id, rejection)) => return self.reject(msg_id, None, rejection),
         };
         if let Some(job) = &self.job {
-            // Busy: the running upgrade goes on, untouched; no failure report,
-            // which the platform would take as the running upgrade's.
+            // Busy: the running upgrade goes on, untouched.
             let rejection = Rejection {
                 code: ReplyCode::Busy,
                 message: format!("busy: upgrading to {}", job.version),
             };
-            self.publish_reply(&cmd.msg_id, rejection.code, &rejection.message);
-            self.outputs.push_back(Output::Event(Event::Rejected {
-                msg_id: Some(cmd.msg_id),
-                rejection,
-            }));
-            return;
+            return self.reject_quietly(Some(cmd.msg_id), rejection);
         }
         if let Err(rejection) = self.check_policy(&cmd.firmware) {
             let version = cmd.firmware.version.clone();
@@ -242,6 +241,17 @@ impl Ota {
             firmware_version: version.unwrap_or_default(),
         };
         self.queue_progress(&report);
+        self.outputs
+            .push_back(Output::Event(Event::Rejected { msg_id, rejection }));
+    }
+
+    /// Replies with the rejection, without a failure report.
+    fn reject_quietly(&mut self, msg_id: Option<String>, rejection: Rejection) {
+        self.publish_reply(
+            msg_id.as_deref().unwrap_or(""),
+            rejection.code,
+            &rejection.message,
+        );
         self.outputs
             .push_back(Output::Event(Event::Rejected { msg_id, rejection }));
     }
@@ -495,6 +505,17 @@ mod tests {
         assert_eq!(p[0].1["code"], 409);
         assert_eq!(p[0].1["msgId"], "2");
         assert!(matches!(&out[1], Output::Event(Event::Rejected { .. })));
+        assert_eq!(o.job().unwrap().version, "2.0");
+
+        // A malformed command while busy: 400, and no failure report that
+        // the platform would pin on the running upgrade.
+        o.handle_publish("/sys/pk/dev/ota/firmware/upgrade", br#"{"msgId":"x"}"#, now);
+        let p = published(&drain(&mut o));
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert_eq!(
+            (p[0].0.as_str(), p[0].1["code"].as_i64()),
+            ("upgrade_reply", Some(400))
+        );
         assert_eq!(o.job().unwrap().version, "2.0");
 
         // Non-terminal reports keep the job; a terminal one ends it.

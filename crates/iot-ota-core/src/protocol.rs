@@ -380,7 +380,10 @@ fn req_str<'a>(data: &'a Map<String, Value>, key: &str) -> Result<&'a str, Rejec
     }
 }
 
-/// Checks a firmware version string: 1-100 characters, printable, no spaces.
+/// Checks a firmware version string: 1-100 characters of letters, digits,
+/// `_`, `-` and `.` (the console's rule for firmware versions), and not `.`
+/// or `..`. Devices put the version in file names and install commands, so
+/// nothing else may get through.
 pub fn validate_version(version: &str) -> Result<(), Rejection> {
     if version.is_empty() {
         return Err(Rejection::bad("firmwareVersion is empty"));
@@ -390,10 +393,15 @@ pub fn validate_version(version: &str) -> Result<(), Rejection> {
             "firmwareVersion is longer than {MAX_VERSION_LEN} characters"
         )));
     }
-    if version.chars().any(|c| c.is_control() || c.is_whitespace()) {
-        return Err(Rejection::bad(
-            "firmwareVersion contains whitespace or control characters",
-        ));
+    if !version
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
+        || version == "."
+        || version == ".."
+    {
+        return Err(Rejection::bad(format!(
+            "firmwareVersion {version:?} may only contain letters, digits, '_', '-' and '.'"
+        )));
     }
     Ok(())
 }
@@ -879,6 +887,22 @@ mod tests {
             (good().replace(":10", ":1.5"), 400, "integer"),
             (good().replace(":10", ":\"10\""), 400, "integer"),
             (good().replace("\"2.0\"", "\"\""), 400, "empty"),
+            (
+                good().replace("\"2.0\"", "\"a/../../x\""),
+                400,
+                "may only contain",
+            ),
+            (
+                good().replace("\"2.0\"", "\"1;reboot\""),
+                400,
+                "may only contain",
+            ),
+            (good().replace("\"2.0\"", "\"..\""), 400, "may only contain"),
+            (
+                good().replace("\"2.0\"", "\"2.0 beta\""),
+                400,
+                "may only contain",
+            ),
             (good().replace("http://h/f", "ftp://h/f"), 400, "ftp"),
             (good().replace("http://h/f", "http:///f"), 400, "no host"),
             (good().replace(MD5, "abc"), 400, "32-character"),

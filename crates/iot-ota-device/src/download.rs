@@ -413,9 +413,22 @@ impl Download {
 }
 
 impl Drop for Download {
+    /// An unfinished download must not leave the device busy: a started one
+    /// is reported failed ("download cancelled"); an accepted upgrade whose
+    /// download never started is reported UPGRADE_FAILED.
     fn drop(&mut self) {
-        if self.started && !self.handed_off && self.fetch.outcome().is_none() {
+        if self.handed_off || self.fetch.outcome().is_some() {
+            return;
+        }
+        if self.started {
             self.fail(FetchError::Cancelled);
+        } else {
+            let firmware = self.fetch.firmware();
+            self.session.with(|ota| {
+                if ota.job() == Some(firmware) {
+                    ota.abort("upgrade abandoned before its download started");
+                }
+            });
         }
     }
 }
@@ -457,9 +470,10 @@ fn verify_worker(
     free_tx: mpsc::Sender<Vec<u8>>,
 ) -> (Fetch, Result<Verified, FetchError>) {
     let (to_writer, writer_rx) = std::sync::mpsc::sync_channel::<ToWriter>(BUFFERS);
+    let writer_part = part.clone();
     let writer = std::thread::Builder::new()
         .name("ota-write".into())
-        .spawn(move || write_stage(file, &part, writer_rx, free_tx));
+        .spawn(move || write_stage(file, &writer_part, writer_rx, free_tx));
     let result = match writer {
         Err(e) => Err(FetchError::Storage(format!(
             "cannot start the writer thread: {e}"
@@ -519,6 +533,9 @@ fn verify_worker(
         }
     };
     if let Err(e) = &result {
+        // Also when download_to itself was cancelled (its future dropped):
+        // no unverified bytes stay behind.
+        let _ = std::fs::remove_file(&part);
         fetch.fail(e.clone());
         session.publish_progress(&fetch.failure_report(e));
     }

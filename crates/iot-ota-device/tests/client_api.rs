@@ -306,3 +306,60 @@ async fn connect_failure_is_reported() {
     let err = OtaClient::connect(config).await.unwrap_err();
     assert!(matches!(err, Error::Mqtt(_)), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_abandoned_upgrade_does_not_leave_the_device_busy() {
+    let rig = Rig::new();
+    let (client, mut upgrades) = connect(&rig, "a1").await;
+    rig.push(
+        "a1",
+        json!({"msgId": "1", "version": "1.0", "data": good_data()}).to_string(),
+    );
+    let cmd = upgrades.next().await.unwrap();
+    drop(client.download(&cmd));
+    let report = rig.expect("a1", "progress", |m| m.json_i64("data.status") == Some(-1));
+    assert_eq!(
+        report.json_str("data.desc").as_deref(),
+        Some("upgrade abandoned before its download started")
+    );
+    assert_eq!(
+        report.json_str("data.firmwareVersion").as_deref(),
+        Some("2.0")
+    );
+    rig.push(
+        "a1",
+        json!({"msgId": "2", "version": "1.0", "data": good_data()}).to_string(),
+    );
+    let reply = rig.expect("a1", "upgrade_reply", |m| {
+        m.json_str("msgId").as_deref() == Some("2")
+    });
+    assert_eq!(reply.json_i64("code"), Some(200));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_download_to_leaves_no_part_file() {
+    let rig = Rig::new();
+    let body = random_bytes(100_000, 23);
+    let url = rig.files.add("/c.bin", Route::stall(body.clone(), 30_000));
+    let (client, mut upgrades) = connect(&rig, "a2").await;
+    rig.push("a2", command("1", "2.0", &url, &body, SignMethod::Md5));
+    let cmd = upgrades.next().await.unwrap();
+    let path = rig.dir.path().join("c.bin");
+    let part = rig.dir.path().join("c.bin.part");
+    let cancelled = tokio::time::timeout(
+        Duration::from_millis(300),
+        client.download(&cmd).download_to(&path),
+    )
+    .await;
+    assert!(
+        cancelled.is_err(),
+        "the stalled download cannot finish in time"
+    );
+    let report = rig.expect("a2", "progress", |m| m.json_i64("data.status") == Some(-2));
+    assert_eq!(
+        report.json_str("data.desc").as_deref(),
+        Some("download cancelled")
+    );
+    assert!(!path.exists());
+    assert!(!part.exists(), "the part file must be removed");
+}

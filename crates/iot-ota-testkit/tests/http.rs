@@ -408,4 +408,3 @@ async fn https_with_client_certificates() {
         .await
         .is_err());
 }
-

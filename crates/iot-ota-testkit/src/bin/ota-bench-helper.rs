@@ -13,7 +13,12 @@ use iot_ota_testkit::{FileServer, Route, TestCa, WireRecorder};
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    match args.iter().map(String::as_str).collect::<Vec<_>>().as_slice() {
+    match args
+        .iter()
+        .map(String::as_str)
+        .collect::<Vec<_>>()
+        .as_slice()
+    {
         ["serve", file, ca_out] => serve(file, ca_out),
         ["publish", broker, topic, payload] => {
             // The recorder subscribes to a topic nobody uses; it is only a publisher here.
