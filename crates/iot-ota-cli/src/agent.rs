@@ -14,9 +14,19 @@
 //!   new slot active, never a half-written one. A bootloader or the next start
 //!   reads `DIR/active`.
 //! - `install.command`: a shell command with `{file}` and `{version}`
-//!   placeholders (`rauc install {file}`, `swupdate -i {file}`). Exit status 0
-//!   is success; anything else reports FLASH_FAILED with the status and the
-//!   end of stderr in `desc`.
+//!   placeholders (`rauc install {file}`, `swupdate -i {file}`), run with
+//!   `sh -c`. Each placeholder is replaced by its value in POSIX single quotes
+//!   (a `'` inside becomes `'\''`), so it is always one word and never shell
+//!   syntax: write `{file}`, not `"{file}"`. The same values are in the
+//!   environment as `OTA_FILE` and `OTA_VERSION`. Exit status 0 is success;
+//!   anything else reports FLASH_FAILED with the status and the end of stderr
+//!   in `desc`.
+//!
+//! The version of a command names files (`firmware-VERSION.bin`, the slot's
+//! `version`) and reaches the install command, so the agent refuses, with
+//! UPGRADE_FAILED and no download, any version that is not 1-100 letters,
+//! digits, `_`, `-` or `.`, or that is `.` or `..` (the SDK already rejects
+//! them; the agent does not rely on it).
 //!
 //! It reports UPGRADING, then SUCCESS or FLASH_FAILED, and informs the new
 //! version on success.
@@ -300,6 +310,68 @@ fn install_slots(
     Ok(format!("slot {target}"))
 }
 
+/// Checks a command's version before it names a file or reaches a shell:
+/// 1-100 characters of letters, digits, `_`, `-` and `.`, and not `.` or `..`
+/// (the console's rule for firmware versions).
+fn check_version(version: &str) -> Result<(), String> {
+    let ok = (1..=100).contains(&version.len())
+        && version
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
+        && version != "."
+        && version != "..";
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "refused firmware version {version:?}: a version must be 1-100 letters, digits, '_', '-' or '.', and not '.' or '..'"
+        ))
+    }
+}
+
+/// Where the download of `version` goes, inside `work_dir`.
+fn image_path(work_dir: &Path, version: &str) -> Result<PathBuf, String> {
+    check_version(version)?;
+    Ok(work_dir.join(format!("firmware-{version}.bin")))
+}
+
+/// `s` as one POSIX shell word: in single quotes, each `'` written `'\''`.
+fn shell_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', r"'\''"))
+}
+
+/// The install command for `sh -c`: `{file}` and `{version}` replaced, in one
+/// pass, by their shell-quoted values; the values are also in the environment
+/// as `OTA_FILE` and `OTA_VERSION`.
+fn shell_command(template: &str, image: &Path, version: &str) -> (String, tokio::process::Command) {
+    let file = image.to_string_lossy();
+    let mut cmd = String::with_capacity(template.len() + file.len() + version.len());
+    let mut rest = template;
+    while let Some(i) = rest.find('{') {
+        cmd.push_str(&rest[..i]);
+        let tail = &rest[i..];
+        if let Some(after) = tail.strip_prefix("{file}") {
+            cmd.push_str(&shell_quote(&file));
+            rest = after;
+        } else if let Some(after) = tail.strip_prefix("{version}") {
+            cmd.push_str(&shell_quote(version));
+            rest = after;
+        } else {
+            cmd.push('{');
+            rest = &tail[1..];
+        }
+    }
+    cmd.push_str(rest);
+    let mut command = tokio::process::Command::new("sh");
+    command
+        .arg("-c")
+        .arg(&cmd)
+        .env("OTA_FILE", image)
+        .env("OTA_VERSION", version)
+        .stdin(std::process::Stdio::null());
+    (cmd, command)
+}
+
 /// Runs the install command; `Err` carries the FLASH_FAILED description.
 async fn install_command(
     client: &OtaClient,
@@ -307,14 +379,9 @@ async fn install_command(
     image: &Path,
     version: &str,
 ) -> Result<String, String> {
-    let cmd = template
-        .replace("{file}", &image.to_string_lossy())
-        .replace("{version}", version);
+    let (cmd, mut command) = shell_command(template, image, version);
     let _ = client.report_progress(Status::Upgrading, 0, "");
-    let out = tokio::process::Command::new("sh")
-        .arg("-c")
-        .arg(&cmd)
-        .stdin(std::process::Stdio::null())
+    let out = command
         .output()
         .await
         .map_err(|e| format!("cannot run {cmd:?}: {e}"))?;
@@ -363,7 +430,14 @@ impl Agent {
     /// One upgrade: download, (wait), install, report. True on success.
     async fn upgrade(&self, client: &OtaClient, cmd: &UpgradeCommand) -> bool {
         let version = cmd.firmware.version.clone();
-        let image = self.work_dir.join(format!("firmware-{version}.bin"));
+        let image = match image_path(&self.work_dir, &version) {
+            Ok(p) => p,
+            Err(desc) => {
+                eprintln!("iot-ota device: {desc}");
+                let _ = client.report_progress(Status::UpgradeFailed, 0, &desc);
+                return false;
+            }
+        };
         if let Err(e) = client.download(cmd).download_to(&image).await {
             eprintln!("iot-ota device: download of {version} failed: {e}");
             return false;
@@ -443,6 +517,82 @@ mod tests {
         assert!(!in_window((120, 270), 270));
         assert!(in_window((23 * 60, 60), 10), "wraps midnight");
         assert!(!in_window((23 * 60, 60), 120));
+    }
+
+    #[test]
+    fn shell_quoting() {
+        assert_eq!(shell_quote("a b"), "'a b'");
+        assert_eq!(shell_quote("it's"), r"'it'\''s'");
+        assert_eq!(shell_quote(""), "''");
+        let (cmd, _) = shell_command("x {file} {version} {other} {", Path::new("/f"), "1.0");
+        assert_eq!(cmd, "x '/f' '1.0' {other} {");
+        // One pass: a `{version}` inside the file name is not replaced.
+        let (cmd, _) = shell_command("{file}", Path::new("/w/{version}"), "9");
+        assert_eq!(cmd, "'/w/{version}'");
+    }
+
+    /// Hostile values reach the command as plain words and in the environment,
+    /// and run nothing of their own.
+    #[tokio::test]
+    async fn install_command_values_are_not_shell_syntax() {
+        let dir = std::env::temp_dir().join(format!("iot-ota-agent-sh-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let out = dir.join("out");
+        let template = format!(
+            "printf '%s\\n' {{version}} {{file}} \"$OTA_VERSION\" \"$OTA_FILE\" > {}",
+            shell_quote(&out.to_string_lossy())
+        );
+        let pwned = |n: u32| format!("pwned{n}");
+        let versions = [
+            format!("1;touch$IFS{}", pwned(1)),
+            format!("1' ; touch {} ; echo '", pwned(2)),
+            format!("$(touch {})`touch {}`", pwned(3), pwned(4)),
+            format!("1\n touch {} \\' \"", pwned(5)),
+        ];
+        for (i, version) in versions.iter().enumerate() {
+            let image = dir.join(format!("it's a file; $(touch {}) {i}.bin", pwned(6)));
+            let (_, mut command) = shell_command(&template, &image, version);
+            let status = command.current_dir(&dir).status().await.unwrap();
+            assert!(status.success(), "{version:?}");
+            let file = image.to_string_lossy();
+            let expected = format!("{version}\n{file}\n{version}\n{file}\n");
+            assert_eq!(std::fs::read_to_string(&out).unwrap(), expected);
+        }
+        let made: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with("pwned"))
+            .collect();
+        assert!(made.is_empty(), "the shell ran injected commands: {made:?}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn versions_cannot_escape_the_work_dir() {
+        let work = Path::new("/var/lib/iot-ota");
+        for ok in ["2.0.1", "v1_2-rc.3", "a", "..."] {
+            let p = image_path(work, ok).unwrap();
+            assert_eq!(p.parent(), Some(work), "{ok}");
+        }
+        assert!(check_version(&"9".repeat(100)).is_ok());
+        for bad in [
+            "",
+            ".",
+            "..",
+            "../x",
+            "x/../../y",
+            "/etc/passwd",
+            "1;touch$IFS/tmp/x",
+            "it's",
+            "1 2",
+            "1\n2",
+            "\u{e9}",
+            &"9".repeat(101),
+        ] {
+            let e = image_path(work, bad).unwrap_err();
+            assert!(e.contains("refused firmware version"), "{bad:?}: {e}");
+        }
     }
 
     #[test]

@@ -270,6 +270,17 @@ async fn api_subcommands() {
 
 /// Starts `iot-ota device run --once` with `extra` arguments, for device `name`.
 fn agent(p: &Platform, dir: &TempDir, name: &str, extra: &[&str]) -> tokio::process::Child {
+    agent_in(p, dir, name, &dir.join(format!("{name}-work")), extra)
+}
+
+/// [`agent`] with this work directory, run from `dir`.
+fn agent_in(
+    p: &Platform,
+    dir: &TempDir,
+    name: &str,
+    work: &Path,
+    extra: &[&str],
+) -> tokio::process::Child {
     let version_file = dir.join(format!("{name}.version"));
     std::fs::write(&version_file, "1.0.0\n").unwrap();
     tokio::process::Command::new(BIN)
@@ -285,10 +296,11 @@ fn agent(p: &Platform, dir: &TempDir, name: &str, extra: &[&str]) -> tokio::proc
             "--version-file",
             version_file.to_str().unwrap(),
             "--work-dir",
-            dir.join(format!("{name}-work")).to_str().unwrap(),
+            work.to_str().unwrap(),
             "--once",
         ])
         .args(extra)
+        .current_dir(dir.path())
         .kill_on_drop(true)
         .stderr(std::process::Stdio::piped())
         .spawn()
@@ -372,6 +384,51 @@ async fn device_agent_installs_into_slots_and_runs_commands() {
         "1.0.0\n",
         "a failed install keeps the version"
     );
+    p.shutdown().await;
+}
+
+/// The install command gets `{file}` and `{version}` as single shell words (and
+/// in `OTA_FILE`, `OTA_VERSION`), even when the path holds quotes, spaces and `$(...)`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn device_agent_quotes_the_install_command() {
+    let dir = TempDir::new("cli-quote");
+    let p = platform(&dir.join("platform")).await;
+    let api = ApiClient::new(&p.api_url()).unwrap();
+    let image = random_bytes(30_000, 4);
+    api.add_firmware("pk", "2.0.0", "fw.bin", &image)
+        .await
+        .unwrap();
+    let work = dir.join("it's a work dir; $(touch pwned) `touch pwned`");
+    let copy = dir.join("installed.bin");
+    let seen = dir.join("seen");
+    let command = format!(
+        "cp {{file}} '{}' && printf '%s|%s|%s\\n' {{version}} \"$OTA_VERSION\" \"$OTA_FILE\" > '{}'",
+        copy.display(),
+        seen.display()
+    );
+    let child = agent_in(&p, &dir, "quoted", &work, &["--install-command", &command]);
+    wait_device(&api, "pk", "quoted").await;
+    let req = iot_ota_platform::api::CreateBatch {
+        product: "pk".into(),
+        firmware_version: "2.0.0".into(),
+        ack_timeout_secs: Some(10.0),
+        timeout_secs: Some(20.0),
+        ..Default::default()
+    };
+    let id = api.create_batch(&req).await.unwrap().batch.id;
+    let (code, log) = finish(child).await;
+    assert_eq!(code, Some(0), "{log}");
+    assert!(std::fs::read(&copy).unwrap() == image);
+    assert_eq!(
+        std::fs::read_to_string(&seen).unwrap(),
+        format!(
+            "2.0.0|2.0.0|{}\n",
+            work.join("firmware-2.0.0.bin").display()
+        )
+    );
+    assert!(!dir.join("pwned").exists(), "the path ran as shell syntax");
+    let b = wait_batch(&api, id, |b| b.state == "completed").await;
+    assert_eq!(b.records[0].state, "success");
     p.shutdown().await;
 }
 
