@@ -458,6 +458,13 @@ impl Batch {
         (devices, std::mem::replace(&mut self.batch_dirty, false))
     }
 
+    /// Marks rows changed again, after a write of [`Batch::take_dirty`]'s rows
+    /// failed, so the next write includes them.
+    pub fn mark_dirty(&mut self, devices: impl IntoIterator<Item = String>, batch_row: bool) {
+        self.dirty.extend(devices);
+        self.batch_dirty |= batch_row;
+    }
+
     /// When [`Batch::poll`] next has something to do, if ever.
     pub fn next_wakeup(&self) -> Option<Millis> {
         if !self.is_running() {
@@ -1175,6 +1182,9 @@ mod tests {
         b.take_dirty();
         b.handle_reply("d2", "b7a1", 200, "", T0 + 1);
         assert_eq!(b.take_dirty(), (vec!["d2".to_string()], false));
+        b.mark_dirty(["d1".to_string()], true);
+        b.handle_reply("d1", "b7a1", 200, "", T0 + 2);
+        assert_eq!(b.take_dirty(), (vec!["d1".to_string()], true));
     }
 
     #[test]

@@ -26,6 +26,9 @@ use crate::api::{
 use crate::engine::{select_devices, Action, Batch, DeviceInfo, Millis};
 use crate::store::{FirmwareRow, Store, StoreError};
 
+/// How soon the ticker tries again after a batch could not be saved.
+const SAVE_RETRY_MS: Millis = 500;
+
 /// Milliseconds since the Unix epoch, now.
 pub fn now_ms() -> Millis {
     SystemTime::now()
@@ -180,10 +183,11 @@ impl Shared {
         now: Millis,
     ) -> Result<Vec<Outgoing>, String> {
         let (_, version) = parse_version_message(payload).map_err(|r| r.message)?;
-        inner
-            .store
-            .device_informed(product, device, &version, now)
-            .map_err(|e| e.to_string())?;
+        // The device row is bookkeeping: failing to write it must not drop
+        // the message for the batches.
+        if let Err(e) = inner.store.device_informed(product, device, &version, now) {
+            eprintln!("platform: {product}/{device}: {e}");
+        }
         self.for_batches(inner, product, |b| b.handle_inform(device, &version, now))?;
         Ok(Vec::new())
     }
@@ -197,10 +201,11 @@ impl Shared {
         now: Millis,
     ) -> Result<Vec<Outgoing>, String> {
         let (_, p) = parse_progress(payload).map_err(|r| r.message)?;
-        inner
-            .store
-            .device_seen(product, device, now)
-            .map_err(|e| e.to_string())?;
+        // The device row is bookkeeping: failing to write it must not drop
+        // the message for the batches.
+        if let Err(e) = inner.store.device_seen(product, device, now) {
+            eprintln!("platform: {product}/{device}: {e}");
+        }
         self.for_batches(inner, product, |b| b.handle_progress(device, &p, now))?;
         Ok(Vec::new())
     }
@@ -214,10 +219,11 @@ impl Shared {
         now: Millis,
     ) -> Result<Vec<Outgoing>, String> {
         let r = parse_upgrade_reply(payload).map_err(|r| r.message)?;
-        inner
-            .store
-            .device_seen(product, device, now)
-            .map_err(|e| e.to_string())?;
+        // The device row is bookkeeping: failing to write it must not drop
+        // the message for the batches.
+        if let Err(e) = inner.store.device_seen(product, device, now) {
+            eprintln!("platform: {product}/{device}: {e}");
+        }
         self.for_batches(inner, product, |b| {
             b.handle_reply(device, &r.msg_id, r.code, &r.message, now)
         })?;
@@ -259,6 +265,11 @@ impl Shared {
     }
 
     /// Feeds every running batch of `product`, saves what changed, retires finished batches.
+    ///
+    /// A batch whose save fails keeps the change in memory with its rows still
+    /// marked changed ([`Store::save`]), and stays running: the ticker's next
+    /// save writes them (within a second), and anything acted on later is
+    /// decided by a tick whose save commits these rows first.
     fn for_batches(
         &self,
         inner: &mut Inner,
@@ -267,9 +278,13 @@ impl Shared {
     ) -> Result<(), String> {
         let Inner { store, running } = inner;
         let mut done = Vec::new();
+        let mut errors = Vec::new();
         for b in running.values_mut().filter(|b| b.product == product) {
             if f(b) {
-                store.save(b).map_err(|e| e.to_string())?;
+                if let Err(e) = store.save(b) {
+                    errors.push(format!("saving batch {}: {e}", b.id));
+                    continue;
+                }
                 if !b.is_running() {
                     done.push(b.id);
                 }
@@ -278,7 +293,11 @@ impl Shared {
         for id in done {
             running.remove(&id);
         }
-        Ok(())
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(errors.join("; "))
+        }
     }
 
     // ---- timers
@@ -292,10 +311,20 @@ impl Shared {
         let mut done = Vec::new();
         let mut next: Option<Millis> = None;
         for b in running.values_mut() {
+            // A poll that is due may decide pushes: keep the batch as it was, so
+            // that a failed save can undo the poll and the next tick decides again.
+            let before = b.next_wakeup().is_some_and(|w| w <= now).then(|| b.clone());
             let actions = b.poll(now);
             if let Err(e) = store.save(b) {
-                // Not committed: do not act on it. The next tick retries.
+                // Not committed: do not act on it. Undo the poll (a poll that was
+                // not due decided nothing, and `save` kept its rows marked
+                // changed), and try again shortly.
                 eprintln!("platform: saving batch {}: {e}", b.id);
+                if let Some(before) = before {
+                    *b = before;
+                }
+                let retry = now.saturating_add(SAVE_RETRY_MS);
+                next = Some(next.map_or(retry, |n| n.min(retry)));
                 continue;
             }
             for Action::Push { device, msg_id, .. } in actions {
@@ -560,8 +589,13 @@ impl Shared {
                 None => Err(OpError::new(404, format!("no batch {id}"))),
             };
         };
+        let before = b.clone();
         b.terminate(now_ms());
-        store.save(b)?;
+        if let Err(e) = store.save(b) {
+            // Not terminated after all: the batch runs on as it was.
+            *b = before;
+            return Err(e.into());
+        }
         let view = BatchView::of(b, true);
         running.remove(&id);
         Ok(view)
@@ -633,5 +667,128 @@ pub(crate) async fn ticker(shared: Arc<Shared>) {
             _ = tokio::time::sleep(Duration::from_millis(wait)) => {}
             _ = shared.wake.notified() => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::RecordState;
+    use iot_ota_core::protocol::{encode_upgrade_reply, ReplyCode};
+    use rumqttc::MqttOptions;
+    use rusqlite::Connection;
+
+    /// Holds the database's write lock from another connection, as a second
+    /// process or a stuck writer would: the platform's writes then really fail
+    /// (SQLITE_BUSY after the busy timeout).
+    struct Locker(Connection);
+
+    impl Locker {
+        fn lock(db: &Path) -> Locker {
+            let c = Connection::open(db).unwrap();
+            c.execute_batch("BEGIN IMMEDIATE").unwrap();
+            Locker(c)
+        }
+
+        fn unlock(self) {
+            self.0.execute_batch("COMMIT").unwrap();
+        }
+    }
+
+    fn stored(shared: &Shared, id: i64) -> crate::engine::Record {
+        let b = shared.lock().store.load_batch(id).unwrap().unwrap();
+        b.records["d1"].clone()
+    }
+
+    #[test]
+    fn a_failed_commit_is_retried_by_the_next_tick() {
+        let dir = std::env::temp_dir().join(format!(
+            "iot-ota-service-commit-{}-{}",
+            std::process::id(),
+            now_ms()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let db = dir.join("platform.db");
+        let store = Store::open(&db).unwrap();
+        store.set_busy_timeout(Duration::from_millis(50)).unwrap();
+        let t0 = now_ms();
+        store
+            .insert_firmware(&FirmwareRow {
+                product: "pk".into(),
+                version: "2.0".into(),
+                name: "fw.bin".into(),
+                size: 3,
+                md5: "0".repeat(32),
+                sha256: "0".repeat(64),
+                path: dir.join("fw.bin").to_string_lossy().into_owned(),
+                created_ms: t0,
+            })
+            .unwrap();
+        store.device_informed("pk", "d1", "1.0", t0).unwrap();
+        let (mqtt, _eventloop) = AsyncClient::new(MqttOptions::new("t", "127.0.0.1", 1), 10);
+        let shared = Shared::new(
+            store,
+            mqtt,
+            "/sys".into(),
+            "http://127.0.0.1:1".into(),
+            dir.clone(),
+            1 << 20,
+        )
+        .unwrap();
+        let req = CreateBatch {
+            product: "pk".into(),
+            firmware_version: "2.0".into(),
+            ack_timeout_secs: Some(60.0),
+            ..Default::default()
+        };
+        let id = shared.create_batch(&req).unwrap().batch.id;
+
+        // The push's commit fails: nothing is published, nothing changes.
+        let lock = Locker::lock(&db);
+        let now = now_ms();
+        let (out, next) = shared.tick(now);
+        assert!(out.is_empty(), "pushed before the push was committed");
+        assert!(next.is_some_and(|n| n <= now + SAVE_RETRY_MS), "{next:?}");
+        assert_eq!(shared.show_batch(id).unwrap().records[0].state, "to_push");
+        assert_eq!(stored(&shared, id).state, RecordState::ToPush);
+        let (out, _) = shared.tick(now + 10);
+        assert!(out.is_empty(), "still locked");
+        lock.unlock();
+        // The next tick really pushes, after committing.
+        let (out, _) = shared.tick(now + 600);
+        assert_eq!(out.len(), 1, "the retried push");
+        assert_eq!(out[0].0, "/sys/pk/d1/ota/firmware/upgrade");
+        let rec = stored(&shared, id);
+        assert_eq!((rec.state, rec.attempts), (RecordState::Pushed, 1));
+        let msg_id = rec.msg_id.unwrap();
+
+        // A device message whose commit fails is written by the next tick.
+        let lock = Locker::lock(&db);
+        let reply = encode_upgrade_reply(&msg_id, ReplyCode::Accepted, "success");
+        assert!(shared
+            .on_message("/sys/pk/d1/ota/firmware/upgrade_reply", &reply)
+            .is_empty());
+        assert_eq!(shared.show_batch(id).unwrap().records[0].state, "pending");
+        assert_eq!(stored(&shared, id).state, RecordState::Pushed);
+        assert!(shared.tick(now + 700).0.is_empty());
+        lock.unlock();
+        assert!(shared.tick(now + 1_300).0.is_empty());
+        assert_eq!(stored(&shared, id).state, RecordState::Pending);
+
+        // Terminating fails as a whole when its commit fails.
+        let lock = Locker::lock(&db);
+        let e = shared.terminate_batch(id).unwrap_err();
+        assert_eq!(e.status, 500, "{e}");
+        let view = shared.show_batch(id).unwrap();
+        assert_eq!(
+            (view.state.as_str(), view.records[0].state.as_str()),
+            ("in_progress", "pending")
+        );
+        lock.unlock();
+        let view = shared.terminate_batch(id).unwrap();
+        assert_eq!(view.state, "terminated");
+        let b = shared.lock().store.load_batch(id).unwrap().unwrap();
+        assert_eq!(b.records["d1"].state, RecordState::Failed);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

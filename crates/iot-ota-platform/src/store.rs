@@ -325,21 +325,38 @@ impl Store {
         Ok(batch)
     }
 
-    /// Writes the batch's changed rows (see [`Batch::take_dirty`]) in one transaction.
+    /// Writes the batch's changed rows (see [`Batch::take_dirty`]) in one
+    /// transaction. When that fails nothing is written and the rows stay
+    /// marked changed, so the next save writes them.
     pub fn save(&mut self, batch: &mut Batch) -> Result<()> {
         let (devices, row) = batch.take_dirty();
         if devices.is_empty() && !row {
             return Ok(());
         }
+        let result = self.write_rows(batch, &devices, row);
+        if result.is_err() {
+            batch.mark_dirty(devices, row);
+        }
+        result
+    }
+
+    fn write_rows(&mut self, batch: &Batch, devices: &[String], row: bool) -> Result<()> {
         let tx = self.conn.transaction()?;
         if row {
             write_batch_row(&tx, batch)?;
         }
         for d in devices {
-            write_record(&tx, batch.id, &batch.records[&d])?;
+            write_record(&tx, batch.id, &batch.records[d])?;
         }
         tx.commit()?;
         Ok(())
+    }
+
+    /// How long a write waits for another connection's lock before it fails
+    /// (5 s by default); tests shorten it to make a locked database fail fast.
+    #[cfg(test)]
+    pub(crate) fn set_busy_timeout(&self, timeout: std::time::Duration) -> Result<()> {
+        Ok(self.conn.busy_timeout(timeout)?)
     }
 
     /// Ids of batches, newest first, optionally only running ones.
