@@ -601,7 +601,10 @@ impl Batch {
         true
     }
 
-    /// A progress report from the device.
+    /// A progress report from the device. Only reports for this batch's target
+    /// version count: one with another or an empty `firmwareVersion` (a device
+    /// that rejects a malformed command while busy reports that failure with
+    /// no version) says nothing about this upgrade.
     pub fn handle_progress(&mut self, device: &str, p: &Progress, now: Millis) -> bool {
         if !self.is_running() {
             return false;
@@ -609,7 +612,7 @@ impl Batch {
         let Some(rec) = self.records.get(device) else {
             return false;
         };
-        if !p.firmware_version.is_empty() && p.firmware_version != self.firmware_version {
+        if p.firmware_version != self.firmware_version {
             return false;
         }
         let accepts = match rec.state {
@@ -1170,6 +1173,36 @@ mod tests {
         // Progress without an ack seen implies the ack.
         assert!(b.handle_progress("d1", &progress(Status::Downloading, 10), T0 + 1));
         assert_eq!(state(&b, "d1"), RecordState::Upgrading);
+    }
+
+    /// A busy device rejects a malformed command and reports the failure with
+    /// an empty version: the running record must not fail.
+    #[test]
+    fn progress_without_a_version_is_ignored() {
+        let mut b = batch(config(), &["d1"]);
+        b.poll(T0);
+        assert!(b.handle_reply("d1", "b7a1", 200, "", T0 + 1));
+        assert!(b.handle_progress("d1", &progress(Status::Downloading, 40), T0 + 2));
+        b.take_dirty();
+        for status in [
+            Status::UpgradeFailed,
+            Status::DownloadFailed,
+            Status::Downloading,
+        ] {
+            let mut p = progress(status, 0);
+            p.firmware_version = String::new();
+            p.desc = "missing field firmwareVersion".into();
+            assert!(!b.handle_progress("d1", &p, T0 + 3), "{status:?}");
+        }
+        let rec = &b.records["d1"];
+        assert_eq!(
+            (rec.state, rec.status, rec.progress, rec.reason),
+            (RecordState::Upgrading, Some(1), 40, None)
+        );
+        assert_eq!(b.take_dirty(), (vec![], false), "nothing changed");
+        // Its own failure still counts.
+        assert!(b.handle_progress("d1", &progress(Status::VerifyFailed, 100), T0 + 4));
+        assert_eq!(b.records["d1"].last_failure, Some(FailReason::VerifyFailed));
     }
 
     #[test]
