@@ -127,7 +127,7 @@ struct PlatformArgs {
     /// Server private key (PEM) for --https.
     #[arg(long)]
     tls_key: Option<PathBuf>,
-    /// Largest firmware accepted, bytes.
+    /// Largest firmware accepted, bytes (default 100 MiB).
     #[arg(long, default_value_t = iot_ota_platform::api::DEFAULT_MAX_FIRMWARE_SIZE)]
     max_firmware_size: u64,
 }

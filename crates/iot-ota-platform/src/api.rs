@@ -10,8 +10,21 @@ use iot_ota_core::{Policy, SignMethod};
 
 use crate::engine::{Batch, BatchConfig, Millis, Record};
 
-/// Largest firmware file accepted unless configured otherwise: 100 MB.
+/// Largest firmware file accepted unless configured otherwise: 100 MiB,
+/// exactly 104,857,600 bytes (the console's "100 MB", read as binary
+/// megabytes, so nothing the console takes is refused here).
 pub const DEFAULT_MAX_FIRMWARE_SIZE: u64 = 100 * 1024 * 1024;
+
+/// A size limit for people: `"104857600 bytes (100 MiB)"`, the exact byte
+/// count first.
+pub fn size_limit_text(max_size: u64) -> String {
+    const MIB: u64 = 1024 * 1024;
+    if max_size >= MIB && max_size % MIB == 0 {
+        format!("{max_size} bytes ({} MiB)", max_size / MIB)
+    } else {
+        format!("{max_size} bytes")
+    }
+}
 
 /// A registered firmware file.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -287,7 +300,8 @@ pub fn check_firmware(
     }
     if size > max_size {
         return Err(format!(
-            "the firmware file is {size} bytes, above the limit of {max_size} bytes"
+            "the firmware file is {size} bytes, above the limit of {}",
+            size_limit_text(max_size)
         ));
     }
     Ok(())
@@ -382,6 +396,14 @@ mod tests {
         assert!(check_firmware("pk", "2.0", "fw.bin", 101, 100)
             .unwrap_err()
             .contains("limit"));
+        assert_eq!(DEFAULT_MAX_FIRMWARE_SIZE, 104_857_600);
+        let max = DEFAULT_MAX_FIRMWARE_SIZE;
+        assert!(check_firmware("pk", "2.0", "fw.bin", max, max).is_ok());
+        assert_eq!(
+            check_firmware("pk", "2.0", "fw.bin", max + 1, max).unwrap_err(),
+            "the firmware file is 104857601 bytes, above the limit of 104857600 bytes (100 MiB)"
+        );
+        assert_eq!(size_limit_text(10_000), "10000 bytes");
         assert!(check_firmware("p/k", "2.0", "fw.bin", 1, 100).is_err());
     }
 

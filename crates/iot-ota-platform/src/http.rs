@@ -5,6 +5,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use axum::body::{Body, Bytes};
+use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -17,7 +18,7 @@ use sha2::Sha256;
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
 use tokio_util::io::ReaderStream;
 
-use crate::api::{check_firmware, ApiError, CreateBatch};
+use crate::api::{check_firmware, size_limit_text, ApiError, CreateBatch};
 use crate::service::{OpError, Shared, Upload};
 
 impl IntoResponse for OpError {
@@ -86,8 +87,23 @@ struct AddFirmware {
 async fn add_firmware(
     State(s): State<Arc<Shared>>,
     Query(q): Query<AddFirmware>,
-    body: Bytes,
+    body: Result<Bytes, BytesRejection>,
 ) -> Result<(StatusCode, Json<crate::api::FirmwareInfo>), OpError> {
+    let too_big = || {
+        OpError::new(
+            413,
+            format!(
+                "the firmware file is above the limit of {}",
+                size_limit_text(s.max_size)
+            ),
+        )
+    };
+    // A body over the limit is cut off by the body limit layer.
+    let body = match body {
+        Ok(b) => b,
+        Err(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => return Err(too_big()),
+        Err(e) => return Err(OpError::new(400, e.body_text())),
+    };
     let name = q
         .name
         .unwrap_or_else(|| format!("firmware-{}.bin", q.version));
@@ -101,13 +117,7 @@ async fn add_firmware(
     )
     .map_err(|m| OpError::new(400, m))?;
     if body.len() as u64 > s.max_size {
-        return Err(OpError::new(
-            413,
-            format!(
-                "the firmware file is above the limit of {} bytes",
-                s.max_size
-            ),
-        ));
+        return Err(too_big());
     }
     let tmp_dir = s.data_dir.join("tmp");
     let shared = s.clone();

@@ -64,7 +64,7 @@ pub struct PlatformConfig {
     pub broker: BrokerChoice,
     /// Topic prefix (default `/sys`).
     pub topic_prefix: String,
-    /// Largest firmware accepted (default 100 MB).
+    /// Largest firmware accepted, bytes (default 100 MiB: 104,857,600 bytes).
     pub max_firmware_size: u64,
     /// MQTT username for an external broker.
     pub mqtt_username: Option<String>,

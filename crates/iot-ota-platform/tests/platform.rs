@@ -409,7 +409,23 @@ async fn firmware_rules() {
         ("pk", "".into(), "f.bin", 10, 400, "1-100"),
         ("pk", "2.0".into(), "../x", 10, 400, "'/'"),
         ("pk", "2.0".into(), "f.bin", 0, 400, "empty"),
-        ("pk", "2.0".into(), "f.bin", 10_001, 413, "limit"),
+        (
+            "pk",
+            "2.0".into(),
+            "f.bin",
+            10_001,
+            413,
+            "above the limit of 10000 bytes",
+        ),
+        // Well over: cut off by the body limit, with the same message.
+        (
+            "pk",
+            "2.0".into(),
+            "f.bin",
+            50_000,
+            413,
+            "above the limit of 10000 bytes",
+        ),
     ];
     for (pk, version, name, size, status, needle) in cases {
         let body = random_bytes(size, 8);
