@@ -18,8 +18,9 @@
  * are copied; the caller keeps them. Buffers passed in are only written
  * during the call. Strings returned by iot_ota_strerror() are static.
  * NULL, destroyed or foreign handles are detected and rejected with
- * IOT_OTA_ERR_INVALID_PARAM (NULL from iot_ota_init()), never dereferenced;
- * so are NULL pointers, zero lengths and strings that are not UTF-8.
+ * IOT_OTA_ERR_INVALID_PARAM (NULL from iot_ota_init(), -1 from
+ * iot_ota_get_firmware_info()), never dereferenced; so are NULL pointers,
+ * zero lengths and strings that are not UTF-8.
  */
 #ifndef IOT_OTA_H
 #define IOT_OTA_H
@@ -150,10 +151,11 @@ int iot_ota_fetch_yield(void *handle, char *buf, uint32_t buf_len, uint32_t time
  * it during a yield). When it offers the firmware and no upgrade is running,
  * the download starts as if a command had brought it; a 404 reply (or none
  * within 10 s) starts nothing. Returns the request's id (> 0, the guide's
- * "packageid": the msgId of the request and its reply), or a negative
- * iot_ota_err_t: IOT_OTA_ERR_INVALID_PARAM (bad handle, NULL or non-UTF-8
- * string, product_key/identifier not this instance's device),
- * IOT_OTA_ERR_STR_TOO_LONG, IOT_OTA_ERR_MQTT_FAILED. */
+ * "packageid": the msgId of the request and its reply), or exactly -1
+ * (IOT_OTA_ERR_GENERAL), as the guide says, on every failure: bad handle,
+ * NULL or non-UTF-8 string, product_key/identifier not this instance's
+ * device, version empty, malformed or over 100 bytes, MQTT instance
+ * destroyed. The library keeps no last error to tell these apart. */
 int iot_ota_get_firmware_info(void *handle, const char *product_key, const char *identifier, const char *version);
 
 /* ---- extras ---- */

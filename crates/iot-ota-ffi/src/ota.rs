@@ -20,9 +20,9 @@ use iot_ota_device::{Download, DownloadOptions, Error, Session};
 use crate::mqtt::{Mqtt, MQTTS};
 use crate::registry::Registry;
 use crate::{
-    c_str, guard, lock, IOT_OTA_ERR_FETCH_FAILED, IOT_OTA_ERR_GENERAL, IOT_OTA_ERR_INVALID_PARAM,
-    IOT_OTA_ERR_INVALID_STATE, IOT_OTA_ERR_MQTT_FAILED, IOT_OTA_ERR_NONE, IOT_OTA_ERR_STR_TOO_LONG,
-    IOT_OTA_ERR_VERIFY_FAILED,
+    c_str, error_text, guard, lock, IOT_OTA_ERR_FETCH_FAILED, IOT_OTA_ERR_GENERAL,
+    IOT_OTA_ERR_INVALID_PARAM, IOT_OTA_ERR_INVALID_STATE, IOT_OTA_ERR_MQTT_FAILED,
+    IOT_OTA_ERR_NONE, IOT_OTA_ERR_STR_TOO_LONG, IOT_OTA_ERR_VERIFY_FAILED,
 };
 
 /// Longest version, in bytes (the console's 1-100 characters).
@@ -459,10 +459,11 @@ pub unsafe extern "C" fn iot_ota_fetch_yield(
 /// becomes 1). A 404 reply starts nothing; no reply within 10 s neither.
 ///
 /// Returns the request's id (> 0, the guide's "packageid", the `msgId` of
-/// the get and of its reply); `IOT_OTA_ERR_INVALID_PARAM` for a bad handle,
-/// NULL or non-UTF-8 strings, or a `product_key` / `identifier` that is not
-/// this instance's device; `IOT_OTA_ERR_STR_TOO_LONG` for a version above
-/// 100 bytes; `IOT_OTA_ERR_MQTT_FAILED` when the MQTT instance is gone.
+/// the get and of its reply), or exactly -1 (`IOT_OTA_ERR_GENERAL`) on every
+/// failure, as the guide says: a bad handle, NULL or non-UTF-8 strings, a
+/// `product_key` / `identifier` that is not this instance's device, an empty
+/// or malformed version or one above 100 bytes, the MQTT instance gone. The
+/// library keeps no last error; the reason goes to the `log` facade (warn).
 ///
 /// # Safety
 /// The strings are NULL or NUL-terminated (copied).
@@ -474,7 +475,7 @@ pub unsafe extern "C" fn iot_ota_get_firmware_info(
     version: *const c_char,
 ) -> c_int {
     guard(IOT_OTA_ERR_GENERAL, || {
-        code((|| {
+        let result = (|| {
             let h = live(handle)?;
             // SAFETY: the caller's contract on the three strings.
             let (pk, id) = unsafe { (c_str(product_key)?, c_str(identifier)?) };
@@ -488,10 +489,19 @@ pub unsafe extern "C" fn iot_ota_get_firmware_info(
                 .with(|ota| ota.request_firmware_info(version, Instant::now()))
                 .map_err(|_| IOT_OTA_ERR_INVALID_PARAM)?;
             // The engine numbers its messages 1, 2, ...
-            Ok(msg_id.parse::<u64>().map_or(IOT_OTA_ERR_GENERAL, |n| {
-                c_int::try_from(n).unwrap_or(c_int::MAX)
-            }))
-        })())
+            msg_id
+                .parse::<u64>()
+                .map(|n| c_int::try_from(n).unwrap_or(c_int::MAX))
+                .map_err(|_| IOT_OTA_ERR_GENERAL)
+        })();
+        // The guide: the packageid on success, -1 on failure.
+        result.unwrap_or_else(|e| {
+            log::warn!(
+                "iot_ota_get_firmware_info: {}",
+                error_text(e).to_string_lossy()
+            );
+            IOT_OTA_ERR_GENERAL
+        })
     })
 }
 
