@@ -1001,9 +1001,15 @@ fn example_upgrade_under_valgrind_has_no_leaks_and_no_errors() {
         .collect();
     eprintln!("valgrind summary:\n{}", summary.join("\n"));
     assert!(report.contains("ERROR SUMMARY: 0 errors"), "{report}");
+    // Every leak kind but "still reachable" must be 0: "possibly lost" too.
+    // The runtime is current-thread (no worker threads left at exit), and the
+    // one block that used to show as "possibly lost" (std's handle of the C
+    // main thread, pointed into) is kept plainly reachable by
+    // `anchor_current_thread` in src/mqtt.rs.
     let no_leaks = report.contains("All heap blocks were freed")
-        || (report.contains("definitely lost: 0 bytes")
-            && report.contains("indirectly lost: 0 bytes"));
+        || ["definitely lost", "indirectly lost", "possibly lost"]
+            .iter()
+            .all(|kind| report.contains(&format!("{kind}: 0 bytes in 0 blocks")));
     assert!(no_leaks, "{report}");
 
     let out = rig.dir.path().join(dev);
