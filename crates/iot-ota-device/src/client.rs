@@ -265,9 +265,16 @@ async fn drive(
 ) {
     const MAX_BACKOFF: Duration = Duration::from_secs(30);
     let mut backoff = Duration::from_millis(500);
+    let mut closing = false;
     loop {
         match eventloop.poll().await {
             Ok(rumqttc::Event::Outgoing(rumqttc::Outgoing::Disconnect)) => {
+                // Keep reading until the broker closes: dropping the socket
+                // with its PUBACKs unread would make the kernel send a reset,
+                // and the broker would discard our last publishes unread.
+                closing = true;
+            }
+            Err(_) if closing => {
                 disconnected.notify_one();
                 return;
             }
