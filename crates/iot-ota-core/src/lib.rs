@@ -117,12 +117,14 @@
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
+mod broker;
 pub mod digest;
 mod engine;
 mod error;
 mod fetch;
 pub mod protocol;
 
+pub use broker::BrokerUrl;
 pub use digest::{Hasher, SignMethod};
 pub use engine::{compare_versions, Config, Event, Ota, Output};
 pub use error::{Error, FetchError};

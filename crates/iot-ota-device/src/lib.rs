@@ -90,11 +90,11 @@ pub mod session;
 pub mod tls;
 
 pub use client::{OtaClient, Upgrades};
-pub use config::{BrokerUrl, Config};
+pub use config::Config;
 pub use download::{Download, DownloadOptions};
 pub use error::Error;
 pub use iot_ota_core::{
-    Fetch, FetchError, FetchState, Firmware, Policy, Progress, SignMethod, Status, UpgradeCommand,
-    Verified,
+    BrokerUrl, Fetch, FetchError, FetchState, Firmware, Policy, Progress, SignMethod, Status,
+    UpgradeCommand, Verified,
 };
 pub use session::Session;

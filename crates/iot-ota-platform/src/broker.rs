@@ -1,4 +1,4 @@
-//! The embedded MQTT broker (rumqttd) and broker URLs.
+//! The embedded MQTT broker (rumqttd). Broker URLs are `iot_ota_core::BrokerUrl`.
 //!
 //! rumqttd runs its router and listener on threads of its own and offers no
 //! way to stop them: an [`EmbeddedBroker`] lives until the process exits. The
@@ -10,60 +10,6 @@ use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::time::{Duration, Instant};
 
 use rumqttd::{Config, ConnectionSettings, RouterConfig, ServerSettings};
-
-/// An MQTT broker address parsed from `mqtt://HOST:PORT` or `mqtts://HOST:PORT`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct BrokerUrl {
-    /// TLS (`mqtts://`, `ssl://`).
-    pub tls: bool,
-    /// Host name or address.
-    pub host: String,
-    /// Port (default 1883, or 8883 with TLS).
-    pub port: u16,
-}
-
-impl BrokerUrl {
-    /// Parses `mqtt://`, `tcp://`, `mqtts://` or `ssl://` URLs.
-    pub fn parse(url: &str) -> Result<BrokerUrl, String> {
-        let (tls, rest) = if let Some(r) = url.strip_prefix("mqtts://") {
-            (true, r)
-        } else if let Some(r) = url.strip_prefix("ssl://") {
-            (true, r)
-        } else if let Some(r) = url.strip_prefix("mqtt://") {
-            (false, r)
-        } else if let Some(r) = url.strip_prefix("tcp://") {
-            (false, r)
-        } else {
-            return Err(format!(
-                "broker URL must start with mqtt:// or mqtts://, got {url:?}"
-            ));
-        };
-        let rest = rest.trim_end_matches('/');
-        let default_port = if tls { 8883 } else { 1883 };
-        let (host, port) = if let Some(v6) = rest.strip_prefix('[') {
-            let (h, after) = v6
-                .split_once(']')
-                .ok_or_else(|| format!("unclosed IPv6 bracket in {url:?}"))?;
-            match after.strip_prefix(':') {
-                Some(p) => (h, p.parse().map_err(|_| format!("bad port in {url:?}"))?),
-                None => (h, default_port),
-            }
-        } else {
-            match rest.rsplit_once(':') {
-                Some((h, p)) => (h, p.parse().map_err(|_| format!("bad port in {url:?}"))?),
-                None => (rest, default_port),
-            }
-        };
-        if host.is_empty() || host.contains('/') {
-            return Err(format!("broker URL has no usable host: {url:?}"));
-        }
-        Ok(BrokerUrl {
-            tls,
-            host: host.to_owned(),
-            port,
-        })
-    }
-}
 
 /// A rumqttd broker running in this process.
 #[derive(Debug)]
@@ -139,23 +85,5 @@ impl EmbeddedBroker {
     /// `mqtt://ADDR`.
     pub fn url(&self) -> String {
         format!("mqtt://{}", self.addr)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn broker_urls() {
-        let u = BrokerUrl::parse("mqtt://127.0.0.1:1884").unwrap();
-        assert_eq!((u.tls, u.host.as_str(), u.port), (false, "127.0.0.1", 1884));
-        let u = BrokerUrl::parse("mqtts://broker.local").unwrap();
-        assert_eq!((u.tls, u.port), (true, 8883));
-        let u = BrokerUrl::parse("mqtt://[::1]:99/").unwrap();
-        assert_eq!((u.host.as_str(), u.port), ("::1", 99));
-        assert!(BrokerUrl::parse("http://x").is_err());
-        assert!(BrokerUrl::parse("mqtt://:1").is_err());
-        assert!(BrokerUrl::parse("mqtt://h:port").is_err());
     }
 }

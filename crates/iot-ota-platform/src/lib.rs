@@ -37,8 +37,9 @@ use std::time::Duration;
 use rumqttc::{AsyncClient, MqttOptions, Transport};
 use tokio::task::JoinHandle;
 
-pub use broker::{BrokerUrl, EmbeddedBroker};
+pub use broker::EmbeddedBroker;
 pub use client::ApiClient;
+pub use iot_ota_core::BrokerUrl;
 pub use service::now_ms;
 
 /// Where the platform's MQTT broker is.
