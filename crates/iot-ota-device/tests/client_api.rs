@@ -363,3 +363,77 @@ async fn a_cancelled_download_to_leaves_no_part_file() {
     assert!(!path.exists());
     assert!(!part.exists(), "the part file must be removed");
 }
+
+/// mqtts:// with a client certificate (mutual TLS), the CA from a file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mutual_tls_broker() {
+    use iot_ota_testkit::{MosquittoOptions, RecorderOptions, TempDir, TestCa, WireRecorder};
+    let ca = TestCa::new();
+    let dir = TempDir::new("mtls");
+    let broker = MosquittoOptions::new()
+        .tls(&ca)
+        .require_client_cert()
+        .start()
+        .unwrap();
+    let watcher = ca.client_cert("watcher");
+    let wire = WireRecorder::connect_with(
+        &broker.url(),
+        &["/sys/#"],
+        RecorderOptions {
+            tls: Some(ca.client_config_with_cert(&watcher)),
+            ..RecorderOptions::default()
+        },
+    )
+    .unwrap();
+    let ca_file = ca.write_ca(dir.path());
+    let (cert, key) = ca.client_cert("m1").write(dir.path()).unwrap();
+    assert!(broker.url().starts_with("mqtts://"));
+
+    // Without a client certificate the broker refuses the device.
+    let bare = Config::new(&broker.url(), PK, "m1", "1.0.0")
+        .unwrap()
+        .ca_file(&ca_file)
+        .connect_timeout(Duration::from_secs(3));
+    assert!(matches!(
+        OtaClient::connect(bare).await,
+        Err(Error::Mqtt(_))
+    ));
+
+    let config = Config::new(&broker.url(), PK, "m1", "1.0.0")
+        .unwrap()
+        .ca_file(&ca_file)
+        .client_cert(&cert, &key);
+    let (_client, _upgrades) = OtaClient::connect(config).await.expect("mTLS connect");
+    let inform = wire
+        .wait_for_async(|m| m.topic.ends_with("/m1/ota/firmware/inform"), WAIT)
+        .await
+        .expect("inform over mTLS");
+    assert_eq!(
+        inform.json_str("data.firmwareVersion").as_deref(),
+        Some("1.0.0")
+    );
+}
+
+/// Username and password; a wrong password is a clear connect error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broker_credentials() {
+    use iot_ota_testkit::MosquittoOptions;
+    let broker = MosquittoOptions::new()
+        .auth("dev", "s3cret")
+        .start()
+        .unwrap();
+    let wrong = Config::new(&broker.url(), PK, "p1", "1.0.0")
+        .unwrap()
+        .username("dev")
+        .password("nope")
+        .connect_timeout(Duration::from_secs(3));
+    let err = OtaClient::connect(wrong).await.unwrap_err();
+    assert!(matches!(err, Error::Mqtt(_)), "{err}");
+    let right = Config::new(&broker.url(), PK, "p1", "1.0.0")
+        .unwrap()
+        .username("dev")
+        .password("s3cret");
+    OtaClient::connect(right)
+        .await
+        .expect("connect with credentials");
+}
