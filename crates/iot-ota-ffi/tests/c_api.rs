@@ -276,25 +276,11 @@ impl Rig {
     }
 
     fn all(&self, dev: &str, kind: &str) -> Vec<Value> {
-        let topic = self.topic(dev, kind);
-        self.wire
-            .messages()
-            .into_iter()
-            .filter(|m| m.topic == topic)
-            .filter_map(|m| m.json)
-            .collect()
+        self.wire.json_on(&self.topic(dev, kind))
     }
 
     fn statuses(&self, dev: &str) -> Vec<(i64, i64)> {
-        self.all(dev, "progress")
-            .iter()
-            .map(|v| {
-                (
-                    v["data"]["status"].as_i64().unwrap(),
-                    v["data"]["progress"].as_i64().unwrap(),
-                )
-            })
-            .collect()
+        self.wire.progress_on(&self.topic(dev, "progress"))
     }
 
     fn informs(&self, dev: &str) -> Vec<String> {

@@ -253,6 +253,32 @@ impl WireRecorder {
         self.shared.lock().messages.clone()
     }
 
+    /// The JSON payloads received on exactly `topic`, in arrival order
+    /// (payloads that are not JSON are skipped).
+    pub fn json_on(&self, topic: &str) -> Vec<Value> {
+        self.shared
+            .lock()
+            .messages
+            .iter()
+            .filter(|m| m.topic == topic)
+            .filter_map(|m| m.json.clone())
+            .collect()
+    }
+
+    /// `(status, progress)` of every OTA progress report received on
+    /// `topic` (`data.status`, `data.progress`), in arrival order.
+    pub fn progress_on(&self, topic: &str) -> Vec<(i64, i64)> {
+        self.json_on(topic)
+            .iter()
+            .filter_map(|v| {
+                Some((
+                    v["data"]["status"].as_i64()?,
+                    v["data"]["progress"].as_i64()?,
+                ))
+            })
+            .collect()
+    }
+
     /// Forgets the messages received so far.
     pub fn clear(&self) {
         self.shared.lock().messages.clear();
