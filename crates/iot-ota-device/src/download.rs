@@ -301,8 +301,14 @@ impl Download {
 
     /// Downloads the whole firmware to `path`, verified and atomically: the
     /// bytes go to `path.part`, which becomes `path` (fsynced, renamed) only
-    /// once size and digest check out. On failure the part file is removed and
-    /// `path` is untouched.
+    /// once size and digest check out; `path` is never touched before.
+    ///
+    /// A download broken by the network, a cancel or a crash resumes: the
+    /// part file is kept with `path.part.meta`, which names the firmware (sign
+    /// method, digest, size). The next `download_to` of the same firmware to
+    /// the same path hashes the bytes already there and asks the server only
+    /// for the rest (`Range`). Bad data (a digest or length mismatch, a
+    /// write error) removes both files.
     ///
     /// Receiving overlaps hashing and writing: this task reads the socket into buffers;
     /// a worker thread hashes them and a third writes them, with four 256 KiB
@@ -316,7 +322,9 @@ impl Download {
             )));
         }
         let part = part_path(&path);
-        let file = match std::fs::File::create(&part) {
+        let meta = meta_path(&path);
+        let resume_from = resumable_len(&part, &meta, self.fetch.firmware());
+        let file = match open_part(&part, &meta, self.fetch.firmware(), resume_from) {
             Ok(f) => f,
             Err(e) => {
                 self.begin();
@@ -324,6 +332,9 @@ impl Download {
                 return Err(self.fail(FetchError::Storage(msg)));
             }
         };
+        if resume_from > 0 {
+            log::info!("resuming {} from byte {resume_from}", part.display());
+        }
         self.begin();
 
         let (full_tx, full_rx) = mpsc::channel::<Msg>(BUFFERS);
@@ -339,11 +350,18 @@ impl Download {
         let worker_part = part.clone();
         let worker = std::thread::Builder::new()
             .name("ota-verify".into())
-            .spawn(move || verify_worker(fetch, session, file, worker_part, full_rx, free_tx))
+            .spawn(move || {
+                let image = PartFile {
+                    file,
+                    path: worker_part,
+                    resume_from,
+                };
+                verify_worker(fetch, session, image, full_rx, free_tx)
+            })
             .map_err(Error::Io)?;
 
         // Reader: fill buffers from the socket and hand them over.
-        let mut sent: u64 = 0;
+        let mut sent: u64 = resume_from;
         loop {
             let Some(mut buf) = free_rx.recv().await else {
                 break;
@@ -397,6 +415,7 @@ impl Download {
         self.handed_off = false;
         match result {
             Ok(verified) => {
+                let _ = std::fs::remove_file(&meta);
                 if let Err(e) = std::fs::rename(&part, &path).and_then(|_| sync_dir(&path)) {
                     let _ = std::fs::remove_file(&part);
                     let msg = format!("cannot move the image to {}: {e}", path.display());
@@ -404,10 +423,8 @@ impl Download {
                 }
                 Ok(verified)
             }
-            Err(e) => {
-                let _ = std::fs::remove_file(&part);
-                Err(Error::Fetch(e))
-            }
+            // The worker removed or kept the part file, as the error says.
+            Err(e) => Err(Error::Fetch(e)),
         }
     }
 }
@@ -464,16 +481,20 @@ enum ToWriter {
 fn verify_worker(
     mut fetch: Fetch,
     session: Arc<Session>,
-    file: std::fs::File,
-    part: PathBuf,
+    image: PartFile,
     mut full_rx: mpsc::Receiver<Msg>,
     free_tx: mpsc::Sender<Block>,
 ) -> (Fetch, Result<Verified, FetchError>) {
+    let part = image.path.clone();
+    // A resumed download first hashes what is already on disk; the reader
+    // meanwhile fetches the rest, so the two overlap.
+    if let Err(e) = rehash(&mut fetch, &session, &part, image.resume_from) {
+        return finish_failed(fetch, &session, &part, e);
+    }
     let (to_writer, writer_rx) = std::sync::mpsc::sync_channel::<ToWriter>(BUFFERS);
-    let writer_part = part.clone();
     let writer = std::thread::Builder::new()
         .name("ota-write".into())
-        .spawn(move || write_stage(file, &writer_part, writer_rx, free_tx));
+        .spawn(move || write_stage(image, writer_rx, free_tx));
     let result = match writer {
         Err(e) => Err(FetchError::Storage(format!(
             "cannot start the writer thread: {e}"
@@ -527,30 +548,91 @@ fn verify_worker(
                     }
                 }
             })();
-            // Stop the writer on every path (it drops its file when the channel closes).
+            // Stop the writer on every path, and let it finish what it was
+            // given: a failure is reported only once the part file holds
+            // every byte hashed, so a resume right after it is exact.
+            if result.is_err() {
+                let _ = writer_result(to_writer.take());
+            }
             drop(to_writer);
             result
         }
     };
-    if let Err(e) = &result {
-        // Also when download_to itself was cancelled (its future dropped):
-        // no unverified bytes stay behind.
-        let _ = std::fs::remove_file(&part);
-        fetch.fail(e.clone());
-        session.publish_progress(&fetch.failure_report(e));
+    match result {
+        Ok(v) => (fetch, Ok(v)),
+        Err(e) => finish_failed(fetch, &session, &part, e),
     }
-    (fetch, result)
+}
+
+/// Ends a failed download: reports it, and keeps the part file for a resume
+/// when the bytes in it are good (the network failed, or the download was
+/// cancelled, also by dropping `download_to`'s future), removes it otherwise.
+fn finish_failed(
+    mut fetch: Fetch,
+    session: &Session,
+    part: &Path,
+    error: FetchError,
+) -> (Fetch, Result<Verified, FetchError>) {
+    // A non-retryable transport error (404, TLS, a server that ignores Range)
+    // would fail the same way again from the same bytes: start over then.
+    let resumable = matches!(
+        error,
+        FetchError::Transport {
+            retryable: true,
+            ..
+        } | FetchError::Cancelled
+    );
+    if !resumable {
+        let _ = std::fs::remove_file(part);
+        let _ = std::fs::remove_file(meta_for_part(part));
+    }
+    fetch.fail(error.clone());
+    session.publish_progress(&fetch.failure_report(&error));
+    (fetch, Err(error))
+}
+
+/// Feeds the first `len` bytes of the part file to the fetch, as if received.
+fn rehash(fetch: &mut Fetch, session: &Session, part: &Path, len: u64) -> Result<(), FetchError> {
+    use std::io::Read;
+    if len == 0 {
+        return Ok(());
+    }
+    let storage =
+        |e: std::io::Error| FetchError::Storage(format!("reading {}: {e}", part.display()));
+    let mut file = std::fs::File::open(part).map_err(storage)?.take(len);
+    let mut buf = vec![0u8; BUF_SIZE];
+    loop {
+        let n = file.read(&mut buf).map_err(storage)?;
+        if n == 0 {
+            break;
+        }
+        if let Some(report) = fetch.handle_data(&buf[..n], Instant::now())? {
+            session.publish_progress(&report);
+        }
+    }
+    if fetch.received() != len {
+        return Err(FetchError::Storage(format!(
+            "{} shrank while resuming",
+            part.display()
+        )));
+    }
+    Ok(())
 }
 
 /// Writes the hashed buffers in order, returns them to the reader, and syncs
 /// the file when told everything is written.
 fn write_stage(
-    file: std::fs::File,
-    part: &Path,
+    part: PartFile,
     rx: std::sync::mpsc::Receiver<ToWriter>,
     free_tx: mpsc::Sender<Block>,
 ) -> Result<(), FetchError> {
-    let mut image = ImageWriter::new(file, part);
+    let PartFile {
+        file,
+        path,
+        resume_from,
+    } = part;
+    let part = path.as_path();
+    let mut image = ImageWriter::new(file, part, resume_from);
     for msg in rx {
         match msg {
             ToWriter::Data(buf, n) => {
@@ -613,11 +695,11 @@ struct ImageWriter {
 }
 
 impl ImageWriter {
-    fn new(file: std::fs::File, part: &Path) -> ImageWriter {
+    fn new(file: std::fs::File, part: &Path, offset: u64) -> ImageWriter {
         ImageWriter {
             file,
             direct: open_direct(part),
-            offset: 0,
+            offset,
         }
     }
 
@@ -659,10 +741,70 @@ fn open_direct(_part: &Path) -> Option<std::fs::File> {
     None
 }
 
-fn part_path(path: &Path) -> PathBuf {
+/// The part file being written, and where the download resumes in it.
+struct PartFile {
+    file: std::fs::File,
+    path: PathBuf,
+    resume_from: u64,
+}
+
+fn with_suffix(path: &Path, suffix: &str) -> PathBuf {
     let mut name = path.as_os_str().to_owned();
-    name.push(".part");
+    name.push(suffix);
     PathBuf::from(name)
+}
+
+fn part_path(path: &Path) -> PathBuf {
+    with_suffix(path, ".part")
+}
+
+fn meta_path(path: &Path) -> PathBuf {
+    with_suffix(path, ".part.meta")
+}
+
+fn meta_for_part(part: &Path) -> PathBuf {
+    with_suffix(part, ".meta")
+}
+
+/// What a part file holds: the firmware's digest names its content, so a
+/// resume is safe whatever URL brings the rest.
+fn resume_key(fw: &Firmware) -> String {
+    let size = fw.size.map_or_else(|| "?".to_owned(), |s| s.to_string());
+    format!("{} {} {size}\n", fw.sign_method.wire_name(), fw.sign)
+}
+
+/// How many bytes of an earlier download of `fw` can be kept: the part
+/// file's length, rounded down to the direct-I/O alignment (so later blocks
+/// stay aligned), when its meta file names the same firmware; else 0.
+fn resumable_len(part: &Path, meta: &Path, fw: &Firmware) -> u64 {
+    let same = std::fs::read_to_string(meta).is_ok_and(|m| m == resume_key(fw));
+    let len = match std::fs::metadata(part) {
+        Ok(m) if same && m.is_file() => m.len(),
+        _ => return 0,
+    };
+    let len = len - len % DIRECT_ALIGN as u64;
+    match fw.size {
+        Some(size) if len >= size => 0, // complete yet unverified: start over
+        _ => len,
+    }
+}
+
+/// Opens the part file: kept up to `resume_from` bytes, or new, with its
+/// meta file written before any byte.
+fn open_part(
+    part: &Path,
+    meta: &Path,
+    fw: &Firmware,
+    resume_from: u64,
+) -> std::io::Result<std::fs::File> {
+    if resume_from > 0 {
+        let file = std::fs::OpenOptions::new().write(true).open(part)?;
+        file.set_len(resume_from)?;
+        return Ok(file);
+    }
+    let file = std::fs::File::create(part)?;
+    std::fs::write(meta, resume_key(fw))?;
+    Ok(file)
 }
 
 /// Makes a rename durable: fsync the directory that holds `path`.

@@ -337,15 +337,16 @@ async fn an_abandoned_upgrade_does_not_leave_the_device_busy() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_cancelled_download_to_leaves_no_part_file() {
+async fn a_cancelled_download_to_resumes_next_time() {
     let rig = Rig::new();
-    let body = random_bytes(100_000, 23);
-    let url = rig.files.add("/c.bin", Route::stall(body.clone(), 30_000));
+    let body = random_bytes(1_000_000, 23);
+    let url = rig.files.add("/c.bin", Route::stall(body.clone(), 600_000));
     let (client, mut upgrades) = connect(&rig, "a2").await;
     rig.push("a2", command("1", "2.0", &url, &body, SignMethod::Md5));
     let cmd = upgrades.next().await.unwrap();
     let path = rig.dir.path().join("c.bin");
     let part = rig.dir.path().join("c.bin.part");
+    let meta = rig.dir.path().join("c.bin.part.meta");
     let cancelled = tokio::time::timeout(
         Duration::from_millis(300),
         client.download(&cmd).download_to(&path),
@@ -360,8 +361,84 @@ async fn a_cancelled_download_to_leaves_no_part_file() {
         report.json_str("data.desc").as_deref(),
         Some("download cancelled")
     );
-    assert!(!path.exists());
-    assert!(!part.exists(), "the part file must be removed");
+    assert!(
+        !path.exists(),
+        "unverified bytes never reach the final path"
+    );
+    // The good bytes stay, named by the firmware's digest, for a resume:
+    // the blocks written (two whole 256 KiB buffers; the third, still
+    // filling when the download was cancelled, never reached the disk).
+    assert_eq!(std::fs::metadata(&part).unwrap().len(), 524_288);
+    assert!(std::fs::read_to_string(&meta)
+        .unwrap()
+        .contains(&digest_hex(SignMethod::Md5, &body)));
+
+    // The platform retries: the download resumes from the last aligned block.
+    rig.files.set("/c.bin", Route::file(body.clone()));
+    rig.files.clear_requests();
+    rig.push("a2", command("2", "2.0", &url, &body, SignMethod::Md5));
+    let cmd = upgrades.next().await.unwrap();
+    let verified = client
+        .download(&cmd)
+        .download_to(&path)
+        .await
+        .expect("resumed download");
+    assert_eq!(verified.size, 1_000_000);
+    assert_eq!(std::fs::read(&path).unwrap(), body);
+    assert!(!part.exists() && !meta.exists());
+    let ranges: Vec<_> = rig.files.requests().into_iter().map(|r| r.range).collect();
+    assert_eq!(ranges, vec![Some("bytes=524288-".to_owned())]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_part_file_of_other_firmware_or_bad_data_is_not_resumed() {
+    let rig = Rig::new();
+    let body = random_bytes(50_000, 24);
+    let url = rig.files.add("/d.bin", Route::file(body.clone()));
+    let (client, mut upgrades) = connect(&rig, "a3").await;
+    let path = rig.dir.path().join("d.bin");
+    // A part file left by another firmware: ignored, overwritten.
+    std::fs::write(rig.dir.path().join("d.bin.part"), vec![0u8; 40_960]).unwrap();
+    std::fs::write(
+        rig.dir.path().join("d.bin.part.meta"),
+        "Md5 00000000000000000000000000000000 50000\n",
+    )
+    .unwrap();
+    rig.push("a3", command("1", "2.0", &url, &body, SignMethod::Md5));
+    let cmd = upgrades.next().await.unwrap();
+    client
+        .download(&cmd)
+        .download_to(&path)
+        .await
+        .expect("fresh download");
+    assert_eq!(std::fs::read(&path).unwrap(), body);
+    assert_eq!(rig.files.requests()[0].range, None);
+    client.report_progress(Status::Success, 100, "").unwrap();
+
+    // Garbage in a part file of the right firmware fails verification once,
+    // and is removed, so the next attempt starts clean.
+    let key = format!("Md5 {} 50000\n", digest_hex(SignMethod::Md5, &body));
+    std::fs::write(rig.dir.path().join("e.bin.part"), vec![0u8; 8192]).unwrap();
+    std::fs::write(rig.dir.path().join("e.bin.part.meta"), &key).unwrap();
+    let e_path = rig.dir.path().join("e.bin");
+    rig.push("a3", command("2", "2.0", &url, &body, SignMethod::Md5));
+    let cmd = upgrades.next().await.unwrap();
+    let err = client
+        .download(&cmd)
+        .download_to(&e_path)
+        .await
+        .unwrap_err();
+    assert_eq!(err.status(), Some(Status::VerifyFailed), "{err}");
+    assert!(!rig.dir.path().join("e.bin.part").exists());
+    assert!(!rig.dir.path().join("e.bin.part.meta").exists());
+    rig.push("a3", command("3", "2.0", &url, &body, SignMethod::Md5));
+    let cmd = upgrades.next().await.unwrap();
+    client
+        .download(&cmd)
+        .download_to(&e_path)
+        .await
+        .expect("clean retry");
+    assert_eq!(std::fs::read(&e_path).unwrap(), body);
 }
 
 /// mqtts:// with a client certificate (mutual TLS), the CA from a file.

@@ -329,3 +329,40 @@ fn bad_flags_are_refused() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("unsupported scheme"));
     let _ = Duration::ZERO;
 }
+
+#[test]
+fn a_crash_mid_download_resumes_after_restart() {
+    let rig = Rig::new();
+    let body = random_bytes(2_000_000, 12);
+    let url = rig
+        .files
+        .add("/big.bin", Route::stall(body.clone(), 1_200_000));
+    let child = rig.example("k1", &[]);
+    rig.expect_inform("k1", "1.0.0");
+    rig.push("k1", command("1", "2.0.0", &url, &body, SignMethod::Md5));
+    // Four whole 256 KiB blocks reach the disk before the server stalls.
+    let part = rig.dir.path().join("k1").join("firmware-2.0.0.bin.part");
+    let deadline = std::time::Instant::now() + WAIT;
+    while std::fs::metadata(&part).map_or(0, |m| m.len()) < 1_048_576 {
+        assert!(std::time::Instant::now() < deadline, "part file never grew");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    stop(child); // SIGKILL: no chance to clean up
+    assert!(!rig.out_file("k1", "2.0.0").exists());
+
+    rig.files.set("/big.bin", Route::file(body.clone()));
+    rig.files.clear_requests();
+    rig.wire.clear();
+    let child = rig.example("k1", &["--once"]);
+    rig.expect_inform("k1", "1.0.0");
+    rig.push("k1", command("2", "2.0.0", &url, &body, SignMethod::Md5));
+    let (code, log) = wait_exit(child, WAIT);
+    assert_eq!(code, 0, "{log}");
+    assert_eq!(std::fs::read(rig.out_file("k1", "2.0.0")).unwrap(), body);
+    let ranges: Vec<_> = rig.files.requests().into_iter().map(|r| r.range).collect();
+    assert_eq!(ranges, vec![Some("bytes=1048576-".to_owned())]);
+    rig.expect_inform("k1", "2.0.0");
+    let statuses = rig.statuses("k1");
+    assert_eq!(statuses.first(), Some(&(1, 0)), "{statuses:?}");
+    assert_eq!(statuses.last(), Some(&(4, 100)), "{statuses:?}");
+}
