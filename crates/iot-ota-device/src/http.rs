@@ -31,7 +31,7 @@ use std::time::Duration;
 use iot_ota_core::protocol::{parse_url, UrlParts};
 use rustls::pki_types::ServerName;
 use rustls::ClientConfig;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 use tokio::time::{timeout, timeout_at, Instant};
 use tokio_rustls::client::TlsStream;
@@ -617,7 +617,7 @@ async fn exchange(
             .map_err(|e| HttpError::BadUrl(format!("{}: {e}", parts.host)))?;
         let handshake = async {
             TlsConnector::from(config)
-                .connect(name, tcp)
+                .connect(name, BufReader::with_capacity(TLS_READ_BUFFER, tcp))
                 .await
                 .map_err(HttpError::from_io)
         };
@@ -925,11 +925,16 @@ async fn before<T>(
         .unwrap_or(Err(HttpError::Timeout { during }))
 }
 
+/// How much of the socket a TLS connection reads at once. rustls asks its
+/// transport for about 4 KiB a time; served from this buffer, a 256 MiB
+/// download takes 4096 socket reads instead of 65536, for one extra memcpy.
+const TLS_READ_BUFFER: usize = 64 * 1024;
+
 /// The socket, plain or TLS. An enum rather than a generic keeps `Body` one
 /// type, compiled once.
 enum Stream {
     Plain(TcpStream),
-    Tls(Box<TlsStream<TcpStream>>),
+    Tls(Box<TlsStream<BufReader<TcpStream>>>),
 }
 
 impl Stream {
