@@ -143,7 +143,14 @@ impl OtaClient {
         let http = HttpOptions {
             connect_timeout: config.connect_timeout,
             idle_timeout: config.idle_timeout,
-            tls: Some(crate::tls::client_config(&config.tls)?),
+            // With a CA file, build the TLS config now so a bad file fails the
+            // connect. Without one, the HTTP client loads the system roots on
+            // the first https:// download: a plain-HTTP device without a
+            // system certificate store must still work.
+            tls: match config.tls.ca_file {
+                Some(_) => Some(crate::tls::client_config(&config.tls)?),
+                None => None,
+            },
             ..HttpOptions::default()
         };
         let client = OtaClient {

@@ -366,3 +366,34 @@ fn a_crash_mid_download_resumes_after_restart() {
     assert_eq!(statuses.first(), Some(&(1, 0)), "{statuses:?}");
     assert_eq!(statuses.last(), Some(&(4, 100)), "{statuses:?}");
 }
+
+/// A device without a system certificate store (many embedded images) still
+/// upgrades over plain HTTP; only an https:// download would need roots.
+#[test]
+fn no_system_roots_is_fine_for_plain_http() {
+    let rig = Rig::new();
+    let body = random_bytes(100_000, 13);
+    let url = rig.files.add("/fw.bin", Route::file(body.clone()));
+    let mut cmd = std::process::Command::new(example_path());
+    cmd.args([
+        "--broker",
+        &rig.broker.url(),
+        "--product-key",
+        PK,
+        "--device-name",
+        "nr",
+    ])
+    .args(["--firmware-version", "1.0.0", "--output-dir"])
+    .arg(rig.dir.path().join("nr"))
+    .arg("--once")
+    // rustls-native-certs reads these instead of the system store.
+    .env("SSL_CERT_FILE", rig.dir.path().join("none.pem"))
+    .env("SSL_CERT_DIR", rig.dir.path().join("none"))
+    .stderr(std::process::Stdio::piped());
+    let child = cmd.spawn().unwrap();
+    rig.expect_inform("nr", "1.0.0");
+    rig.push("nr", command("1", "2.0.0", &url, &body, SignMethod::Md5));
+    let (code, log) = wait_exit(child, WAIT);
+    assert_eq!(code, 0, "{log}");
+    assert_eq!(std::fs::read(rig.out_file("nr", "2.0.0")).unwrap(), body);
+}
