@@ -362,9 +362,16 @@ impl Download {
 
         // Reader: fill buffers from the socket and hand them over.
         let mut sent: u64 = resume_from;
+        // A buffer that carried no data (the chunk was news of a response)
+        // is used again rather than dropped: the pool must not shrink.
+        let mut spare: Option<Block> = None;
         loop {
-            let Some(mut buf) = free_rx.recv().await else {
-                break;
+            let mut buf = match spare.take() {
+                Some(b) => b,
+                None => match free_rx.recv().await {
+                    Some(b) => b,
+                    None => break,
+                },
             };
             let mut filled = 0;
             let mut msg = None;
@@ -396,6 +403,8 @@ impl Download {
                 if full_tx.send(Msg::Data(buf, filled)).await.is_err() {
                     break; // the worker stopped: it has the error
                 }
+            } else {
+                spare = Some(buf);
             }
             if let Some(m) = msg {
                 if full_tx.send(m).await.is_err() {

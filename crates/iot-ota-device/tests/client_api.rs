@@ -514,3 +514,30 @@ async fn broker_credentials() {
         .await
         .expect("connect with credentials");
 }
+
+/// Every retry opens a new response; the buffer that carried only that news
+/// goes back to the pool. (Each one used to be dropped: after four, the
+/// pipeline had no buffer left and hung.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retries_do_not_drain_the_buffer_pool() {
+    let rig = Rig::new();
+    let body = random_bytes(300_000, 25);
+    let url = rig.files.add("/s.bin", Route::stall(body.clone(), 0));
+    let (client, mut upgrades) = connect(&rig, "p1").await;
+    rig.push("p1", command("1", "2.0", &url, &body, SignMethod::Md5));
+    let cmd = upgrades.next().await.unwrap();
+    let files = &rig.files;
+    let heal = async {
+        while files.requests().len() < 3 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        files.set("/s.bin", Route::file(body.clone()));
+    };
+    let path = rig.dir.path().join("p.bin");
+    let download = tokio::time::timeout(WAIT, client.download(&cmd).download_to(&path));
+    let (res, ()) = tokio::join!(download, heal);
+    res.expect("the download hung")
+        .expect("the fourth attempt succeeds");
+    assert_eq!(std::fs::read(&path).unwrap(), body);
+    assert_eq!(rig.files.requests().len(), 4);
+}
