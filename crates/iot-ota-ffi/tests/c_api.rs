@@ -5,7 +5,6 @@
 //! checks what went over the wire.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Mutex;
@@ -137,11 +136,7 @@ fn example_program() -> PathBuf {
 
 // ---- running them ----
 
-struct Exit {
-    code: i32,
-    stdout: String,
-    stderr: String,
-}
+type Exit = iot_ota_testkit::ChildExit;
 
 fn spawn(exe: &Path, args: &[String]) -> Child {
     Command::new(exe)
@@ -154,42 +149,8 @@ fn spawn(exe: &Path, args: &[String]) -> Child {
 }
 
 /// Waits for a child we started; kills it (by its handle) after `timeout`.
-fn wait_exit(mut child: Child, timeout: Duration) -> Exit {
-    let start = Instant::now();
-    // Read the pipes on threads so a chatty child never blocks on them.
-    let mut out = child.stdout.take().unwrap();
-    let mut err = child.stderr.take().unwrap();
-    let out_reader = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = out.read_to_string(&mut s);
-        s
-    });
-    let err_reader = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = err.read_to_string(&mut s);
-        s
-    });
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break Some(status);
-        }
-        if start.elapsed() > timeout {
-            child.kill().ok();
-            child.wait().ok();
-            break None;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    let stdout = out_reader.join().unwrap();
-    let stderr = err_reader.join().unwrap();
-    match status {
-        Some(s) => Exit {
-            code: s.code().unwrap_or(-1),
-            stdout,
-            stderr,
-        },
-        None => panic!("no exit within {timeout:?}\nstdout:\n{stdout}\nstderr:\n{stderr}"),
-    }
+fn wait_exit(child: Child, timeout: Duration) -> Exit {
+    iot_ota_testkit::wait_child(child, timeout)
 }
 
 fn assert_success(exit: &Exit) {

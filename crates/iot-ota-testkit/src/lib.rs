@@ -11,7 +11,7 @@
 //!   and publishes commands, usable from sync and async tests alike;
 //! - [`TestCa`]: a throwaway CA with a `localhost` server certificate and
 //!   client certificates for mutual TLS;
-//! - [`TempDir`], [`free_port`], [`random_bytes`]: small helpers.
+//! - [`TempDir`], [`free_port`], [`random_bytes`], [`wait_child`]: small helpers.
 //!
 //! Blocking waits (`wait_for`, `publish`, ...) suit sync tests; their
 //! `*_async` twins suit async tests, where blocking would stall the runtime
@@ -39,6 +39,7 @@
 #![deny(missing_docs)]
 
 mod ca;
+mod child;
 mod http;
 mod mosquitto;
 mod recorder;
@@ -47,6 +48,7 @@ mod tempdir;
 mod util;
 
 pub use ca::{ClientCert, TestCa};
+pub use child::{wait_child, ChildExit};
 pub use http::{FileServer, RequestLog, Route};
 pub use mosquitto::{Mosquitto, MosquittoOptions};
 pub use recorder::{RecorderOptions, WireMessage, WireRecorder};

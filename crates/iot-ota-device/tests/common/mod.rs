@@ -4,7 +4,7 @@
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use iot_ota_core::digest::{digest_hex, SignMethod};
 use iot_ota_testkit::{FileServer, Mosquitto, TempDir, WireMessage, WireRecorder};
@@ -136,30 +136,9 @@ pub fn command(id: &str, version: &str, url: &str, body: &[u8], method: SignMeth
 }
 
 /// Waits for a child to exit, with a deadline; returns its code and stderr.
-pub fn wait_exit(mut child: Child, timeout: Duration) -> (i32, String) {
-    let start = Instant::now();
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            let mut err = String::new();
-            use std::io::Read;
-            child
-                .stderr
-                .take()
-                .unwrap()
-                .read_to_string(&mut err)
-                .unwrap();
-            return (status.code().unwrap_or(-1), err);
-        }
-        if start.elapsed() > timeout {
-            child.kill().ok();
-            let out = child.wait_with_output().unwrap();
-            panic!(
-                "example did not exit in {timeout:?}; stderr:\n{}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+pub fn wait_exit(child: Child, timeout: Duration) -> (i32, String) {
+    let exit = iot_ota_testkit::wait_child(child, timeout);
+    (exit.code, exit.stderr)
 }
 
 /// Kills a child we started (by its handle) and returns its stderr.
