@@ -310,23 +310,12 @@ fn install_slots(
     Ok(format!("slot {target}"))
 }
 
-/// Checks a command's version before it names a file or reaches a shell:
-/// 1-100 characters of letters, digits, `_`, `-` and `.`, and not `.` or `..`
-/// (the console's rule for firmware versions).
+/// Checks a command's version before it names a file or reaches a shell,
+/// with the core's rule ([`iot_ota_core::protocol::validate_version`]): 1-100
+/// letters, digits, `_`, `-` and `.`, and not `.` or `..`.
 fn check_version(version: &str) -> Result<(), String> {
-    let ok = (1..=100).contains(&version.len())
-        && version
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
-        && version != "."
-        && version != "..";
-    if ok {
-        Ok(())
-    } else {
-        Err(format!(
-            "refused firmware version {version:?}: a version must be 1-100 letters, digits, '_', '-' or '.', and not '.' or '..'"
-        ))
-    }
+    iot_ota_core::protocol::validate_version(version)
+        .map_err(|r| format!("refused firmware version: {}", r.message))
 }
 
 /// Where the download of `version` goes, inside `work_dir`.

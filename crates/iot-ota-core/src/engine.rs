@@ -99,6 +99,11 @@ pub struct Ota {
     /// The firmware of the upgrade in progress, from acceptance to a terminal report.
     job: Option<Firmware>,
     gets: Vec<PendingGet>,
+    /// Between [`Ota::handle_connected`] and [`Ota::handle_disconnected`].
+    online: bool,
+    /// A version inform was queued while offline: the next connection
+    /// carries it, so connecting need not inform again.
+    inform_queued: bool,
 }
 
 impl Ota {
@@ -121,6 +126,8 @@ impl Ota {
             outputs: VecDeque::new(),
             job: None,
             gets: Vec::new(),
+            online: false,
+            inform_queued: false,
         }
     }
 
@@ -150,14 +157,35 @@ impl Ota {
 
     // ---- handle_*: events from outside ----
 
-    /// The MQTT session is (re)established: subscriptions must be (re)made,
-    /// since the device connects with a clean session.
+    /// The MQTT session is (re)established. The device connects with a clean
+    /// session, so the subscriptions are made again; and the platform may
+    /// have missed the version while the device was away (or this is the
+    /// start), so the running version is informed again, once a version is
+    /// known and unless an inform queued while offline goes out with this
+    /// connection anyway. This is the one place of that rule: every driver
+    /// (the async client, the C API) only calls this on CONNACK.
     pub fn handle_connected(&mut self) {
+        self.online = true;
         for topic in [&self.config.topics.upgrade, &self.config.topics.get_reply] {
             self.outputs.push_back(Output::Subscribe {
                 topic: topic.clone(),
             });
         }
+        if !self.version.is_empty() && !self.inform_queued {
+            self.publish_inform();
+        }
+        self.inform_queued = false;
+    }
+
+    /// The MQTT connection was lost (or closed). Nothing is published now;
+    /// the next [`Ota::handle_connected`] subscribes and informs again.
+    pub fn handle_disconnected(&mut self) {
+        self.online = false;
+    }
+
+    /// True between [`Ota::handle_connected`] and [`Ota::handle_disconnected`].
+    pub fn is_online(&self) -> bool {
+        self.online
     }
 
     /// A message arrived. Returns false when the topic is not one of ours.
@@ -276,10 +304,17 @@ impl Ota {
     pub fn report_version(&mut self, version: &str) -> Result<(), Error> {
         protocol::validate_version(version).map_err(|r| Error::InvalidParam(r.message))?;
         self.version = version.to_owned();
-        let id = self.next_msg_id();
-        let payload = protocol::encode_inform(&id, version);
-        self.publish(self.config.topics.inform.clone(), payload);
+        if !self.online {
+            self.inform_queued = true;
+        }
+        self.publish_inform();
         Ok(())
+    }
+
+    fn publish_inform(&mut self) {
+        let id = self.next_msg_id();
+        let payload = protocol::encode_inform(&id, &self.version);
+        self.publish(self.config.topics.inform.clone(), payload);
     }
 
     /// Reports a status and percent for the upgrade in progress (or, with no
@@ -457,14 +492,14 @@ mod tests {
     }
 
     #[test]
-    fn subscribes_on_every_connect() {
+    fn subscribes_and_informs_on_every_connect() {
         let mut o = ota();
         for _ in 0..2 {
             o.handle_connected();
             let out = drain(&mut o);
             assert_eq!(
-                out,
-                vec![
+                out[..2],
+                [
                     Output::Subscribe {
                         topic: "/sys/pk/dev/ota/firmware/upgrade".into()
                     },
@@ -473,7 +508,42 @@ mod tests {
                     },
                 ]
             );
+            let p = published(&out);
+            assert_eq!(p.len(), 1);
+            assert_eq!(p[0].0, "inform");
+            assert_eq!(p[0].1["data"]["firmwareVersion"], "1.0");
+            o.handle_disconnected();
+            assert!(!o.is_online());
         }
+    }
+
+    #[test]
+    fn an_unversioned_engine_informs_once_reported() {
+        let mut o = Ota::unversioned(Config::new("pk", "dev"));
+        o.handle_connected();
+        assert!(published(&drain(&mut o)).is_empty());
+        o.report_version("3.1").unwrap();
+        assert_eq!(published(&drain(&mut o)).len(), 1);
+        o.handle_disconnected();
+        o.handle_connected();
+        let p = published(&drain(&mut o));
+        assert_eq!(p.len(), 1);
+        assert_eq!(p[0].1["data"]["firmwareVersion"], "3.1");
+    }
+
+    #[test]
+    fn an_inform_queued_offline_is_not_sent_twice() {
+        // The C API's usual order: iot_ota_report_firmware_version before the
+        // connection is up. The queued inform goes out on connect; no second.
+        let mut o = Ota::unversioned(Config::new("pk", "dev"));
+        o.report_version("3.1").unwrap();
+        assert_eq!(published(&drain(&mut o)).len(), 1);
+        o.handle_connected();
+        assert!(published(&drain(&mut o)).is_empty());
+        // The next reconnect informs again.
+        o.handle_disconnected();
+        o.handle_connected();
+        assert_eq!(published(&drain(&mut o)).len(), 1);
     }
 
     #[test]

@@ -14,7 +14,7 @@
 //! [`Ota`] has four kinds of methods, after quinn-proto's `Connection`:
 //! - getters ([`Ota::version`], [`Ota::job`], ...);
 //! - `handle_*` for events from outside: the MQTT session came up
-//!   ([`Ota::handle_connected`]), a message arrived ([`Ota::handle_publish`]),
+//!   ([`Ota::handle_connected`]) or went down ([`Ota::handle_disconnected`]), a message arrived ([`Ota::handle_publish`]),
 //!   time passed ([`Ota::handle_timeout`]);
 //! - mutators for the application's commands ([`Ota::report_version`],
 //!   [`Ota::report_progress`], [`Ota::request_firmware_info`], ...);
@@ -48,9 +48,9 @@
 //!     events
 //! };
 //!
-//! // Connected: subscribe, then report the running version.
+//! // Connected: subscribe, and report the running version (again after
+//! // every reconnect: the session is clean, the platform may have missed it).
 //! ota.handle_connected();
-//! ota.report_version("1.0.0")?;
 //! drain(&mut ota, &mut wire);
 //!
 //! // The platform pushes an upgrade command.
@@ -117,6 +117,7 @@
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
+mod backoff;
 mod broker;
 pub mod digest;
 mod engine;
@@ -124,6 +125,7 @@ mod error;
 mod fetch;
 pub mod protocol;
 
+pub use backoff::Backoff;
 pub use broker::BrokerUrl;
 pub use digest::{Hasher, SignMethod};
 pub use engine::{compare_versions, Config, Event, Ota, Output};

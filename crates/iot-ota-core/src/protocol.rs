@@ -380,6 +380,39 @@ fn req_str<'a>(data: &'a Map<String, Value>, key: &str) -> Result<&'a str, Rejec
     }
 }
 
+/// Longest product key or device name, in bytes.
+pub const MAX_IDENTITY_LEN: usize = 128;
+
+/// Checks a product key or device name (`what` names which, for the
+/// message): 1-128 bytes, none of MQTT's topic separators and wildcards
+/// (`/`, `+`, `#`), no white space or control characters, and not `.` or
+/// `..` (the platform names directories after products). This is the one
+/// rule: the device SDK, the C API, the agent and the platform all call it,
+/// so a device is never refused by the platform it was configured for.
+pub fn validate_identity(what: &str, value: &str) -> Result<(), String> {
+    if value.is_empty() {
+        return Err(format!("{what} is empty"));
+    }
+    if value.len() > MAX_IDENTITY_LEN {
+        return Err(format!(
+            "{what} is {} bytes long; at most {MAX_IDENTITY_LEN} are allowed",
+            value.len()
+        ));
+    }
+    if let Some(c) = value
+        .chars()
+        .find(|&c| matches!(c, '/' | '+' | '#') || c.is_whitespace() || c.is_control())
+    {
+        return Err(format!(
+            "{what} {value:?} has the character {c:?}; '/', '+', '#', spaces and control characters are not allowed"
+        ));
+    }
+    if value == "." || value == ".." {
+        return Err(format!("{what} must not be {value:?}"));
+    }
+    Ok(())
+}
+
 /// Checks a firmware version string: 1-100 characters of letters, digits,
 /// `_`, `-` and `.` (the console's rule for firmware versions), and not `.`
 /// or `..`. Devices put the version in file names and install commands, so
@@ -829,6 +862,20 @@ mod tests {
 
     fn reject(payload: &[u8]) -> Rejection {
         parse_upgrade(payload, &Limits::default()).unwrap_err().1
+    }
+
+    #[test]
+    fn identities() {
+        for good in ["pk1", "a1B2c3", "dev-01_x.y", "d@v:1", "é"] {
+            assert_eq!(validate_identity("device name", good), Ok(()), "{good:?}");
+        }
+        let long = "a".repeat(MAX_IDENTITY_LEN + 1);
+        for bad in [
+            "", "a/b", "a+b", "a#", "a b", "a\tb", "a\u{0}b", ".", "..", &long,
+        ] {
+            let e = validate_identity("product key", bad).unwrap_err();
+            assert!(e.starts_with("product key"), "{bad:?}: {e}");
+        }
     }
 
     #[test]

@@ -7,7 +7,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use iot_ota_core::{Event, Firmware, Ota, Status, UpgradeCommand};
-use rumqttc::{EventLoop, Packet};
+use rumqttc::{ConnectionError, Publish};
 use tokio::sync::{mpsc, oneshot, Notify};
 use tokio::task::JoinHandle;
 
@@ -15,17 +15,18 @@ use crate::config::Config;
 use crate::download::Download;
 use crate::error::Error;
 use crate::http::HttpOptions;
-use crate::session::{mqtt_connect, Session};
+use crate::link::{self, LinkHandler};
+use crate::session::Session;
 
 type GetWaiters = Arc<Mutex<HashMap<String, oneshot::Sender<Result<Firmware, Error>>>>>;
 
 /// A connected OTA device. Cheap to clone; the connection is closed when the
 /// last clone is dropped (or by [`OtaClient::disconnect`]).
 ///
-/// The MQTT connection is kept up in a background task: it reconnects with
-/// backoff (0.5 s doubling to 30 s), re-subscribes after every reconnect
-/// (the session is clean) and re-reports the running version, since the
-/// platform may have missed it.
+/// The MQTT connection is kept up in a background task ([`crate::link::run`]):
+/// it reconnects with backoff (by default 0.5 s doubling to 30 s, jittered),
+/// and after every reconnect the engine re-subscribes (the session is clean)
+/// and re-reports the running version, since the platform may have missed it.
 #[derive(Clone, Debug)]
 pub struct OtaClient {
     inner: Arc<Inner>,
@@ -38,7 +39,8 @@ struct Inner {
     http: HttpOptions,
     waiters: GetWaiters,
     timer: Arc<Notify>,
-    /// Signalled when the event loop has written the DISCONNECT packet.
+    /// Signalled when the link has ended (after a disconnect: once the broker
+    /// has closed the connection, so it has read our last reports).
     disconnected: Arc<Notify>,
     tasks: Vec<JoinHandle<()>>,
 }
@@ -82,7 +84,7 @@ impl OtaClient {
     /// the connection are repaired in the background.
     pub async fn connect(config: Config) -> Result<(OtaClient, Upgrades), Error> {
         let ota = Ota::new(config.core(), config.firmware_version())?;
-        let (mqtt, eventloop) = mqtt_connect(&config)?;
+        let (mqtt, eventloop) = link::client(config.link())?;
         let (upgrades_tx, upgrades_rx) = mpsc::unbounded_channel();
         let waiters: GetWaiters = Arc::default();
         let sink_waiters = waiters.clone();
@@ -116,23 +118,31 @@ impl OtaClient {
 
         let (first_tx, first_rx) = oneshot::channel();
         let disconnected = Arc::new(Notify::new());
-        let driver = tokio::spawn(drive(
-            eventloop,
-            session.clone(),
-            Some(first_tx),
-            disconnected.clone(),
-        ));
+        let handler = ClientLink {
+            session: session.clone(),
+            first: Mutex::new(Some(first_tx)),
+            broker: config.link().broker_addr(),
+        };
+        let backoff = config.link().backoff();
+        let done = disconnected.clone();
+        let driver = tokio::spawn(async move {
+            link::run(eventloop, backoff, &handler).await;
+            // After our DISCONNECT the link has read until the broker closed.
+            done.notify_one();
+        });
         let timers = tokio::spawn(run_timers(session.clone(), timer.clone()));
-        let connected =
-            tokio::time::timeout(config.connect_timeout + Duration::from_secs(1), first_rx).await;
+        let connected = tokio::time::timeout(
+            config.link().connect_timeout + Duration::from_secs(1),
+            first_rx,
+        )
+        .await;
         let result = match connected {
             Ok(Ok(result)) => result,
             Ok(Err(_)) => Err(Error::Closed),
             Err(_) => Err(Error::Mqtt(format!(
-                "no connection to {}:{} within {:?}",
-                config.broker().host,
-                config.broker().port,
-                config.connect_timeout
+                "no connection to {} within {:?}",
+                config.link().broker_addr(),
+                config.link().connect_timeout
             ))),
         };
         if let Err(e) = result {
@@ -141,14 +151,14 @@ impl OtaClient {
             return Err(e);
         }
         let http = HttpOptions {
-            connect_timeout: config.connect_timeout,
+            connect_timeout: config.link().connect_timeout,
             idle_timeout: config.idle_timeout,
             // With a CA file, build the TLS config now so a bad file fails the
             // connect. Without one, the HTTP client loads the system roots on
             // the first https:// download: a plain-HTTP device without a
             // system certificate store must still work.
-            tls: match config.tls.ca_file {
-                Some(_) => Some(crate::tls::client_config(&config.tls)?),
+            tls: match config.link().tls.ca_file {
+                Some(_) => Some(crate::tls::client_config(&config.link().tls)?),
                 None => None,
             },
             ..HttpOptions::default()
@@ -263,57 +273,43 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// Polls the MQTT event loop forever, feeding the session; reconnects with backoff.
-async fn drive(
-    mut eventloop: EventLoop,
+/// The async client's side of the link: feeds the session and tells
+/// [`OtaClient::connect`] how the first attempt went.
+struct ClientLink {
     session: Arc<Session>,
-    mut first: Option<oneshot::Sender<Result<(), Error>>>,
-    disconnected: Arc<Notify>,
-) {
-    const MAX_BACKOFF: Duration = Duration::from_secs(30);
-    let mut backoff = Duration::from_millis(500);
-    let mut closing = false;
-    loop {
-        match eventloop.poll().await {
-            Ok(rumqttc::Event::Outgoing(rumqttc::Outgoing::Disconnect)) => {
-                // Keep reading until the broker closes: dropping the socket
-                // with its PUBACKs unread would make the kernel send a reset,
-                // and the broker would discard our last publishes unread.
-                closing = true;
-            }
-            Err(_) if closing => {
-                disconnected.notify_one();
-                return;
-            }
-            Ok(event) => {
-                let connack = matches!(event, rumqttc::Event::Incoming(Packet::ConnAck(_)));
-                session.handle_mqtt_event(&event);
-                if connack {
-                    backoff = Duration::from_millis(500);
-                    log::info!("connected to the broker");
-                    // Clean session: the platform may have missed our version.
-                    session
-                        .with(|ota| {
-                            let v = ota.version().to_owned();
-                            ota.report_version(&v)
-                        })
-                        .ok();
-                    if let Some(tx) = first.take() {
-                        let _ = tx.send(Ok(()));
-                    }
-                }
-            }
-            Err(rumqttc::ConnectionError::RequestsDone) => return,
-            Err(e) => {
-                if let Some(tx) = first.take() {
-                    let _ = tx.send(Err(Error::Mqtt(e.to_string())));
-                    return;
-                }
-                log::warn!("MQTT connection lost: {e}; reconnecting in {backoff:?}");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(MAX_BACKOFF);
-            }
+    first: Mutex<Option<oneshot::Sender<Result<(), Error>>>>,
+    broker: String,
+}
+
+impl LinkHandler for ClientLink {
+    fn connected(&self) {
+        log::info!("connected to the broker {}", self.broker);
+        self.session.handle_connected();
+        if let Some(tx) = lock(&self.first).take() {
+            let _ = tx.send(Ok(()));
         }
+    }
+
+    fn publish(&self, publish: &Publish) {
+        self.session.handle_publish(publish);
+    }
+
+    fn lost(&self, error: &ConnectionError, retry_in: Duration) -> bool {
+        self.session.handle_disconnected();
+        if let Some(tx) = lock(&self.first).take() {
+            // The first attempt failed: `connect` returns the error.
+            let _ = tx.send(Err(Error::Mqtt(format!("{}: {error}", self.broker))));
+            return false;
+        }
+        log::warn!(
+            "MQTT connection to {} lost: {error}; reconnecting in {retry_in:.1?}",
+            self.broker
+        );
+        true
+    }
+
+    fn closing(&self) {
+        self.session.handle_disconnected();
     }
 }
 

@@ -7,7 +7,7 @@ use iot_ota_core::protocol::{self, DEFAULT_PREFIX};
 use iot_ota_core::{BrokerUrl, Limits, Throttle, Topics};
 
 use crate::error::Error;
-use crate::tls::TlsOptions;
+use crate::link::LinkSettings;
 
 /// Everything a device needs to run OTA upgrades.
 ///
@@ -22,21 +22,17 @@ use crate::tls::TlsOptions;
 /// ```
 #[derive(Debug, Clone)]
 pub struct Config {
-    pub(crate) broker: BrokerUrl,
+    /// The MQTT link: broker, client id, credentials, TLS, keep-alive,
+    /// timeouts, reconnect policy.
+    pub(crate) link: LinkSettings,
     pub(crate) product_key: String,
     pub(crate) device_name: String,
     pub(crate) firmware_version: String,
-    pub(crate) client_id: Option<String>,
-    pub(crate) username: Option<String>,
-    pub(crate) password: Option<String>,
-    pub(crate) tls: TlsOptions,
-    pub(crate) keep_alive: Duration,
     pub(crate) topic_prefix: String,
     pub(crate) limits: Limits,
     pub(crate) throttle: Throttle,
     pub(crate) get_timeout: Duration,
     pub(crate) refuse_downgrade: bool,
-    pub(crate) connect_timeout: Duration,
     pub(crate) idle_timeout: Duration,
     pub(crate) download_retries: u32,
 }
@@ -51,35 +47,20 @@ impl Config {
         firmware_version: &str,
     ) -> Result<Config, Error> {
         let broker = BrokerUrl::parse(broker_url).map_err(Error::Config)?;
-        for (name, value) in [("product key", product_key), ("device name", device_name)] {
-            if value.is_empty()
-                || value
-                    .chars()
-                    .any(|c| matches!(c, '/' | '+' | '#') || c.is_whitespace() || c.is_control())
-            {
-                return Err(Error::Config(format!(
-                    "{name} {value:?} must be non-empty, without '/', '+', '#' or spaces"
-                )));
-            }
-        }
+        protocol::validate_identity("product key", product_key).map_err(Error::Config)?;
+        protocol::validate_identity("device name", device_name).map_err(Error::Config)?;
         protocol::validate_version(firmware_version)
             .map_err(|r| Error::Config(format!("firmware version: {}", r.message)))?;
         Ok(Config {
-            broker,
+            link: LinkSettings::for_broker(broker, &format!("{product_key}.{device_name}")),
             product_key: product_key.to_owned(),
             device_name: device_name.to_owned(),
             firmware_version: firmware_version.to_owned(),
-            client_id: None,
-            username: None,
-            password: None,
-            tls: TlsOptions::default(),
-            keep_alive: Duration::from_secs(60),
             topic_prefix: DEFAULT_PREFIX.to_owned(),
             limits: Limits::default(),
             throttle: Throttle::default(),
             get_timeout: Duration::from_secs(10),
             refuse_downgrade: false,
-            connect_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(30),
             download_retries: 3,
         })
@@ -87,14 +68,24 @@ impl Config {
 
     /// MQTT client id; defaults to `{product_key}.{device_name}`.
     pub fn client_id(&self) -> String {
-        self.client_id
-            .clone()
-            .unwrap_or_else(|| format!("{}.{}", self.product_key, self.device_name))
+        self.link.client_id.clone()
     }
 
     /// The broker.
     pub fn broker(&self) -> &BrokerUrl {
-        &self.broker
+        &self.link.broker
+    }
+
+    /// The MQTT link's settings.
+    pub fn link(&self) -> &LinkSettings {
+        &self.link
+    }
+
+    /// Replaces the MQTT link's settings (for what the builder methods do
+    /// not cover: the reconnect policy, the packet size).
+    pub fn with_link(mut self, link: LinkSettings) -> Self {
+        self.link = link;
+        self
     }
 
     /// The product key.
@@ -119,39 +110,39 @@ impl Config {
 
     /// Sets the MQTT client id.
     pub fn with_client_id(mut self, id: impl Into<String>) -> Self {
-        self.client_id = Some(id.into());
+        self.link.client_id = id.into();
         self
     }
 
     /// Sets the MQTT user name.
     pub fn username(mut self, username: impl Into<String>) -> Self {
-        self.username = Some(username.into());
+        self.link.username = Some(username.into());
         self
     }
 
     /// Sets the MQTT password.
     pub fn password(mut self, password: impl Into<String>) -> Self {
-        self.password = Some(password.into());
+        self.link.password = Some(password.into());
         self
     }
 
     /// Trusts the CA certificates in this PEM file (besides the system roots)
     /// for both the broker and HTTPS downloads.
     pub fn ca_file(mut self, path: impl Into<PathBuf>) -> Self {
-        self.tls.ca_file = Some(path.into());
+        self.link.tls.ca_file = Some(path.into());
         self
     }
 
     /// Client certificate and key (PEM) for mutual TLS with the broker.
     pub fn client_cert(mut self, cert: impl Into<PathBuf>, key: impl Into<PathBuf>) -> Self {
-        self.tls.client_cert = Some(cert.into());
-        self.tls.client_key = Some(key.into());
+        self.link.tls.client_cert = Some(cert.into());
+        self.link.tls.client_key = Some(key.into());
         self
     }
 
     /// MQTT keep-alive interval (default 60 s; at least 5 s).
     pub fn keep_alive(mut self, keep_alive: Duration) -> Self {
-        self.keep_alive = keep_alive.max(Duration::from_secs(5));
+        self.link.keep_alive = keep_alive.max(Duration::from_secs(5));
         self
     }
 
@@ -196,7 +187,7 @@ impl Config {
 
     /// Connect timeout for the broker and the firmware server (default 10 s).
     pub fn connect_timeout(mut self, timeout: Duration) -> Self {
-        self.connect_timeout = timeout;
+        self.link.connect_timeout = timeout;
         self
     }
 

@@ -86,6 +86,7 @@ mod config;
 mod download;
 mod error;
 pub mod http;
+pub mod link;
 pub mod session;
 pub mod tls;
 
@@ -97,4 +98,5 @@ pub use iot_ota_core::{
     BrokerUrl, Fetch, FetchError, FetchState, Firmware, Policy, Progress, SignMethod, Status,
     UpgradeCommand, Verified,
 };
+pub use link::LinkSettings;
 pub use session::Session;

@@ -10,11 +10,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use iot_ota_core::{Event, Ota, Output, Progress};
-use rumqttc::{AsyncClient, EventLoop, MqttOptions, Packet, QoS, TlsConfiguration, Transport};
-
-use crate::config::Config;
-use crate::error::Error;
-use crate::tls;
+use rumqttc::{AsyncClient, Publish, QoS};
 
 /// Receives the engine's events ([`Event`]), outside of any lock.
 pub type EventSink = Box<dyn Fn(Event) + Send + Sync>;
@@ -30,35 +26,6 @@ impl std::fmt::Debug for Session {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Session").finish_non_exhaustive()
     }
-}
-
-/// rumqttc options for `config`: broker, client id, credentials, TLS, keep-alive,
-/// clean session (the platform does not keep offline devices' messages).
-pub fn mqtt_options(config: &Config) -> Result<MqttOptions, Error> {
-    let broker = config.broker();
-    let mut opts = MqttOptions::new(config.client_id(), broker.host.clone(), broker.port);
-    opts.set_keep_alive(config.keep_alive)
-        .set_clean_session(true)
-        .set_max_packet_size(64 * 1024, 64 * 1024)
-        .set_request_channel_capacity(256);
-    if let Some(user) = &config.username {
-        opts.set_credentials(user.clone(), config.password.clone().unwrap_or_default());
-    }
-    if broker.tls {
-        let tls = tls::client_config(&config.tls)?;
-        opts.set_transport(Transport::Tls(TlsConfiguration::Rustls(tls)));
-    }
-    Ok(opts)
-}
-
-/// A rumqttc client and event loop for `config`.
-pub fn mqtt_connect(config: &Config) -> Result<(AsyncClient, EventLoop), Error> {
-    let opts = mqtt_options(config)?;
-    let (client, mut eventloop) = AsyncClient::new(opts, 256);
-    let mut net = rumqttc::NetworkOptions::new();
-    net.set_connection_timeout(config.connect_timeout.as_secs().max(1));
-    eventloop.set_network_options(net);
-    Ok((client, eventloop))
 }
 
 impl Session {
@@ -116,19 +83,20 @@ impl Session {
         result
     }
 
-    /// Feeds one event of the MQTT event loop to the engine. Returns true when
-    /// it was an OTA message or a connection event the engine handled.
-    pub fn handle_mqtt_event(&self, event: &rumqttc::Event) -> bool {
-        match event {
-            rumqttc::Event::Incoming(Packet::ConnAck(_)) => {
-                self.with(|ota| ota.handle_connected());
-                true
-            }
-            rumqttc::Event::Incoming(Packet::Publish(p)) => {
-                self.with(|ota| ota.handle_publish(&p.topic, &p.payload, Instant::now()))
-            }
-            _ => false,
-        }
+    /// The link is up (CONNACK): the engine subscribes and informs again.
+    pub fn handle_connected(&self) {
+        self.with(|ota| ota.handle_connected());
+    }
+
+    /// The link is down.
+    pub fn handle_disconnected(&self) {
+        self.with(|ota| ota.handle_disconnected());
+    }
+
+    /// Feeds a message to the engine. Returns true when it was one of this
+    /// device's OTA topics.
+    pub fn handle_publish(&self, publish: &Publish) -> bool {
+        self.with(|ota| ota.handle_publish(&publish.topic, &publish.payload, Instant::now()))
     }
 
     /// Lets the engine expire what is due.

@@ -20,13 +20,11 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use iot_ota_core::protocol::{TopicKind, DEFAULT_PREFIX};
-use iot_ota_core::Topics;
+use iot_ota_core::{BrokerUrl, Topics};
+use iot_ota_device::link::{self, LinkHandler, LinkSettings};
 use iot_ota_device::tls::{self, TlsOptions};
 use iot_ota_device::Session;
-use rumqttc::{
-    AsyncClient, ConnectionError, EventLoop, MqttOptions, Outgoing, Packet, TlsConfiguration,
-    Transport,
-};
+use rumqttc::{AsyncClient, ConnectionError, EventLoop, Publish};
 use rustls::ClientConfig;
 use tokio::runtime::Runtime;
 use tokio::sync::Notify;
@@ -129,49 +127,45 @@ impl Shared {
         self.notify.notify_one();
     }
 
-    /// Feeds one event of the MQTT event loop to the engines and the callbacks.
-    fn handle(&self, event: &rumqttc::Event) {
-        let sessions: Vec<Arc<Session>> = match event {
-            rumqttc::Event::Incoming(Packet::ConnAck(_)) => {
-                let mut st = self.state();
-                st.connected = true;
-                st.connects += 1;
-                st.sessions.iter().map(|(_, s)| s.clone()).collect()
-            }
-            rumqttc::Event::Incoming(Packet::Publish(_)) => self
-                .state()
-                .sessions
-                .iter()
-                .map(|(_, s)| s.clone())
-                .collect(),
-            _ => return,
-        };
-        let reconnect = self.state().connects > 1;
-        for session in &sessions {
-            session.handle_mqtt_event(event);
-            if reconnect && matches!(event, rumqttc::Event::Incoming(Packet::ConnAck(_))) {
-                // Clean session: the platform may have missed the version
-                // while the device was away; report it again (if known yet).
-                let reported = session.with(|ota| {
-                    let v = ota.version().to_owned();
-                    if v.is_empty() {
-                        Ok(())
-                    } else {
-                        ota.report_version(&v)
-                    }
-                });
-                if let Err(e) = reported {
-                    log::warn!("version report after reconnect: {e}");
-                }
-            }
+    /// The attached engines (cloned out, so no lock is held while they run).
+    fn sessions(&self) -> Vec<Arc<Session>> {
+        self.state()
+            .sessions
+            .iter()
+            .map(|(_, s)| s.clone())
+            .collect()
+    }
+}
+
+/// The C API's side of the link ([`link::run`]): feeds the attached engines,
+/// queues the callbacks' deliveries, keeps the counters `iot_mqtt_connect`
+/// and `iot_mqtt_yield` read, and wakes whoever waits in them.
+struct FfiLink(Arc<Shared>);
+
+impl LinkHandler for FfiLink {
+    fn connected(&self) {
+        {
+            let mut st = self.0.state();
+            st.connected = true;
+            st.connects += 1;
         }
-        if let rumqttc::Event::Incoming(Packet::Publish(p)) = event {
-            let sub_type = match Topics::parse(DEFAULT_PREFIX, &p.topic) {
-                Some((_, _, TopicKind::Upgrade)) => MQTT_SUB_TYPE_OTA_FIRMWARE_UPGRADE,
-                Some((_, _, TopicKind::GetReply)) => MQTT_SUB_TYPE_OTA_FIRMWARE_GET_INF_REPLY,
-                _ => return,
-            };
-            let mut st = self.state();
+        for session in self.0.sessions() {
+            session.handle_connected();
+        }
+        self.0.notify.notify_one();
+    }
+
+    fn publish(&self, p: &Publish) {
+        for session in self.0.sessions() {
+            session.handle_publish(p);
+        }
+        let sub_type = match Topics::parse(DEFAULT_PREFIX, &p.topic) {
+            Some((_, _, TopicKind::Upgrade)) => Some(MQTT_SUB_TYPE_OTA_FIRMWARE_UPGRADE),
+            Some((_, _, TopicKind::GetReply)) => Some(MQTT_SUB_TYPE_OTA_FIRMWARE_GET_INF_REPLY),
+            _ => None,
+        };
+        if let Some(sub_type) = sub_type {
+            let mut st = self.0.state();
             if st.callbacks[slot(sub_type)].is_some() {
                 st.deliveries.push_back(Delivery {
                     sub_type,
@@ -180,59 +174,35 @@ impl Shared {
                 });
             }
         }
-        self.notify.notify_one();
+        self.0.notify.notify_one();
     }
 
-    fn lost(&self, error: &ConnectionError) {
-        let mut st = self.state();
-        st.connected = false;
-        st.failures += 1;
-        st.last_error = Some(error.to_string());
-        drop(st);
-        self.notify.notify_one();
+    fn lost(&self, error: &ConnectionError, retry_in: Duration) -> bool {
+        log::warn!("MQTT connection: {error}; retrying in {retry_in:.1?}");
+        {
+            let mut st = self.0.state();
+            st.connected = false;
+            st.failures += 1;
+            st.last_error = Some(error.to_string());
+        }
+        for session in self.0.sessions() {
+            session.handle_disconnected();
+        }
+        self.0.notify.notify_one();
+        true
+    }
+
+    fn closing(&self) {
+        self.0.state().connected = false;
+        for session in self.0.sessions() {
+            session.handle_disconnected();
+        }
+        self.0.notify.notify_one();
     }
 }
 
 fn slot(sub_type: c_int) -> usize {
     (sub_type - 1) as usize
-}
-
-/// Polls the event loop for as long as the runtime is driven: feeds the
-/// engines, reconnects with backoff (0.5 s doubling to 8 s) after a loss.
-///
-/// After our DISCONNECT has gone out it keeps reading until the broker
-/// closes the connection: closing the socket while the broker's last
-/// acknowledgements sit unread in it would make the kernel reset the
-/// connection, and a reset makes the broker drop what it has received and
-/// not processed yet (the final reports).
-async fn drive(mut eventloop: EventLoop, shared: Arc<Shared>) {
-    const MAX_BACKOFF: Duration = Duration::from_secs(8);
-    let mut backoff = Duration::from_millis(500);
-    let mut disconnecting = false;
-    loop {
-        match eventloop.poll().await {
-            Ok(rumqttc::Event::Outgoing(Outgoing::Disconnect)) => {
-                disconnecting = true;
-                shared.state().connected = false;
-                shared.notify.notify_one();
-            }
-            Ok(_) if disconnecting => {}
-            Ok(event) => {
-                if matches!(event, rumqttc::Event::Incoming(Packet::ConnAck(_))) {
-                    backoff = Duration::from_millis(500);
-                }
-                shared.handle(&event);
-            }
-            Err(_) if disconnecting => return,
-            Err(ConnectionError::RequestsDone) => return,
-            Err(e) => {
-                log::warn!("MQTT connection: {e}; retrying in {backoff:?}");
-                shared.lost(&e);
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(MAX_BACKOFF);
-            }
-        }
-    }
 }
 
 /// An MQTT instance (`iot_mqtt_t`).
@@ -245,6 +215,8 @@ pub struct Mqtt {
     /// TLS settings for HTTPS downloads, when the configuration named a CA
     /// file (otherwise downloads use the system roots).
     pub(crate) https: Option<Arc<ClientConfig>>,
+    /// What the instance was made with.
+    settings: LinkSettings,
     closed: AtomicBool,
     /// Declared last: dropped after everything that may hold its resources.
     pub(crate) rt: Runtime,
@@ -258,56 +230,49 @@ impl std::fmt::Debug for Mqtt {
 
 pub(crate) static MQTTS: Registry<Mqtt> = Registry::new();
 
-/// The checked contents of an [`IotMqttConfig`].
-struct Settings {
-    host: String,
-    port: u16,
-    client_id: String,
-    username: Option<String>,
-    password: Option<String>,
-    ca_file: Option<PathBuf>,
-    tls: bool,
-    keep_alive: Duration,
-}
-
-impl Settings {
-    /// # Safety
-    /// `config`'s strings are each NULL or a valid NUL-terminated string.
-    unsafe fn read(config: &IotMqttConfig) -> Result<Settings, c_int> {
-        // SAFETY: the caller's contract on the strings.
-        let (host, client_id, username, password, ca_file) = unsafe {
-            (
-                c_str(config.host)?,
-                c_str(config.client_id)?,
-                opt_c_str(config.username)?,
-                opt_c_str(config.password)?,
-                opt_c_str(config.ca_file)?,
-            )
-        };
-        if host.is_empty() || client_id.is_empty() || ca_file == Some("") {
-            return Err(IOT_OTA_ERR_INVALID_PARAM);
-        }
-        let tls = config.use_tls != 0 || ca_file.is_some();
-        let port = match config.port {
-            0 if tls => 8883,
-            0 => 1883,
-            p => p,
-        };
-        let keep_alive = match config.keep_alive_s {
-            0 => 60,
-            s => s.max(5),
-        };
-        Ok(Settings {
-            host: host.to_owned(),
-            port,
-            client_id: client_id.to_owned(),
-            username: username.map(str::to_owned),
-            password: password.map(str::to_owned),
-            ca_file: ca_file.map(PathBuf::from),
-            tls,
-            keep_alive: Duration::from_secs(u64::from(keep_alive)),
-        })
+/// Reads an [`IotMqttConfig`] into the link's settings (the same type the
+/// Rust API's `Config` holds).
+///
+/// # Safety
+/// `config`'s strings are each NULL or a valid NUL-terminated string.
+unsafe fn read_settings(config: &IotMqttConfig) -> Result<LinkSettings, c_int> {
+    // SAFETY: the caller's contract on the strings.
+    let (host, client_id, username, password, ca_file) = unsafe {
+        (
+            c_str(config.host)?,
+            c_str(config.client_id)?,
+            opt_c_str(config.username)?,
+            opt_c_str(config.password)?,
+            opt_c_str(config.ca_file)?,
+        )
+    };
+    if host.is_empty() || client_id.is_empty() || ca_file == Some("") {
+        return Err(IOT_OTA_ERR_INVALID_PARAM);
     }
+    let tls = config.use_tls != 0 || ca_file.is_some();
+    let port = match config.port {
+        0 if tls => 8883,
+        0 => 1883,
+        p => p,
+    };
+    let keep_alive = match config.keep_alive_s {
+        0 => 60,
+        s => s.max(5),
+    };
+    let broker = BrokerUrl {
+        tls,
+        host: host.to_owned(),
+        port,
+    };
+    let mut settings = LinkSettings::for_broker(broker, client_id);
+    settings.username = username.map(str::to_owned);
+    settings.password = password.map(str::to_owned);
+    settings.tls = TlsOptions {
+        ca_file: ca_file.map(PathBuf::from),
+        ..TlsOptions::default()
+    };
+    settings.keep_alive = Duration::from_secs(u64::from(keep_alive));
+    Ok(settings)
 }
 
 /// Keeps a reference to the calling thread's std `Thread` handle for the
@@ -330,42 +295,27 @@ fn anchor_current_thread() {
 }
 
 impl Mqtt {
-    fn new(settings: Settings) -> Result<Mqtt, c_int> {
+    fn new(settings: LinkSettings) -> Result<Mqtt, c_int> {
         anchor_current_thread();
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .map_err(|_| crate::IOT_OTA_ERR_NOMEM)?;
-        let mut opts = MqttOptions::new(&settings.client_id, &settings.host, settings.port);
-        opts.set_keep_alive(settings.keep_alive)
-            .set_clean_session(true)
-            .set_max_packet_size(64 * 1024, 64 * 1024)
-            .set_request_channel_capacity(256);
-        if let Some(user) = &settings.username {
-            opts.set_credentials(user.clone(), settings.password.clone().unwrap_or_default());
-        }
-        let tls_options = TlsOptions {
-            ca_file: settings.ca_file.clone(),
-            ..TlsOptions::default()
-        };
-        let mut https = None;
-        if settings.tls {
-            let config = tls::client_config(&tls_options).map_err(|e| {
-                log::error!("MQTT TLS: {e}");
+        // A CA file serves HTTPS downloads too; build it once, failing early.
+        let https = match &settings.tls.ca_file {
+            Some(_) => Some(tls::client_config(&settings.tls).map_err(|e| {
+                log::error!("TLS: {e}");
                 IOT_OTA_ERR_INVALID_PARAM
-            })?;
-            opts.set_transport(Transport::Tls(TlsConfiguration::Rustls(config.clone())));
-            if settings.ca_file.is_some() {
-                https = Some(config);
-            }
-        }
+            })?),
+            None => None,
+        };
         // Creating the client and event loop touches no socket yet, but
         // keep every tokio object inside its runtime's context.
         let _context = rt.enter();
-        let (client, mut eventloop) = AsyncClient::new(opts, 256);
-        let mut net = rumqttc::NetworkOptions::new();
-        net.set_connection_timeout(10);
-        eventloop.set_network_options(net);
+        let (client, eventloop) = link::client(&settings).map_err(|e| {
+            log::error!("MQTT: {e}");
+            IOT_OTA_ERR_INVALID_PARAM
+        })?;
         Ok(Mqtt {
             client,
             shared: Arc::new(Shared {
@@ -375,6 +325,7 @@ impl Mqtt {
             eventloop: Mutex::new(Some(eventloop)),
             driver: Mutex::new(None),
             https,
+            settings,
             closed: AtomicBool::new(false),
             rt,
         })
@@ -475,7 +426,11 @@ impl Mqtt {
         }
         let failures_before = self.shared.state().failures;
         if let Some(eventloop) = lock(&self.eventloop).take() {
-            let task = self.rt.spawn(drive(eventloop, self.shared.clone()));
+            let handler = FfiLink(self.shared.clone());
+            let backoff = self.settings.backoff();
+            let task = self
+                .rt
+                .spawn(async move { link::run(eventloop, backoff, &handler).await });
             *lock(&self.driver) = Some(task);
         }
         let shared = &self.shared;
@@ -600,7 +555,7 @@ pub unsafe extern "C" fn iot_mqtt_create(config: *const IotMqttConfig) -> *mut c
         // SAFETY: non-NULL and pointing to a config, by the caller's contract.
         let config = unsafe { &*config };
         // SAFETY: the strings' contract is the caller's.
-        let settings = match unsafe { Settings::read(config) } {
+        let settings = match unsafe { read_settings(config) } {
             Ok(s) => s,
             Err(_) => return std::ptr::null_mut(),
         };

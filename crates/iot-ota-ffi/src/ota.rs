@@ -155,12 +155,9 @@ fn fetch_error_code(e: &FetchError) -> c_int {
     }
 }
 
-/// Checks a product key or device name: what may go into a topic level.
+/// Checks a product key or device name: the core's one rule.
 fn valid_identity(s: &str) -> bool {
-    !s.is_empty()
-        && !s
-            .chars()
-            .any(|c| matches!(c, '/' | '+' | '#') || c.is_whitespace() || c.is_control())
+    iot_ota_core::protocol::validate_identity("identity", s).is_ok()
 }
 
 /// Reads a version argument: NULL, non-UTF-8 or empty is invalid; above 100 bytes too long.
@@ -254,7 +251,7 @@ pub unsafe extern "C" fn iot_ota_init(
         let ota = Ota::unversioned(Config::new(pk, dn));
         let session = Session::new(ota, mqtt.client().clone(), sink);
         if mqtt.attach(session.clone()) {
-            session.with(|ota| ota.handle_connected());
+            session.handle_connected();
         }
         OTAS.insert(Arc::new(OtaHandle {
             mqtt,

@@ -281,19 +281,8 @@ fn firmware(version: &str, url: &str, body: &[u8]) -> Firmware {
 
 /// An upgrade command's JSON, signed with `sign` (the body's MD5 unless overridden).
 fn command(id: &str, version: &str, url: &str, body: &[u8], sign: Option<&str>) -> String {
-    json!({
-        "msgId": id,
-        "version": "1.0",
-        "data": {
-            "policy": "standard",
-            "size": body.len(),
-            "firmwareVersion": version,
-            "url": url,
-            "sign": sign.map_or_else(|| digest_hex(SignMethod::Md5, body), str::to_owned),
-            "signMethod": "Md5",
-        }
-    })
-    .to_string()
+    let sign = sign.map_or_else(|| digest_hex(SignMethod::Md5, body), str::to_owned);
+    iot_ota_testkit::upgrade_command(id, version, url, body.len(), &sign, "Md5")
 }
 
 // ---- the header against the guide and the library ----

@@ -262,7 +262,10 @@ pub struct ApiError {
     pub error: String,
 }
 
-/// Checks a name made of 1-100 letters, digits, `_`, `-`, `.` (the console's version rule).
+/// Checks a firmware file name: 1-100 letters, digits, `_`, `-`, `.`, not
+/// `.` or `..` (it names a file in the data directory). Product keys and
+/// versions have the core's rules ([`check_product`], [`check_version`]),
+/// the ones the devices apply.
 pub fn check_name(what: &str, value: &str) -> Result<(), String> {
     if value.is_empty() || value.chars().count() > 100 {
         return Err(format!(
@@ -284,6 +287,23 @@ pub fn check_name(what: &str, value: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// Checks a product key with the devices' rule
+/// ([`iot_ota_core::protocol::validate_identity`]).
+pub fn check_product(product: &str) -> Result<(), String> {
+    iot_ota_core::protocol::validate_identity("product", product)
+}
+
+/// Checks a firmware version with the devices' rule
+/// ([`iot_ota_core::protocol::validate_version`]).
+pub fn check_version(what: &str, version: &str) -> Result<(), String> {
+    iot_ota_core::protocol::validate_version(version).map_err(|r| {
+        format!(
+            "{what}: {}",
+            r.message.trim_start_matches("firmwareVersion ")
+        )
+    })
+}
+
 /// Checks a firmware's product, version, file name and size.
 pub fn check_firmware(
     product: &str,
@@ -292,8 +312,8 @@ pub fn check_firmware(
     size: u64,
     max_size: u64,
 ) -> Result<(), String> {
-    check_name("product", product)?;
-    check_name("version", version)?;
+    check_product(product)?;
+    check_version("version", version)?;
     check_name("file name", name)?;
     if size == 0 {
         return Err("the firmware file is empty".into());
@@ -373,18 +393,36 @@ mod tests {
 
     #[test]
     fn names() {
-        assert!(check_name("version", "2.0.1-rc_1").is_ok());
-        assert!(check_name("version", &"9".repeat(100)).is_ok());
-        assert!(check_name("version", &"9".repeat(101))
+        assert!(check_name("file name", "fw-2.0.1-rc_1.bin").is_ok());
+        assert!(check_name("file name", &"9".repeat(100)).is_ok());
+        assert!(check_name("file name", &"9".repeat(101))
             .unwrap_err()
             .contains("1-100"));
-        assert!(check_name("version", "").unwrap_err().contains("1-100"));
-        assert!(check_name("version", "2.0 beta")
+        assert!(check_name("file name", "").unwrap_err().contains("1-100"));
+        assert!(check_name("file name", "fw 2.bin")
             .unwrap_err()
             .contains("' '"));
-        assert!(check_name("version", "a/b").is_err());
-        assert!(check_name("version", "版本").is_err());
+        assert!(check_name("file name", "a/b").is_err());
+        assert!(check_name("file name", "版本").is_err());
         assert!(check_name("file name", "..").is_err());
+    }
+
+    #[test]
+    fn products_and_versions_have_the_devices_rules() {
+        // Whatever a device accepts as its product key, the platform takes.
+        for pk in ["pk", "a1B2:c3", "d@v"] {
+            assert!(iot_ota_core::protocol::validate_identity("p", pk).is_ok());
+            assert_eq!(check_product(pk), Ok(()), "{pk:?}");
+        }
+        for bad in ["", "a/b", "a b", ".."] {
+            assert!(check_product(bad).is_err(), "{bad:?}");
+        }
+        assert!(check_version("version", "2.0.1-rc_1").is_ok());
+        assert!(check_version("version", &"9".repeat(100)).is_ok());
+        let e = check_version("version", "2.0 beta").unwrap_err();
+        assert!(e.starts_with("version: "), "{e}");
+        assert!(check_version("version", &"9".repeat(101)).is_err());
+        assert!(check_version("version", "").is_err());
     }
 
     #[test]

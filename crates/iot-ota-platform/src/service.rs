@@ -20,8 +20,8 @@ use rumqttc::{AsyncClient, Event, EventLoop, Packet, QoS, SubscribeFilter};
 use tokio::sync::Notify;
 
 use crate::api::{
-    batch_config, check_firmware, check_name, BatchView, CreateBatch, CreatedBatch, DeviceView,
-    Excluded, FirmwareInfo,
+    batch_config, check_firmware, check_product, check_version, BatchView, CreateBatch,
+    CreatedBatch, DeviceView, Excluded, FirmwareInfo,
 };
 use crate::engine::{select_devices, Action, Batch, DeviceInfo, Millis};
 use crate::store::{FirmwareRow, Store, StoreError};
@@ -473,8 +473,8 @@ impl Shared {
 
     pub(crate) fn create_batch(&self, req: &CreateBatch) -> Result<CreatedBatch, OpError> {
         let bad = |m: String| OpError::new(400, m);
-        check_name("product", &req.product).map_err(bad)?;
-        check_name("firmware_version", &req.firmware_version).map_err(bad)?;
+        check_product(&req.product).map_err(bad)?;
+        check_version("firmware_version", &req.firmware_version).map_err(bad)?;
         let config = batch_config(req).map_err(bad)?;
         let now = now_ms();
         let mut inner = self.lock();

@@ -404,9 +404,17 @@ async fn firmware_rules() {
     let api = api(&p);
     let bytes = random_bytes(2000, 7);
     let cases: Vec<(&str, String, &str, usize, u16, &str)> = vec![
-        ("pk", "2.0 beta".into(), "f.bin", 10, 400, "only letters"),
-        ("pk", "9".repeat(101), "f.bin", 10, 400, "1-100"),
-        ("pk", "".into(), "f.bin", 10, 400, "1-100"),
+        (
+            "pk",
+            "2.0 beta".into(),
+            "f.bin",
+            10,
+            400,
+            "only contain letters",
+        ),
+        ("pk", "9".repeat(101), "f.bin", 10, 400, "longer than 100"),
+        ("pk", "".into(), "f.bin", 10, 400, "is empty"),
+        ("p/k", "2.0".into(), "f.bin", 10, 400, "'/'"),
         ("pk", "2.0".into(), "../x", 10, 400, "'/'"),
         ("pk", "2.0".into(), "f.bin", 0, 400, "empty"),
         (

@@ -11,7 +11,8 @@
 //!   and publishes commands, usable from sync and async tests alike;
 //! - [`TestCa`]: a throwaway CA with a `localhost` server certificate and
 //!   client certificates for mutual TLS;
-//! - [`TempDir`], [`free_port`], [`random_bytes`], [`wait_child`]: small helpers.
+//! - [`TempDir`], [`free_port`], [`random_bytes`], [`wait_child`],
+//!   [`upgrade_command`]: small helpers.
 //!
 //! Blocking waits (`wait_for`, `publish`, ...) suit sync tests; their
 //! `*_async` twins suit async tests, where blocking would stall the runtime
@@ -53,4 +54,4 @@ pub use http::{FileServer, RequestLog, Route};
 pub use mosquitto::{Mosquitto, MosquittoOptions};
 pub use recorder::{RecorderOptions, WireMessage, WireRecorder};
 pub use tempdir::TempDir;
-pub use util::{free_port, random_bytes, write_random_file};
+pub use util::{free_port, random_bytes, upgrade_command, write_random_file};

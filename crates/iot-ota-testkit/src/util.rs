@@ -79,6 +79,32 @@ impl XorShift {
     }
 }
 
+/// An upgrade command's JSON (PROTOCOL.md message 1), policy `standard`, for
+/// an image of `size` bytes whose digest is `sign` by `sign_method` (the
+/// wire name: `Md5`, `SHA256`).
+pub fn upgrade_command(
+    id: &str,
+    version: &str,
+    url: &str,
+    size: usize,
+    sign: &str,
+    sign_method: &str,
+) -> String {
+    serde_json::json!({
+        "msgId": id,
+        "version": "1.0",
+        "data": {
+            "policy": "standard",
+            "size": size,
+            "firmwareVersion": version,
+            "url": url,
+            "sign": sign,
+            "signMethod": sign_method,
+        }
+    })
+    .to_string()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use iot_ota_core::digest::{digest_hex, SignMethod};
 use iot_ota_testkit::{FileServer, Mosquitto, TempDir, WireMessage, WireRecorder};
-use serde_json::{json, Value};
+use serde_json::Value;
 
 pub const PK: &str = "pk1";
 pub const WAIT: Duration = Duration::from_secs(15);
@@ -120,19 +120,19 @@ pub fn example_path() -> PathBuf {
 
 /// An upgrade command's JSON.
 pub fn command(id: &str, version: &str, url: &str, body: &[u8], method: SignMethod) -> String {
-    json!({
-        "msgId": id,
-        "version": "1.0",
-        "data": {
-            "policy": "standard",
-            "size": body.len(),
-            "firmwareVersion": version,
-            "url": url,
-            "sign": digest_hex(method, body),
-            "signMethod": if method == SignMethod::Md5 { "Md5" } else { "SHA256" },
-        }
-    })
-    .to_string()
+    let wire = if method == SignMethod::Md5 {
+        "Md5"
+    } else {
+        "SHA256"
+    };
+    iot_ota_testkit::upgrade_command(
+        id,
+        version,
+        url,
+        body.len(),
+        &digest_hex(method, body),
+        wire,
+    )
 }
 
 /// Waits for a child to exit, with a deadline; returns its code and stderr.
