@@ -92,7 +92,7 @@ pub mod tls;
 
 pub use client::{OtaClient, Upgrades};
 pub use config::Config;
-pub use download::{Download, DownloadOptions};
+pub use download::{Download, DownloadOptions, ReadAhead, ReadAheadPoll};
 pub use error::Error;
 pub use iot_ota_core::{
     BrokerUrl, Fetch, FetchError, FetchState, Firmware, Policy, Progress, SignMethod, Status,

@@ -190,6 +190,51 @@ async fn fetch_yield_states_timeouts_and_end() {
     ));
 }
 
+/// A response head slower than each call's timeout: the calls time out, the
+/// one request goes on, and the download completes with a single GET.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fetch_yield_keeps_a_slow_request_across_calls() {
+    let rig = Rig::new();
+    let body = random_bytes(50_000, 23);
+    let url = rig.files.add(
+        "/late.bin",
+        Route::delayed(body.clone(), Duration::from_millis(1_500)),
+    );
+    // The default idle timeout (30 s): the head's wait is bounded by it.
+    let config = Config::new(&rig.broker.url(), PK, "y3", "1.0.0").unwrap();
+    let (client, mut upgrades) = OtaClient::connect(config).await.expect("connect");
+    rig.wire
+        .wait_for_async(|m| m.topic == rig.topic("y3", "inform"), WAIT)
+        .await
+        .expect("inform at connect");
+    rig.push("y3", command("1", "2.0", &url, &body, SignMethod::Md5));
+    let cmd = upgrades.next().await.unwrap();
+    let mut dl = client.download(&cmd);
+    let mut buf = vec![0u8; 5000];
+    let (mut got, mut timeouts) = (Vec::new(), 0);
+    let deadline = std::time::Instant::now() + WAIT;
+    while !dl.is_finished() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no end after {timeouts} timeouts: is the request restarted by each timeout?"
+        );
+        match dl.fetch_yield(&mut buf, Duration::from_millis(200)).await {
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(Error::Timeout) => timeouts += 1,
+            Err(e) => panic!("{e}"),
+        }
+    }
+    assert_eq!(got, body);
+    assert!(timeouts >= 3, "{timeouts} timeouts");
+    let gets = rig
+        .files
+        .requests()
+        .into_iter()
+        .filter(|r| r.path == "/late.bin")
+        .count();
+    assert_eq!(gets, 1);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn download_to_resumes_after_a_stall() {
     let rig = Rig::new();

@@ -121,6 +121,16 @@ impl Shared {
         lock(&self.state)
     }
 
+    /// Something a waiting call may care about happened (a download's read-ahead has bytes).
+    pub(crate) fn wake(&self) {
+        self.notify.notify_one();
+    }
+
+    /// Until the next [`Shared::wake`] or connection event.
+    pub(crate) async fn notified(&self) {
+        self.notify.notified().await
+    }
+
     /// An OTA handle got an event: wake whoever is yielding.
     pub(crate) fn ota_event(&self) {
         self.state().ota_events += 1;

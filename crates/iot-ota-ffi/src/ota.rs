@@ -13,9 +13,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use iot_ota_core::protocol::MAX_VERSION_LEN;
-use iot_ota_core::{Config, Event, FetchError, FetchState, Firmware, Ota, Status};
+use iot_ota_core::{Config, Event, FetchError, FetchState, Firmware, Ota, Status, Verified};
 use iot_ota_device::http::HttpOptions;
-use iot_ota_device::{Download, DownloadOptions, Error, Session};
+use iot_ota_device::{Download, DownloadOptions, ReadAhead, ReadAheadPoll, Session};
 
 use crate::mqtt::{Mqtt, MQTTS};
 use crate::registry::Registry;
@@ -75,8 +75,87 @@ pub struct OtaHandle {
 #[derive(Default)]
 struct OtaState {
     /// The download of the current (or last) upgrade.
-    download: Option<Download>,
+    download: Option<Job>,
+    /// When `iot_ota_fetch_yield` last let the MQTT task run.
+    serviced: Option<Instant>,
 }
+
+/// The download of an upgrade, before and after the first `iot_ota_fetch_yield`.
+// One per OTA handle, moved once: the variants' sizes do not matter.
+#[allow(clippy::large_enum_variant)]
+enum Job {
+    /// Accepted; the first fetch starts it.
+    Waiting(Download),
+    /// Reading ahead on its own threads.
+    Running(ReadAhead),
+}
+
+impl Job {
+    fn firmware(&self) -> &Firmware {
+        match self {
+            Job::Waiting(d) => d.firmware(),
+            Job::Running(r) => r.firmware(),
+        }
+    }
+
+    fn state(&self) -> FetchState {
+        match self {
+            Job::Waiting(d) => d.state(),
+            Job::Running(r) => r.state(),
+        }
+    }
+
+    fn outcome(&self) -> Option<Result<Verified, FetchError>> {
+        match self {
+            Job::Waiting(d) => d.outcome().cloned(),
+            Job::Running(r) => r.outcome(),
+        }
+    }
+
+    fn is_finished(&self) -> bool {
+        self.state() == FetchState::Fetched
+    }
+
+    fn digest_hex(&self) -> String {
+        match self {
+            Job::Waiting(d) => d.digest_hex(),
+            Job::Running(r) => r.digest_hex(),
+        }
+    }
+
+    /// Bytes handed to the application so far.
+    fn fetched_size(&self) -> u64 {
+        match self {
+            Job::Waiting(d) => d.fetched_size(),
+            Job::Running(r) => r.delivered(),
+        }
+    }
+
+    fn file_size(&self) -> Option<u64> {
+        match self {
+            Job::Waiting(d) => d.file_size(),
+            Job::Running(r) => r.file_size(),
+        }
+    }
+
+    /// Ends it without a report (the application reported the end itself).
+    fn abandon(self) {
+        match self {
+            Job::Waiting(d) => d.abandon(),
+            Job::Running(r) => r.abandon(),
+        }
+    }
+}
+
+/// The read-ahead's blocks (four in flight): 4 x 64 KiB keeps the C
+/// example's peak RSS flat and small, while handing a block over still
+/// costs little next to hashing it.
+const READ_AHEAD_BLOCK: usize = 64 * 1024;
+
+/// While bytes are waiting, `iot_ota_fetch_yield` returns without entering
+/// the runtime; at least this often it lets the MQTT task run anyway
+/// (reports, keep-alives, incoming commands).
+const SERVICE_EVERY: Duration = Duration::from_millis(20);
 
 impl std::fmt::Debug for OtaHandle {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -128,7 +207,11 @@ impl OtaHandle {
         // The engine accepts an upgrade only once the previous one has ended
         // by a terminal report, so the download replaced here has ended too
         // (or never started): dropping it reports nothing.
-        st.download = Some(Download::new(self.session.clone(), firmware, options));
+        st.download = Some(Job::Waiting(Download::new(
+            self.session.clone(),
+            firmware,
+            options,
+        )));
     }
 
     fn state(&self) -> std::sync::MutexGuard<'_, OtaState> {
@@ -423,28 +506,78 @@ pub unsafe extern "C" fn iot_ota_fetch_yield(
         let len = (buf_len as usize).min(c_int::MAX as usize);
         // SAFETY: non-NULL and writable for buf_len >= len bytes, by the caller's contract.
         let buf = unsafe { std::slice::from_raw_parts_mut(buf.cast::<u8>(), len) };
-        let result = {
-            let mut st = h.state();
-            let Some(download) = st.download.as_mut() else {
-                return IOT_OTA_ERR_INVALID_STATE;
-            };
-            let timeout = Duration::from_secs(u64::from(timeout_s));
-            match h.mqtt.block_on(download.fetch_yield(buf, timeout)) {
-                Ok(0) => IOT_OTA_ERR_INVALID_STATE,
-                Ok(n) => c_int::try_from(n).unwrap_or(c_int::MAX),
-                Err(Error::Timeout) => 0,
-                Err(Error::Fetch(e)) => fetch_error_code(&e),
-                Err(Error::Core(_)) => IOT_OTA_ERR_INVALID_PARAM,
-                Err(e) => {
-                    log::error!("fetch: {e}");
-                    IOT_OTA_ERR_GENERAL
-                }
-            }
-        };
+        let timeout = Duration::from_secs(u64::from(timeout_s));
+        let mut st = h.state();
+        let result = h.fetch(&mut st, buf, timeout);
+        drop(st);
         // Callbacks of what arrived meanwhile, with no lock held.
         h.mqtt.deliver();
         result
     })
+}
+
+impl OtaHandle {
+    /// `iot_ota_fetch_yield`'s work: bytes already hashed are copied out at
+    /// once; otherwise it waits, keeping the MQTT connection serviced, until
+    /// some arrive or `timeout` passes. The request itself lives on the
+    /// read-ahead's reader: a timeout here leaves it running.
+    fn fetch(&self, st: &mut OtaState, buf: &mut [u8], timeout: Duration) -> c_int {
+        let deadline = Instant::now() + timeout;
+        if let Some(Job::Waiting(_)) = st.download {
+            let Some(Job::Waiting(download)) = st.download.take() else {
+                unreachable!("matched above")
+            };
+            let shared = self.mqtt.shared_weak();
+            let wake = Arc::new(move || {
+                if let Some(shared) = shared.upgrade() {
+                    shared.wake();
+                }
+            });
+            match download.read_ahead(READ_AHEAD_BLOCK, wake) {
+                Ok(r) => st.download = Some(Job::Running(r)),
+                Err(e) => {
+                    log::error!("fetch: {e}");
+                    return IOT_OTA_ERR_GENERAL;
+                }
+            }
+        }
+        let Some(Job::Running(ahead)) = st.download.as_mut() else {
+            return IOT_OTA_ERR_INVALID_STATE;
+        };
+        loop {
+            match ahead.poll_read(buf) {
+                ReadAheadPoll::Data(n) => {
+                    if st.serviced.map_or(true, |t| t.elapsed() >= SERVICE_EVERY) {
+                        self.mqtt.block_on(tokio::task::yield_now());
+                        st.serviced = Some(Instant::now());
+                    }
+                    return c_int::try_from(n).unwrap_or(c_int::MAX);
+                }
+                ReadAheadPoll::Complete(_) => return IOT_OTA_ERR_INVALID_STATE,
+                ReadAheadPoll::Failed(e) => return fetch_error_code(&e),
+                ReadAheadPoll::Pending => {
+                    let shared = self.mqtt.shared.clone();
+                    let expired = self.mqtt.block_on(async move {
+                        let deadline = tokio::time::Instant::from_std(deadline);
+                        tokio::select! {
+                            _ = shared.notified() => false,
+                            _ = tokio::time::sleep_until(deadline) => true,
+                        }
+                    });
+                    st.serviced = Some(Instant::now());
+                    if expired {
+                        // One more look: bytes may have come with the deadline.
+                        return match ahead.poll_read(buf) {
+                            ReadAheadPoll::Data(n) => c_int::try_from(n).unwrap_or(c_int::MAX),
+                            ReadAheadPoll::Complete(_) => IOT_OTA_ERR_INVALID_STATE,
+                            ReadAheadPoll::Failed(e) => fetch_error_code(&e),
+                            ReadAheadPoll::Pending => 0,
+                        };
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// `int iot_ota_get_firmware_info(void *handle, const char *product_key,
@@ -582,7 +715,7 @@ pub unsafe extern "C" fn iot_ota_check_firmware(handle: *mut c_void) -> c_int {
         match st.download.as_ref().and_then(|d| d.outcome()) {
             None => IOT_OTA_ERR_INVALID_STATE,
             Some(Ok(_)) => IOT_OTA_ERR_NONE,
-            Some(Err(e)) => fetch_error_code(e),
+            Some(Err(e)) => fetch_error_code(&e),
         }
     })
 }

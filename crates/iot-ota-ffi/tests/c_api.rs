@@ -807,6 +807,40 @@ fn example_args(rig: &Rig, dev: &str) -> Vec<String> {
     .collect()
 }
 
+/// A response head slower than `iot_ota_fetch_yield`'s 1 s timeout: the
+/// request carries on across calls (it used to be restarted every second
+/// and never finish), and the example upgrades with exactly one GET.
+#[test]
+fn example_waits_for_a_response_slower_than_the_fetch_timeout() {
+    let rig = Rig::new();
+    let dev = "exslowhead";
+    let body = random_bytes(90_000, 31);
+    let url = rig.files.add(
+        "/ex-slow-head.bin",
+        Route::delayed(body.clone(), Duration::from_millis(3_500)),
+    );
+    let child = spawn(&example_program(), &example_args(&rig, dev));
+    rig.expect_version(dev, "inform", "1.0.0");
+    rig.push(dev, command("d1", "2.0.0", &url, &body, None));
+    let exit = wait_exit(child, WAIT);
+    assert_success(&exit);
+    let got = std::fs::read(rig.dir.path().join(dev).join("firmware-2.0.0.bin")).unwrap();
+    assert!(got == body, "the image on disk differs");
+    let gets: Vec<_> = rig
+        .files
+        .requests()
+        .into_iter()
+        .filter(|r| r.path == "/ex-slow-head.bin")
+        .collect();
+    assert_eq!(gets.len(), 1, "{gets:?}");
+    assert!(
+        exit.stderr.contains("no data for 1 s, still fetching"),
+        "{}",
+        exit.stderr
+    );
+    rig.expect_version(dev, "inform", "2.0.0");
+}
+
 #[test]
 fn example_with_wrong_md5_exits_1_and_keeps_no_file() {
     let rig = Rig::new();

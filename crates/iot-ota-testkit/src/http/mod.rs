@@ -80,6 +80,14 @@ pub enum Route {
     /// Ignores `Range`: always 200 with the whole body, and no
     /// `Accept-Ranges` header.
     NoRange(Arc<Vec<u8>>),
+    /// Like [`Route::File`] (Range included), but the response head comes
+    /// only after `delay`: a slow origin, a cold CDN edge.
+    Delayed {
+        /// The body.
+        body: Arc<Vec<u8>>,
+        /// How long the request waits before anything is sent.
+        delay: std::time::Duration,
+    },
 }
 
 impl Route {
@@ -135,6 +143,14 @@ impl Route {
         Route::Slow {
             body: Arc::new(body.into()),
             bytes_per_sec,
+        }
+    }
+
+    /// [`Route::Delayed`]: answers after `delay`.
+    pub fn delayed(body: impl Into<Vec<u8>>, delay: std::time::Duration) -> Route {
+        Route::Delayed {
+            body: Arc::new(body.into()),
+            delay,
         }
     }
 

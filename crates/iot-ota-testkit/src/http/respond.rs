@@ -135,6 +135,11 @@ where
             let source = Source::Memory { body, pace: None };
             send_ranged(stream, head, body.len() as u64, etag, source).await?
         }
+        Route::Delayed { body, delay } => {
+            tokio::time::sleep(*delay).await;
+            let source = Source::Memory { body, pace: None };
+            send_ranged(stream, head, body.len() as u64, etag, source).await?
+        }
         Route::Slow {
             body,
             bytes_per_sec,
@@ -398,7 +403,7 @@ fn reason(status: u16) -> &'static str {
 /// microseconds, while two different images practically never share one.
 pub(super) fn memory_etag(route: &Route) -> Option<String> {
     let body = match route {
-        Route::File(body) | Route::Slow { body, .. } => body,
+        Route::File(body) | Route::Slow { body, .. } | Route::Delayed { body, .. } => body,
         _ => return None,
     };
     const WINDOW: usize = 4096;

@@ -1,0 +1,254 @@
+//! The download pipeline: a reader fills buffers from the socket, a hasher
+//! feeds them to the core's [`Fetch`] (counting, digest, progress) and hands
+//! them to a [`Sink`]: the image writer of `download_to`, or the queue the
+//! C API's `iot_ota_fetch_yield` copies from. Receiving, hashing and what
+//! the sink does overlap, on separate threads.
+//!
+//! ```text
+//!   reader (async) ──Msg──► hasher (thread) ──► Sink: file writer thread | read-ahead queue
+//!        ▲                                         │
+//!        └──────────────── free blocks ◄───────────┘
+//! ```
+//!
+//! A fixed pool of blocks circulates, so memory stays flat whatever the
+//! server sends.
+
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use iot_ota_core::{Fetch, FetchError, Verified};
+use tokio::sync::mpsc;
+
+use super::source::{Chunk, Source};
+use crate::session::Session;
+
+/// Alignment of direct I/O: memory, file offset and length.
+pub(crate) const DIRECT_ALIGN: usize = 4096;
+
+/// Blocks in flight between the reader, the hasher and the sink.
+pub(super) const BUFFERS: usize = 4;
+
+/// A pipeline buffer whose start is aligned for direct I/O.
+pub(crate) struct Block {
+    raw: Vec<u8>,
+    start: usize,
+    size: usize,
+}
+
+impl Block {
+    /// A block of `size` bytes.
+    pub(crate) fn new(size: usize) -> Block {
+        let raw = vec![0u8; size + DIRECT_ALIGN];
+        let start = raw.as_ptr().align_offset(DIRECT_ALIGN).min(DIRECT_ALIGN);
+        Block { raw, start, size }
+    }
+
+    /// The whole buffer, to fill.
+    pub(crate) fn space(&mut self) -> &mut [u8] {
+        &mut self.raw[self.start..self.start + self.size]
+    }
+
+    /// The first `n` bytes.
+    pub(crate) fn bytes(&self, n: usize) -> &[u8] {
+        &self.raw[self.start..self.start + n]
+    }
+}
+
+/// What the reader hands the hasher.
+pub(super) enum Msg {
+    Opened { offset: u64, remaining: Option<u64> },
+    Data(Block, usize),
+    End,
+    Failed(FetchError),
+}
+
+/// The pool: `BUFFERS` blocks of `size` bytes, and the channel they come
+/// back on.
+pub(super) fn pool(size: usize) -> (mpsc::Sender<Block>, mpsc::Receiver<Block>) {
+    let (free_tx, free_rx) = mpsc::channel::<Block>(BUFFERS);
+    for _ in 0..BUFFERS {
+        free_tx
+            .try_send(Block::new(size))
+            .expect("room for every buffer");
+    }
+    (free_tx, free_rx)
+}
+
+/// How the reader fills a block.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Fill {
+    /// Hand a block over only when it is full (or the body ended): every
+    /// block but the last stays aligned for direct I/O.
+    Full,
+    /// Hand it over as soon as the socket has nothing more right now: a
+    /// slow server's bytes reach the caller (and the progress reports) as
+    /// they come, not once per block.
+    Eager,
+}
+
+/// The reader: fills free blocks from `source`, starting at body byte
+/// `sent`, and hands them over, until the body ends, fails, or the hasher
+/// or the pool goes away.
+pub(super) async fn read_blocks(
+    source: &mut Source,
+    mut sent: u64,
+    fill: Fill,
+    full_tx: mpsc::Sender<Msg>,
+    free_rx: &mut mpsc::Receiver<Block>,
+) {
+    // A buffer that carried no data (the chunk was news of a response)
+    // is used again rather than dropped: the pool must not shrink.
+    let mut spare: Option<Block> = None;
+    loop {
+        let mut buf = match spare.take() {
+            Some(b) => b,
+            None => match free_rx.recv().await {
+                Some(b) => b,
+                None => return,
+            },
+        };
+        let size = buf.size;
+        let mut filled = 0;
+        let mut msg = None;
+        while filled < size {
+            let next = source.next(sent + filled as u64, &mut buf.space()[filled..]);
+            let chunk = if filled > 0 && fill == Fill::Eager {
+                // Only what is there now: `next` loses nothing if dropped.
+                tokio::select! {
+                    biased;
+                    chunk = next => chunk,
+                    _ = std::future::ready(()) => break,
+                }
+            } else {
+                next.await
+            };
+            match chunk {
+                Ok(Chunk::Data(n)) => filled += n,
+                Ok(Chunk::Opened { offset, remaining }) => {
+                    // Sent after the bytes already in this buffer.
+                    msg = Some(Msg::Opened { offset, remaining });
+                    break;
+                }
+                Ok(Chunk::End) => {
+                    msg = Some(Msg::End);
+                    break;
+                }
+                Err(e) => {
+                    msg = Some(Msg::Failed(e));
+                    break;
+                }
+            }
+        }
+        let stop = matches!(msg, Some(Msg::End) | Some(Msg::Failed(_)));
+        if filled > 0 {
+            sent += filled as u64;
+            if full_tx.send(Msg::Data(buf, filled)).await.is_err() {
+                return; // the hasher stopped: it has the error
+            }
+        } else {
+            spare = Some(buf);
+        }
+        if let Some(m) = msg {
+            if full_tx.send(m).await.is_err() {
+                return;
+            }
+        }
+        if stop {
+            return;
+        }
+    }
+}
+
+/// Where hashed blocks go.
+pub(super) trait Sink {
+    /// Takes a hashed block; the sink returns it to the pool when done.
+    /// `more` is true when the size is known and bytes remain after it (so
+    /// it is certainly not the last block).
+    fn data(&mut self, block: Block, n: usize, more: bool) -> Result<(), FetchError>;
+    /// Every byte is in: make it durable. Called before the final check.
+    fn end(&mut self) -> Result<(), FetchError>;
+    /// Size and digest checked out.
+    fn verified(&mut self, verified: &Verified);
+    /// The download failed with `error`: stop, let what was handed over
+    /// finish, and return the error to report. The sink's own error wins
+    /// when it has one (a full disk explains a stalled pipeline best).
+    fn failed(&mut self, error: FetchError) -> FetchError;
+    /// Whether a failure is reported to the platform (false once the
+    /// application has reported the upgrade's end itself).
+    fn reports_failure(&self) -> bool {
+        true
+    }
+}
+
+/// Locks the shared fetch (a panic elsewhere leaves it consistent).
+pub(super) fn lock(fetch: &Mutex<Fetch>) -> std::sync::MutexGuard<'_, Fetch> {
+    fetch.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The hasher: feeds what the reader hands over to `fetch`, reports
+/// progress, passes the blocks to `sink`, and at the end verifies (after
+/// the sink has made the bytes durable) and reports the outcome.
+///
+/// Hashing is the one serial cost of a download (MD5 runs at about 500 MB/s
+/// on one core here), so nothing else runs on this thread.
+pub(super) fn hash_stage(
+    fetch: &Arc<Mutex<Fetch>>,
+    session: &Session,
+    mut full_rx: mpsc::Receiver<Msg>,
+    sink: &mut impl Sink,
+) -> Result<Verified, FetchError> {
+    let result = (|| -> Result<Verified, FetchError> {
+        loop {
+            match full_rx.blocking_recv() {
+                Some(Msg::Opened { offset, remaining }) => {
+                    lock(fetch).handle_response(offset, remaining)?
+                }
+                Some(Msg::Data(buf, n)) => {
+                    let (report, more) = {
+                        let mut f = lock(fetch);
+                        let report = f.handle_data(buf.bytes(n), Instant::now())?;
+                        (report, f.total().is_some_and(|t| f.received() < t))
+                    };
+                    if let Some(report) = report {
+                        session.publish_progress(&report);
+                    }
+                    sink.data(buf, n, more)?;
+                }
+                Some(Msg::End) => {
+                    sink.end()?;
+                    let mut f = lock(fetch);
+                    let report = f.handle_end()?;
+                    session.publish_progress(&report);
+                    // handle_end succeeded, so the outcome is the verified one.
+                    let verified = match f.outcome() {
+                        Some(Ok(v)) => v.clone(),
+                        _ => return Err(FetchError::Finished),
+                    };
+                    drop(f);
+                    sink.verified(&verified);
+                    return Ok(verified);
+                }
+                Some(Msg::Failed(e)) => return Err(e),
+                None => return Err(FetchError::Cancelled),
+            }
+        }
+    })();
+    result.map_err(|e| {
+        let e = sink.failed(e);
+        let mut f = lock(fetch);
+        f.fail(e.clone());
+        if sink.reports_failure() {
+            session.publish_progress(&f.failure_report(&e));
+        }
+        e
+    })
+}
+
+/// Prefers a sink's own error to the pipeline's, unless the sink only saw
+/// the pipeline stop.
+pub(super) fn worse(pipeline: FetchError, sink: Option<FetchError>) -> FetchError {
+    match sink {
+        Some(FetchError::Cancelled) | None => pipeline,
+        Some(own) => own,
+    }
+}

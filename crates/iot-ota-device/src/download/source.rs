@@ -1,0 +1,125 @@
+//! The HTTP side of a download: opens the URL, and resumes a broken
+//! transfer from where it stopped (Range), a bounded number of times.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::time::Duration;
+
+use iot_ota_core::{Backoff, FetchError};
+use tokio::time::Instant;
+
+use super::DownloadOptions;
+use crate::http::{Body, HttpError};
+
+/// What the source produced.
+pub(super) enum Chunk {
+    /// A (re)opened response carries the body from `offset`, `remaining` bytes if known.
+    Opened { offset: u64, remaining: Option<u64> },
+    /// `n` bytes were read into the buffer.
+    Data(usize),
+    /// The body is complete.
+    End,
+}
+
+type Opening = Pin<Box<dyn Future<Output = Result<Body, HttpError>> + Send>>;
+
+/// The retrying HTTP source of one download.
+///
+/// Every await in [`Source::next`] is cancel-safe, and more: a cancelled
+/// call loses no progress. A request still waiting for its response head
+/// is kept, and the next call goes on waiting for the same response; a
+/// pause before a resume keeps its deadline. So a caller that bounds each
+/// call by a short timeout (the C API's `iot_ota_fetch_yield`, whose
+/// `timeout_s` is often 1 s) never restarts a slow request: only the
+/// download's own timeouts ([`crate::http::HttpOptions`]) end it.
+pub(super) struct Source {
+    url: String,
+    options: DownloadOptions,
+    body: Option<Body>,
+    /// A request sent, its response not there yet.
+    opening: Option<Opening>,
+    /// No request before this (the pause before a resume).
+    pause_until: Option<Instant>,
+    retries_left: u32,
+    backoff: Backoff,
+}
+
+impl Source {
+    pub(super) fn new(url: String, options: DownloadOptions) -> Source {
+        let seed = url.bytes().fold(u64::from(std::process::id()), |h, b| {
+            h.wrapping_mul(31).wrapping_add(u64::from(b))
+        });
+        Source {
+            retries_left: options.retries,
+            backoff: Backoff::new(Duration::from_millis(500), Duration::from_secs(32)).seeded(seed),
+            url,
+            options,
+            body: None,
+            opening: None,
+            pause_until: None,
+        }
+    }
+
+    /// The URL downloaded.
+    pub(super) fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// The next chunk. `received` is how many body bytes were taken so far,
+    /// where a resumed request starts.
+    pub(super) async fn next(
+        &mut self,
+        received: u64,
+        buf: &mut [u8],
+    ) -> Result<Chunk, FetchError> {
+        loop {
+            if let Some(until) = self.pause_until {
+                tokio::time::sleep_until(until).await;
+                self.pause_until = None;
+            }
+            let Some(body) = self.body.as_mut() else {
+                let opening = self.opening.get_or_insert_with(|| {
+                    let url = self.url.clone();
+                    let http = self.options.http.clone();
+                    Box::pin(async move { Body::open(&url, received, &http).await })
+                });
+                let opened = opening.as_mut().await;
+                self.opening = None;
+                match opened {
+                    Ok(body) => {
+                        let chunk = Chunk::Opened {
+                            offset: body.offset(),
+                            remaining: body.remaining(),
+                        };
+                        self.body = Some(body);
+                        return Ok(chunk);
+                    }
+                    Err(e) => {
+                        self.retry_or_fail(e.into())?;
+                        continue;
+                    }
+                }
+            };
+            match body.read(buf).await {
+                Ok(0) => return Ok(Chunk::End),
+                Ok(n) => return Ok(Chunk::Data(n)),
+                Err(e) => {
+                    self.body = None;
+                    self.retry_or_fail(e.into())?;
+                }
+            }
+        }
+    }
+
+    /// After a failure: fail, or schedule the resume.
+    fn retry_or_fail(&mut self, error: FetchError) -> Result<(), FetchError> {
+        if !error.is_retryable() || self.retries_left == 0 {
+            return Err(error);
+        }
+        self.retries_left -= 1;
+        let pause = self.backoff.next_delay();
+        log::warn!("download interrupted ({error}); resuming in {pause:.1?}");
+        self.pause_until = Some(Instant::now() + pause);
+        Ok(())
+    }
+}
