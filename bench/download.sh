@@ -6,11 +6,15 @@
 # Serves one random file over HTTP and HTTPS from one local server and prints MB/s for:
 #   - md5sum FILE                              (the digest alone, from the page cache)
 #   - curl -s URL | md5sum                     (HTTP baseline)
-#   - ota_example: download + MD5 + write      (HTTP, the SDK, end to end from the command)
+#   - both example devices, the Rust ota_example (download_to pipeline) and the C
+#     ota_example (iot_ota_fetch_yield, 5000-byte buffer, 1 s timeout, fwrite):
+#     download + MD5 + write (HTTP), end to end from the command to the verified file
 #   - curl --cacert CA URL | openssl dgst -sha256   (HTTPS baseline)
-#   - ota_example: download + SHA-256 + write  (HTTPS)
-# and the ratios; then the peak RSS of ota_example upgrading a 1 GiB and a 1 MiB image.
-# Each figure is the best of 5 runs (RUNS=N to change), baselines and SDK interleaved. Needs mosquitto, curl, openssl and /usr/bin/time.
+#   - both examples: download + SHA-256 + write  (HTTPS, plain MQTT)
+# and the ratios; then the peak RSS of each example upgrading a 1 GiB and a 1 MiB image,
+# and the stripped size of the C example.
+# Each figure is the best of 5 runs (RUNS=N to change), baselines and SDKs interleaved.
+# Needs mosquitto, curl, openssl, make, a C compiler and /usr/bin/time.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -22,11 +26,13 @@ for tool in mosquitto curl openssl md5sum /usr/bin/time; do
 done
 MOSQUITTO=$(command -v mosquitto || echo /usr/sbin/mosquitto)
 
-echo "building (release)..." >&2
+echo "building (release; the C library with make)..." >&2
 cargo build -q --release -p iot-ota-device --example ota_example
 cargo build -q --release -p iot-ota-testkit --bin ota-bench-helper
+make -s example >/dev/null
 TARGET=$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')
-EXAMPLE=$TARGET/release/examples/ota_example
+RUST_EXAMPLE=$TARGET/release/examples/ota_example
+C_EXAMPLE=$PWD/build/$(uname -m)/bin/ota_example
 HELPER=$TARGET/release/ota-bench-helper
 
 WORK=$(mktemp -d /tmp/ota-bench.XXXXXX)
@@ -78,11 +84,11 @@ measure() {
 n=0
 # One upgrade through ota_example: start it, wait until it listens, push the
 # command, wait for it to exit. Timing covers command to verified file on disk.
-sdk_upgrade() { # URL SIGN METHOD [extra flags...]
-  local url=$1 sign=$2 method=$3; shift 3
+sdk_upgrade() { # EXAMPLE URL SIGN METHOD [extra flags...]
+  local example=$1 url=$2 sign=$3 method=$4; shift 4
   n=$((n + 1))
   local dev=bench$n out=$WORK/out$n
-  "$EXAMPLE" --broker "$BROKER" --product-key bench --device-name "$dev" --firmware-version 1.0 \
+  "$example" --broker "$BROKER" --product-key bench --device-name "$dev" --firmware-version 1.0 \
     --output-dir "$out" --once "$@" 2>"$WORK/example$n.log" &
   local pid=$!
   for _ in $(seq 200); do grep -q "waiting for upgrade commands" "$WORK/example$n.log" && break; sleep 0.02; done
@@ -91,7 +97,7 @@ sdk_upgrade() { # URL SIGN METHOD [extra flags...]
     "$n" "$SIZE" "$url" "$sign" "$method")
   T0=$(now)
   "$HELPER" publish "$BROKER" "/sys/bench/$dev/ota/firmware/upgrade" "$cmd"
-  wait "$pid" || { echo "ota_example failed:" >&2; cat "$WORK/example$n.log" >&2; exit 1; }
+  wait "$pid" || { echo "$example failed:" >&2; cat "$WORK/example$n.log" >&2; exit 1; }
   T1=$(now)
   cmp -s "$WORK/fw.bin" "$out/firmware-2.0.bin" || { echo "bench: downloaded file differs" >&2; exit 1; }
   rm -rf "$out"
@@ -112,29 +118,33 @@ cat "$WORK/fw.bin" > /dev/null  # warm the page cache for every contender alike
 echo "file: $SIZE_MIB MiB; best of $RUNS interleaved runs; MB/s = 10^6 bytes/s"
 # Baseline and SDK runs alternate, so a slow spell of the machine hits both.
 best_of() { if [ "$2" -gt "$1" ]; then echo "$2"; else echo "$1"; fi; }
-md5_file=0; curl_md5=0; sdk_md5=0; curl_sha=0; sdk_sha=0
+md5_file=0; curl_md5=0; rust_md5=0; c_md5=0; curl_sha=0; rust_sha=0; c_sha=0
 RUNS_SAVED=$RUNS; RUNS=1
 for _ in $(seq "$RUNS_SAVED"); do
   measure sh -c "md5sum '$WORK/fw.bin' > /dev/null"; md5_file=$(best_of "$md5_file" "$best")
   measure sh -c "curl -s '$HTTP_URL' | md5sum > /dev/null"; curl_md5=$(best_of "$curl_md5" "$best")
-  measure_sdk "$HTTP_URL" "$MD5" Md5; sdk_md5=$(best_of "$sdk_md5" "$sdk_best")
+  measure_sdk "$RUST_EXAMPLE" "$HTTP_URL" "$MD5" Md5; rust_md5=$(best_of "$rust_md5" "$sdk_best")
+  measure_sdk "$C_EXAMPLE" "$HTTP_URL" "$MD5" Md5; c_md5=$(best_of "$c_md5" "$sdk_best")
   measure sh -c "curl -s --cacert '$WORK/ca.pem' '$HTTPS_URL' | openssl dgst -sha256 > /dev/null"; curl_sha=$(best_of "$curl_sha" "$best")
-  measure_sdk "$HTTPS_URL" "$SHA" Sha256 --ca-file "$WORK/ca.pem"; sdk_sha=$(best_of "$sdk_sha" "$sdk_best")
+  measure_sdk "$RUST_EXAMPLE" "$HTTPS_URL" "$SHA" Sha256 --ca-file "$WORK/ca.pem"; rust_sha=$(best_of "$rust_sha" "$sdk_best")
+  measure_sdk "$C_EXAMPLE" "$HTTPS_URL" "$SHA" Sha256 --ca-file "$WORK/ca.pem"; c_sha=$(best_of "$c_sha" "$sdk_best")
 done
 RUNS=$RUNS_SAVED
 
 ratio() { python3 -c "print(f'{$1 / $2:.2f}x')"; }
-printf '%-52s %8s\n' "contender" "MB/s"
-printf '%-52s %8s\n' "md5sum FILE" "$md5_file"
-printf '%-52s %8s\n' "curl -s URL | md5sum (HTTP)" "$curl_md5"
-printf '%-52s %8s   %s vs curl|md5sum (target >= 1.10x)\n' "ota_example download+MD5+write (HTTP)" "$sdk_md5" "$(ratio "$sdk_md5" "$curl_md5")"
-printf '%-52s %8s\n' "curl --cacert CA URL | openssl dgst -sha256 (HTTPS)" "$curl_sha"
-printf '%-52s %8s   %s vs curl|openssl (target >= 1.2x)\n' "ota_example download+SHA-256+write (HTTPS)" "$sdk_sha" "$(ratio "$sdk_sha" "$curl_sha")"
+printf '%-56s %8s\n' "contender" "MB/s"
+printf '%-56s %8s\n' "md5sum FILE" "$md5_file"
+printf '%-56s %8s\n' "curl -s URL | md5sum (HTTP)" "$curl_md5"
+printf '%-56s %8s   %s vs curl|md5sum (target >= 1.10x)\n' "Rust ota_example download+MD5+write (HTTP)" "$rust_md5" "$(ratio "$rust_md5" "$curl_md5")"
+printf '%-56s %8s   %s vs curl|md5sum (target >= 1.10x)\n' "C ota_example fetch_yield+MD5+fwrite (HTTP)" "$c_md5" "$(ratio "$c_md5" "$curl_md5")"
+printf '%-56s %8s\n' "curl --cacert CA URL | openssl dgst -sha256 (HTTPS)" "$curl_sha"
+printf '%-56s %8s   %s vs curl|openssl (target >= 1.2x)\n' "Rust ota_example download+SHA-256+write (HTTPS)" "$rust_sha" "$(ratio "$rust_sha" "$curl_sha")"
+printf '%-56s %8s   %s vs curl|openssl (target >= 1.2x)\n' "C ota_example fetch_yield+SHA-256+fwrite (HTTPS)" "$c_sha" "$(ratio "$c_sha" "$curl_sha")"
 
 # Peak RSS: a 1 GiB image against a 1 MiB image.
 RSS_KIB=0
-rss() { # FILE -> sets RSS_KIB: the peak RSS of ota_example upgrading it (runs in this shell, so its server is cleaned up)
-  local file=$1
+rss() { # EXAMPLE FILE -> sets RSS_KIB: the peak RSS of the example upgrading it (runs in this shell, so its server is cleaned up)
+  local example=$1 file=$2
   n=$((n + 1))
   "$HELPER" serve "$file" "$WORK/ca2.pem" < "$WORK/server.in" > "$WORK/server$n.out" &
   pids+=($!)
@@ -142,19 +152,26 @@ rss() { # FILE -> sets RSS_KIB: the peak RSS of ota_example upgrading it (runs i
   local url; read -r url _ < "$WORK/server$n.out"
   local size md5 dev=rss$n out=$WORK/out$n
   size=$(stat -c %s "$file"); md5=$(md5sum "$file" | cut -d' ' -f1)
-  /usr/bin/time -f %M -o "$WORK/rss$n" "$EXAMPLE" --broker "$BROKER" --product-key bench --device-name "$dev" \
+  /usr/bin/time -f %M -o "$WORK/rss$n" "$example" --broker "$BROKER" --product-key bench --device-name "$dev" \
     --firmware-version 1.0 --output-dir "$out" --once 2>"$WORK/example$n.log" &
   local pid=$!
   for _ in $(seq 200); do grep -q "waiting for upgrade commands" "$WORK/example$n.log" && break; sleep 0.02; done
   "$HELPER" publish "$BROKER" "/sys/bench/$dev/ota/firmware/upgrade" \
     "{\"msgId\":\"$n\",\"data\":{\"size\":$size,\"firmwareVersion\":\"2.0\",\"url\":\"$url\",\"sign\":\"$md5\",\"signMethod\":\"Md5\"}}"
-  wait "$pid" || { echo "ota_example failed:" >&2; cat "$WORK/example$n.log" >&2; exit 1; }
+  wait "$pid" || { echo "$example failed:" >&2; cat "$WORK/example$n.log" >&2; exit 1; }
   rm -rf "$out"
   RSS_KIB=$(cat "$WORK/rss$n")
 }
 head -c $((1 << 30)) /dev/urandom > "$WORK/big.bin"
-rss "$WORK/big.bin"; rss_big=$RSS_KIB
+rss "$RUST_EXAMPLE" "$WORK/big.bin"; rust_big=$RSS_KIB
+rss "$C_EXAMPLE" "$WORK/big.bin"; c_big=$RSS_KIB
 rm -f "$WORK/big.bin"
-rss "$WORK/small.bin"; rss_small=$RSS_KIB
-printf 'peak RSS of ota_example: 1 GiB image %s KiB, 1 MiB image %s KiB, difference %s KiB (targets: <= 8192 KiB, difference <= 1024 KiB)\n' \
-  "$rss_big" "$rss_small" "$((rss_big - rss_small))"
+rss "$RUST_EXAMPLE" "$WORK/small.bin"; rust_small=$RSS_KIB
+rss "$C_EXAMPLE" "$WORK/small.bin"; c_small=$RSS_KIB
+printf 'peak RSS of the Rust ota_example: 1 GiB image %s KiB, 1 MiB image %s KiB, difference %s KiB (targets: <= 8192 KiB, difference <= 1024 KiB)\n' \
+  "$rust_big" "$rust_small" "$((rust_big - rust_small))"
+printf 'peak RSS of the C ota_example:    1 GiB image %s KiB, 1 MiB image %s KiB, difference %s KiB (targets: <= 3277 KiB (3.2 MiB), difference <= 1024 KiB)\n' \
+  "$c_big" "$c_small" "$((c_big - c_small))"
+stripped=$WORK/ota_example.stripped
+cp "$C_EXAMPLE" "$stripped" && strip "$stripped"
+printf 'C ota_example stripped: %s bytes (target < 2097152)\n' "$(stat -c %s "$stripped")"

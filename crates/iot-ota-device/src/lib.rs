@@ -100,3 +100,25 @@ pub use iot_ota_core::{
 };
 pub use link::LinkSettings;
 pub use session::Session;
+
+/// Runs `future` on `rt` through a single, type-erased instantiation of
+/// [`tokio::runtime::Runtime::block_on`].
+///
+/// Why: the runtime's scheduler entry is generic over the future, and each
+/// distinct future type costs about 3 KB of code. Drivers that block on
+/// many kinds of futures (the C API does, in every call) share one copy.
+pub fn block_on_erased<F: std::future::Future>(
+    rt: &tokio::runtime::Runtime,
+    future: F,
+) -> F::Output {
+    let mut out = None;
+    {
+        let run = async {
+            out = Some(future.await);
+        };
+        let mut run = std::pin::pin!(run);
+        let erased: std::pin::Pin<&mut dyn std::future::Future<Output = ()>> = run.as_mut();
+        rt.block_on(erased);
+    }
+    out.expect("block_on returns once its future has completed")
+}

@@ -53,10 +53,23 @@ impl Session {
     /// publishes go to the MQTT client's queue, events to the sink (after the
     /// lock is released, so the sink may call back into the session).
     pub fn with<R>(&self, f: impl FnOnce(&mut Ota) -> R) -> R {
+        let mut f = Some(f);
+        let mut result = None;
+        self.with_erased(&mut |ota| {
+            if let Some(f) = f.take() {
+                result = Some(f(ota));
+            }
+        });
+        result.expect("with_erased calls its closure once")
+    }
+
+    /// [`Session::with`]'s work, once for every closure type: the drain of
+    /// the outputs is the bulk of it, and each copy would cost a KB of code.
+    fn with_erased(&self, f: &mut dyn FnMut(&mut Ota)) {
         let mut events = Vec::new();
-        let result = {
+        {
             let mut ota = self.lock();
-            let result = f(&mut ota);
+            f(&mut ota);
             while let Some(out) = ota.poll_output() {
                 match out {
                     Output::Subscribe { topic } => {
@@ -75,12 +88,10 @@ impl Session {
                     Output::Event(e) => events.push(e),
                 }
             }
-            result
-        };
+        }
         for e in events {
             (self.sink)(e);
         }
-        result
     }
 
     /// The link is up (CONNACK): the engine subscribes and informs again.

@@ -150,6 +150,9 @@ static int upgrade(void *ota, const char *dir, char *version, size_t version_len
         iot_ota_report_progress(ota, IOT_OTA_STATUS_FLASH_FAILED, 0);
         goto done;
     }
+    /* A 64 KiB stdio buffer: one write(2) per 64 KiB rather than one per
+     * 5000-byte chunk (the syscalls would cost more than the copy). */
+    setvbuf(out, NULL, _IOFBF, 64 * 1024);
 
     fprintf(stderr, "downloading %s\n", fw.version);
     int last_pct = -1;
@@ -251,7 +254,10 @@ int main(int argc, char **argv)
     cfg.client_id = client_id;
     cfg.username = a.username;
     cfg.password = a.password;
-    cfg.ca_file = a.ca_file;
+    /* --ca-file: trusted for HTTPS downloads always, and for the broker when
+     * its URL is mqtts:// (only then is MQTT over TLS). */
+    cfg.download_ca_file = a.ca_file;
+    if (cfg.use_tls) cfg.ca_file = a.ca_file;
 
     int exit_code = 1;
     void *ota = NULL;
@@ -260,10 +266,19 @@ int main(int argc, char **argv)
         fprintf(stderr, "ota_example: invalid MQTT configuration\n");
         return 1;
     }
-    int rc = iot_mqtt_connect(mqtt, 10000);
-    if (rc != 0) {
-        fprintf(stderr, "ota_example: cannot connect to %s: %s\n", a.broker, iot_ota_strerror(rc));
-        goto out;
+    /* A device program starts at boot, often before the network or the
+     * broker: wait for it. Each failed attempt returns after the library's
+     * own backoff (jittered, 0.5 s doubling to 30 s), so this loop does not
+     * spin. */
+    int rc;
+    for (int attempt = 1; (rc = iot_mqtt_connect(mqtt, 10000)) != 0; attempt++) {
+        if (rc != IOT_OTA_ERR_MQTT_FAILED && rc != IOT_OTA_ERR_TIMEOUT) {
+            fprintf(stderr, "ota_example: cannot connect to %s: %s\n", a.broker,
+                    iot_ota_strerror(rc));
+            goto out;
+        }
+        fprintf(stderr, "waiting for the broker %s (attempt %d: %s); retrying\n", a.broker,
+                attempt, iot_ota_strerror(rc));
     }
     ota = iot_ota_init(a.product_key, a.device_name, mqtt);
     if (!ota) {

@@ -40,10 +40,20 @@ typedef struct iot_mqtt_config {
     const char *username;  /* NULL: none */
     const char *password;  /* NULL: empty (with a username) */
     const char *ca_file;   /* PEM file of extra trusted CAs, or NULL; setting
-                              it turns TLS on. The same roots (plus the
-                              system's) serve HTTPS firmware downloads. */
-    int use_tls;           /* non-zero: TLS even without ca_file (system roots) */
+                              it turns MQTT TLS on. Unless download_ca_file
+                              is set, the same roots (plus the system's)
+                              serve HTTPS firmware downloads. */
+    int use_tls;           /* non-zero: MQTT over TLS even without ca_file
+                              (system roots) */
     uint16_t keep_alive_s; /* keep-alive in seconds; 0: 60; minimum 5 */
+    const char *download_ca_file; /* PEM file of extra trusted CAs for HTTPS
+                              firmware downloads only (added to the
+                              system's), or NULL. It does not turn MQTT TLS
+                              on: a plain-MQTT device can pin the private CA
+                              of its firmware server. Added after 0.1.0: a
+                              program zero-initialising the struct as told
+                              keeps the old behaviour; recompile against
+                              this header. */
 } iot_mqtt_config_t;
 
 /* Message types a callback can be subscribed to. */

@@ -57,12 +57,17 @@ pub struct IotMqttConfig {
     /// Password, or NULL (empty) when `username` is set.
     pub password: *const c_char,
     /// PEM file of extra trusted CA certificates (besides the system's), or
-    /// NULL. Setting it turns TLS on; the same roots serve HTTPS downloads.
+    /// NULL. Setting it turns MQTT TLS on; unless `download_ca_file` is set,
+    /// the same roots serve HTTPS downloads.
     pub ca_file: *const c_char,
-    /// Non-zero: connect with TLS even without `ca_file` (system roots).
+    /// Non-zero: MQTT over TLS even without `ca_file` (system roots).
     pub use_tls: c_int,
     /// MQTT keep-alive in seconds; 0 means 60, values below 5 count as 5.
     pub keep_alive_s: u16,
+    /// PEM file of extra trusted CA certificates for HTTPS downloads only
+    /// (besides the system's), or NULL (then `ca_file`'s roots serve them).
+    /// Does not turn MQTT TLS on.
+    pub download_ca_file: *const c_char,
 }
 
 /// `iot_mqtt_callback_t`: receives a message of a subscribed type. `topic`
@@ -223,7 +228,8 @@ pub struct Mqtt {
     eventloop: Mutex<Option<EventLoop>>,
     driver: Mutex<Option<JoinHandle<()>>>,
     /// TLS settings for HTTPS downloads, when the configuration named a CA
-    /// file (otherwise downloads use the system roots).
+    /// file for them (`download_ca_file`, else `ca_file`); otherwise
+    /// downloads use the system roots.
     pub(crate) https: Option<Arc<ClientConfig>>,
     /// What the instance was made with.
     settings: LinkSettings,
@@ -241,22 +247,27 @@ impl std::fmt::Debug for Mqtt {
 pub(crate) static MQTTS: Registry<Mqtt> = Registry::new();
 
 /// Reads an [`IotMqttConfig`] into the link's settings (the same type the
-/// Rust API's `Config` holds).
+/// Rust API's `Config` holds) and the trust settings of HTTPS downloads.
 ///
 /// # Safety
 /// `config`'s strings are each NULL or a valid NUL-terminated string.
-unsafe fn read_settings(config: &IotMqttConfig) -> Result<LinkSettings, c_int> {
+unsafe fn read_settings(config: &IotMqttConfig) -> Result<(LinkSettings, TlsOptions), c_int> {
     // SAFETY: the caller's contract on the strings.
-    let (host, client_id, username, password, ca_file) = unsafe {
+    let (host, client_id, username, password, ca_file, download_ca_file) = unsafe {
         (
             c_str(config.host)?,
             c_str(config.client_id)?,
             opt_c_str(config.username)?,
             opt_c_str(config.password)?,
             opt_c_str(config.ca_file)?,
+            opt_c_str(config.download_ca_file)?,
         )
     };
-    if host.is_empty() || client_id.is_empty() || ca_file == Some("") {
+    if host.is_empty()
+        || client_id.is_empty()
+        || ca_file == Some("")
+        || download_ca_file == Some("")
+    {
         return Err(IOT_OTA_ERR_INVALID_PARAM);
     }
     let tls = config.use_tls != 0 || ca_file.is_some();
@@ -282,7 +293,11 @@ unsafe fn read_settings(config: &IotMqttConfig) -> Result<LinkSettings, c_int> {
         ..TlsOptions::default()
     };
     settings.keep_alive = Duration::from_secs(u64::from(keep_alive));
-    Ok(settings)
+    let downloads = TlsOptions {
+        ca_file: download_ca_file.or(ca_file).map(PathBuf::from),
+        ..TlsOptions::default()
+    };
+    Ok((settings, downloads))
 }
 
 /// Keeps a reference to the calling thread's std `Thread` handle for the
@@ -305,15 +320,17 @@ fn anchor_current_thread() {
 }
 
 impl Mqtt {
-    fn new(settings: LinkSettings) -> Result<Mqtt, c_int> {
+    fn new(settings: LinkSettings, downloads: TlsOptions) -> Result<Mqtt, c_int> {
         anchor_current_thread();
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .map_err(|_| crate::IOT_OTA_ERR_NOMEM)?;
-        // A CA file serves HTTPS downloads too; build it once, failing early.
-        let https = match &settings.tls.ca_file {
-            Some(_) => Some(tls::client_config(&settings.tls).map_err(|e| {
+        // With a CA file for downloads, build their TLS settings once, now,
+        // so a bad file fails iot_mqtt_create; without one, the system roots
+        // load on the first https:// download.
+        let https = match &downloads.ca_file {
+            Some(_) => Some(tls::client_config(&downloads).map_err(|e| {
                 log::error!("TLS: {e}");
                 IOT_OTA_ERR_INVALID_PARAM
             })?),
@@ -342,9 +359,13 @@ impl Mqtt {
     }
 
     /// Runs `future` on the instance's runtime (and so the MQTT task with it).
+    ///
+    /// Every call goes through one type-erased `block_on`: tokio's
+    /// scheduler entry is generic over the future, about 3 KB of code per
+    /// distinct future type, and the device binary has a size budget.
     pub(crate) fn block_on<F: std::future::Future>(&self, future: F) -> F::Output {
         anchor_current_thread();
-        self.rt.block_on(future)
+        iot_ota_device::block_on_erased(&self.rt, future)
     }
 
     /// The client that queues publishes and subscriptions.
@@ -565,11 +586,11 @@ pub unsafe extern "C" fn iot_mqtt_create(config: *const IotMqttConfig) -> *mut c
         // SAFETY: non-NULL and pointing to a config, by the caller's contract.
         let config = unsafe { &*config };
         // SAFETY: the strings' contract is the caller's.
-        let settings = match unsafe { read_settings(config) } {
+        let (settings, downloads) = match unsafe { read_settings(config) } {
             Ok(s) => s,
             Err(_) => return std::ptr::null_mut(),
         };
-        match Mqtt::new(settings) {
+        match Mqtt::new(settings, downloads) {
             Ok(mqtt) => MQTTS.insert(Arc::new(mqtt)),
             Err(_) => std::ptr::null_mut(),
         }

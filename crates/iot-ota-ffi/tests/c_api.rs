@@ -425,6 +425,10 @@ fn abi_layouts_and_values_match_the_rust_side() {
             offset_of!(IotMqttConfig, keep_alive_s) as i64,
         ),
         (
+            "iot_mqtt_config_t.download_ca_file",
+            offset_of!(IotMqttConfig, download_ca_file) as i64,
+        ),
+        (
             "iot_ota_firmware_t.version",
             offset_of!(IotOtaFirmware, version) as i64,
         ),
@@ -807,6 +811,30 @@ fn example_args(rig: &Rig, dev: &str) -> Vec<String> {
     .collect()
 }
 
+/// Started before its broker, as at boot: the example waits, says so, and
+/// upgrades once the broker is there.
+#[test]
+fn example_waits_for_a_broker_that_is_not_up_yet() {
+    let mut rig = Rig::new();
+    let dev = "exearly";
+    let body = random_bytes(30_000, 32);
+    let url = rig.files.add("/ex-early.bin", Route::file(body.clone()));
+    rig.broker.stop();
+    let child = spawn(&example_program(), &example_args(&rig, dev));
+    std::thread::sleep(Duration::from_millis(2_500));
+    rig.broker.restart();
+    rig.expect_version(dev, "inform", "1.0.0");
+    rig.push(dev, command("w1", "2.0.0", &url, &body, None));
+    let exit = wait_exit(child, WAIT);
+    assert_success(&exit);
+    assert!(
+        exit.stderr.contains("waiting for the broker"),
+        "{}",
+        exit.stderr
+    );
+    rig.expect_version(dev, "inform", "2.0.0");
+}
+
 /// A response head slower than `iot_ota_fetch_yield`'s 1 s timeout: the
 /// request carries on across calls (it used to be restarted every second
 /// and never finish), and the example upgrades with exactly one GET.
@@ -901,6 +929,31 @@ fn example_upgrade_over_tls_with_sha256() {
         vec![(1, 100), (2, 100), (3, 100), (4, 100)],
         "{statuses:?}"
     );
+}
+
+/// A plain-MQTT broker and HTTPS firmware from a private CA: `--ca-file`
+/// pins the CA for the download (`download_ca_file`) without turning MQTT
+/// TLS on (it used to, and the connection failed with a protocol error).
+#[test]
+fn example_plain_mqtt_with_https_firmware_from_a_private_ca() {
+    let ca = TestCa::new();
+    let rig = Rig::new();
+    let https = FileServer::start_tls(&ca);
+    let ca_file = ca.write_ca(rig.dir.path());
+    let dev = "exmix";
+    let body = random_bytes(120_000, 33);
+    let url = https.add("/mix.bin", Route::file(body.clone()));
+    assert!(url.starts_with("https://") && rig.broker.url().starts_with("mqtt://"));
+    let mut args = example_args(&rig, dev);
+    args.extend(["--ca-file".to_owned(), ca_file.display().to_string()]);
+    let child = spawn(&example_program(), &args);
+    rig.expect_version(dev, "inform", "1.0.0");
+    rig.push(dev, command("m1", "2.0.0", &url, &body, None));
+    let exit = wait_exit(child, WAIT);
+    assert_success(&exit);
+    rig.expect_version(dev, "inform", "2.0.0");
+    let out = rig.dir.path().join(dev);
+    assert_eq!(std::fs::read(out.join("firmware-2.0.0.bin")).unwrap(), body);
 }
 
 /// valgrind, when installed. Absent in CI is a failure; absent elsewhere a loud skip.

@@ -29,7 +29,7 @@ use crate::error::Error;
 use crate::http::HttpOptions;
 use crate::session::Session;
 use part::{meta_path, open_part, part_path, resumable_len, sync_dir};
-use pipeline::{hash_stage, pool, read_blocks, Fill, Sink, BUFFERS};
+use pipeline::{hash_stage, pool, read_blocks, Channels, Fill, Sink, BUFFERS};
 pub use read_ahead::{ReadAhead, ReadAheadPoll};
 use source::{Chunk, Source};
 use writer::{FileSink, PartFile};
@@ -284,7 +284,7 @@ impl Download {
         self.begin();
 
         let (full_tx, full_rx) = tokio::sync::mpsc::channel(BUFFERS);
-        let (free_tx, mut free_rx) = pool(FILE_BLOCK);
+        let (free_tx, free_rx) = pool(FILE_BLOCK);
         let fetch = Arc::new(Mutex::new(self.fetch.clone()));
         self.handed_off = true;
         let session = self.session.clone();
@@ -322,15 +322,9 @@ impl Download {
             })
             .map_err(Error::Io)?;
 
-        read_blocks(
-            &mut self.source,
-            resume_from,
-            Fill::Full,
-            full_tx,
-            &mut free_rx,
-        )
-        .await;
-        drop(free_rx);
+        let mut channels = Channels { full_tx, free_rx };
+        read_blocks(&mut self.source, resume_from, Fill::Full, &mut channels).await;
+        drop(channels);
         let result = tokio::task::spawn_blocking(move || worker.join())
             .await
             .map_err(|e| Error::Io(std::io::Error::other(e)))?

@@ -80,21 +80,46 @@ pub(super) enum Fill {
     /// Hand a block over only when it is full (or the body ended): every
     /// block but the last stays aligned for direct I/O.
     Full,
-    /// Hand it over as soon as the socket has nothing more right now: a
-    /// slow server's bytes reach the caller (and the progress reports) as
-    /// they come, not once per block.
-    Eager,
+    /// Hand a block over when it is full, or when this long has passed
+    /// since its first byte: a slow server's bytes reach the caller (and
+    /// the progress reports) as they come, while a fast one still fills
+    /// whole blocks. (Handing over whatever the socket holds at each moment
+    /// would cut a fast transfer into small blocks and starve the hasher.)
+    Within(std::time::Duration),
+}
+
+/// Where the reader takes free blocks from and hands messages to.
+pub(super) trait Blocks {
+    /// A free block; `None` when the pipeline stops.
+    async fn take(&mut self) -> Option<Block>;
+    /// Hands a message on; false when the pipeline stops.
+    async fn put(&mut self, msg: Msg) -> bool;
+}
+
+/// `download_to`'s reader side: channels to the hasher thread.
+pub(super) struct Channels {
+    pub(super) full_tx: mpsc::Sender<Msg>,
+    pub(super) free_rx: mpsc::Receiver<Block>,
+}
+
+impl Blocks for Channels {
+    async fn take(&mut self) -> Option<Block> {
+        self.free_rx.recv().await
+    }
+
+    async fn put(&mut self, msg: Msg) -> bool {
+        self.full_tx.send(msg).await.is_ok()
+    }
 }
 
 /// The reader: fills free blocks from `source`, starting at body byte
-/// `sent`, and hands them over, until the body ends, fails, or the hasher
-/// or the pool goes away.
+/// `sent`, and hands them over, until the body ends, fails, or the other
+/// side of `blocks` stops.
 pub(super) async fn read_blocks(
     source: &mut Source,
     mut sent: u64,
     fill: Fill,
-    full_tx: mpsc::Sender<Msg>,
-    free_rx: &mut mpsc::Receiver<Block>,
+    blocks: &mut impl Blocks,
 ) {
     // A buffer that carried no data (the chunk was news of a response)
     // is used again rather than dropped: the pool must not shrink.
@@ -102,7 +127,7 @@ pub(super) async fn read_blocks(
     loop {
         let mut buf = match spare.take() {
             Some(b) => b,
-            None => match free_rx.recv().await {
+            None => match blocks.take().await {
                 Some(b) => b,
                 None => return,
             },
@@ -110,20 +135,24 @@ pub(super) async fn read_blocks(
         let size = buf.size;
         let mut filled = 0;
         let mut msg = None;
+        let mut due = None;
         while filled < size {
             let next = source.next(sent + filled as u64, &mut buf.space()[filled..]);
-            let chunk = if filled > 0 && fill == Fill::Eager {
-                // Only what is there now: `next` loses nothing if dropped.
-                tokio::select! {
-                    biased;
-                    chunk = next => chunk,
-                    _ = std::future::ready(()) => break,
-                }
-            } else {
-                next.await
+            let chunk = match (fill, due) {
+                // `next` loses nothing if dropped at the deadline.
+                (Fill::Within(_), Some(due)) => match tokio::time::timeout_at(due, next).await {
+                    Ok(chunk) => chunk,
+                    Err(_) => break,
+                },
+                _ => next.await,
             };
             match chunk {
-                Ok(Chunk::Data(n)) => filled += n,
+                Ok(Chunk::Data(n)) => {
+                    if let (Fill::Within(wait), None) = (fill, due) {
+                        due = Some(tokio::time::Instant::now() + wait);
+                    }
+                    filled += n;
+                }
                 Ok(Chunk::Opened { offset, remaining }) => {
                     // Sent after the bytes already in this buffer.
                     msg = Some(Msg::Opened { offset, remaining });
@@ -142,14 +171,14 @@ pub(super) async fn read_blocks(
         let stop = matches!(msg, Some(Msg::End) | Some(Msg::Failed(_)));
         if filled > 0 {
             sent += filled as u64;
-            if full_tx.send(Msg::Data(buf, filled)).await.is_err() {
+            if !blocks.put(Msg::Data(buf, filled)).await {
                 return; // the hasher stopped: it has the error
             }
         } else {
             spare = Some(buf);
         }
         if let Some(m) = msg {
-            if full_tx.send(m).await.is_err() {
+            if !blocks.put(m).await {
                 return;
             }
         }
@@ -162,9 +191,15 @@ pub(super) async fn read_blocks(
 /// Where hashed blocks go.
 pub(super) trait Sink {
     /// Takes a hashed block; the sink returns it to the pool when done.
-    /// `more` is true when the size is known and bytes remain after it (so
-    /// it is certainly not the last block).
-    fn data(&mut self, block: Block, n: usize, more: bool) -> Result<(), FetchError>;
+    /// `received` counts the body bytes hashed so far, this block's
+    /// included; `total` is the image's size when known.
+    fn data(
+        &mut self,
+        block: Block,
+        n: usize,
+        received: u64,
+        total: Option<u64>,
+    ) -> Result<(), FetchError>;
     /// Every byte is in: make it durable. Called before the final check.
     fn end(&mut self) -> Result<(), FetchError>;
     /// Size and digest checked out.
@@ -190,58 +225,91 @@ pub(super) fn lock(fetch: &Mutex<Fetch>) -> std::sync::MutexGuard<'_, Fetch> {
 /// the sink has made the bytes durable) and reports the outcome.
 ///
 /// Hashing is the one serial cost of a download (MD5 runs at about 500 MB/s
-/// on one core here), so nothing else runs on this thread.
+/// on one core here). `download_to` gives it a thread of its own, fed by
+/// channels ([`hash_stage`]); the read-ahead calls [`Hasher::step`] on its
+/// reader's thread, after each block.
+pub(super) struct Hasher<'a, S: Sink> {
+    pub(super) fetch: &'a Mutex<Fetch>,
+    pub(super) session: &'a Session,
+    pub(super) sink: &'a mut S,
+}
+
+impl<S: Sink> Hasher<'_, S> {
+    /// Takes one message of the reader: `None` while the download goes on,
+    /// its outcome once it has ended (reported, and told to the sink).
+    pub(super) fn step(&mut self, msg: Option<Msg>) -> Option<Result<Verified, FetchError>> {
+        match self.consume(msg) {
+            Ok(None) => None,
+            Ok(Some(verified)) => Some(Ok(verified)),
+            Err(e) => Some(Err(self.failed(e))),
+        }
+    }
+
+    fn consume(&mut self, msg: Option<Msg>) -> Result<Option<Verified>, FetchError> {
+        match msg {
+            Some(Msg::Opened { offset, remaining }) => {
+                lock(self.fetch).handle_response(offset, remaining)?;
+                Ok(None)
+            }
+            Some(Msg::Data(buf, n)) => {
+                let (report, received, total) = {
+                    let mut f = lock(self.fetch);
+                    let report = f.handle_data(buf.bytes(n), Instant::now())?;
+                    (report, f.received(), f.total())
+                };
+                if let Some(report) = report {
+                    self.session.publish_progress(&report);
+                }
+                self.sink.data(buf, n, received, total)?;
+                Ok(None)
+            }
+            Some(Msg::End) => {
+                self.sink.end()?;
+                let mut f = lock(self.fetch);
+                let report = f.handle_end()?;
+                self.session.publish_progress(&report);
+                // handle_end succeeded, so the outcome is the verified one.
+                let verified = match f.outcome() {
+                    Some(Ok(v)) => v.clone(),
+                    _ => return Err(FetchError::Finished),
+                };
+                drop(f);
+                self.sink.verified(&verified);
+                Ok(Some(verified))
+            }
+            Some(Msg::Failed(e)) => Err(e),
+            None => Err(FetchError::Cancelled),
+        }
+    }
+
+    fn failed(&mut self, e: FetchError) -> FetchError {
+        let e = self.sink.failed(e);
+        let mut f = lock(self.fetch);
+        f.fail(e.clone());
+        if self.sink.reports_failure() {
+            self.session.publish_progress(&f.failure_report(&e));
+        }
+        e
+    }
+}
+
+/// The hasher on a thread of its own, fed by the reader's channel.
 pub(super) fn hash_stage(
     fetch: &Arc<Mutex<Fetch>>,
     session: &Session,
     mut full_rx: mpsc::Receiver<Msg>,
     sink: &mut impl Sink,
 ) -> Result<Verified, FetchError> {
-    let result = (|| -> Result<Verified, FetchError> {
-        loop {
-            match full_rx.blocking_recv() {
-                Some(Msg::Opened { offset, remaining }) => {
-                    lock(fetch).handle_response(offset, remaining)?
-                }
-                Some(Msg::Data(buf, n)) => {
-                    let (report, more) = {
-                        let mut f = lock(fetch);
-                        let report = f.handle_data(buf.bytes(n), Instant::now())?;
-                        (report, f.total().is_some_and(|t| f.received() < t))
-                    };
-                    if let Some(report) = report {
-                        session.publish_progress(&report);
-                    }
-                    sink.data(buf, n, more)?;
-                }
-                Some(Msg::End) => {
-                    sink.end()?;
-                    let mut f = lock(fetch);
-                    let report = f.handle_end()?;
-                    session.publish_progress(&report);
-                    // handle_end succeeded, so the outcome is the verified one.
-                    let verified = match f.outcome() {
-                        Some(Ok(v)) => v.clone(),
-                        _ => return Err(FetchError::Finished),
-                    };
-                    drop(f);
-                    sink.verified(&verified);
-                    return Ok(verified);
-                }
-                Some(Msg::Failed(e)) => return Err(e),
-                None => return Err(FetchError::Cancelled),
-            }
+    let mut hasher = Hasher {
+        fetch,
+        session,
+        sink,
+    };
+    loop {
+        if let Some(outcome) = hasher.step(full_rx.blocking_recv()) {
+            return outcome;
         }
-    })();
-    result.map_err(|e| {
-        let e = sink.failed(e);
-        let mut f = lock(fetch);
-        f.fail(e.clone());
-        if sink.reports_failure() {
-            session.publish_progress(&f.failure_report(&e));
-        }
-        e
-    })
+    }
 }
 
 /// Prefers a sink's own error to the pipeline's, unless the sink only saw

@@ -1,6 +1,6 @@
-//! Read-ahead: the download runs on threads of its own (a reader with a
-//! small runtime, a hasher), and the caller copies hashed bytes out of the
-//! pipeline's blocks at its own pace.
+//! Read-ahead: the download runs on a thread of its own (with a small
+//! runtime for the socket), which receives each block and hashes it, and
+//! the caller copies hashed bytes out of the blocks at its own pace.
 //!
 //! Why: the C API's `iot_ota_fetch_yield` is called with a buffer of a few
 //! KB, often with a 1 s timeout, and the application writes each chunk
@@ -8,23 +8,32 @@
 //! caller's thread, made it half as fast as the Rust pipeline. Here a call
 //! that finds bytes waiting is a `memcpy`: no lock, no runtime, no syscall;
 //! the hashing overlaps the application's writing; and a slow server never
-//! makes a call restart anything, since the request lives on the reader.
+//! makes a call restart anything, since the request lives on that thread.
+//!
+//! Why one thread for receiving and hashing, where `download_to` has two:
+//! receiving costs a fifth of hashing, and on a two-core device the
+//! caller's own writing takes the other core; a second thread bought no
+//! speed there, and cost memory and code.
 //!
 //! The bytes handed out are always hashed already, and the last block is
 //! held back until the whole image is verified: the call that returns the
 //! last bytes has verified them.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 
 use iot_ota_core::{Fetch, FetchError, FetchState, Firmware, Verified};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::Notify;
 
-use super::pipeline::{self, hash_stage, pool, read_blocks, Block, Fill, Sink, BUFFERS};
+use super::pipeline::{self, read_blocks, Block, Blocks, Fill, Hasher, Msg, Sink, BUFFERS};
 use super::source::Source;
 use crate::session::Session;
+
+/// A partly filled block goes to the hasher at the latest this long after
+/// its first byte: a slow download still shows up in small steps.
+const HANDOVER: std::time::Duration = std::time::Duration::from_millis(50);
 
 /// What [`ReadAhead::poll_read`] found.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -46,17 +55,76 @@ struct Ready {
     end: Option<Result<Verified, FetchError>>,
 }
 
-/// What the hasher and the caller share.
+/// What the download's thread and the caller share.
 struct Queue {
     ready: Mutex<Ready>,
+    /// Blocks the caller has emptied, for the thread to fill again.
+    free: Mutex<Vec<Block>>,
+    freed: Condvar,
+    /// Set by the drop: stop at the next chance.
+    cancelled: AtomicBool,
+    /// Wakes the thread out of a socket wait when cancelled.
+    cancel: Notify,
     wake: Arc<dyn Fn() + Send + Sync>,
     /// The application reported the upgrade's end itself: report nothing.
     quiet: AtomicBool,
+    /// The image's size as the hasher knows it ([`UNKNOWN`] if not), so
+    /// that asking for it never waits for the fetch's lock, which the hasher
+    /// holds while it hashes a block.
+    total: AtomicU64,
 }
 
+/// [`Queue::total`] when the size is not known.
+const UNKNOWN: u64 = u64::MAX;
+
 impl Queue {
-    fn lock(&self) -> std::sync::MutexGuard<'_, Ready> {
+    fn lock(&self) -> MutexGuard<'_, Ready> {
         self.ready.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn free(&self) -> MutexGuard<'_, Vec<Block>> {
+        self.free.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A block back from the caller.
+    fn give_back(&self, block: Block) {
+        self.free().push(block);
+        self.freed.notify_one();
+    }
+}
+
+/// The thread's side of the pipeline: free blocks from the caller; each
+/// filled block hashed at once, then queued for the caller.
+struct Ahead<'a> {
+    queue: &'a Queue,
+    hasher: Hasher<'a, QueueSink>,
+    outcome: Option<Result<Verified, FetchError>>,
+}
+
+impl Blocks for Ahead<'_> {
+    async fn take(&mut self) -> Option<Block> {
+        // Blocking is fine: nothing else runs on this thread's runtime.
+        let mut free = self.queue.free();
+        loop {
+            if self.queue.cancelled.load(Ordering::SeqCst) {
+                return None;
+            }
+            if let Some(block) = free.pop() {
+                return Some(block);
+            }
+            free = self
+                .queue
+                .freed
+                .wait(free)
+                .unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    async fn put(&mut self, msg: Msg) -> bool {
+        if self.outcome.is_none() {
+            self.outcome = self.hasher.step(Some(msg));
+        }
+        self.outcome.is_none()
     }
 }
 
@@ -84,7 +152,18 @@ impl QueueSink {
 }
 
 impl Sink for QueueSink {
-    fn data(&mut self, block: Block, n: usize, more: bool) -> Result<(), FetchError> {
+    fn data(
+        &mut self,
+        block: Block,
+        n: usize,
+        received: u64,
+        total: Option<u64>,
+    ) -> Result<(), FetchError> {
+        self.queue
+            .total
+            .store(total.unwrap_or(UNKNOWN), Ordering::Relaxed);
+        // Certainly not the last block when bytes remain after it.
+        let more = total.is_some_and(|t| received < t);
         // Blocks before it were not the last: they go out now.
         if let Some(previous) = self.held.take() {
             self.push(Some(previous), None);
@@ -129,12 +208,10 @@ pub struct ReadAhead {
     queue: Arc<Queue>,
     /// The block being copied out: the block, its length, how far copied.
     current: Option<(Block, usize, usize)>,
-    free_tx: mpsc::Sender<Block>,
     delivered: u64,
     /// How it ended, once the caller has seen the end.
     outcome: Option<Result<Verified, FetchError>>,
-    cancel: Option<oneshot::Sender<()>>,
-    threads: Vec<JoinHandle<()>>,
+    thread: Option<JoinHandle<()>>,
 }
 
 impl std::fmt::Debug for ReadAhead {
@@ -147,8 +224,8 @@ impl std::fmt::Debug for ReadAhead {
 }
 
 impl ReadAhead {
-    /// Starts the reader and the hasher. The fetch has begun (DOWNLOADING 0
-    /// is reported).
+    /// Starts the download's thread. The fetch has begun (DOWNLOADING 0 is
+    /// reported).
     pub(super) fn start(
         session: Arc<Session>,
         fetch: Fetch,
@@ -157,69 +234,71 @@ impl ReadAhead {
         wake: Arc<dyn Fn() + Send + Sync>,
     ) -> std::io::Result<ReadAhead> {
         let firmware = fetch.firmware().clone();
+        let total = fetch.total().unwrap_or(UNKNOWN);
         let fetch = Arc::new(Mutex::new(fetch));
+        let size = block_size.max(pipeline::DIRECT_ALIGN);
         let queue = Arc::new(Queue {
             ready: Mutex::new(Ready::default()),
+            free: Mutex::new((0..BUFFERS).map(|_| Block::new(size)).collect()),
+            freed: Condvar::new(),
+            cancelled: AtomicBool::new(false),
+            cancel: Notify::new(),
             wake,
             quiet: AtomicBool::new(false),
+            total: AtomicU64::new(total),
         });
-        let (full_tx, full_rx) = mpsc::channel(BUFFERS);
-        let (free_tx, mut free_rx) = pool(block_size.max(pipeline::DIRECT_ALIGN));
-        let (cancel_tx, cancel_rx) = oneshot::channel::<()>();
-
-        let hasher = {
-            let fetch = fetch.clone();
-            let mut sink = QueueSink {
-                queue: queue.clone(),
-                held: None,
-            };
+        let thread = {
+            let (fetch, queue) = (fetch.clone(), queue.clone());
             std::thread::Builder::new()
-                .name("ota-hash".into())
+                .name("ota-fetch".into())
                 .spawn(move || {
-                    let _ = hash_stage(&fetch, &session, full_rx, &mut sink);
-                })?
-        };
-        let reader = std::thread::Builder::new()
-            .name("ota-fetch".into())
-            .spawn(move || {
-                let rt = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build();
-                match rt {
-                    Ok(rt) => rt.block_on(async {
-                        tokio::select! {
-                            _ = read_blocks(&mut source, 0, Fill::Eager, full_tx, &mut free_rx) => {}
-                            _ = cancel_rx => {}
+                    let mut sink = QueueSink {
+                        queue: queue.clone(),
+                        held: None,
+                    };
+                    let mut ahead = Ahead {
+                        queue: &queue,
+                        hasher: Hasher {
+                            fetch: &fetch,
+                            session: &session,
+                            sink: &mut sink,
+                        },
+                        outcome: None,
+                    };
+                    let rt = tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build();
+                    match rt {
+                        Ok(rt) => crate::block_on_erased(&rt, async {
+                            tokio::select! {
+                                _ = read_blocks(&mut source, 0, Fill::Within(HANDOVER), &mut ahead) => {}
+                                _ = queue.cancel.notified() => {}
+                            }
+                        }),
+                        Err(e) => {
+                            let e = FetchError::Transport {
+                                message: format!("cannot start the download's runtime: {e}"),
+                                retryable: false,
+                            };
+                            ahead.outcome = ahead.hasher.step(Some(Msg::Failed(e)));
                         }
-                    }),
-                    Err(e) => {
-                        let e = FetchError::Transport {
-                            message: format!("cannot start the download's runtime: {e}"),
-                            retryable: false,
-                        };
-                        let _ = full_tx.blocking_send(pipeline::Msg::Failed(e));
                     }
-                }
-                // The source (its socket) and the runtime go here, on this thread.
-            });
-        let reader = match reader {
-            Ok(r) => r,
-            Err(e) => {
-                // The hasher sees the channel close and reports a cancel.
-                let _ = hasher.join();
-                return Err(e);
-            }
+                    if ahead.outcome.is_none() {
+                        // Cancelled: reported (unless abandoned) as such.
+                        ahead.hasher.step(None);
+                    }
+                    // The source (its socket) goes here, on this thread.
+                    drop(source);
+                })?
         };
         Ok(ReadAhead {
             firmware,
             fetch,
             queue,
             current: None,
-            free_tx,
             delivered: 0,
             outcome: None,
-            cancel: Some(cancel_tx),
-            threads: vec![reader, hasher],
+            thread: Some(thread),
         })
     }
 
@@ -265,8 +344,7 @@ impl ReadAhead {
         self.delivered += n as u64;
         if *pos == *len {
             if let Some((block, _, _)) = self.current.take() {
-                // Never full: the pool has room for every block.
-                let _ = self.free_tx.try_send(block);
+                self.queue.give_back(block);
             }
         }
         ReadAheadPoll::Data(n)
@@ -308,11 +386,16 @@ impl ReadAhead {
     }
 
     /// The firmware's size, when known (from the command or the server).
+    /// Never waits.
     pub fn file_size(&self) -> Option<u64> {
-        pipeline::lock(&self.fetch).total()
+        match self.queue.total.load(Ordering::Relaxed) {
+            UNKNOWN => None,
+            total => Some(total),
+        }
     }
 
-    /// The digest of what was received so far, lowercase hex.
+    /// The digest of what was received so far, lowercase hex. (It may wait
+    /// for the hasher to finish the block it is hashing.)
     pub fn digest_hex(&self) -> String {
         pipeline::lock(&self.fetch).digest_hex()
     }
@@ -326,13 +409,16 @@ impl ReadAhead {
 
 impl Drop for ReadAhead {
     fn drop(&mut self) {
-        if let Some(cancel) = self.cancel.take() {
-            let _ = cancel.send(());
+        // Stop the thread wherever it waits: for a free block, or on the
+        // socket. It reports the cancel (unless the download had ended or
+        // was abandoned). Nothing of ours outlives the drop.
+        self.queue.cancelled.store(true, Ordering::SeqCst);
+        self.queue.cancel.notify_one();
+        {
+            let _free = self.queue.free();
+            self.queue.freed.notify_all();
         }
-        // The reader stops at once; the hasher then sees its channel close
-        // (reporting the cancel, unless the download had ended or was
-        // abandoned). Nothing of ours outlives the drop.
-        for t in self.threads.drain(..) {
+        if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
     }

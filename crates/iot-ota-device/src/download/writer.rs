@@ -65,7 +65,7 @@ impl FileSink {
 }
 
 impl Sink for FileSink {
-    fn data(&mut self, block: Block, n: usize, _more: bool) -> Result<(), FetchError> {
+    fn data(&mut self, block: Block, n: usize, _: u64, _: Option<u64>) -> Result<(), FetchError> {
         let sent = self
             .to_writer
             .as_ref()

@@ -237,6 +237,11 @@ static int scenario_params(void)
     cfg.ca_file = "/nonexistent/ca.pem";
     CHECK(iot_mqtt_create(&cfg) == NULL);
     cfg.ca_file = NULL;
+    cfg.download_ca_file = "/nonexistent/ca.pem";
+    CHECK(iot_mqtt_create(&cfg) == NULL);
+    cfg.download_ca_file = "";
+    CHECK(iot_mqtt_create(&cfg) == NULL);
+    cfg.download_ca_file = NULL;
     cfg.port = 1; /* nobody listens there */
     iot_mqtt_t *m = iot_mqtt_create(&cfg);
     CHECK(m != NULL);

@@ -20,6 +20,7 @@ int main(void)
     FIELD(iot_mqtt_config_t, ca_file);
     FIELD(iot_mqtt_config_t, use_tls);
     FIELD(iot_mqtt_config_t, keep_alive_s);
+    FIELD(iot_mqtt_config_t, download_ca_file);
     FIELD(iot_ota_firmware_t, version);
     FIELD(iot_ota_firmware_t, url);
     FIELD(iot_ota_firmware_t, sign);
