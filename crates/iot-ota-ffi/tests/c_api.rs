@@ -956,7 +956,8 @@ fn example_plain_mqtt_with_https_firmware_from_a_private_ca() {
     assert_eq!(std::fs::read(out.join("firmware-2.0.0.bin")).unwrap(), body);
 }
 
-/// valgrind, when installed. Absent in CI is a failure; absent elsewhere a loud skip.
+/// valgrind, when installed. Absent in CI or under `scripts/test` (which
+/// sets IOT_OTA_REQUIRE_VALGRIND) is a failure; absent elsewhere a loud skip.
 fn valgrind() -> Option<PathBuf> {
     let found = std::env::var_os("PATH").and_then(|paths| {
         std::env::split_paths(&paths)
@@ -964,8 +965,10 @@ fn valgrind() -> Option<PathBuf> {
             .find(|p| p.is_file())
     });
     if found.is_none() {
-        if std::env::var_os("CI").is_some() {
-            panic!("valgrind is required in CI (install it: apt-get install valgrind)");
+        if std::env::var_os("CI").is_some()
+            || std::env::var_os("IOT_OTA_REQUIRE_VALGRIND").is_some()
+        {
+            panic!("valgrind is required here (install it: apt-get install valgrind)");
         }
         eprintln!(
             "\n!!!!!!!! valgrind is not installed: SKIPPING the C example's leak check !!!!!!!!\n"
