@@ -426,10 +426,11 @@ impl Body {
     /// Reads body bytes into `buf`, returning how many.
     ///
     /// `Ok(0)` comes only at the real, complete end of the body (or for an
-    /// empty `buf`). The read that reaches a declared length also checks that
-    /// the server sends nothing more ([`HttpError::TooLong`]), so a caller
-    /// may stop once [`Body::remaining`] is `Some(0)`. After an error the
-    /// body is unusable: open it again.
+    /// empty `buf`). The read after the declared length is reached checks
+    /// that the server sends nothing more ([`HttpError::TooLong`]): read
+    /// until `Ok(0)` to have the whole body checked. Every read is
+    /// cancel-safe: a read dropped before it returns has taken nothing.
+    /// After an error the body is unusable: open it again.
     pub async fn read(&mut self, buf: &mut [u8]) -> Result<usize, HttpError> {
         match self.state {
             BodyState::Open if !buf.is_empty() => {}
@@ -461,7 +462,11 @@ impl Body {
             Framing::Eof => self.read_eof(buf).await?,
         };
         self.received += n as u64;
-        if n == 0 || self.remaining() == Some(0) {
+        // The end checks (nothing after a declared length; the chunked
+        // framing's end) run on the read after the last byte, never on the
+        // read that returns it: that read may be cancelled by its caller's
+        // timeout during the checks, and its bytes would be lost.
+        if n == 0 {
             self.finish().await?;
         }
         Ok(n)
@@ -1342,8 +1347,10 @@ mod tests {
         let mut body = Body::open(&server.url("/"), 0, &HttpOptions::default())
             .await
             .unwrap();
-        // The read that completes the declared length runs the check, so a
-        // caller stopping at remaining() == 0 is covered too.
+        // The read after the declared length runs the check (the read that
+        // completes it returns its bytes at once: it must stay cancel-safe).
+        assert_eq!(body.read(&mut [0; 64]).await.unwrap(), 5);
+        assert_eq!(body.remaining(), Some(0));
         let err = body.read(&mut [0; 64]).await.unwrap_err();
         assert!(matches!(err, HttpError::TooLong { expected: 5 }), "{err:?}");
         assert!(body.read(&mut [0; 64]).await.is_err());
@@ -1517,6 +1524,37 @@ mod tests {
             "{err:?}"
         );
         assert!(err.is_retryable());
+    }
+
+    /// Every read is cancel-safe, the last one too: a read cut off by its
+    /// caller's timeout while it checks that nothing follows the declared
+    /// length (a 50 ms wait on an open connection) used to lose the bytes it
+    /// had already copied, and the body then ended short.
+    #[tokio::test]
+    async fn a_read_cancelled_during_the_end_check_loses_nothing() {
+        let server = Server::plain(|_, _| {
+            vec![
+                write("HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello"),
+                Step::Pause(Duration::from_secs(2)),
+            ]
+        })
+        .await;
+        let mut body = Body::open(&server.url("/"), 0, &HttpOptions::default())
+            .await
+            .unwrap();
+        let mut got = Vec::new();
+        let mut buf = [0u8; 64];
+        for _ in 0..200 {
+            match tokio::time::timeout(Duration::from_millis(10), body.read(&mut buf)).await {
+                Err(_) => continue, // cancelled: nothing may be lost
+                Ok(Ok(0)) => break,
+                Ok(Ok(n)) => got.extend_from_slice(&buf[..n]),
+                Ok(Err(e)) => panic!("{e}"),
+            }
+        }
+        assert_eq!(got, b"hello");
+        assert_eq!(body.remaining(), Some(0));
+        assert_eq!(body.read(&mut buf).await.unwrap(), 0);
     }
 
     #[tokio::test]
