@@ -22,37 +22,25 @@
 //! ```
 #![deny(missing_docs)]
 
+mod conn;
+mod wire;
+
 use std::fmt;
-use std::future::Future;
 use std::io;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::Duration;
 
-use iot_ota_core::protocol::{parse_url, UrlParts};
-use rustls::pki_types::ServerName;
 use rustls::ClientConfig;
-use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
-use tokio::net::TcpStream;
-use tokio::time::{timeout, timeout_at, Instant};
-use tokio_rustls::client::TlsStream;
-use tokio_rustls::TlsConnector;
+use tokio::time::{timeout, Instant};
 
-use crate::tls::{client_config, TlsError, TlsOptions};
+use crate::tls::TlsError;
+use conn::{exchange, Conn};
+use wire::{plan_body, resolve_location, Chunk, Framing, Head, MAX_CHUNK_LINE};
 
-/// Largest response head accepted.
-const MAX_HEAD: usize = 64 * 1024;
-/// First size of the head buffer, which later holds chunked framing too.
-const INITIAL_BUF: usize = 8 * 1024;
-/// Longest chunk-size line (with its extensions) accepted.
-const MAX_CHUNK_LINE: usize = 8 * 1024;
-/// Most trailer bytes accepted after the last chunk.
-const MAX_TRAILERS: usize = 64 * 1024;
 /// How long to wait for bytes beyond a declared length before calling the
 /// body complete. A server that closes promptly costs nothing; one that
 /// keeps the connection open costs this once per download.
 const OVERRUN_GRACE: Duration = Duration::from_millis(50);
-/// Response headers parsed per head.
-const MAX_HEADERS: usize = 64;
 
 /// Settings of a download.
 #[derive(Debug, Clone)]
@@ -263,30 +251,6 @@ enum BodyState {
     Failed,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Framing {
-    /// Exactly `expected` bytes.
-    Length,
-    /// Chunked transfer coding, at this step.
-    Chunked(Chunk),
-    /// Until the server closes the connection.
-    Eof,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Chunk {
-    /// Next: a chunk-size line.
-    Size,
-    /// Inside a chunk, with this many data bytes left.
-    Data(u64),
-    /// Next: the CRLF after a chunk's data.
-    DataEnd,
-    /// After the last chunk, with this many trailer bytes seen.
-    Trailers(usize),
-    /// The final empty line was read.
-    Done,
-}
-
 impl fmt::Debug for Body {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Body")
@@ -343,53 +307,14 @@ impl Body {
     }
 
     fn new(conn: Conn, head: Head, requested: u64, url: String) -> Result<Body, HttpError> {
-        if let Some(coding) = &head.content_encoding {
-            return Err(HttpError::BadResponse(format!(
-                "unsupported Content-Encoding {coding} (identity was asked for)"
-            )));
-        }
-        let (offset, total_size, expected) = match head.code {
-            200 if requested > 0 => return Err(HttpError::RangeIgnored),
-            // RFC 9112 6.3: with chunked, Content-Length is ignored.
-            200 if head.chunked => (0, None, None),
-            200 => (0, head.content_length, head.content_length),
-            _ => {
-                let mismatch = || HttpError::RangeMismatch {
-                    requested,
-                    content_range: head.content_range.clone(),
-                };
-                let (start, end, total) = head
-                    .content_range
-                    .as_deref()
-                    .and_then(parse_content_range)
-                    .filter(|&(start, _, _)| start == requested)
-                    .ok_or_else(mismatch)?;
-                let len = end - start + 1;
-                match head.content_length {
-                    Some(cl) if !head.chunked && cl != len => {
-                        return Err(HttpError::BadResponse(format!(
-                            "Content-Length {cl} disagrees with Content-Range {}",
-                            head.content_range.as_deref().unwrap_or_default()
-                        )))
-                    }
-                    _ => (start, total, Some(len)),
-                }
-            }
-        };
-        let framing = if head.chunked {
-            Framing::Chunked(Chunk::Size)
-        } else if expected.is_some() {
-            Framing::Length
-        } else {
-            Framing::Eof
-        };
+        let plan = plan_body(&head, requested)?;
         Ok(Body {
             conn,
-            framing,
+            framing: plan.framing,
             status: head.code,
-            offset,
-            total_size,
-            expected,
+            offset: plan.offset,
+            total_size: plan.total_size,
+            expected: plan.expected,
             received: 0,
             final_url: url,
             state: BodyState::Open,
@@ -503,12 +428,7 @@ impl Body {
                     if n == 0 {
                         return Err(self.truncated());
                     }
-                    let left = left - n as u64;
-                    self.framing = Framing::Chunked(if left == 0 {
-                        Chunk::DataEnd
-                    } else {
-                        Chunk::Data(left)
-                    });
+                    self.framing = Framing::after_data(left, n as u64);
                     return Ok(n);
                 }
                 Framing::Chunked(Chunk::Done) => return Ok(0),
@@ -523,30 +443,7 @@ impl Body {
         let Some(line) = self.conn.line(MAX_CHUNK_LINE, "chunk line").await? else {
             return Err(self.truncated());
         };
-        let next = match self.framing {
-            Framing::Chunked(Chunk::Size) => match parse_chunk_size(line)? {
-                0 => Chunk::Trailers(0),
-                size => Chunk::Data(size),
-            },
-            Framing::Chunked(Chunk::DataEnd) if line.is_empty() => Chunk::Size,
-            Framing::Chunked(Chunk::DataEnd) => {
-                return Err(HttpError::BadResponse(
-                    "chunk data longer than its size".into(),
-                ))
-            }
-            Framing::Chunked(Chunk::Trailers(_)) if line.is_empty() => Chunk::Done,
-            Framing::Chunked(Chunk::Trailers(seen)) => {
-                let seen = seen + line.len() + 2;
-                if seen > MAX_TRAILERS {
-                    return Err(HttpError::BadResponse(format!(
-                        "trailers longer than {MAX_TRAILERS} bytes"
-                    )));
-                }
-                Chunk::Trailers(seen)
-            }
-            other => unreachable!("no framing line to read in {other:?}"),
-        };
-        self.framing = Framing::Chunked(next);
+        self.framing = self.framing.after_line(line)?;
         Ok(())
     }
 
@@ -605,487 +502,15 @@ impl Body {
     }
 }
 
-/// One connection: connect, send the request, read the response head.
-async fn exchange(
-    url: &str,
-    offset: u64,
-    opts: &HttpOptions,
-    deadline: Instant,
-) -> Result<(Conn, Head), HttpError> {
-    let parts = parse_url(url).map_err(HttpError::BadUrl)?;
-    let tcp = before(deadline, "connect", tcp_connect(parts.host, parts.port)).await?;
-    // The request is one write; no reason to let Nagle hold any of it.
-    let _ = tcp.set_nodelay(true);
-    let stream = if parts.https {
-        let config = tls_config(opts)?;
-        let name = ServerName::try_from(parts.host.to_owned())
-            .map_err(|e| HttpError::BadUrl(format!("{}: {e}", parts.host)))?;
-        let handshake = async {
-            TlsConnector::from(config)
-                .connect(name, BufReader::with_capacity(TLS_READ_BUFFER, tcp))
-                .await
-                .map_err(HttpError::from_io)
-        };
-        Stream::Tls(Box::new(
-            before(deadline, "TLS handshake", handshake).await?,
-        ))
-    } else {
-        Stream::Plain(tcp)
-    };
-    let mut conn = Conn::new(stream, opts.idle_timeout);
-    let request = request_head(&parts, offset, &opts.user_agent);
-    before(
-        deadline,
-        "request",
-        conn.stream.write_all(request.as_bytes()),
-    )
-    .await?;
-    let head = before(deadline, "response head", read_head(&mut conn)).await?;
-    Ok((conn, head))
-}
-
-async fn tcp_connect(host: &str, port: u16) -> Result<TcpStream, HttpError> {
-    let fail = |source| HttpError::Connect {
-        host: host.to_owned(),
-        port,
-        source,
-    };
-    let mut last = None;
-    for addr in tokio::net::lookup_host((host, port)).await.map_err(fail)? {
-        match TcpStream::connect(addr).await {
-            Ok(s) => return Ok(s),
-            Err(e) => last = Some(e),
-        }
-    }
-    Err(fail(last.unwrap_or_else(|| {
-        io::Error::new(io::ErrorKind::NotFound, "the host has no address")
-    })))
-}
-
-fn tls_config(opts: &HttpOptions) -> Result<Arc<ClientConfig>, HttpError> {
-    // Loading the system roots parses every file in the system store: do it
-    // once per process, and not at all for plain-HTTP devices.
-    static DEFAULT: OnceLock<Arc<ClientConfig>> = OnceLock::new();
-    if let Some(config) = &opts.tls {
-        return Ok(config.clone());
-    }
-    if let Some(config) = DEFAULT.get() {
-        return Ok(config.clone());
-    }
-    let config = client_config(&TlsOptions::default()).map_err(HttpError::TlsConfig)?;
-    Ok(DEFAULT.get_or_init(|| config).clone())
-}
-
-fn request_head(url: &UrlParts<'_>, offset: u64, user_agent: &str) -> String {
-    use std::fmt::Write;
-    // A CR or LF in the configured agent would inject headers.
-    let agent: String = user_agent.chars().filter(|c| !c.is_control()).collect();
-    let mut req = String::with_capacity(160 + url.path.len() + url.host.len() + agent.len());
-    let _ = write!(
-        req,
-        "GET {} HTTP/1.1\r\nHost: {}\r\nUser-Agent: {agent}\r\n\
-         Accept-Encoding: identity\r\nConnection: close\r\n",
-        url.path,
-        host_header(url)
-    );
-    if offset > 0 {
-        let _ = write!(req, "Range: bytes={offset}-\r\n");
-    }
-    req.push_str("\r\n");
-    req
-}
-
-fn host_header(url: &UrlParts<'_>) -> String {
-    let host = if url.host.contains(':') {
-        format!("[{}]", url.host)
-    } else {
-        url.host.to_owned()
-    };
-    let default_port = if url.https { 443 } else { 80 };
-    if url.port == default_port {
-        host
-    } else {
-        format!("{host}:{}", url.port)
-    }
-}
-
-/// The target of a redirect: `location` resolved against `base` (RFC 3986
-/// section 5.2, without dot-segment removal, which servers do).
-fn resolve_location(base: &str, location: &str) -> String {
-    let location = location.trim();
-    if has_scheme(location) {
-        return location.to_owned();
-    }
-    // `base` passed parse_url: it has a scheme and an authority.
-    let scheme_end = base.find("://").map_or(0, |i| i + 3);
-    if let Some(rest) = location.strip_prefix("//") {
-        return format!("{}{rest}", &base[..scheme_end]);
-    }
-    let after_scheme = &base[scheme_end..];
-    let authority_len = after_scheme
-        .find(['/', '?', '#'])
-        .unwrap_or(after_scheme.len());
-    let origin = &base[..scheme_end + authority_len];
-    if location.starts_with('/') {
-        return format!("{origin}{location}");
-    }
-    let path = after_scheme[authority_len..]
-        .split(['?', '#'])
-        .next()
-        .unwrap_or_default();
-    if location.starts_with('?') || location.is_empty() {
-        let path = if path.is_empty() { "/" } else { path };
-        return format!("{origin}{path}{location}");
-    }
-    let dir = path.rfind('/').map_or("/", |i| &path[..=i]);
-    format!("{origin}{dir}{location}")
-}
-
-fn has_scheme(s: &str) -> bool {
-    match s.split_once(':') {
-        Some((scheme, _)) => {
-            scheme.starts_with(|c: char| c.is_ascii_alphabetic())
-                && scheme
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'))
-        }
-        None => false,
-    }
-}
-
-/// `bytes START-END/TOTAL` (TOTAL may be `*`) → (START, END, TOTAL).
-fn parse_content_range(value: &str) -> Option<(u64, u64, Option<u64>)> {
-    let (unit, rest) = value.trim().split_once(' ')?;
-    if !unit.eq_ignore_ascii_case("bytes") {
-        return None;
-    }
-    let (range, total) = rest.trim().split_once('/')?;
-    let (start, end) = range.split_once('-')?;
-    let start: u64 = start.trim().parse().ok()?;
-    let end: u64 = end.trim().parse().ok()?;
-    let total = match total.trim() {
-        "*" => None,
-        t => Some(t.parse::<u64>().ok()?),
-    };
-    let valid = end >= start && total.map_or(true, |t| end < t);
-    valid.then_some((start, end, total))
-}
-
-/// The hex size of a chunk-size line, extensions ignored.
-fn parse_chunk_size(line: &[u8]) -> Result<u64, HttpError> {
-    let bad = || {
-        HttpError::BadResponse(format!(
-            "bad chunk size line {:?}",
-            String::from_utf8_lossy(line)
-        ))
-    };
-    let digits = line.split(|&b| b == b';').next().unwrap_or_default();
-    let digits = digits.trim_ascii();
-    if digits.is_empty() || digits.len() > 16 {
-        return Err(bad());
-    }
-    digits.iter().try_fold(0u64, |size, &d| {
-        let v = char::from(d).to_digit(16).ok_or_else(bad)?;
-        Ok(size << 4 | u64::from(v))
-    })
-}
-
-/// What the body handling needs from a response head.
-#[derive(Debug)]
-struct Head {
-    code: u16,
-    reason: String,
-    location: Option<String>,
-    content_length: Option<u64>,
-    content_range: Option<String>,
-    /// A content coding other than identity, if the server used one.
-    content_encoding: Option<String>,
-    chunked: bool,
-}
-
-/// Reads response heads until a final one (1xx heads are skipped).
-async fn read_head(conn: &mut Conn) -> Result<Head, HttpError> {
-    loop {
-        if conn.buffered() > 0 {
-            if let Some((head, len)) = parse_head(conn.unread())? {
-                conn.consume(len);
-                if (100..200).contains(&head.code) && head.code != 101 {
-                    continue;
-                }
-                return Ok(head);
-            }
-        }
-        if conn.fill(MAX_HEAD, "response head").await? == 0 {
-            return Err(HttpError::Io(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                "connection closed before the response head was complete",
-            )));
-        }
-    }
-}
-
-/// Parses a complete head at the start of `bytes`, returning it and its
-/// length; `None` while it is incomplete.
-fn parse_head(bytes: &[u8]) -> Result<Option<(Head, usize)>, HttpError> {
-    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut response = httparse::Response::new(&mut headers);
-    let len = match response.parse(bytes) {
-        Ok(httparse::Status::Complete(len)) => len,
-        Ok(httparse::Status::Partial) => return Ok(None),
-        Err(e) => {
-            return Err(HttpError::BadResponse(format!(
-                "malformed response head: {e}"
-            )))
-        }
-    };
-    let mut head = Head {
-        code: response.code.unwrap_or_default(),
-        reason: response.reason.unwrap_or_default().to_owned(),
-        location: None,
-        content_length: None,
-        content_range: None,
-        content_encoding: None,
-        chunked: false,
-    };
-    for header in response.headers.iter() {
-        let name = header.name;
-        let is = |n: &str| name.eq_ignore_ascii_case(n);
-        if !(is("content-length")
-            || is("transfer-encoding")
-            || is("content-encoding")
-            || is("location")
-            || is("content-range"))
-        {
-            continue;
-        }
-        let value = std::str::from_utf8(header.value)
-            .map_err(|_| HttpError::BadResponse(format!("{name} header is not UTF-8")))?
-            .trim();
-        if is("content-length") {
-            head.content_length = Some(merge_content_length(head.content_length, value)?);
-        } else if is("transfer-encoding") {
-            head.chunked |= transfer_is_chunked(value)?;
-        } else if is("content-encoding") {
-            if value
-                .split(',')
-                .any(|c| !c.trim().is_empty() && !c.trim().eq_ignore_ascii_case("identity"))
-            {
-                head.content_encoding = Some(value.to_owned());
-            }
-        } else if is("location") {
-            head.location = Some(value.to_owned());
-        } else {
-            head.content_range = Some(value.to_owned());
-        }
-    }
-    Ok(Some((head, len)))
-}
-
-/// Content-Length, possibly repeated or a list (RFC 9110 8.6): every value
-/// must agree.
-fn merge_content_length(previous: Option<u64>, value: &str) -> Result<u64, HttpError> {
-    let mut merged = previous;
-    for part in value.split(',') {
-        let part = part.trim();
-        let n = part
-            .bytes()
-            .all(|b| b.is_ascii_digit())
-            .then(|| part.parse::<u64>().ok())
-            .flatten()
-            .ok_or_else(|| HttpError::BadResponse(format!("bad Content-Length {value:?}")))?;
-        if merged.is_some_and(|m| m != n) {
-            return Err(HttpError::BadResponse(format!(
-                "conflicting Content-Length values {value:?}"
-            )));
-        }
-        merged = Some(n);
-    }
-    merged.ok_or_else(|| HttpError::BadResponse("empty Content-Length".into()))
-}
-
-/// Whether a Transfer-Encoding value ends in chunked; codings other than
-/// chunked and identity cannot be decoded here.
-fn transfer_is_chunked(value: &str) -> Result<bool, HttpError> {
-    let mut chunked = false;
-    for coding in value.split(',').map(str::trim) {
-        if coding.eq_ignore_ascii_case("chunked") {
-            chunked = true;
-        } else if !(coding.is_empty() || coding.eq_ignore_ascii_case("identity")) {
-            return Err(HttpError::BadResponse(format!(
-                "unsupported Transfer-Encoding {value:?}"
-            )));
-        }
-    }
-    Ok(chunked)
-}
-
-/// Runs `fut` with a deadline, naming the step that missed it.
-async fn before<T>(
-    deadline: Instant,
-    during: &'static str,
-    fut: impl Future<Output = Result<T, HttpError>>,
-) -> Result<T, HttpError> {
-    timeout_at(deadline, fut)
-        .await
-        .unwrap_or(Err(HttpError::Timeout { during }))
-}
-
-/// How much of the socket a TLS connection reads at once. rustls asks its
-/// transport for about 4 KiB a time; served from this buffer, a 256 MiB
-/// download takes 4096 socket reads instead of 65536, for one extra memcpy.
-const TLS_READ_BUFFER: usize = 64 * 1024;
-
-/// The socket, plain or TLS. An enum rather than a generic keeps `Body` one
-/// type, compiled once.
-enum Stream {
-    Plain(TcpStream),
-    Tls(Box<TlsStream<BufReader<TcpStream>>>),
-}
-
-impl Stream {
-    async fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        match self {
-            Self::Plain(s) => s.read(buf).await,
-            Self::Tls(s) => s.read(buf).await,
-        }
-    }
-
-    async fn write_all(&mut self, data: &[u8]) -> Result<(), HttpError> {
-        let written = match self {
-            Self::Plain(s) => s.write_all(data).await,
-            // rustls buffers records until flushed.
-            Self::Tls(s) => match s.write_all(data).await {
-                Ok(()) => s.flush().await,
-                Err(e) => Err(e),
-            },
-        };
-        written.map_err(HttpError::from_io)
-    }
-}
-
-/// A connection with the bytes read past what was consumed: the response
-/// head first, then (for chunked bodies) framing lines. Body data is read
-/// straight into the caller's buffer once these bytes are used up.
-struct Conn {
-    stream: Stream,
-    buf: Vec<u8>,
-    start: usize,
-    end: usize,
-    idle: Duration,
-    /// The peer closed TLS without close_notify.
-    unclean_eof: bool,
-}
-
-impl Conn {
-    fn new(stream: Stream, idle: Duration) -> Self {
-        Self {
-            stream,
-            buf: vec![0; INITIAL_BUF],
-            start: 0,
-            end: 0,
-            idle,
-            unclean_eof: false,
-        }
-    }
-
-    fn buffered(&self) -> usize {
-        self.end - self.start
-    }
-
-    fn unread(&self) -> &[u8] {
-        &self.buf[self.start..self.end]
-    }
-
-    fn consume(&mut self, n: usize) {
-        self.start += n;
-    }
-
-    /// Buffered bytes first, else one socket read straight into `out`.
-    async fn read(&mut self, out: &mut [u8]) -> Result<usize, HttpError> {
-        if self.buffered() > 0 {
-            let n = out.len().min(self.buffered());
-            out[..n].copy_from_slice(&self.buf[self.start..self.start + n]);
-            self.start += n;
-            return Ok(n);
-        }
-        read_socket(&mut self.stream, self.idle, &mut self.unclean_eof, out).await
-    }
-
-    /// One socket read appended to the buffer, which may grow up to `max`
-    /// unread bytes; more than that is an error about `what`. Ok(0) at EOF.
-    async fn fill(&mut self, max: usize, what: &str) -> Result<usize, HttpError> {
-        if self.start == self.end {
-            self.start = 0;
-            self.end = 0;
-        }
-        if self.end == self.buf.len() {
-            if self.start > 0 {
-                self.buf.copy_within(self.start..self.end, 0);
-                self.end -= self.start;
-                self.start = 0;
-            } else if self.buf.len() < max {
-                let len = (self.buf.len() * 2).min(max);
-                self.buf.resize(len, 0);
-            } else {
-                return Err(HttpError::BadResponse(format!(
-                    "{what} longer than {} bytes",
-                    self.buf.len()
-                )));
-            }
-        }
-        let dest = &mut self.buf[self.end..];
-        let n = read_socket(&mut self.stream, self.idle, &mut self.unclean_eof, dest).await?;
-        self.end += n;
-        Ok(n)
-    }
-
-    /// The next line without its CRLF (a bare LF also ends it), or `None`
-    /// at EOF.
-    async fn line(&mut self, max: usize, what: &str) -> Result<Option<&[u8]>, HttpError> {
-        loop {
-            if let Some(i) = self.unread().iter().position(|&b| b == b'\n') {
-                let begin = self.start;
-                let mut end = begin + i;
-                self.start = end + 1;
-                if end > begin && self.buf[end - 1] == b'\r' {
-                    end -= 1;
-                }
-                return Ok(Some(&self.buf[begin..end]));
-            }
-            if self.fill(max, what).await? == 0 {
-                return Ok(None);
-            }
-        }
-    }
-}
-
-/// One socket read, bounded by the idle timeout.
-async fn read_socket(
-    stream: &mut Stream,
-    idle: Duration,
-    unclean_eof: &mut bool,
-    dest: &mut [u8],
-) -> Result<usize, HttpError> {
-    match timeout(idle, stream.read(dest)).await {
-        Err(_) => Err(HttpError::Timeout { during: "read" }),
-        Ok(Ok(n)) => Ok(n),
-        // A TLS peer that closed without close_notify: an end, whose meaning
-        // the body's framing decides.
-        Ok(Err(e)) if e.kind() == io::ErrorKind::UnexpectedEof => {
-            *unclean_eof = true;
-            Ok(0)
-        }
-        Ok(Err(e)) => Err(HttpError::from_io(e)),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::tls::tests::TempFile;
+    use crate::tls::{client_config, TlsOptions};
     use std::net::SocketAddr;
     use std::sync::Mutex;
     use tokio::io::{AsyncRead, AsyncWrite};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpListener;
     use tokio::task::JoinHandle;
     use tokio_rustls::TlsAcceptor;
@@ -1696,51 +1121,5 @@ mod tests {
             "{err:?}"
         );
         assert!(!err.is_retryable());
-    }
-
-    #[test]
-    fn locations_resolve_against_the_current_url() {
-        let base = "https://h.example:8443/dir/fw.bin?x=1";
-        for (location, expected) in [
-            ("http://other/a", "http://other/a"),
-            ("HTTPS://other/a", "HTTPS://other/a"),
-            ("//cdn.example/b", "https://cdn.example/b"),
-            ("/c", "https://h.example:8443/c"),
-            ("d.bin", "https://h.example:8443/dir/d.bin"),
-            ("?y=2", "https://h.example:8443/dir/fw.bin?y=2"),
-        ] {
-            assert_eq!(resolve_location(base, location), expected, "{location}");
-        }
-        assert_eq!(resolve_location("http://h", "e"), "http://h/e");
-    }
-
-    #[test]
-    fn host_header_brackets_ipv6_and_omits_default_ports() {
-        let header = |url: &str| host_header(&parse_url(url).unwrap());
-        assert_eq!(header("https://h/x"), "h");
-        assert_eq!(header("http://h:80/x"), "h");
-        assert_eq!(header("http://h:8080/x"), "h:8080");
-        assert_eq!(header("https://[::1]/x"), "[::1]");
-        assert_eq!(header("https://[::1]:8443/x"), "[::1]:8443");
-    }
-
-    #[test]
-    fn content_range_and_chunk_size_parsing() {
-        assert_eq!(parse_content_range("bytes 5-9/10"), Some((5, 9, Some(10))));
-        assert_eq!(parse_content_range("bytes 5-9/*"), Some((5, 9, None)));
-        for bad in [
-            "bytes 9-5/10",
-            "bytes 5-10/10",
-            "items 0-1/2",
-            "bytes */10",
-            "",
-        ] {
-            assert_eq!(parse_content_range(bad), None, "{bad}");
-        }
-        assert_eq!(parse_chunk_size(b"1aF").unwrap(), 0x1af);
-        assert_eq!(parse_chunk_size(b"10 ; ext=\"v\"").unwrap(), 16);
-        for bad in [&b""[..], b"g", b"; ext", b"11111111111111111"] {
-            assert!(parse_chunk_size(bad).is_err(), "{bad:?}");
-        }
     }
 }
