@@ -101,9 +101,6 @@ pub struct Ota {
     gets: Vec<PendingGet>,
     /// Between [`Ota::handle_connected`] and [`Ota::handle_disconnected`].
     online: bool,
-    /// A version inform was queued while offline: the next connection
-    /// carries it, so connecting need not inform again.
-    inform_queued: bool,
 }
 
 impl Ota {
@@ -127,7 +124,6 @@ impl Ota {
             job: None,
             gets: Vec::new(),
             online: false,
-            inform_queued: false,
         }
     }
 
@@ -161,9 +157,8 @@ impl Ota {
     /// session, so the subscriptions are made again; and the platform may
     /// have missed the version while the device was away (or this is the
     /// start), so the running version is informed again, once a version is
-    /// known and unless an inform queued while offline goes out with this
-    /// connection anyway. This is the one place of that rule: every driver
-    /// (the async client, the C API) only calls this on CONNACK.
+    /// known. This is the one place of that rule: every driver (the async
+    /// client, the C API) only calls this on CONNACK.
     pub fn handle_connected(&mut self) {
         self.online = true;
         for topic in [&self.config.topics.upgrade, &self.config.topics.get_reply] {
@@ -171,10 +166,9 @@ impl Ota {
                 topic: topic.clone(),
             });
         }
-        if !self.version.is_empty() && !self.inform_queued {
+        if !self.version.is_empty() {
             self.publish_inform();
         }
-        self.inform_queued = false;
     }
 
     /// The MQTT connection was lost (or closed). Nothing is published now;
@@ -304,14 +298,16 @@ impl Ota {
 
     // ---- mutators: the application's commands ----
 
-    /// Reports the running firmware version (at every start and after an upgrade).
+    /// Reports the running firmware version (at every start and after an
+    /// upgrade). While offline it is sent on the next connection.
     pub fn report_version(&mut self, version: &str) -> Result<(), Error> {
         protocol::validate_version(version).map_err(|r| Error::InvalidParam(r.message))?;
         self.version = version.to_owned();
-        if !self.online {
-            self.inform_queued = true;
+        // Offline, the next connection informs it: one inform, and none
+        // lost to a request queue that fills while the broker is away.
+        if self.online {
+            self.publish_inform();
         }
-        self.publish_inform();
         Ok(())
     }
 
@@ -536,18 +532,24 @@ mod tests {
     }
 
     #[test]
-    fn an_inform_queued_offline_is_not_sent_twice() {
+    fn an_inform_while_offline_goes_out_once_on_connect() {
         // The C API's usual order: iot_ota_report_firmware_version before the
-        // connection is up. The queued inform goes out on connect; no second.
+        // connection is up. The inform goes out on connect, once.
         let mut o = Ota::unversioned(Config::new("pk", "dev"));
         o.report_version("3.1").unwrap();
-        assert_eq!(published(&drain(&mut o)).len(), 1);
-        o.handle_connected();
         assert!(published(&drain(&mut o)).is_empty());
-        // The next reconnect informs again.
-        o.handle_disconnected();
         o.handle_connected();
-        assert_eq!(published(&drain(&mut o)).len(), 1);
+        let p = published(&drain(&mut o));
+        assert_eq!(p.len(), 1);
+        assert_eq!(p[0].1["data"]["firmwareVersion"], "3.1");
+        // Reported again while away: sent by the reconnect, once.
+        o.handle_disconnected();
+        o.report_version("3.2").unwrap();
+        assert!(published(&drain(&mut o)).is_empty());
+        o.handle_connected();
+        let p = published(&drain(&mut o));
+        assert_eq!(p.len(), 1);
+        assert_eq!(p[0].1["data"]["firmwareVersion"], "3.2");
     }
 
     #[test]
@@ -721,7 +723,10 @@ mod tests {
         ));
         assert!(Ota::new(Config::new("pk", "dev"), "").is_err());
         o.report_version("1.1").unwrap();
+        // Offline: the connection informs the version last reported.
+        o.handle_connected();
         let p = published(&drain(&mut o));
+        assert_eq!(p.len(), 1);
         assert_eq!(p[0].0, "inform");
         assert_eq!(p[0].1["data"]["firmwareVersion"], "1.1");
         assert_eq!(p[0].1["msgId"], "1");

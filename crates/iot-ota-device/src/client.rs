@@ -261,11 +261,15 @@ impl OtaClient {
     /// included: requests go out in order), waiting at most 2 s for that, and
     /// stops the background tasks.
     pub async fn disconnect(self) {
-        if self.inner.session.mqtt().disconnect().await.is_ok() {
-            let _ =
-                tokio::time::timeout(Duration::from_secs(2), self.inner.disconnected.notified())
-                    .await;
-        }
+        let inner = &self.inner;
+        // Bounded as a whole: queueing the DISCONNECT itself waits when the
+        // request queue is full (the broker away).
+        let _ = tokio::time::timeout(Duration::from_secs(2), async {
+            if inner.session.mqtt().disconnect().await.is_ok() {
+                inner.disconnected.notified().await;
+            }
+        })
+        .await;
     }
 }
 

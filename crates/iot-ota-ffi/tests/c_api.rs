@@ -823,8 +823,23 @@ fn example_waits_for_a_broker_that_is_not_up_yet() {
     let child = spawn(&example_program(), &example_args(&rig, dev));
     std::thread::sleep(Duration::from_millis(2_500));
     rig.broker.restart();
-    rig.expect_version(dev, "inform", "1.0.0");
-    rig.push(dev, command("w1", "2.0.0", &url, &body, None));
+    assert!(rig.wire.wait_ready(WAIT), "the recorder did not come back");
+    // The recorder and the device race back to the broker: the device's
+    // first inform may come before the recorder listens. Push until the
+    // device (connected and subscribed by then) acknowledges.
+    let reply_topic = rig.topic(dev, "upgrade_reply");
+    let deadline = Instant::now() + WAIT;
+    loop {
+        assert!(Instant::now() < deadline, "wire:\n{}", rig.wire.summary());
+        rig.push(dev, command("w1", "2.0.0", &url, &body, None));
+        if rig
+            .wire
+            .wait_for(|m| m.topic == reply_topic, Duration::from_secs(1))
+            .is_some()
+        {
+            break;
+        }
+    }
     let exit = wait_exit(child, WAIT);
     assert_success(&exit);
     assert!(

@@ -376,7 +376,11 @@ impl Download {
             block_size,
             wake,
         )
-        .map_err(Error::Io)
+        .map_err(|e| {
+            // Not started: dropping this download reports the failure.
+            self.handed_off = false;
+            Error::Io(e)
+        })
     }
 }
 

@@ -213,6 +213,9 @@ pub(super) trait Sink {
     fn reports_failure(&self) -> bool {
         true
     }
+    /// The failure is reported (or was not to be): the sink may now let
+    /// the application see it, after the platform's report, never before.
+    fn failure_reported(&mut self, _error: &FetchError) {}
 }
 
 /// Locks the shared fetch (a panic elsewhere leaves it consistent).
@@ -289,6 +292,8 @@ impl<S: Sink> Hasher<'_, S> {
         if self.sink.reports_failure() {
             self.session.publish_progress(&f.failure_report(&e));
         }
+        drop(f);
+        self.sink.failure_reported(&e);
         e
     }
 }

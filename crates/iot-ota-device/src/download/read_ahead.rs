@@ -68,6 +68,8 @@ struct Queue {
     wake: Arc<dyn Fn() + Send + Sync>,
     /// The application reported the upgrade's end itself: report nothing.
     quiet: AtomicBool,
+    /// The thread stopped without reporting (a panic): the drop reports.
+    panicked: AtomicBool,
     /// The image's size as the hasher knows it ([`UNKNOWN`] if not), so
     /// that asking for it never waits for the fetch's lock, which the hasher
     /// holds while it hashes a block.
@@ -188,8 +190,11 @@ impl Sink for QueueSink {
 
     fn failed(&mut self, error: FetchError) -> FetchError {
         self.held = None;
-        self.push(None, Some(Err(error.clone())));
         error
+    }
+
+    fn failure_reported(&mut self, error: &FetchError) {
+        self.push(None, Some(Err(error.clone())));
     }
 
     fn reports_failure(&self) -> bool {
@@ -203,6 +208,7 @@ impl Sink for QueueSink {
 /// failed ("download cancelled") unless [`ReadAhead::abandon`] said not to.
 /// Both threads are joined before the drop returns.
 pub struct ReadAhead {
+    session: Arc<Session>,
     firmware: Firmware,
     fetch: Arc<Mutex<Fetch>>,
     queue: Arc<Queue>,
@@ -245,13 +251,17 @@ impl ReadAhead {
             cancel: Notify::new(),
             wake,
             quiet: AtomicBool::new(false),
+            panicked: AtomicBool::new(false),
             total: AtomicU64::new(total),
         });
         let thread = {
-            let (fetch, queue) = (fetch.clone(), queue.clone());
+            let (fetch, queue, session) = (fetch.clone(), queue.clone(), session.clone());
             std::thread::Builder::new()
                 .name("ota-fetch".into())
                 .spawn(move || {
+                    // Whatever happens here, a panic included, the caller
+                    // learns how it ended and the platform is told.
+                    let _ended = EndGuard { queue: &queue };
                     let mut sink = QueueSink {
                         queue: queue.clone(),
                         held: None,
@@ -292,6 +302,7 @@ impl ReadAhead {
                 })?
         };
         Ok(ReadAhead {
+            session,
             firmware,
             fetch,
             queue,
@@ -420,6 +431,38 @@ impl Drop for ReadAhead {
         }
         if let Some(t) = self.thread.take() {
             let _ = t.join();
+        }
+        // Verified (and DOWNLOADED reported) but not all taken, the
+        // application never got the image; or the thread stopped without a
+        // word: either way the upgrade is reported cancelled.
+        let untaken = {
+            let ready = self.queue.lock();
+            matches!(ready.end, Some(Ok(_))) && (self.current.is_some() || !ready.blocks.is_empty())
+        };
+        let unreported =
+            self.queue.panicked.load(Ordering::SeqCst) || (untaken && self.outcome.is_none());
+        if unreported && !self.queue.quiet.load(Ordering::SeqCst) {
+            let report = pipeline::lock(&self.fetch).failure_report(&FetchError::Cancelled);
+            self.session.publish_progress(&report);
+        }
+    }
+}
+
+/// Ends the download's thread: if it stopped without an outcome (a panic),
+/// the caller sees a failure rather than waiting for bytes forever, and the
+/// drop of the [`ReadAhead`] reports it.
+struct EndGuard<'a> {
+    queue: &'a Queue,
+}
+
+impl Drop for EndGuard<'_> {
+    fn drop(&mut self) {
+        let mut ready = self.queue.lock();
+        if ready.end.is_none() {
+            ready.end = Some(Err(FetchError::Cancelled));
+            drop(ready);
+            self.queue.panicked.store(true, Ordering::SeqCst);
+            (self.queue.wake)();
         }
     }
 }
