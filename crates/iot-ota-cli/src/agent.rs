@@ -37,7 +37,6 @@
 //! the agent removes it when it starts installing). The platform's upgrade
 //! timeout runs meanwhile: give silent batches a timeout that covers the wait.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
@@ -264,23 +263,6 @@ fn resolve(args: AgentArgs) -> Result<Agent, String> {
     })
 }
 
-/// Writes `contents` to `path` atomically: temp file, fsync, rename, fsync the directory.
-fn write_atomic(path: &Path, contents: &[u8]) -> std::io::Result<()> {
-    let tmp = path.with_extension("tmp");
-    {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(contents)?;
-        f.sync_all()?;
-    }
-    std::fs::rename(&tmp, path)?;
-    if let Some(dir) = path.parent() {
-        if let Ok(d) = std::fs::File::open(dir) {
-            let _ = d.sync_all();
-        }
-    }
-    Ok(())
-}
-
 /// Installs into the inactive slot and switches `active`; reports UPGRADING steps.
 fn install_slots(
     client: &OtaClient,
@@ -299,9 +281,9 @@ fn install_slots(
         .and_then(|f| f.sync_all())
         .map_err(|e| format!("syncing {}: {e}", dest.display()))?;
     let _ = client.report_progress(Status::Upgrading, 80, "");
-    write_atomic(&slot.join("version"), format!("{version}\n").as_bytes())
+    iot_ota_device::fsutil::write_atomic(&slot.join("version"), format!("{version}\n").as_bytes())
         .map_err(|e| format!("writing the slot version: {e}"))?;
-    write_atomic(
+    iot_ota_device::fsutil::write_atomic(
         &dir.join("active"),
         format!("{target} {version}\n").as_bytes(),
     )
@@ -443,7 +425,9 @@ impl Agent {
         match result {
             Ok(how) => {
                 if let Some(f) = &self.version_file {
-                    if let Err(e) = write_atomic(f, format!("{version}\n").as_bytes()) {
+                    if let Err(e) =
+                        iot_ota_device::fsutil::write_atomic(f, format!("{version}\n").as_bytes())
+                    {
                         eprintln!("iot-ota device: writing {}: {e}", f.display());
                     }
                 }

@@ -85,6 +85,7 @@ mod client;
 mod config;
 mod download;
 mod error;
+pub mod fsutil;
 pub mod http;
 pub mod link;
 pub mod session;

@@ -26,9 +26,10 @@ use std::time::{Duration, Instant};
 use iot_ota_core::{Fetch, FetchError, FetchState, Firmware, Verified};
 
 use crate::error::Error;
+use crate::fsutil::rename_durable;
 use crate::http::HttpOptions;
 use crate::session::Session;
-use part::{meta_path, open_part, part_path, resumable_len, sync_dir};
+use part::{meta_path, open_part, part_path, resumable_len};
 use pipeline::{hash_stage, pool, read_blocks, Channels, Fill, Sink, BUFFERS};
 pub use read_ahead::{ReadAhead, ReadAheadPoll};
 use source::{Chunk, Source};
@@ -334,7 +335,7 @@ impl Download {
         match result {
             Ok(verified) => {
                 let _ = std::fs::remove_file(&meta);
-                if let Err(e) = std::fs::rename(&part, &path).and_then(|_| sync_dir(&path)) {
+                if let Err(e) = rename_durable(&part, &path) {
                     let _ = std::fs::remove_file(&part);
                     let msg = format!("cannot move the image to {}: {e}", path.display());
                     return Err(self.fail(FetchError::Storage(msg)));

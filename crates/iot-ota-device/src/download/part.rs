@@ -80,15 +80,6 @@ pub(super) fn remove_part(part: &Path) {
     let _ = std::fs::remove_file(meta_for_part(part));
 }
 
-/// Makes a rename durable: fsync the directory that holds `path`.
-pub(super) fn sync_dir(path: &Path) -> io::Result<()> {
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d,
-        _ => Path::new("."),
-    };
-    std::fs::File::open(dir)?.sync_all()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
