@@ -17,6 +17,7 @@
 mod agent;
 mod commands;
 mod demo;
+mod logger;
 mod table;
 
 use std::net::SocketAddr;
@@ -163,6 +164,7 @@ async fn run_platform(a: PlatformArgs) -> Result<(), String> {
 }
 
 fn main() -> ExitCode {
+    logger::init();
     let cli = Cli::parse();
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

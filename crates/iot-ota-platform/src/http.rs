@@ -19,9 +19,9 @@ use tokio::io::{AsyncReadExt, AsyncSeekExt};
 use tokio_util::io::ReaderStream;
 
 use crate::api::{check_firmware, size_limit_text, ApiError, CreateBatch};
-use crate::service::{OpError, Shared, Upload};
+use crate::service::{PlatformError, Shared, Upload};
 
-impl IntoResponse for OpError {
+impl IntoResponse for PlatformError {
     fn into_response(self) -> Response {
         let status = StatusCode::from_u16(self.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         (
@@ -34,7 +34,7 @@ impl IntoResponse for OpError {
     }
 }
 
-type ApiResult<T> = Result<Json<T>, OpError>;
+type ApiResult<T> = Result<Json<T>, PlatformError>;
 
 pub(crate) fn router(shared: Arc<Shared>) -> Router {
     let limit = usize::try_from(shared.max_size)
@@ -88,9 +88,9 @@ async fn add_firmware(
     State(s): State<Arc<Shared>>,
     Query(q): Query<AddFirmware>,
     body: Result<Bytes, BytesRejection>,
-) -> Result<(StatusCode, Json<crate::api::FirmwareInfo>), OpError> {
+) -> Result<(StatusCode, Json<crate::api::FirmwareInfo>), PlatformError> {
     let too_big = || {
-        OpError::new(
+        PlatformError::new(
             413,
             format!(
                 "the firmware file is above the limit of {}",
@@ -102,7 +102,7 @@ async fn add_firmware(
     let body = match body {
         Ok(b) => b,
         Err(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => return Err(too_big()),
-        Err(e) => return Err(OpError::new(400, e.body_text())),
+        Err(e) => return Err(PlatformError::new(400, e.body_text())),
     };
     let name = q
         .name
@@ -115,45 +115,48 @@ async fn add_firmware(
         body.len().max(1) as u64,
         u64::MAX,
     )
-    .map_err(|m| OpError::new(400, m))?;
+    .map_err(|m| PlatformError::new(400, m))?;
     if body.len() as u64 > s.max_size {
         return Err(too_big());
     }
     let tmp_dir = s.data_dir.join("tmp");
     let shared = s.clone();
     let info = tokio::task::spawn_blocking(move || {
-        std::fs::create_dir_all(&tmp_dir).map_err(|e| OpError::new(500, e.to_string()))?;
-        let tmp = tmp_dir.join(format!(
-            "upload-{}-{}",
-            std::process::id(),
-            crate::service::now_ms()
-        ));
+        std::fs::create_dir_all(&tmp_dir).map_err(|e| PlatformError::new(500, e.to_string()))?;
+        // Unique per upload: two uploads in the same millisecond once
+        // shared a name, and one moved the other's file away (HTTP 500).
+        static UPLOADS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = UPLOADS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let tmp = tmp_dir.join(format!("upload-{}-{n}", std::process::id()));
         let md5 = to_hex(&Md5::digest(&body));
         let sha256 = to_hex(&Sha256::digest(&body));
-        std::fs::write(&tmp, &body).map_err(|e| OpError::new(500, e.to_string()))?;
-        let r = shared.add_firmware(Upload {
-            product: q.product,
-            version: q.version,
-            name,
-            tmp: tmp.clone(),
-            size: body.len() as u64,
-            md5,
-            sha256,
-        });
+        std::fs::write(&tmp, &body).map_err(|e| PlatformError::new(500, e.to_string()))?;
+        let r = shared.add_firmware(
+            Upload {
+                product: q.product,
+                version: q.version,
+                name,
+                tmp: tmp.clone(),
+                size: body.len() as u64,
+                md5,
+                sha256,
+            },
+            crate::service::now_ms(),
+        );
         if r.is_err() {
             let _ = std::fs::remove_file(&tmp);
         }
         r
     })
     .await
-    .map_err(|e| OpError::new(500, e.to_string()))??;
+    .map_err(|e| PlatformError::new(500, e.to_string()))??;
     Ok((StatusCode::CREATED, Json(info)))
 }
 
 async fn delete_firmware(
     State(s): State<Arc<Shared>>,
     Path((product, version)): Path<(String, String)>,
-) -> Result<StatusCode, OpError> {
+) -> Result<StatusCode, PlatformError> {
     s.delete_firmware(&product, &version)?;
     Ok(StatusCode::NO_CONTENT)
 }
@@ -168,19 +171,22 @@ async fn list_devices(
 async fn create_batch(
     State(s): State<Arc<Shared>>,
     body: Bytes,
-) -> Result<(StatusCode, Json<crate::api::CreatedBatch>), OpError> {
+) -> Result<(StatusCode, Json<crate::api::CreatedBatch>), PlatformError> {
     let req: CreateBatch = serde_json::from_slice(&body)
-        .map_err(|e| OpError::new(400, format!("bad batch request: {e}")))?;
-    Ok((StatusCode::CREATED, Json(s.create_batch(&req)?)))
+        .map_err(|e| PlatformError::new(400, format!("bad batch request: {e}")))?;
+    Ok((
+        StatusCode::CREATED,
+        Json(s.create_batch(&req, crate::service::now_ms())?),
+    ))
 }
 
 async fn list_batches(State(s): State<Arc<Shared>>) -> ApiResult<Vec<crate::api::BatchView>> {
     Ok(Json(s.list_batches()?))
 }
 
-fn batch_id(id: &str) -> Result<i64, OpError> {
+fn batch_id(id: &str) -> Result<i64, PlatformError> {
     id.parse()
-        .map_err(|_| OpError::new(400, format!("batch id must be a number, got {id:?}")))
+        .map_err(|_| PlatformError::new(400, format!("batch id must be a number, got {id:?}")))
 }
 
 async fn show_batch(
@@ -194,7 +200,10 @@ async fn terminate_batch(
     State(s): State<Arc<Shared>>,
     Path(id): Path<String>,
 ) -> ApiResult<crate::api::BatchView> {
-    Ok(Json(s.terminate_batch(batch_id(&id)?)?))
+    Ok(Json(s.terminate_batch(
+        batch_id(&id)?,
+        crate::service::now_ms(),
+    )?))
 }
 
 /// A `Range` header's single byte range resolved against `total`:
@@ -236,7 +245,7 @@ async fn serve_firmware(
     State(s): State<Arc<Shared>>,
     Path((product, version, name)): Path<(String, String, String)>,
     headers: HeaderMap,
-) -> Result<Response, OpError> {
+) -> Result<Response, PlatformError> {
     let row = s.firmware_file(&product, &version, &name)?;
     let total = row.size;
     let etag = format!("\"{}\"", &row.sha256[..row.sha256.len().min(32)]);
@@ -273,10 +282,10 @@ async fn serve_firmware(
     };
     let mut file = tokio::fs::File::open(&row.path)
         .await
-        .map_err(|e| OpError::new(500, format!("opening {}: {e}", row.path)))?;
+        .map_err(|e| PlatformError::new(500, format!("opening {}: {e}", row.path)))?;
     file.seek(SeekFrom::Start(start))
         .await
-        .map_err(|e| OpError::new(500, e.to_string()))?;
+        .map_err(|e| PlatformError::new(500, e.to_string()))?;
     let body = Body::from_stream(ReaderStream::with_capacity(file.take(len), 64 * 1024));
     let mut resp = Response::new(body);
     *resp.status_mut() = status;

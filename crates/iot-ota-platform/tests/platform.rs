@@ -623,3 +623,36 @@ async fn restart_mid_batch_loses_no_record() {
     );
     p2.shutdown().await;
 }
+
+/// 50 uploads of distinct versions at once: every one is stored, none gets
+/// a 500, and no version directory is left without its record. (Uploads in
+/// the same millisecond used to share a temporary file name.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_uploads_are_all_stored() {
+    let dir = TempDir::new("plat-concurrent");
+    let mut config = iot_ota_platform::PlatformConfig::new(dir.path());
+    config.http_addr = any_port();
+    config.broker = embedded();
+    let p = iot_ota_platform::Platform::start(config).await.unwrap();
+    let api = api(&p);
+    let mut uploads = Vec::new();
+    for i in 0..50u64 {
+        let api = api.clone();
+        uploads.push(tokio::spawn(async move {
+            let body = random_bytes(3000, 100 + i);
+            api.add_firmware("pk", &format!("3.{i}"), "fw.bin", &body)
+                .await
+        }));
+    }
+    for (i, u) in uploads.into_iter().enumerate() {
+        let r = u.await.unwrap();
+        assert!(r.is_ok(), "upload {i}: {:?}", r.err());
+    }
+    let listed = api.list_firmware(Some("pk")).await.unwrap();
+    assert_eq!(listed.len(), 50);
+    let versions = std::fs::read_dir(dir.path().join("firmware").join("pk"))
+        .unwrap()
+        .count();
+    assert_eq!(versions, 50, "a version directory without its record");
+    p.shutdown().await;
+}

@@ -1,0 +1,66 @@
+//! The `log` facade's output for the `iot-ota` binary: one line per record
+//! on stderr, at the level `RUST_LOG` names (`error`, `warn`, `info`,
+//! `debug`, `trace`, `off`; default `warn`), so the SDK's and the
+//! platform's warnings reach the terminal.
+//!
+//! A `module=level` list is accepted too; its last bare level (or `warn`)
+//! applies to everything: the binary needs no per-module filtering yet, and
+//! no logging crate for that.
+
+use log::{Level, LevelFilter, Log, Metadata, Record};
+
+struct Stderr;
+
+impl Log for Stderr {
+    fn enabled(&self, metadata: &Metadata<'_>) -> bool {
+        metadata.level() <= log::max_level()
+    }
+
+    fn log(&self, record: &Record<'_>) {
+        if !self.enabled(record.metadata()) {
+            return;
+        }
+        let level = match record.level() {
+            Level::Error => "error",
+            Level::Warn => "warning",
+            Level::Info => "info",
+            Level::Debug => "debug",
+            Level::Trace => "trace",
+        };
+        eprintln!("iot-ota: {level}: {}: {}", record.target(), record.args());
+    }
+
+    fn flush(&self) {}
+}
+
+/// The level a `RUST_LOG` value asks for.
+fn level(spec: Option<&str>) -> LevelFilter {
+    spec.into_iter()
+        .flat_map(|s| s.split(','))
+        .rev()
+        .filter(|part| !part.contains('='))
+        .find_map(|part| part.trim().parse::<LevelFilter>().ok())
+        .unwrap_or(LevelFilter::Warn)
+}
+
+/// Installs the logger (once; later calls do nothing).
+pub fn init() {
+    let spec = std::env::var("RUST_LOG").ok();
+    if log::set_logger(&Stderr).is_ok() {
+        log::set_max_level(level(spec.as_deref()));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn levels_from_rust_log() {
+        assert_eq!(level(None), LevelFilter::Warn);
+        assert_eq!(level(Some("info")), LevelFilter::Info);
+        assert_eq!(level(Some("iot_ota=debug,error")), LevelFilter::Error);
+        assert_eq!(level(Some("OFF")), LevelFilter::Off);
+        assert_eq!(level(Some("bogus")), LevelFilter::Warn);
+    }
+}

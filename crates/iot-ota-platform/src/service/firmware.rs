@@ -1,0 +1,113 @@
+//! Firmware records and their files in the data directory.
+
+use std::path::Path;
+
+use super::{PlatformError, Shared, Upload};
+use crate::api::{check_firmware, FirmwareInfo};
+use crate::engine::Millis;
+use crate::store::FirmwareRow;
+
+impl Shared {
+    pub(crate) fn list_firmware(
+        &self,
+        product: Option<&str>,
+    ) -> Result<Vec<FirmwareInfo>, PlatformError> {
+        let inner = self.lock();
+        Ok(inner
+            .store
+            .list_firmware(product)?
+            .iter()
+            .map(|f| f.info(&self.public_url))
+            .collect())
+    }
+
+    /// Registers an uploaded file (already written at `tmp`, hashed and sized).
+    pub(crate) fn add_firmware(
+        &self,
+        up: Upload,
+        now: Millis,
+    ) -> Result<FirmwareInfo, PlatformError> {
+        let Upload {
+            product,
+            version,
+            name,
+            tmp,
+            size,
+            md5,
+            sha256,
+        } = up;
+        let (product, version, name) = (product.as_str(), version.as_str(), name.as_str());
+        check_firmware(product, version, name, size, self.max_size)
+            .map_err(|m| PlatformError::new(400, m))?;
+        let dir = self.data_dir.join("firmware").join(product).join(version);
+        let path = dir.join(name);
+        let inner = self.lock();
+        if inner.store.firmware(product, version)?.is_some() {
+            return Err(PlatformError::new(
+                409,
+                format!("product {product} already has a firmware version {version}"),
+            ));
+        }
+        if let Err(e) = std::fs::create_dir_all(&dir).and_then(|_| std::fs::rename(&tmp, &path)) {
+            // No record without its file, and no directory without its record.
+            let _ = std::fs::remove_dir(&dir);
+            return Err(PlatformError::new(
+                500,
+                format!("storing {}: {e}", path.display()),
+            ));
+        }
+        let row = FirmwareRow {
+            product: product.into(),
+            version: version.into(),
+            name: name.into(),
+            size,
+            md5,
+            sha256,
+            path: path.to_string_lossy().into_owned(),
+            created_ms: now,
+        };
+        if !inner.store.insert_firmware(&row)? {
+            return Err(PlatformError::new(409, "duplicate version"));
+        }
+        Ok(row.info(&self.public_url))
+    }
+
+    pub(crate) fn delete_firmware(
+        &self,
+        product: &str,
+        version: &str,
+    ) -> Result<(), PlatformError> {
+        let inner = self.lock();
+        let Some(row) = inner.store.firmware(product, version)? else {
+            return Err(PlatformError::new(
+                404,
+                format!("no firmware {version} for product {product}"),
+            ));
+        };
+        if let Some(batch) = inner.store.firmware_in_use(product, version)? {
+            return Err(PlatformError::new(
+                409,
+                format!("firmware {product} {version} is used by running batch {batch}; terminate it first"),
+            ));
+        }
+        inner.store.delete_firmware(product, version)?;
+        let _ = std::fs::remove_file(&row.path);
+        if let Some(dir) = Path::new(&row.path).parent() {
+            let _ = std::fs::remove_dir(dir);
+        }
+        Ok(())
+    }
+
+    pub(crate) fn firmware_file(
+        &self,
+        product: &str,
+        version: &str,
+        name: &str,
+    ) -> Result<FirmwareRow, PlatformError> {
+        let inner = self.lock();
+        match inner.store.firmware(product, version)? {
+            Some(row) if row.name == name => Ok(row),
+            _ => Err(PlatformError::new(404, "no such firmware file")),
+        }
+    }
+}

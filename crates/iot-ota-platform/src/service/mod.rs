@@ -1,0 +1,284 @@
+//! The IO shell around the engine: SQLite, MQTT, the ticker.
+//!
+//! One mutex guards the store and the running batches. Every handler locks,
+//! feeds the engine, writes the changed rows in one transaction, unlocks, and
+//! only then publishes what the engine asked for: a state change is always
+//! committed before it is acted on.
+//!
+//! - `mqtt`: the devices' messages in, commands out, the timers;
+//! - `ops`: the API's device and batch operations;
+//! - `firmware`: firmware records and their files.
+//!
+//! The clock is read at the edges (the MQTT loop, the ticker, the HTTP
+//! handlers) and passed in as `now`, as the engine takes it.
+
+mod firmware;
+mod mqtt;
+mod ops;
+
+pub(crate) use mqtt::{mqtt_loop, ticker};
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+use std::sync::{Mutex, MutexGuard};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use iot_ota_core::Topics;
+use rumqttc::{AsyncClient, QoS};
+use tokio::sync::Notify;
+
+use crate::engine::{Batch, Millis};
+use crate::store::{Store, StoreError};
+
+/// How soon the ticker tries again after a batch could not be saved.
+const SAVE_RETRY_MS: Millis = 500;
+
+/// Milliseconds since the Unix epoch, now.
+pub fn now_ms() -> Millis {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as Millis)
+        .unwrap_or(0)
+}
+
+/// The platform's error: what went wrong, with the HTTP status it maps to.
+/// Every API answer that is not a success is one, sent as `{"error": ...}`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PlatformError {
+    /// HTTP status code: 400, 404, 409, 413 or 500.
+    pub status: u16,
+    /// For a person.
+    pub message: String,
+}
+
+impl PlatformError {
+    pub(crate) fn new(status: u16, message: impl Into<String>) -> Self {
+        PlatformError {
+            status,
+            message: message.into(),
+        }
+    }
+}
+
+impl From<StoreError> for PlatformError {
+    fn from(e: StoreError) -> Self {
+        PlatformError::new(500, e.to_string())
+    }
+}
+
+impl std::fmt::Display for PlatformError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} {}", self.status, self.message)
+    }
+}
+
+pub(crate) struct Inner {
+    pub(crate) store: Store,
+    running: BTreeMap<i64, Batch>,
+}
+
+/// An MQTT message to publish with QoS 1.
+pub(crate) type Outgoing = (String, Vec<u8>);
+
+/// An uploaded firmware file, written at `tmp`, hashed and sized.
+pub(crate) struct Upload {
+    pub(crate) product: String,
+    pub(crate) version: String,
+    pub(crate) name: String,
+    pub(crate) tmp: PathBuf,
+    pub(crate) size: u64,
+    pub(crate) md5: String,
+    pub(crate) sha256: String,
+}
+
+/// State shared by the HTTP handlers, the MQTT loop and the ticker.
+pub(crate) struct Shared {
+    inner: Mutex<Inner>,
+    pub(crate) mqtt: AsyncClient,
+    pub(crate) prefix: String,
+    pub(crate) public_url: String,
+    pub(crate) data_dir: PathBuf,
+    pub(crate) max_size: u64,
+    pub(crate) wake: Notify,
+    pub(crate) mqtt_up: AtomicBool,
+    pub(crate) stopping: AtomicBool,
+}
+
+impl Shared {
+    pub(crate) fn new(
+        store: Store,
+        mqtt: AsyncClient,
+        prefix: String,
+        public_url: String,
+        data_dir: PathBuf,
+        max_size: u64,
+    ) -> Result<Shared, StoreError> {
+        let mut running = BTreeMap::new();
+        for id in store.batch_ids(true)? {
+            if let Some(b) = store.load_batch(id)? {
+                running.insert(id, b);
+            }
+        }
+        Ok(Shared {
+            inner: Mutex::new(Inner { store, running }),
+            mqtt,
+            prefix,
+            public_url,
+            data_dir,
+            max_size,
+            wake: Notify::new(),
+            mqtt_up: AtomicBool::new(false),
+            stopping: AtomicBool::new(false),
+        })
+    }
+
+    pub(crate) fn lock(&self) -> MutexGuard<'_, Inner> {
+        // A panic while holding the lock leaves consistent data: every change is
+        // committed in one transaction, so the poison flag can be ignored.
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub(crate) async fn publish(&self, out: Vec<Outgoing>) {
+        for (topic, payload) in out {
+            if let Err(e) = self
+                .mqtt
+                .publish(topic.clone(), QoS::AtLeastOnce, false, payload)
+                .await
+            {
+                log::warn!("publish to {topic} failed: {e}");
+            }
+        }
+    }
+
+    fn topics(&self, product: &str, device: &str) -> Topics {
+        Topics::with_prefix(&self.prefix, product, device)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::CreateBatch;
+    use crate::engine::RecordState;
+    use crate::store::FirmwareRow;
+    use iot_ota_core::protocol::{encode_upgrade_reply, ReplyCode};
+    use rumqttc::MqttOptions;
+    use rusqlite::Connection;
+    use std::path::Path;
+    use std::time::Duration;
+
+    /// Holds the database's write lock from another connection, as a second
+    /// process or a stuck writer would: the platform's writes then really fail
+    /// (SQLITE_BUSY after the busy timeout).
+    struct Locker(Connection);
+
+    impl Locker {
+        fn lock(db: &Path) -> Locker {
+            let c = Connection::open(db).unwrap();
+            c.execute_batch("BEGIN IMMEDIATE").unwrap();
+            Locker(c)
+        }
+
+        fn unlock(self) {
+            self.0.execute_batch("COMMIT").unwrap();
+        }
+    }
+
+    fn stored(shared: &Shared, id: i64) -> crate::engine::Record {
+        let b = shared.lock().store.load_batch(id).unwrap().unwrap();
+        b.records["d1"].clone()
+    }
+
+    #[test]
+    fn a_failed_commit_is_retried_by_the_next_tick() {
+        let dir = std::env::temp_dir().join(format!(
+            "iot-ota-service-commit-{}-{}",
+            std::process::id(),
+            now_ms()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let db = dir.join("platform.db");
+        let store = Store::open(&db).unwrap();
+        store.set_busy_timeout(Duration::from_millis(50)).unwrap();
+        let t0 = now_ms();
+        store
+            .insert_firmware(&FirmwareRow {
+                product: "pk".into(),
+                version: "2.0".into(),
+                name: "fw.bin".into(),
+                size: 3,
+                md5: "0".repeat(32),
+                sha256: "0".repeat(64),
+                path: dir.join("fw.bin").to_string_lossy().into_owned(),
+                created_ms: t0,
+            })
+            .unwrap();
+        store.device_informed("pk", "d1", "1.0", t0).unwrap();
+        let (mqtt, _eventloop) = AsyncClient::new(MqttOptions::new("t", "127.0.0.1", 1), 10);
+        let shared = Shared::new(
+            store,
+            mqtt,
+            "/sys".into(),
+            "http://127.0.0.1:1".into(),
+            dir.clone(),
+            1 << 20,
+        )
+        .unwrap();
+        let req = CreateBatch {
+            product: "pk".into(),
+            firmware_version: "2.0".into(),
+            ack_timeout_secs: Some(60.0),
+            ..Default::default()
+        };
+        let id = shared.create_batch(&req, now_ms()).unwrap().batch.id;
+
+        // The push's commit fails: nothing is published, nothing changes.
+        let lock = Locker::lock(&db);
+        let now = now_ms();
+        let (out, next) = shared.tick(now);
+        assert!(out.is_empty(), "pushed before the push was committed");
+        assert!(next.is_some_and(|n| n <= now + SAVE_RETRY_MS), "{next:?}");
+        assert_eq!(shared.show_batch(id).unwrap().records[0].state, "to_push");
+        assert_eq!(stored(&shared, id).state, RecordState::ToPush);
+        let (out, _) = shared.tick(now + 10);
+        assert!(out.is_empty(), "still locked");
+        lock.unlock();
+        // The next tick really pushes, after committing.
+        let (out, _) = shared.tick(now + 600);
+        assert_eq!(out.len(), 1, "the retried push");
+        assert_eq!(out[0].0, "/sys/pk/d1/ota/firmware/upgrade");
+        let rec = stored(&shared, id);
+        assert_eq!((rec.state, rec.attempts), (RecordState::Pushed, 1));
+        let msg_id = rec.msg_id.unwrap();
+
+        // A device message whose commit fails is written by the next tick.
+        let lock = Locker::lock(&db);
+        let reply = encode_upgrade_reply(&msg_id, ReplyCode::Accepted, "success");
+        assert!(shared
+            .on_message("/sys/pk/d1/ota/firmware/upgrade_reply", &reply, now_ms())
+            .is_empty());
+        assert_eq!(shared.show_batch(id).unwrap().records[0].state, "pending");
+        assert_eq!(stored(&shared, id).state, RecordState::Pushed);
+        assert!(shared.tick(now + 700).0.is_empty());
+        lock.unlock();
+        assert!(shared.tick(now + 1_300).0.is_empty());
+        assert_eq!(stored(&shared, id).state, RecordState::Pending);
+
+        // Terminating fails as a whole when its commit fails.
+        let lock = Locker::lock(&db);
+        let e = shared.terminate_batch(id, now_ms()).unwrap_err();
+        assert_eq!(e.status, 500, "{e}");
+        let view = shared.show_batch(id).unwrap();
+        assert_eq!(
+            (view.state.as_str(), view.records[0].state.as_str()),
+            ("in_progress", "pending")
+        );
+        lock.unlock();
+        let view = shared.terminate_batch(id, now_ms()).unwrap();
+        assert_eq!(view.state, "terminated");
+        let b = shared.lock().store.load_batch(id).unwrap().unwrap();
+        assert_eq!(b.records["d1"].state, RecordState::Failed);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

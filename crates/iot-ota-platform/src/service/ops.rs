@@ -1,0 +1,152 @@
+//! The API's device and batch operations.
+
+use std::collections::BTreeMap;
+
+use super::{Inner, PlatformError, Shared};
+use crate::api::{
+    batch_config, check_product, check_version, BatchView, CreateBatch, CreatedBatch, DeviceView,
+    Excluded,
+};
+use crate::engine::{select_devices, Batch, DeviceInfo, Millis};
+
+impl Shared {
+    pub(crate) fn list_devices(
+        &self,
+        product: Option<&str>,
+    ) -> Result<Vec<DeviceView>, PlatformError> {
+        Ok(self.lock().store.list_devices(product)?)
+    }
+
+    pub(crate) fn create_batch(
+        &self,
+        req: &CreateBatch,
+        now: Millis,
+    ) -> Result<CreatedBatch, PlatformError> {
+        let bad = |m: String| PlatformError::new(400, m);
+        check_product(&req.product).map_err(bad)?;
+        check_version("firmware_version", &req.firmware_version).map_err(bad)?;
+        let config = batch_config(req).map_err(bad)?;
+        let mut inner = self.lock();
+        if inner
+            .store
+            .firmware(&req.product, &req.firmware_version)?
+            .is_none()
+        {
+            return Err(PlatformError::new(
+                404,
+                format!(
+                    "product {} has no firmware version {}; add it first",
+                    req.product, req.firmware_version
+                ),
+            ));
+        }
+        let known: Vec<DeviceInfo> = inner
+            .store
+            .list_devices(Some(&req.product))?
+            .into_iter()
+            .map(|d| DeviceInfo {
+                device: d.device,
+                version: d.version,
+            })
+            .collect();
+        let mut busy = BTreeMap::new();
+        for b in inner.running.values().filter(|b| b.product == req.product) {
+            for r in b.records.values().filter(|r| !r.state.is_final()) {
+                busy.insert(r.device.clone(), b.id);
+            }
+        }
+        let (eligible, excluded) =
+            select_devices(&req.firmware_version, req.devices.as_deref(), &known, &busy);
+        let excluded: Vec<Excluded> = excluded
+            .into_iter()
+            .map(|(device, why)| Excluded {
+                device,
+                reason: why.to_string(),
+            })
+            .collect();
+        if eligible.is_empty() {
+            let why: Vec<String> = excluded
+                .iter()
+                .map(|e| format!("{}: {}", e.device, e.reason))
+                .collect();
+            return Err(PlatformError::new(
+                409,
+                if why.is_empty() {
+                    format!(
+                        "no eligible device: product {} has no known device",
+                        req.product
+                    )
+                } else {
+                    format!("no eligible device ({})", why.join("; "))
+                },
+            ));
+        }
+        let batch =
+            inner
+                .store
+                .create_batch(&req.product, &req.firmware_version, &config, now, |id| {
+                    Batch::new(
+                        id,
+                        req.product.clone(),
+                        req.firmware_version.clone(),
+                        config.clone(),
+                        eligible,
+                        now,
+                    )
+                })?;
+        let view = BatchView::of(&batch, true);
+        inner.running.insert(batch.id, batch);
+        drop(inner);
+        self.wake.notify_one();
+        Ok(CreatedBatch {
+            batch: view,
+            excluded,
+        })
+    }
+
+    pub(crate) fn list_batches(&self) -> Result<Vec<BatchView>, PlatformError> {
+        let inner = self.lock();
+        let mut out = Vec::new();
+        for id in inner.store.batch_ids(false)? {
+            if let Some(b) = inner.store.load_batch(id)? {
+                out.push(BatchView::of(&b, false));
+            }
+        }
+        Ok(out)
+    }
+
+    pub(crate) fn show_batch(&self, id: i64) -> Result<BatchView, PlatformError> {
+        let inner = self.lock();
+        if let Some(b) = inner.running.get(&id) {
+            return Ok(BatchView::of(b, true));
+        }
+        match inner.store.load_batch(id)? {
+            Some(b) => Ok(BatchView::of(&b, true)),
+            None => Err(PlatformError::new(404, format!("no batch {id}"))),
+        }
+    }
+
+    pub(crate) fn terminate_batch(&self, id: i64, now: Millis) -> Result<BatchView, PlatformError> {
+        let mut inner = self.lock();
+        let Inner { store, running } = &mut *inner;
+        let Some(b) = running.get_mut(&id) else {
+            return match store.load_batch(id)? {
+                Some(b) => Err(PlatformError::new(
+                    409,
+                    format!("batch {id} is already {}", b.state),
+                )),
+                None => Err(PlatformError::new(404, format!("no batch {id}"))),
+            };
+        };
+        let before = b.clone();
+        b.terminate(now);
+        if let Err(e) = store.save(b) {
+            // Not terminated after all: the batch runs on as it was.
+            *b = before;
+            return Err(e.into());
+        }
+        let view = BatchView::of(b, true);
+        running.remove(&id);
+        Ok(view)
+    }
+}
