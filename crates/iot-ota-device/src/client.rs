@@ -251,9 +251,13 @@ impl OtaClient {
     }
 
     fn download_options(&self) -> crate::download::DownloadOptions {
+        let c = &self.inner.config;
         crate::download::DownloadOptions {
             http: self.inner.http.clone(),
-            retries: self.inner.config.download_retries,
+            retries: c.download_retries,
+            min_rate: c.min_rate,
+            rate_window: c.rate_window,
+            ..Default::default()
         }
     }
 

@@ -35,6 +35,8 @@ pub struct Config {
     pub(crate) refuse_downgrade: bool,
     pub(crate) idle_timeout: Duration,
     pub(crate) download_retries: u32,
+    pub(crate) min_rate: u64,
+    pub(crate) rate_window: Duration,
 }
 
 impl Config {
@@ -63,6 +65,8 @@ impl Config {
             refuse_downgrade: false,
             idle_timeout: Duration::from_secs(30),
             download_retries: 3,
+            min_rate: 1024,
+            rate_window: Duration::from_secs(60),
         })
     }
 
@@ -200,6 +204,16 @@ impl Config {
     /// How many times a broken download resumes with a Range request (default 3).
     pub fn download_retries(mut self, retries: u32) -> Self {
         self.download_retries = retries;
+        self
+    }
+
+    /// The slowest download accepted: at least `bytes_per_sec` over every
+    /// `window` (default 1 KiB/s over 60 s), and done within 5 min plus the
+    /// image's size at that rate. A slower server ends the download with
+    /// DOWNLOAD_FAILED. `bytes_per_sec` 0 turns both bounds off.
+    pub fn min_download_rate(mut self, bytes_per_sec: u64, window: Duration) -> Self {
+        self.min_rate = bytes_per_sec;
+        self.rate_window = window;
         self
     }
 

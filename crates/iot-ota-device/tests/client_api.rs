@@ -586,3 +586,76 @@ async fn retries_do_not_drain_the_buffer_pool() {
     assert_eq!(std::fs::read(&path).unwrap(), body);
     assert_eq!(rig.files.requests().len(), 4);
 }
+
+/// A server that trickles the body (here 300 B/s, under a 2 KB/s minimum)
+/// never trips the idle timeout; the minimum rate ends the download with
+/// DOWNLOAD_FAILED and the reason, instead of keeping the device busy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trickling_server_ends_the_download_at_the_minimum_rate() {
+    let rig = Rig::new();
+    let body = random_bytes(60_000, 24);
+    let url = rig
+        .files
+        .add("/trickle.bin", Route::slow(body.clone(), 300));
+    let config = Config::new(&rig.broker.url(), PK, "y4", "1.0.0")
+        .unwrap()
+        .min_download_rate(2_000, Duration::from_secs(2));
+    let (client, mut upgrades) = OtaClient::connect(config).await.expect("connect");
+    rig.wire
+        .wait_for_async(|m| m.topic == rig.topic("y4", "inform"), WAIT)
+        .await
+        .expect("inform at connect");
+    rig.push("y4", command("1", "2.0", &url, &body, SignMethod::Md5));
+    let cmd = upgrades.next().await.unwrap();
+    let dir = iot_ota_testkit::TempDir::new("trickle");
+    let started = std::time::Instant::now();
+    let err = client
+        .download(&cmd)
+        .download_to(dir.path().join("fw.bin"))
+        .await
+        .unwrap_err();
+    assert!(started.elapsed() < WAIT, "took {:?}", started.elapsed());
+    assert_eq!(err.status(), Some(Status::DownloadFailed), "{err}");
+    assert!(err.to_string().contains("below the minimum"), "{err}");
+    let report = rig.expect("y4", "progress", |m| m.json_i64("data.status") == Some(-2));
+    assert!(report
+        .json_str("data.desc")
+        .unwrap()
+        .contains("below the minimum of 2000 B/s"));
+    // Not resumable: the part file is gone, the next command starts afresh.
+    assert!(!dir.path().join("fw.bin.part").exists());
+}
+
+/// A full disk (the part file is a link to /dev/full: every write fails
+/// with ENOSPC) ends the download with FLASH_FAILED and the reason, never
+/// "download cancelled"; the part file is removed and the next attempt
+/// works. Many runs, since the writer's error used to race the reader's.
+#[cfg(target_os = "linux")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_is_flash_failed_and_leaves_no_part_file() {
+    let rig = Rig::new();
+    let body = random_bytes(3 << 20, 25);
+    let url = rig.files.add("/full.bin", Route::file(body.clone()));
+    let (client, mut upgrades) = connect(&rig, "y5").await;
+    let dir = iot_ota_testkit::TempDir::new("fulldisk");
+    let path = dir.path().join("fw.bin");
+    for i in 0..10 {
+        std::os::unix::fs::symlink("/dev/full", dir.path().join("fw.bin.part")).unwrap();
+        rig.push(
+            "y5",
+            command(&format!("f{i}"), "2.0", &url, &body, SignMethod::Md5),
+        );
+        let cmd = upgrades.next().await.unwrap();
+        let err = client.download(&cmd).download_to(&path).await.unwrap_err();
+        assert_eq!(err.status(), Some(Status::FlashFailed), "run {i}: {err}");
+        assert!(
+            !dir.path().join("fw.bin.part").exists()
+                && std::fs::symlink_metadata(dir.path().join("fw.bin.part")).is_err(),
+            "run {i}: the part file was left behind"
+        );
+    }
+    rig.push("y5", command("ok", "2.0", &url, &body, SignMethod::Md5));
+    let cmd = upgrades.next().await.unwrap();
+    client.download(&cmd).download_to(&path).await.unwrap();
+    assert!(std::fs::read(&path).unwrap() == body);
+}

@@ -202,7 +202,7 @@ impl OtaHandle {
                 tls: self.mqtt.https.clone(),
                 ..HttpOptions::default()
             },
-            retries: 3,
+            ..DownloadOptions::default()
         };
         let _context = self.mqtt.rt.enter();
         // The engine accepts an upgrade only once the previous one has ended

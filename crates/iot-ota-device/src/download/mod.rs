@@ -35,13 +35,40 @@ pub use read_ahead::{ReadAhead, ReadAheadPoll};
 use source::{Chunk, Source};
 use writer::{FileSink, PartFile};
 
-/// How downloads connect and resume.
-#[derive(Debug, Clone, Default)]
+/// How downloads connect, resume, and give up on a server too slow to
+/// ever finish.
+///
+/// Two bounds end a download that a hostile or broken server would
+/// otherwise keep alive forever (one byte every few seconds never trips the
+/// idle timeout): a **minimum rate**, checked over each `rate_window`
+/// (default: at least 1 KiB/s over every 60 s), and an **overall deadline**
+/// that scales with the size, `deadline_base + size / min_rate` (default
+/// 5 min + the time at 1 KiB/s). Both end in DOWNLOAD_FAILED with the
+/// reason. `min_rate` 0 turns both off.
+#[derive(Debug, Clone)]
 pub struct DownloadOptions {
     /// HTTP(S) settings.
     pub http: HttpOptions,
     /// How many times a broken transfer resumes with a Range request.
     pub retries: u32,
+    /// The slowest transfer accepted, in bytes per second (0: no limit).
+    pub min_rate: u64,
+    /// The window over which `min_rate` is measured.
+    pub rate_window: Duration,
+    /// The fixed part of the overall deadline.
+    pub deadline_base: Duration,
+}
+
+impl Default for DownloadOptions {
+    fn default() -> Self {
+        DownloadOptions {
+            http: HttpOptions::default(),
+            retries: 3,
+            min_rate: 1024,
+            rate_window: Duration::from_secs(60),
+            deadline_base: Duration::from_secs(300),
+        }
+    }
 }
 
 /// `download_to`'s blocks: large enough that handing one over is cheap next
@@ -80,7 +107,7 @@ impl Download {
     pub fn new(session: Arc<Session>, firmware: Firmware, options: DownloadOptions) -> Download {
         let throttle = session.core_config().throttle;
         Download {
-            source: Source::new(firmware.url.clone(), options),
+            source: Source::new(firmware.url.clone(), firmware.size, options),
             fetch: Fetch::new(firmware, throttle),
             session,
             started: false,
@@ -368,7 +395,7 @@ impl Download {
         self.handed_off = true;
         let source = std::mem::replace(
             &mut self.source,
-            Source::new(String::new(), DownloadOptions::default()),
+            Source::new(String::new(), None, DownloadOptions::default()),
         );
         ReadAhead::start(
             self.session.clone(),

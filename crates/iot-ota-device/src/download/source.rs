@@ -42,10 +42,16 @@ pub(super) struct Source {
     pause_until: Option<Instant>,
     retries_left: u32,
     backoff: Backoff,
+    /// The image's size, when known: the overall deadline scales with it.
+    size: Option<u64>,
+    /// The overall deadline, from the first call.
+    deadline: Option<Instant>,
+    /// The current rate window: when it began, and the bytes since.
+    window: Option<(Instant, u64)>,
 }
 
 impl Source {
-    pub(super) fn new(url: String, options: DownloadOptions) -> Source {
+    pub(super) fn new(url: String, size: Option<u64>, options: DownloadOptions) -> Source {
         let seed = url.bytes().fold(u64::from(std::process::id()), |h, b| {
             h.wrapping_mul(31).wrapping_add(u64::from(b))
         });
@@ -57,6 +63,9 @@ impl Source {
             body: None,
             opening: None,
             pause_until: None,
+            size,
+            deadline: None,
+            window: None,
         }
     }
 
@@ -72,6 +81,59 @@ impl Source {
         received: u64,
         buf: &mut [u8],
     ) -> Result<Chunk, FetchError> {
+        self.check_deadline()?;
+        let chunk = self.next_chunk(received, buf).await?;
+        match chunk {
+            Chunk::Opened { .. } => self.window = Some((Instant::now(), 0)),
+            Chunk::Data(n) => self.check_rate(n as u64)?,
+            Chunk::End => {}
+        }
+        Ok(chunk)
+    }
+
+    /// The overall deadline: `deadline_base + size / min_rate`, from the
+    /// first call.
+    fn check_deadline(&mut self) -> Result<(), FetchError> {
+        let min_rate = self.options.min_rate;
+        if min_rate == 0 {
+            return Ok(());
+        }
+        let now = Instant::now();
+        let bound = self.options.deadline_base
+            + Duration::from_secs(self.size.map_or(0, |size| size / min_rate));
+        let deadline = *self.deadline.get_or_insert(now + bound);
+        if now > deadline {
+            return Err(too_slow(format!(
+                "the download did not finish within {bound:.0?} (its deadline for {} bytes at {min_rate} B/s)",
+                self.size.unwrap_or(0)
+            )));
+        }
+        Ok(())
+    }
+
+    /// The minimum rate, over each window since the response began.
+    fn check_rate(&mut self, n: u64) -> Result<(), FetchError> {
+        let (min_rate, span) = (self.options.min_rate, self.options.rate_window);
+        let Some((start, bytes)) = self.window.as_mut() else {
+            return Ok(());
+        };
+        *bytes += n;
+        let elapsed = start.elapsed();
+        if min_rate == 0 || elapsed < span {
+            return Ok(());
+        }
+        let rate = u64::try_from(u128::from(*bytes) * 1000 / elapsed.as_millis().max(1))
+            .unwrap_or(u64::MAX);
+        if rate < min_rate {
+            return Err(too_slow(format!(
+                "the server sent {bytes} bytes in {elapsed:.0?} ({rate} B/s), below the minimum of {min_rate} B/s"
+            )));
+        }
+        self.window = Some((Instant::now(), 0));
+        Ok(())
+    }
+
+    async fn next_chunk(&mut self, received: u64, buf: &mut [u8]) -> Result<Chunk, FetchError> {
         loop {
             if let Some(until) = self.pause_until {
                 tokio::time::sleep_until(until).await;
@@ -121,5 +183,14 @@ impl Source {
         log::warn!("download interrupted ({error}); resuming in {pause:.1?}");
         self.pause_until = Some(Instant::now() + pause);
         Ok(())
+    }
+}
+
+/// A download ended for being too slow: not retryable (the same server
+/// would be as slow again).
+fn too_slow(message: String) -> FetchError {
+    FetchError::Transport {
+        message,
+        retryable: false,
     }
 }

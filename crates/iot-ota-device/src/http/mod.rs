@@ -37,6 +37,11 @@ use crate::tls::TlsError;
 use conn::{exchange, Conn};
 use wire::{plan_body, resolve_location, Chunk, Framing, Head, MAX_CHUNK_LINE};
 
+fn is_https(url: &str) -> bool {
+    url.get(..8)
+        .is_some_and(|s| s.eq_ignore_ascii_case("https://"))
+}
+
 /// How long to wait for bytes beyond a declared length before calling the
 /// body complete. A server that closes promptly costs nothing; one that
 /// keeps the connection open costs this once per download.
@@ -120,6 +125,14 @@ pub enum HttpError {
         /// The URL of the last redirect response.
         url: String,
     },
+    /// An `https` URL redirected to an `http` one: refused, always (the
+    /// image would then travel, and could be replaced, in the clear).
+    InsecureRedirect {
+        /// The `https` URL that redirected.
+        from: String,
+        /// Where it pointed.
+        to: String,
+    },
     /// A download resumed with `Range` got a full `200` body: the server
     /// ignores ranges. Resuming again is pointless: restart from offset 0.
     RangeIgnored,
@@ -189,6 +202,9 @@ impl fmt::Display for HttpError {
             Self::Status { code, reason } => write!(f, "HTTP status {code} {reason}"),
             Self::TooManyRedirects { limit, url } => {
                 write!(f, "more than {limit} redirects, the last from {url}")
+            }
+            Self::InsecureRedirect { from, to } => {
+                write!(f, "refused the redirect from {from} to plain {to}")
             }
             Self::RangeIgnored => f.write_str("the server ignored the Range request (sent 200)"),
             Self::RangeMismatch {
@@ -293,7 +309,14 @@ impl Body {
                             head.code
                         ))
                     })?;
-                    url = resolve_location(&url, &location);
+                    let next = resolve_location(&url, &location);
+                    if is_https(&url) && !is_https(&next) {
+                        return Err(HttpError::InsecureRedirect {
+                            from: url,
+                            to: next,
+                        });
+                    }
+                    url = next;
                     redirects += 1;
                 }
                 code => {
@@ -1103,6 +1126,26 @@ mod tests {
             let mut body = Body::open(&url, 0, &opts).await.unwrap();
             assert_eq!(read_all(&mut body, 5).await.unwrap(), b"secure bytes");
         }
+    }
+
+    #[tokio::test]
+    async fn an_https_redirect_to_plain_http_is_refused() {
+        let (ca_pem, acceptor) = pki();
+        let plain = Server::fixed("HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nhi").await;
+        let target = plain.url("/fw.bin");
+        let tls = Server::start(Some(acceptor), move |_, _| {
+            vec![write(format!(
+                "HTTP/1.1 302 Found\r\nLocation: {target}\r\nContent-Length: 0\r\n\r\n"
+            ))]
+        })
+        .await;
+        let (_ca, opts) = https_options(&ca_pem);
+        let url = format!("https://localhost:{}/fw.bin", tls.addr.port());
+        let err = Body::open(&url, 0, &opts).await.unwrap_err();
+        assert!(matches!(err, HttpError::InsecureRedirect { .. }), "{err:?}");
+        assert!(!err.is_retryable());
+        assert!(err.to_string().contains("refused the redirect"), "{err}");
+        assert!(plain.requests.lock().unwrap().is_empty(), "followed anyway");
     }
 
     #[tokio::test]
