@@ -87,6 +87,7 @@ mod download;
 mod error;
 pub mod fsutil;
 pub mod http;
+pub mod journal;
 pub mod link;
 pub mod session;
 pub mod tls;
