@@ -383,6 +383,18 @@ fn req_str<'a>(data: &'a Map<String, Value>, key: &str) -> Result<&'a str, Rejec
 /// Longest product key or device name, in bytes.
 pub const MAX_IDENTITY_LEN: usize = 128;
 
+/// [`validate_identity`] without the message: for callers that only answer
+/// yes or no (the C API's `iot_ota_init`).
+pub fn is_valid_identity(value: &str) -> bool {
+    !value.is_empty()
+        && value.len() <= MAX_IDENTITY_LEN
+        && !value
+            .chars()
+            .any(|c| matches!(c, '/' | '+' | '#') || c.is_whitespace() || c.is_control())
+        && value != "."
+        && value != ".."
+}
+
 /// Checks a product key or device name (`what` names which, for the
 /// message): 1-128 bytes, none of MQTT's topic separators and wildcards
 /// (`/`, `+`, `#`), no white space or control characters, and not `.` or
@@ -390,6 +402,9 @@ pub const MAX_IDENTITY_LEN: usize = 128;
 /// rule: the device SDK, the C API, the agent and the platform all call it,
 /// so a device is never refused by the platform it was configured for.
 pub fn validate_identity(what: &str, value: &str) -> Result<(), String> {
+    if is_valid_identity(value) {
+        return Ok(());
+    }
     if value.is_empty() {
         return Err(format!("{what} is empty"));
     }

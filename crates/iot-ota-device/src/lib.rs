@@ -103,6 +103,15 @@ pub use iot_ota_core::{
 pub use link::LinkSettings;
 pub use session::Session;
 
+/// A current-thread tokio runtime with IO and timers: what the C API's MQTT
+/// instances and the read-ahead's thread run on (built in one place: the
+/// builder's code is not small).
+pub fn current_thread_runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+}
+
 /// Runs `future` on `rt` through a single, type-erased instantiation of
 /// [`tokio::runtime::Runtime::block_on`].
 ///

@@ -98,9 +98,8 @@ impl LinkSettings {
                 .wrapping_mul(0x100_0000_01B3)
                 .wrapping_add(u64::from(b));
         }
-        if let Ok(t) = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH) {
-            seed ^= u64::from(t.subsec_nanos());
-        }
+        // Addresses differ from run to run (ASLR): a little more spread.
+        seed ^= std::ptr::addr_of!(seed) as u64;
         Backoff::new(self.reconnect_min, self.reconnect_max).seeded(seed)
     }
 

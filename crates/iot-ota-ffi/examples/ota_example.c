@@ -144,12 +144,19 @@ static int upgrade(void *ota, const char *dir, char *version, size_t version_len
     }
     snprintf(path, path_len, "%s/firmware-%s.bin", dir, fw.version);
     snprintf(part, path_len, "%s.part", path);
-    out = fopen(part, "wb");
-    if (!out) {
+    /* After a crash, keep what an earlier run wrote: the library says how
+     * much of the part file is this same firmware's, hashes it again, and
+     * fetches only the rest. */
+    int64_t keep = iot_ota_fetch_resume(ota, part);
+    if (keep < 0) keep = 0;
+    out = fopen(part, keep > 0 ? "r+b" : "wb");
+    if (!out || (keep > 0 && (ftruncate(fileno(out), (off_t)keep) != 0 ||
+                              fseeko(out, (off_t)keep, SEEK_SET) != 0))) {
         fprintf(stderr, "cannot create %s: %s\n", part, strerror(errno));
         iot_ota_report_progress(ota, IOT_OTA_STATUS_FLASH_FAILED, 0);
         goto done;
     }
+    if (keep > 0) fprintf(stderr, "resuming %s from byte %lld\n", part, (long long)keep);
     /* A 64 KiB stdio buffer: one write(2) per 64 KiB rather than one per
      * 5000-byte chunk (the syscalls would cost more than the copy). */
     setvbuf(out, NULL, _IOFBF, 64 * 1024);

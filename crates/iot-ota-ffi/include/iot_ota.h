@@ -169,6 +169,19 @@ int iot_ota_get_firmware_info(void *handle, const char *product_key, const char 
 /* The download state (an iot_ota_fetch_state_t), or IOT_OTA_ERR_INVALID_PARAM. */
 int iot_ota_fetch_state(void *handle);
 
+/* Resume after a crash: the application keeps the image in part_path as it
+ * fetches it. Call after an upgrade has arrived, before the first
+ * iot_ota_fetch_yield(). Returns how many bytes of the file to keep
+ * (truncate it there, append what the fetch returns): its length rounded
+ * down to 4 KiB when part_path.meta (written by this call) names the same
+ * firmware, else 0. The kept bytes are hashed again on the library's
+ * download thread and the rest is fetched with a Range request;
+ * iot_ota_fetched_size() counts them. The .meta file is removed once the
+ * image is verified or has failed for good. IOT_OTA_ERR_INVALID_STATE with
+ * no upgrade or once the fetch has started; IOT_OTA_ERR_INVALID_PARAM for
+ * a bad handle or path; IOT_OTA_ERR_GENERAL if the .meta cannot be written. */
+int64_t iot_ota_fetch_resume(void *handle, const char *part_path);
+
 /* Copies the current (or last) upgrade's details into *info. Returns 0;
  * IOT_OTA_ERR_INVALID_STATE when no upgrade has arrived;
  * IOT_OTA_ERR_INVALID_PARAM for a bad handle or NULL info. */

@@ -194,21 +194,26 @@ impl LinkHandler for FfiLink {
 
     fn lost(&self, error: &ConnectionError, retry_in: Duration) -> bool {
         log::warn!("MQTT connection: {error}; retrying in {retry_in:.1?}");
-        {
-            let mut st = self.0.state();
-            st.connected = false;
-            st.failures += 1;
-            st.last_error = Some(error.to_string());
-        }
-        for session in self.0.sessions() {
-            session.handle_disconnected();
-        }
-        self.0.notify.notify_one();
+        self.down(Some(error));
         true
     }
 
     fn closing(&self) {
-        self.0.state().connected = false;
+        self.down(None);
+    }
+}
+
+impl FfiLink {
+    /// The connection is down: lost (with the error) or closed by us.
+    fn down(&self, error: Option<&ConnectionError>) {
+        {
+            let mut st = self.0.state();
+            st.connected = false;
+            if let Some(e) = error {
+                st.failures += 1;
+                st.last_error = Some(e.to_string());
+            }
+        }
         for session in self.0.sessions() {
             session.handle_disconnected();
         }
@@ -322,10 +327,7 @@ fn anchor_current_thread() {
 impl Mqtt {
     fn new(settings: LinkSettings, downloads: TlsOptions) -> Result<Mqtt, c_int> {
         anchor_current_thread();
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .map_err(|_| crate::IOT_OTA_ERR_NOMEM)?;
+        let rt = iot_ota_device::current_thread_runtime().map_err(|_| crate::IOT_OTA_ERR_NOMEM)?;
         // With a CA file for downloads, build their TLS settings once, now,
         // so a bad file fails iot_mqtt_create; without one, the system roots
         // load on the first https:// download.

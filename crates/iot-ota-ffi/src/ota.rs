@@ -241,7 +241,7 @@ fn fetch_error_code(e: &FetchError) -> c_int {
 
 /// Checks a product key or device name: the core's one rule.
 fn valid_identity(s: &str) -> bool {
-    iot_ota_core::protocol::validate_identity("identity", s).is_ok()
+    iot_ota_core::protocol::is_valid_identity(s)
 }
 
 /// Reads a version argument: NULL, non-UTF-8 or empty is invalid; above 100 bytes too long.
@@ -648,6 +648,54 @@ pub unsafe extern "C" fn iot_ota_fetch_state(handle: *mut c_void) -> c_int {
     guard(IOT_OTA_ERR_GENERAL, || match OTAS.get(handle) {
         Some(h) => h.fetch_state() as c_int,
         None => IOT_OTA_ERR_INVALID_PARAM,
+    })
+}
+
+/// `int64_t iot_ota_fetch_resume(void *handle, const char *part_path)`: the
+/// application keeps the image in `part_path` as it fetches it; after a
+/// crash some of it may be there already. Call this after an upgrade has
+/// arrived and before the first `iot_ota_fetch_yield`. Returns how many
+/// bytes of the file to keep (truncate it there and append what the fetch
+/// returns): the file's length rounded down to 4 KiB when its meta file
+/// (`part_path` + `.meta`, written by this call) names the same firmware,
+/// else 0. The kept bytes are hashed again (on the library's download
+/// thread) and the rest is asked for with a Range request;
+/// `iot_ota_fetched_size` counts them. The meta file is removed once the
+/// image is verified, or has failed in a way no resume would mend.
+///
+/// Returns the bytes to keep (>= 0); `IOT_OTA_ERR_INVALID_STATE` with no
+/// upgrade or once its fetch has started; `IOT_OTA_ERR_INVALID_PARAM` for a
+/// bad handle or path; `IOT_OTA_ERR_GENERAL` when the meta file cannot be
+/// written.
+///
+/// # Safety
+/// `part_path` is NULL or a NUL-terminated string (copied).
+#[no_mangle]
+pub unsafe extern "C" fn iot_ota_fetch_resume(
+    handle: *mut c_void,
+    part_path: *const c_char,
+) -> i64 {
+    guard(i64::from(IOT_OTA_ERR_GENERAL), || {
+        let r = (|| {
+            let h = live(handle)?;
+            // SAFETY: the caller's contract.
+            let path = unsafe { c_str(part_path) }?;
+            if path.is_empty() {
+                return Err(IOT_OTA_ERR_INVALID_PARAM);
+            }
+            let mut st = h.state();
+            let Some(Job::Waiting(download)) = st.download.as_mut() else {
+                return Err(IOT_OTA_ERR_INVALID_STATE);
+            };
+            download.resume_part(path).map_err(|e| {
+                log::error!("iot_ota_fetch_resume: {e}");
+                IOT_OTA_ERR_GENERAL
+            })
+        })();
+        match r {
+            Ok(kept) => i64::try_from(kept).unwrap_or(i64::MAX),
+            Err(e) => i64::from(e),
+        }
     })
 }
 

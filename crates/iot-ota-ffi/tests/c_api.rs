@@ -850,6 +850,62 @@ fn example_waits_for_a_broker_that_is_not_up_yet() {
     rig.expect_version(dev, "inform", "2.0.0");
 }
 
+/// kill -9 in the middle of a download, then a restart: the example keeps
+/// what its first run wrote (`iot_ota_fetch_resume`), asks only for the
+/// rest with a Range request, and ends with the whole, verified image. (It
+/// used to truncate its part file and start again from byte 0.)
+#[test]
+fn example_resumes_after_kill_9() {
+    let rig = Rig::new();
+    let dev = "exkill";
+    let body = random_bytes(400_000, 34);
+    let url = rig
+        .files
+        .add("/ex-kill.bin", Route::slow(body.clone(), 100_000));
+    let mut child = spawn(&example_program(), &example_args(&rig, dev));
+    rig.expect_version(dev, "inform", "1.0.0");
+    rig.push(dev, command("k1", "2.0.0", &url, &body, None));
+    // Killed once a good part of it is on disk.
+    let part = rig.dir.path().join(dev).join("firmware-2.0.0.bin.part");
+    let deadline = Instant::now() + WAIT;
+    while std::fs::metadata(&part).map_or(0, |m| m.len()) < 150_000 {
+        assert!(Instant::now() < deadline, "the download did not get going");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.kill().unwrap(); // SIGKILL, by the handle of the child we started
+    let _ = child.wait();
+    let kept = std::fs::metadata(&part).unwrap().len();
+    rig.files.clear_requests();
+    // Restarted, as systemd would; the platform pushes the upgrade again.
+    let child = spawn(&example_program(), &example_args(&rig, dev));
+    rig.wire.clear();
+    rig.expect_version(dev, "inform", "1.0.0");
+    rig.push(dev, command("k2", "2.0.0", &url, &body, None));
+    let exit = wait_exit(child, WAIT);
+    assert_success(&exit);
+    assert!(exit.stderr.contains("resuming"), "{}", exit.stderr);
+    let out = rig.dir.path().join(dev);
+    assert!(std::fs::read(out.join("firmware-2.0.0.bin")).unwrap() == body);
+    assert!(!out.join("firmware-2.0.0.bin.part.meta").exists());
+    let ranges: Vec<_> = rig
+        .files
+        .requests()
+        .into_iter()
+        .filter_map(|r| r.range)
+        .collect();
+    assert_eq!(ranges.len(), 1, "{ranges:?}");
+    let from: u64 = ranges[0]
+        .trim_start_matches("bytes=")
+        .trim_end_matches('-')
+        .parse()
+        .unwrap();
+    assert!(
+        from > 0 && from <= kept && from % 4096 == 0,
+        "{from} of {kept}"
+    );
+    rig.expect_version(dev, "inform", "2.0.0");
+}
+
 /// A response head slower than `iot_ota_fetch_yield`'s 1 s timeout: the
 /// request carries on across calls (it used to be restarted every second
 /// and never finish), and the example upgrades with exactly one GET.

@@ -19,7 +19,7 @@ mod read_ahead;
 mod source;
 mod writer;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -90,6 +90,8 @@ pub struct Download {
     /// Set while `download_to`'s worker owns the real fetch state: it reports
     /// the outcome, including a cancel, so `Drop` must not report again.
     handed_off: bool,
+    /// The caller's part file and the bytes of it to keep ([`Download::resume_part`]).
+    resume: Option<(PathBuf, u64)>,
 }
 
 impl std::fmt::Debug for Download {
@@ -112,6 +114,7 @@ impl Download {
             session,
             started: false,
             handed_off: false,
+            resume: None,
         }
     }
 
@@ -291,9 +294,7 @@ impl Download {
     pub async fn download_to(mut self, path: impl AsRef<Path>) -> Result<Verified, Error> {
         let path = path.as_ref().to_path_buf();
         if self.fetch.outcome().is_some() || self.started {
-            return Err(Error::Core(iot_ota_core::Error::InvalidState(
-                "download_to needs a download that has not started".into(),
-            )));
+            return Err(already_started("download_to"));
         }
         let part = part_path(&path);
         let meta = meta_path(&path);
@@ -339,7 +340,7 @@ impl Download {
                 };
                 // A resumed download first hashes what is already on disk;
                 // the reader meanwhile fetches the rest, so the two overlap.
-                if let Err(e) = rehash(&fetch, &session, &worker_part, resume_from) {
+                if let Err(e) = rehash(&fetch, &session, &worker_part, resume_from, FILE_BLOCK) {
                     let e = sink.failed(e);
                     let mut f = pipeline::lock(&fetch);
                     f.fail(e.clone());
@@ -374,6 +375,28 @@ impl Download {
         }
     }
 
+    /// For [`Download::read_ahead`]: the caller keeps the image in `part`,
+    /// and a crash may have left some of it there. Returns how many bytes of
+    /// it to keep (the caller truncates the file there and appends what
+    /// follows): the file's length, rounded down to 4 KiB, when its meta file
+    /// (`part.meta`) names this same firmware, else 0, and the meta file is
+    /// written for the next time. The kept bytes are hashed again by the
+    /// read-ahead before it asks the server for the rest (`Range`); the meta
+    /// file goes once the image is verified, or fails for good.
+    /// (It applies to [`Download::read_ahead`] only, which must not have
+    /// been called yet.)
+    pub fn resume_part(&mut self, part: impl AsRef<Path>) -> Result<u64, Error> {
+        let part = part.as_ref();
+        let meta = part::meta_for_part(part);
+        let fw = self.fetch.firmware();
+        let keep = part::resumable_len(part, &meta, fw);
+        if keep == 0 {
+            std::fs::write(&meta, part::resume_key(fw))?;
+        }
+        self.resume = Some((part.to_path_buf(), keep));
+        Ok(keep)
+    }
+
     /// Starts the download on threads of its own, reading ahead and hashing
     /// while the caller copies the bytes out with [`ReadAhead::poll_read`].
     /// `wake` is called (from those threads) whenever a poll may have news.
@@ -387,9 +410,7 @@ impl Download {
         wake: Arc<dyn Fn() + Send + Sync>,
     ) -> Result<ReadAhead, Error> {
         if self.fetch.outcome().is_some() || self.started {
-            return Err(Error::Core(iot_ota_core::Error::InvalidState(
-                "read_ahead needs a download that has not started".into(),
-            )));
+            return Err(already_started("read_ahead"));
         }
         self.begin();
         self.handed_off = true;
@@ -402,6 +423,7 @@ impl Download {
             self.fetch.clone(),
             source,
             block_size,
+            self.resume.take(),
             wake,
         )
         .map_err(|e| {
@@ -433,12 +455,21 @@ impl Drop for Download {
     }
 }
 
-/// Feeds the first `len` bytes of the part file to the fetch, as if received.
+/// The error of a call that needs a download that has not started yet.
+fn already_started(call: &str) -> Error {
+    Error::Core(iot_ota_core::Error::InvalidState(format!(
+        "{call} needs a download that has not started"
+    )))
+}
+
+/// Feeds the first `len` bytes of the part file to the fetch, as if
+/// received, through a buffer of `buf_size` bytes.
 fn rehash(
     fetch: &Mutex<Fetch>,
     session: &Session,
     part: &Path,
     len: u64,
+    buf_size: usize,
 ) -> Result<(), FetchError> {
     use std::io::Read;
     if len == 0 {
@@ -447,7 +478,7 @@ fn rehash(
     let storage =
         |e: std::io::Error| FetchError::Storage(format!("reading {}: {e}", part.display()));
     let mut file = std::fs::File::open(part).map_err(storage)?.take(len);
-    let mut buf = vec![0u8; FILE_BLOCK];
+    let mut buf = vec![0u8; buf_size];
     loop {
         let n = file.read(&mut buf).map_err(storage)?;
         if n == 0 {

@@ -44,7 +44,7 @@ pub(super) fn resume_key(fw: &Firmware) -> String {
 /// file's length, rounded down to the direct-I/O alignment (so later blocks
 /// stay aligned), when its meta file names the same firmware; else 0.
 pub(super) fn resumable_len(part: &Path, meta: &Path, fw: &Firmware) -> u64 {
-    let same = std::fs::read_to_string(meta).is_ok_and(|m| m == resume_key(fw));
+    let same = std::fs::read(meta).is_ok_and(|m| m == resume_key(fw).as_bytes());
     let len = match std::fs::metadata(part) {
         Ok(m) if same && m.is_file() => m.len(),
         _ => return 0,

@@ -20,6 +20,7 @@
 //! last bytes has verified them.
 
 use std::collections::VecDeque;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
@@ -68,8 +69,6 @@ struct Queue {
     wake: Arc<dyn Fn() + Send + Sync>,
     /// The application reported the upgrade's end itself: report nothing.
     quiet: AtomicBool,
-    /// The thread stopped without reporting (a panic): the drop reports.
-    panicked: AtomicBool,
     /// The image's size as the hasher knows it ([`UNKNOWN`] if not), so
     /// that asking for it never waits for the fetch's lock, which the hasher
     /// holds while it hashes a block.
@@ -215,6 +214,9 @@ pub struct ReadAhead {
     /// The block being copied out: the block, its length, how far copied.
     current: Option<(Block, usize, usize)>,
     delivered: u64,
+    /// The meta file of the caller's part file, removed once the download
+    /// has ended for good (verified, or failed in a way no resume mends).
+    meta: Option<PathBuf>,
     /// How it ended, once the caller has seen the end.
     outcome: Option<Result<Verified, FetchError>>,
     thread: Option<JoinHandle<()>>,
@@ -237,8 +239,13 @@ impl ReadAhead {
         fetch: Fetch,
         mut source: Source,
         block_size: usize,
+        resume: Option<(PathBuf, u64)>,
         wake: Arc<dyn Fn() + Send + Sync>,
     ) -> std::io::Result<ReadAhead> {
+        let (meta, kept) = match &resume {
+            Some((part, kept)) => (Some(super::part::meta_for_part(part)), *kept),
+            None => (None, 0),
+        };
         let firmware = fetch.firmware().clone();
         let total = fetch.total().unwrap_or(UNKNOWN);
         let fetch = Arc::new(Mutex::new(fetch));
@@ -251,7 +258,6 @@ impl ReadAhead {
             cancel: Notify::new(),
             wake,
             quiet: AtomicBool::new(false),
-            panicked: AtomicBool::new(false),
             total: AtomicU64::new(total),
         });
         let thread = {
@@ -275,17 +281,24 @@ impl ReadAhead {
                         },
                         outcome: None,
                     };
-                    let rt = tokio::runtime::Builder::new_current_thread()
-                        .enable_all()
-                        .build();
-                    match rt {
-                        Ok(rt) => crate::block_on_erased(&rt, async {
+                    let rt = crate::current_thread_runtime();
+                    // The bytes kept from an earlier attempt, hashed again
+                    // here (off the caller's thread) before the rest is asked for.
+                    let rehashed = match &resume {
+                        Some((part, kept)) if *kept > 0 => {
+                            super::rehash(&fetch, &session, part, *kept, size)
+                        }
+                        _ => Ok(()),
+                    };
+                    match (rt, rehashed) {
+                        (_, Err(e)) => ahead.outcome = ahead.hasher.step(Some(Msg::Failed(e))),
+                        (Ok(rt), Ok(())) => crate::block_on_erased(&rt, async {
                             tokio::select! {
-                                _ = read_blocks(&mut source, 0, Fill::Within(HANDOVER), &mut ahead) => {}
+                                _ = read_blocks(&mut source, kept, Fill::Within(HANDOVER), &mut ahead) => {}
                                 _ = queue.cancel.notified() => {}
                             }
                         }),
-                        Err(e) => {
+                        (Err(e), Ok(())) => {
                             let e = FetchError::Transport {
                                 message: format!("cannot start the download's runtime: {e}"),
                                 retryable: false,
@@ -307,7 +320,8 @@ impl ReadAhead {
             fetch,
             queue,
             current: None,
-            delivered: 0,
+            delivered: kept,
+            meta,
             outcome: None,
             thread: Some(thread),
         })
@@ -329,7 +343,7 @@ impl ReadAhead {
                 let e = e.clone();
                 ready.blocks.clear();
                 drop(ready);
-                self.outcome = Some(Err(e.clone()));
+                self.ended(Err(e.clone()));
                 return ReadAheadPoll::Failed(e);
             }
             match ready.blocks.pop_front() {
@@ -338,7 +352,7 @@ impl ReadAhead {
                     return match ready.end.clone() {
                         Some(end) => {
                             drop(ready);
-                            self.outcome = Some(end);
+                            self.ended(end);
                             self.poll_read(buf)
                         }
                         None => ReadAheadPoll::Pending,
@@ -359,6 +373,22 @@ impl ReadAhead {
             }
         }
         ReadAheadPoll::Data(n)
+    }
+
+    /// The caller has seen the end: the meta file of a part file goes,
+    /// unless the part file is worth resuming later.
+    fn ended(&mut self, end: Result<Verified, FetchError>) {
+        let resumable = matches!(
+            &end,
+            Err(FetchError::Transport {
+                retryable: true,
+                ..
+            })
+        );
+        if let (Some(meta), false) = (&self.meta, resumable) {
+            let _ = std::fs::remove_file(meta);
+        }
+        self.outcome = Some(end);
     }
 
     /// The firmware being downloaded.
@@ -391,7 +421,8 @@ impl ReadAhead {
         }
     }
 
-    /// Bytes handed out to the caller so far.
+    /// Bytes handed out to the caller so far (with those kept from an
+    /// earlier attempt, [`super::Download::resume_part`]).
     pub fn delivered(&self) -> u64 {
         self.delivered
     }
@@ -432,16 +463,13 @@ impl Drop for ReadAhead {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
-        // Verified (and DOWNLOADED reported) but not all taken, the
-        // application never got the image; or the thread stopped without a
-        // word: either way the upgrade is reported cancelled.
+        // Verified (and DOWNLOADED reported) but not all taken: the
+        // application never got the image, so the upgrade is cancelled.
         let untaken = {
             let ready = self.queue.lock();
             matches!(ready.end, Some(Ok(_))) && (self.current.is_some() || !ready.blocks.is_empty())
         };
-        let unreported =
-            self.queue.panicked.load(Ordering::SeqCst) || (untaken && self.outcome.is_none());
-        if unreported && !self.queue.quiet.load(Ordering::SeqCst) {
+        if untaken && self.outcome.is_none() && !self.queue.quiet.load(Ordering::SeqCst) {
             let report = pipeline::lock(&self.fetch).failure_report(&FetchError::Cancelled);
             self.session.publish_progress(&report);
         }
@@ -449,8 +477,9 @@ impl Drop for ReadAhead {
 }
 
 /// Ends the download's thread: if it stopped without an outcome (a panic),
-/// the caller sees a failure rather than waiting for bytes forever, and the
-/// drop of the [`ReadAhead`] reports it.
+/// the caller sees a failure rather than waiting for bytes forever. (Not
+/// reported to the platform: the application, told by the failure, reports
+/// the upgrade's end itself.)
 struct EndGuard<'a> {
     queue: &'a Queue,
 }
@@ -461,7 +490,6 @@ impl Drop for EndGuard<'_> {
         if ready.end.is_none() {
             ready.end = Some(Err(FetchError::Cancelled));
             drop(ready);
-            self.queue.panicked.store(true, Ordering::SeqCst);
             (self.queue.wake)();
         }
     }

@@ -99,13 +99,14 @@ impl Source {
             return Ok(());
         }
         let now = Instant::now();
-        let bound = self.options.deadline_base
-            + Duration::from_secs(self.size.map_or(0, |size| size / min_rate));
-        let deadline = *self.deadline.get_or_insert(now + bound);
+        let size = self.size.unwrap_or(0);
+        let bound = self.options.deadline_base.as_secs() + size / min_rate;
+        let deadline = *self
+            .deadline
+            .get_or_insert(now + Duration::from_secs(bound));
         if now > deadline {
             return Err(too_slow(format!(
-                "the download did not finish within {bound:.0?} (its deadline for {} bytes at {min_rate} B/s)",
-                self.size.unwrap_or(0)
+                "not done within {bound} s, the deadline for {size} bytes at {min_rate} B/s"
             )));
         }
         Ok(())
@@ -126,7 +127,8 @@ impl Source {
             .unwrap_or(u64::MAX);
         if rate < min_rate {
             return Err(too_slow(format!(
-                "the server sent {bytes} bytes in {elapsed:.0?} ({rate} B/s), below the minimum of {min_rate} B/s"
+                "the server sent {bytes} bytes in {} s ({rate} B/s), below the minimum of {min_rate} B/s",
+                elapsed.as_secs()
             )));
         }
         self.window = Some((Instant::now(), 0));
