@@ -175,12 +175,7 @@ async fn fetch_yield_states_timeouts_and_end() {
     assert_eq!(got, body);
     assert_eq!(dl.state(), FetchState::Fetched);
     assert_eq!(dl.digest_hex(), digest_hex(SignMethod::Md5, &body));
-    let ranges: Vec<_> = rig
-        .files
-        .requests()
-        .into_iter()
-        .filter_map(|r| r.range)
-        .collect();
+    let ranges = rig.files.ranges();
     assert_eq!(ranges, vec!["bytes=20000-".to_owned()]);
     rig.expect("y1", "progress", |m| m.json_i64("data.status") == Some(2));
     // After the end every call returns 0.

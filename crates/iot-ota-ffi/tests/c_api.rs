@@ -210,6 +210,24 @@ impl Rig {
         format!("/sys/{PK}/{dev}/ota/firmware/{kind}")
     }
 
+    /// Pushes until the device acknowledges: a command sent before it has
+    /// (re)subscribed is lost (clean session).
+    fn push_until_acked(&self, dev: &str, payload: impl Fn() -> String) {
+        let reply_topic = self.topic(dev, "upgrade_reply");
+        let deadline = Instant::now() + WAIT;
+        loop {
+            assert!(Instant::now() < deadline, "wire:\n{}", self.wire.summary());
+            self.push(dev, payload());
+            if self
+                .wire
+                .wait_for(|m| m.topic == reply_topic, Duration::from_secs(1))
+                .is_some()
+            {
+                return;
+            }
+        }
+    }
+
     fn push(&self, dev: &str, payload: String) {
         self.wire
             .publish(&self.topic(dev, "upgrade"), payload, true)
@@ -771,19 +789,7 @@ fn reconnects_after_a_broker_restart_and_resubscribes() {
     assert!(rig.wire.wait_ready(WAIT), "the recorder did not come back");
     // The device resubscribes by itself; until it has, a command is lost
     // (clean session), so push until it is acknowledged.
-    let reply_topic = rig.topic(dev, "upgrade_reply");
-    let deadline = Instant::now() + WAIT;
-    loop {
-        assert!(Instant::now() < deadline, "wire:\n{}", rig.wire.summary());
-        rig.push(dev, command("r1", "2.0.0", &url, &body, None));
-        if rig
-            .wire
-            .wait_for(|m| m.topic == reply_topic, Duration::from_secs(1))
-            .is_some()
-        {
-            break;
-        }
-    }
+    rig.push_until_acked(dev, || command("r1", "2.0.0", &url, &body, None));
     let exit = wait_exit(child, WAIT);
     assert_success(&exit);
     rig.expect_version(dev, "inform", "2.0.0");
@@ -827,19 +833,7 @@ fn example_waits_for_a_broker_that_is_not_up_yet() {
     // The recorder and the device race back to the broker: the device's
     // first inform may come before the recorder listens. Push until the
     // device (connected and subscribed by then) acknowledges.
-    let reply_topic = rig.topic(dev, "upgrade_reply");
-    let deadline = Instant::now() + WAIT;
-    loop {
-        assert!(Instant::now() < deadline, "wire:\n{}", rig.wire.summary());
-        rig.push(dev, command("w1", "2.0.0", &url, &body, None));
-        if rig
-            .wire
-            .wait_for(|m| m.topic == reply_topic, Duration::from_secs(1))
-            .is_some()
-        {
-            break;
-        }
-    }
+    rig.push_until_acked(dev, || command("w1", "2.0.0", &url, &body, None));
     let exit = wait_exit(child, WAIT);
     assert_success(&exit);
     assert!(
@@ -887,12 +881,7 @@ fn example_resumes_after_kill_9() {
     let out = rig.dir.path().join(dev);
     assert!(std::fs::read(out.join("firmware-2.0.0.bin")).unwrap() == body);
     assert!(!out.join("firmware-2.0.0.bin.part.meta").exists());
-    let ranges: Vec<_> = rig
-        .files
-        .requests()
-        .into_iter()
-        .filter_map(|r| r.range)
-        .collect();
+    let ranges = rig.files.ranges();
     assert_eq!(ranges.len(), 1, "{ranges:?}");
     let from: u64 = ranges[0]
         .trim_start_matches("bytes=")

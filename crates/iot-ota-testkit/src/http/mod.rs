@@ -340,6 +340,15 @@ impl FileServer {
         self.shared.log.lock().clone()
     }
 
+    /// The `Range` headers of the requests received so far, in arrival
+    /// order (requests without one are left out).
+    pub fn ranges(&self) -> Vec<String> {
+        self.requests()
+            .into_iter()
+            .filter_map(|r| r.range)
+            .collect()
+    }
+
     /// Forgets the requests received so far.
     pub fn clear_requests(&self) {
         self.shared.log.lock().clear();
