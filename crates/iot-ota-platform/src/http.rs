@@ -54,7 +54,49 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
         .route("/api/batches/:id", get(show_batch))
         .route("/api/batches/:id/terminate", post(terminate_batch))
         .route("/fw/:product/:version/:name", get(serve_firmware))
+        .fallback(no_route)
+        .layer(axum::middleware::map_response(json_errors))
         .with_state(shared)
+}
+
+/// Any path the API does not have: a JSON 404, as every other error.
+async fn no_route(method: axum::http::Method, uri: axum::http::Uri) -> PlatformError {
+    PlatformError::new(404, format!("no such endpoint: {method} {}", uri.path()))
+}
+
+/// Every error answer is the API's `{"error": ...}`: the framework's own
+/// (a 405 for a wrong method, a 400 for a bad query, a 413 for a body over
+/// the limit) come as plain text or empty, and are rewritten here with
+/// their status kept.
+async fn json_errors(response: Response) -> Response {
+    let status = response.status();
+    let is_json = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    if status.as_u16() < 400 || is_json {
+        return response;
+    }
+    let (mut parts, body) = response.into_parts();
+    let body = axum::body::to_bytes(body, 64 * 1024)
+        .await
+        .unwrap_or_default();
+    let text = String::from_utf8_lossy(&body);
+    let error = match text.trim() {
+        "" => status
+            .canonical_reason()
+            .unwrap_or("error")
+            .to_ascii_lowercase(),
+        t => t.to_owned(),
+    };
+    // The status and the other headers (a 405's Allow) stay as they were.
+    parts.headers.remove(header::CONTENT_LENGTH);
+    parts.headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    let json = serde_json::to_vec(&ApiError { error }).unwrap_or_default();
+    Response::from_parts(parts, Body::from(json))
 }
 
 async fn health(State(s): State<Arc<Shared>>) -> Json<serde_json::Value> {

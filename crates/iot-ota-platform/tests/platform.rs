@@ -656,3 +656,70 @@ async fn concurrent_uploads_are_all_stored() {
     assert_eq!(versions, 50, "a version directory without its record");
     p.shutdown().await;
 }
+
+/// One raw HTTP/1.1 request to the API: the status, the headers and the
+/// body as the server sent them.
+fn raw_request(addr: &str, request: &[u8]) -> (u16, String, serde_json::Value) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.write_all(request).unwrap();
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).unwrap();
+    let text = String::from_utf8_lossy(&out).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap();
+    let status = head.split(' ').nth(1).unwrap().parse().unwrap();
+    let json =
+        serde_json::from_str(body).unwrap_or_else(|e| panic!("not JSON ({e}): {body:?}\n{head}"));
+    (status, head.to_owned(), json)
+}
+
+/// Every error of the API is a JSON `{"error": ...}` with the right status,
+/// the framework's own included: an unknown path, a wrong method, a missing
+/// query field, a body over the JSON limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_error_is_json() {
+    let dir = TempDir::new("plat-errors");
+    let mut config = iot_ota_platform::PlatformConfig::new(dir.path());
+    config.http_addr = any_port();
+    config.broker = embedded();
+    let p = iot_ota_platform::Platform::start(config).await.unwrap();
+    let addr = p
+        .api_url()
+        .trim_start_matches("http://")
+        .trim_end_matches('/')
+        .to_owned();
+    let big = vec![b' '; 5 << 20];
+    let mut huge = format!(
+        "POST /api/batches HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        big.len()
+    )
+    .into_bytes();
+    huge.extend_from_slice(&big);
+    let cases: Vec<(Vec<u8>, u16, &str)> = vec![
+        (b"GET /api/nope HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".to_vec(), 404, "no such endpoint"),
+        (b"PUT /api/batches HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".to_vec(), 405, ""),
+        (b"POST /api/firmware HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".to_vec(), 400, "product"),
+        (huge, 413, ""),
+    ];
+    for (request, status, needle) in cases {
+        let addr = addr.clone();
+        let (got, head, json) = tokio::task::spawn_blocking(move || raw_request(&addr, &request))
+            .await
+            .unwrap();
+        assert_eq!(got, status, "{head}\n{json}");
+        let error = json["error"].as_str().unwrap_or_else(|| panic!("{json}"));
+        assert!(
+            !error.is_empty() && error.contains(needle),
+            "{status}: {error}"
+        );
+        assert!(
+            head.to_ascii_lowercase()
+                .contains("content-type: application/json"),
+            "{head}"
+        );
+        if status == 405 {
+            assert!(head.to_ascii_lowercase().contains("allow:"), "{head}");
+        }
+    }
+    p.shutdown().await;
+}
