@@ -1,7 +1,9 @@
 //! The `log` facade's output for the `iot-ota` binary: one line per record
 //! on stderr, at the level `RUST_LOG` names (`error`, `warn`, `info`,
 //! `debug`, `trace`, `off`; default `warn`), so the SDK's and the
-//! platform's warnings reach the terminal.
+//! platform's warnings reach the terminal. Without `RUST_LOG`, only our own
+//! crates' records are shown: the embedded broker (rumqttd) turns its
+//! tracing spans into records of every level, which are noise to a user.
 //!
 //! A `module=level` list is accepted too; its last bare level (or `warn`)
 //! applies to everything: the binary needs no per-module filtering yet, and
@@ -9,11 +11,15 @@
 
 use log::{Level, LevelFilter, Log, Metadata, Record};
 
-struct Stderr;
+struct Stderr {
+    /// Records of other crates too (`RUST_LOG` was set).
+    all: bool,
+}
 
 impl Log for Stderr {
     fn enabled(&self, metadata: &Metadata<'_>) -> bool {
         metadata.level() <= log::max_level()
+            && (self.all || metadata.target().starts_with("iot_ota"))
     }
 
     fn log(&self, record: &Record<'_>) {
@@ -45,8 +51,11 @@ fn level(spec: Option<&str>) -> LevelFilter {
 
 /// Installs the logger (once; later calls do nothing).
 pub fn init() {
+    static ALL: Stderr = Stderr { all: true };
+    static OURS: Stderr = Stderr { all: false };
     let spec = std::env::var("RUST_LOG").ok();
-    if log::set_logger(&Stderr).is_ok() {
+    let logger = if spec.is_some() { &ALL } else { &OURS };
+    if log::set_logger(logger).is_ok() {
         log::set_max_level(level(spec.as_deref()));
     }
 }

@@ -73,7 +73,9 @@ pub struct PlatformConfig {
     pub mqtt_password: Option<String>,
     /// CA certificates (PEM) for `mqtts://`; default: the system's roots.
     pub ca_file: Option<PathBuf>,
-    /// MQTT client id (default `iot-ota-platform-<pid>-<ms>`).
+    /// MQTT client id (default `iot-ota-platform-<16 hex of the data
+    /// directory's SHA-256>`: stable across restarts, for the persistent
+    /// session that keeps the reports sent while the platform is down).
     pub client_id: Option<String>,
     /// Also serve (API and firmware) over HTTPS on this address, with
     /// [`PlatformConfig::tls_cert`] and [`PlatformConfig::tls_key`]; the
@@ -210,13 +212,24 @@ impl Platform {
             BrokerChoice::External(url) => (None, url.clone()),
         };
         let url = BrokerUrl::parse(&broker_url)?;
-        let client_id = config
-            .client_id
-            .clone()
-            .unwrap_or_else(|| format!("iot-ota-platform-{}-{}", std::process::id(), now_ms()));
+        // A persistent session under an id that stays with the data
+        // directory: while the platform is down (a restart, an upgrade of
+        // its own), the broker keeps its subscriptions and queues the
+        // devices' QoS 1 reports (Mosquitto: `max_queued_messages`, 1000 by
+        // default; raise it for large fleets), so no SUCCESS or inform
+        // sent meanwhile is lost.
+        let client_id = config.client_id.clone().unwrap_or_else(|| {
+            let dir =
+                std::fs::canonicalize(&config.data_dir).unwrap_or_else(|_| config.data_dir.clone());
+            let hash = iot_ota_core::digest::digest_hex(
+                iot_ota_core::SignMethod::Sha256,
+                dir.to_string_lossy().as_bytes(),
+            );
+            format!("iot-ota-platform-{}", &hash[..16])
+        });
         let mut opts = MqttOptions::new(client_id, url.host.clone(), url.port);
         opts.set_keep_alive(Duration::from_secs(30))
-            .set_clean_session(true)
+            .set_clean_session(false)
             .set_max_packet_size(1024 * 1024, 1024 * 1024);
         if let Some(user) = &config.mqtt_username {
             opts.set_credentials(user, config.mqtt_password.clone().unwrap_or_default());

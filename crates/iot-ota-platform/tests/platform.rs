@@ -723,3 +723,50 @@ async fn every_error_is_json() {
     }
     p.shutdown().await;
 }
+
+/// A device that finishes while the platform is down (on an external
+/// broker): its SUCCESS and inform are queued by the broker for the
+/// platform's persistent session and counted when it is back, with no
+/// re-push and no re-inform. (With a clean session they were lost: the
+/// record ended by timeout, or by a needless second download.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reports_sent_while_the_platform_is_down_are_not_lost() {
+    let m = Mosquitto::start();
+    let dir = TempDir::new("plat-down");
+    let http = ([127, 0, 0, 1], iot_ota_testkit::free_port()).into();
+    let broker = BrokerChoice::External(m.url());
+    let p = platform(dir.path(), broker.clone(), http).await;
+    let api1 = api(&p);
+    let w = wire(&m.url()).await;
+    known(&w, &api1, &["late"], "1.0.0").await;
+    api1.add_firmware(PK, "2.0.0", "fw.bin", &random_bytes(4000, 11))
+        .await
+        .unwrap();
+    let id = api1
+        .create_batch(&quick_batch(None))
+        .await
+        .unwrap()
+        .batch
+        .id;
+    let msg = format!("b{id}a1");
+    command(&w, "late", 1, SECS).await;
+    reply(&w, "late", &msg, ReplyCode::Accepted, "").await;
+    progress(&w, "late", Status::Downloading, 50, "").await;
+    wait_batch(&api1, id, "upgrading", SECS, |b| {
+        record(b, "late").progress == 50
+    })
+    .await;
+    p.shutdown().await;
+
+    // The device finishes while nobody listens.
+    progress(&w, "late", Status::Upgrading, 100, "").await;
+    progress(&w, "late", Status::Success, 100, "").await;
+    inform(&w, "late", "2.0.0").await;
+
+    let p2 = platform(dir.path(), broker, http).await;
+    let api2 = api(&p2);
+    let b = wait_batch(&api2, id, "completed", SECS, |b| b.state == "completed").await;
+    let r = record(&b, "late");
+    assert_eq!((r.state.as_str(), r.attempts), ("success", 1), "{r:?}");
+    p2.shutdown().await;
+}
