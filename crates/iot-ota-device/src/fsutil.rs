@@ -49,8 +49,14 @@ pub fn sync_dir(path: &Path) -> io::Result<()> {
 }
 
 fn temp_path(path: &Path) -> PathBuf {
+    with_suffix(path, ".tmp")
+}
+
+/// `path` with `suffix` appended to its last component (`fw.bin` ->
+/// `fw.bin.part`).
+pub(crate) fn with_suffix(path: &Path, suffix: &str) -> PathBuf {
     let mut name = path.as_os_str().to_owned();
-    name.push(".tmp");
+    name.push(suffix);
     PathBuf::from(name)
 }
 

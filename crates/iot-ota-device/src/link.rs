@@ -92,15 +92,7 @@ impl LinkSettings {
     /// The reconnect policy: jittered, seeded by the client id and the
     /// process, so a fleet that lost its broker does not come back in step.
     pub fn backoff(&self) -> Backoff {
-        let mut seed = u64::from(std::process::id());
-        for b in self.client_id.bytes() {
-            seed = seed
-                .wrapping_mul(0x100_0000_01B3)
-                .wrapping_add(u64::from(b));
-        }
-        // Addresses differ from run to run (ASLR): a little more spread.
-        seed ^= std::ptr::addr_of!(seed) as u64;
-        Backoff::new(self.reconnect_min, self.reconnect_max).seeded(seed)
+        seeded_backoff(&self.client_id, self.reconnect_min, self.reconnect_max)
     }
 
     /// The rumqttc options: clean session (the platform does not keep
@@ -120,6 +112,20 @@ impl LinkSettings {
         }
         Ok(opts)
     }
+}
+
+/// A jittered backoff seeded by `name` (a client id, a URL) and the
+/// process, so that devices, and downloads, do not retry in step.
+pub(crate) fn seeded_backoff(name: &str, min: Duration, max: Duration) -> Backoff {
+    let mut seed = u64::from(std::process::id());
+    for b in name.bytes() {
+        seed = seed
+            .wrapping_mul(0x100_0000_01B3)
+            .wrapping_add(u64::from(b));
+    }
+    // Addresses differ from run to run (ASLR): a little more spread.
+    seed ^= std::ptr::addr_of!(seed) as u64;
+    Backoff::new(min, max).seeded(seed)
 }
 
 /// Requests (publishes, subscriptions) queued for the event loop at most.

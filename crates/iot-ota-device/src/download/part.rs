@@ -12,12 +12,7 @@ use std::path::{Path, PathBuf};
 use iot_ota_core::Firmware;
 
 use super::pipeline::DIRECT_ALIGN;
-
-fn with_suffix(path: &Path, suffix: &str) -> PathBuf {
-    let mut name = path.as_os_str().to_owned();
-    name.push(suffix);
-    PathBuf::from(name)
-}
+use crate::fsutil::with_suffix;
 
 /// `PATH.part`.
 pub(super) fn part_path(path: &Path) -> PathBuf {

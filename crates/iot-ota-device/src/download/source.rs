@@ -52,12 +52,13 @@ pub(super) struct Source {
 
 impl Source {
     pub(super) fn new(url: String, size: Option<u64>, options: DownloadOptions) -> Source {
-        let seed = url.bytes().fold(u64::from(std::process::id()), |h, b| {
-            h.wrapping_mul(31).wrapping_add(u64::from(b))
-        });
         Source {
             retries_left: options.retries,
-            backoff: Backoff::new(Duration::from_millis(500), Duration::from_secs(32)).seeded(seed),
+            backoff: crate::link::seeded_backoff(
+                &url,
+                Duration::from_millis(500),
+                Duration::from_secs(32),
+            ),
             url,
             options,
             body: None,

@@ -13,7 +13,7 @@ use rumqttc::{Event, EventLoop, Packet, QoS, SubscribeFilter};
 
 use super::{now_ms, Inner, Outgoing, Shared, SAVE_RETRY_MS};
 use crate::engine::{Action, Batch, Millis};
-use crate::store::Store;
+use crate::store::{Store, StoreError};
 
 impl Shared {
     // ---- MQTT input
@@ -49,11 +49,11 @@ impl Shared {
         now: Millis,
     ) -> Result<Vec<Outgoing>, String> {
         let (_, version) = parse_version_message(payload).map_err(|r| r.message)?;
-        // The device row is bookkeeping: failing to write it must not drop
-        // the message for the batches.
-        if let Err(e) = inner.store.device_informed(product, device, &version, now) {
-            log::warn!("{product}/{device}: {e}");
-        }
+        bookkeeping(
+            product,
+            device,
+            inner.store.device_informed(product, device, &version, now),
+        );
         self.for_batches(inner, product, |b| b.handle_inform(device, &version, now))?;
         Ok(Vec::new())
     }
@@ -67,11 +67,11 @@ impl Shared {
         now: Millis,
     ) -> Result<Vec<Outgoing>, String> {
         let (_, p) = parse_progress(payload).map_err(|r| r.message)?;
-        // The device row is bookkeeping: failing to write it must not drop
-        // the message for the batches.
-        if let Err(e) = inner.store.device_seen(product, device, now) {
-            log::warn!("{product}/{device}: {e}");
-        }
+        bookkeeping(
+            product,
+            device,
+            inner.store.device_seen(product, device, now),
+        );
         self.for_batches(inner, product, |b| b.handle_progress(device, &p, now))?;
         Ok(Vec::new())
     }
@@ -85,11 +85,11 @@ impl Shared {
         now: Millis,
     ) -> Result<Vec<Outgoing>, String> {
         let r = parse_upgrade_reply(payload).map_err(|r| r.message)?;
-        // The device row is bookkeeping: failing to write it must not drop
-        // the message for the batches.
-        if let Err(e) = inner.store.device_seen(product, device, now) {
-            log::warn!("{product}/{device}: {e}");
-        }
+        bookkeeping(
+            product,
+            device,
+            inner.store.device_seen(product, device, now),
+        );
         self.for_batches(inner, product, |b| {
             b.handle_reply(device, &r.msg_id, r.code, &r.message, now)
         })?;
@@ -307,5 +307,13 @@ pub(crate) async fn ticker(shared: Arc<Shared>) {
             _ = tokio::time::sleep(Duration::from_millis(wait)) => {}
             _ = shared.wake.notified() => {}
         }
+    }
+}
+
+/// The device row is bookkeeping: failing to write it is logged, and must
+/// not drop the message for the batches.
+fn bookkeeping(product: &str, device: &str, written: Result<(), StoreError>) {
+    if let Err(e) = written {
+        log::warn!("{product}/{device}: {e}");
     }
 }
