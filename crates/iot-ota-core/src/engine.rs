@@ -101,6 +101,8 @@ pub struct Ota {
     gets: Vec<PendingGet>,
     /// Between [`Ota::handle_connected`] and [`Ota::handle_disconnected`].
     online: bool,
+    /// The outcome of the start decision, sent before the first inform.
+    start_report: Option<Progress>,
 }
 
 impl Ota {
@@ -124,6 +126,7 @@ impl Ota {
             job: None,
             gets: Vec::new(),
             online: false,
+            start_report: None,
         }
     }
 
@@ -165,6 +168,9 @@ impl Ota {
             self.outputs.push_back(Output::Subscribe {
                 topic: topic.clone(),
             });
+        }
+        if let Some(report) = self.start_report.take() {
+            self.queue_progress(&report);
         }
         if !self.version.is_empty() {
             self.publish_inform();
@@ -336,6 +342,28 @@ impl Ota {
             desc: desc.to_owned(),
             firmware_version,
         })
+    }
+
+    /// Reports the outcome of the device's start decision (see
+    /// [`crate::journal::decide_at_start`]): SUCCESS (4) 100 of an upgrade
+    /// just committed, or the UPGRADE_FAILED (-1) `rolled back: ...` of one
+    /// that was not. PROTOCOL.md wants it before the inform of the running
+    /// version, so it goes out on the next connection, just before that
+    /// inform (at once when online). It ends no upgrade of this engine: the
+    /// upgrade it reports was begun by an earlier boot.
+    pub fn report_at_start(&mut self, report: Progress) -> Result<(), Error> {
+        if report.progress > 100 {
+            return Err(Error::InvalidParam(format!(
+                "progress {} is above 100",
+                report.progress
+            )));
+        }
+        if self.online {
+            self.queue_progress(&report);
+        } else {
+            self.start_report = Some(report);
+        }
+        Ok(())
     }
 
     /// Publishes a ready-made report (from [`crate::Fetch`]); same rules as
@@ -550,6 +578,41 @@ mod tests {
         let p = published(&drain(&mut o));
         assert_eq!(p.len(), 1);
         assert_eq!(p[0].1["data"]["firmwareVersion"], "3.2");
+    }
+
+    #[test]
+    fn the_start_report_goes_out_once_before_the_first_inform() {
+        let mut o = Ota::new(Config::new("pk", "dev"), "2.0").unwrap();
+        let report = Progress {
+            status: Status::Success,
+            progress: 100,
+            desc: String::new(),
+            firmware_version: "2.0".into(),
+        };
+        let report_clone = report.clone();
+        o.report_at_start(report.clone()).unwrap();
+        assert!(drain(&mut o).is_empty(), "nothing while offline");
+        o.handle_connected();
+        let p = published(&drain(&mut o));
+        let kinds: Vec<_> = p.iter().map(|(t, _)| t.as_str()).collect();
+        assert_eq!(kinds, ["progress", "inform"]);
+        assert_eq!(p[0].1["data"]["status"], 4);
+        assert_eq!(p[0].1["data"]["firmwareVersion"], "2.0");
+        assert!(o.job().is_none(), "it reports an earlier boot's upgrade");
+        // Not again on a reconnect: the inform alone.
+        o.handle_disconnected();
+        o.handle_connected();
+        let p = published(&drain(&mut o));
+        assert_eq!(p.len(), 1);
+        assert_eq!(p[0].0, "inform");
+        // Online, it goes out at once.
+        o.report_at_start(report).unwrap();
+        assert_eq!(published(&drain(&mut o))[0].0, "progress");
+        let bad = Progress {
+            progress: 101,
+            ..report_clone
+        };
+        assert!(o.report_at_start(bad).is_err());
     }
 
     #[test]

@@ -37,6 +37,7 @@
 use serde_json::{json, Value};
 
 use crate::digest::{digest_hex, SignMethod};
+use crate::protocol::Firmware;
 
 /// The journal format's version; a journal of another one is not trusted.
 pub const JOURNAL_SCHEMA: u64 = 1;
@@ -113,6 +114,11 @@ pub struct Journal {
     pub msg_id: String,
     /// The image's digest and method, when known (what a resume checks).
     pub sign: Option<(SignMethod, String)>,
+    /// Where the image comes from, so that a download cut off by a reboot
+    /// can resume without a new command.
+    pub url: Option<String>,
+    /// The image's size in bytes, when the command gave one.
+    pub size: Option<u64>,
     /// Boots of the new image so far without a commit.
     pub boot_attempts: u32,
     /// Boots allowed before the device gives up on the new image.
@@ -135,12 +141,38 @@ impl Journal {
             target_version: target_version.to_owned(),
             msg_id: msg_id.to_owned(),
             sign: None,
+            url: None,
+            size: None,
             boot_attempts: 0,
             max_boot_attempts: DEFAULT_MAX_BOOTS,
             security_counter: 0,
             pending_counter: None,
             reason: None,
         }
+    }
+
+    /// A new upgrade to `firmware`, downloading; the security counter is
+    /// carried over from the device's previous journal by the caller.
+    pub fn for_firmware(from_version: &str, firmware: &Firmware, msg_id: &str) -> Journal {
+        let mut j = Journal::new(from_version, &firmware.version, msg_id);
+        j.sign = Some((firmware.sign_method, firmware.sign.clone()));
+        j.url = Some(firmware.url.clone());
+        j.size = firmware.size;
+        j
+    }
+
+    /// The firmware this journal downloads, when it knows enough of it (a
+    /// URL and a digest) to resume without the command.
+    pub fn firmware(&self) -> Option<Firmware> {
+        let (sign_method, sign) = self.sign.clone()?;
+        Some(Firmware {
+            version: self.target_version.clone(),
+            url: self.url.clone()?,
+            size: self.size,
+            sign,
+            sign_method,
+            policy: None,
+        })
     }
 
     /// The journal as bytes: one JSON line, then its SHA-256 on a line of its
@@ -154,6 +186,8 @@ impl Journal {
             "msgId": self.msg_id,
             "signMethod": self.sign.as_ref().map(|(m, _)| m.wire_name()),
             "sign": self.sign.as_ref().map(|(_, s)| s.as_str()),
+            "url": self.url,
+            "size": self.size,
             "bootAttempts": self.boot_attempts,
             "maxBootAttempts": self.max_boot_attempts,
             "securityCounter": self.security_counter,
@@ -216,6 +250,8 @@ impl Journal {
             target_version: text_of("target")?,
             msg_id: text_of("msgId")?,
             sign,
+            url: v["url"].as_str().map(str::to_owned),
+            size: v["size"].as_u64(),
             boot_attempts: count("bootAttempts")?,
             max_boot_attempts: count("maxBootAttempts")?,
             security_counter: v["securityCounter"]
@@ -380,7 +416,10 @@ pub fn decide_at_start(
         Phase::Downloaded | Phase::Installing if on_old => (StartAction::Install, None),
         Phase::Installed | Phase::Booted if on_target => {
             next.phase = Phase::Booted;
-            if j.phase == Phase::Installed {
+            // Every start counts a boot (a health check that hangs or
+            // crashes the device must not get endless tries); the second
+            // decision of one start, with the verdict, does not.
+            if j.phase == Phase::Installed || *health == Health::Unknown {
                 next.boot_attempts = j.boot_attempts + 1;
             }
             if next.boot_attempts > j.max_boot_attempts {
@@ -418,7 +457,12 @@ pub fn decide_at_start(
             (StartAction::Reboot, Some(next))
         }
         Phase::Booted if on_old => {
-            let why = format!("the bootloader fell back to {running}");
+            // Back on the old image: by the rollback asked for at the last
+            // start (its reason is kept), or by the bootloader's own fallback.
+            let why = j
+                .reason
+                .clone()
+                .unwrap_or_else(|| format!("the bootloader fell back to {running}"));
             roll_back(next, why, false)
         }
         // The device runs neither version the journal knows (or an early
@@ -451,6 +495,8 @@ mod tests {
         let mut j = Journal::new("1.0", "2.0", "m1");
         j.phase = phase;
         j.sign = Some((SignMethod::Md5, "9e107d9d372bb6826bd81d3542a419d6".into()));
+        j.url = Some("https://fw.example/2.0.bin".into());
+        j.size = Some(1234);
         j.security_counter = 3;
         j.pending_counter = Some(5);
         j
@@ -562,6 +608,36 @@ mod tests {
     }
 
     #[test]
+    fn every_start_on_an_unconfirmed_target_counts_a_boot() {
+        // A health check that crashes the device: each start is another boot
+        // of the unconfirmed image, until the limit.
+        let mut j = journal(Phase::Installed);
+        for attempt in 1..=DEFAULT_MAX_BOOTS {
+            let (action, next) = decide_at_start(Some(&j), "2.0", &Health::Unknown);
+            assert_eq!(action, StartAction::CheckHealth, "boot {attempt}");
+            j = next.unwrap();
+            assert_eq!(j.boot_attempts, attempt);
+        }
+        let (action, _) = decide_at_start(Some(&j), "2.0", &Health::Unknown);
+        assert!(
+            matches!(&action, StartAction::RollBack { reboot: true, desc } if desc.contains("not confirmed after 3 boots")),
+            "{action:?}"
+        );
+    }
+
+    #[test]
+    fn a_journal_knows_its_firmware_to_resume() {
+        let j = journal(Phase::Downloading);
+        let fw = j.firmware().unwrap();
+        assert_eq!(
+            (fw.version.as_str(), fw.url.as_str(), fw.size),
+            ("2.0", "https://fw.example/2.0.bin", Some(1234))
+        );
+        assert_eq!(Journal::for_firmware("1.0", &fw, "m1").firmware(), Some(fw));
+        assert_eq!(Journal::new("1.0", "2.0", "m").firmware(), None);
+    }
+
+    #[test]
     fn the_counter_never_goes_down_at_commit() {
         let mut j = journal(Phase::Booted);
         j.boot_attempts = 1;
@@ -599,6 +675,7 @@ mod tests {
         };
         assert!(!reboot);
         assert!(desc.starts_with("rolled back: 2.0 -> 1.0"), "{desc}");
+        assert!(desc.contains("health check failed: no network"), "{desc}");
         assert_eq!(done.unwrap().phase, Phase::RolledBack);
     }
 

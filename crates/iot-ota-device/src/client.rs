@@ -83,7 +83,10 @@ impl OtaClient {
     /// connection does not succeed within the connect timeout; later losses of
     /// the connection are repaired in the background.
     pub async fn connect(config: Config) -> Result<(OtaClient, Upgrades), Error> {
-        let ota = Ota::new(config.core(), config.firmware_version())?;
+        let mut ota = Ota::new(config.core(), config.firmware_version())?;
+        if let Some(report) = config.start_report.clone() {
+            ota.report_at_start(report)?;
+        }
         let (mqtt, eventloop) = link::client(config.link())?;
         let (upgrades_tx, upgrades_rx) = mpsc::unbounded_channel();
         let waiters: GetWaiters = Arc::default();

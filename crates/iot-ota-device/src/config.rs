@@ -37,6 +37,7 @@ pub struct Config {
     pub(crate) download_retries: u32,
     pub(crate) min_rate: u64,
     pub(crate) rate_window: Duration,
+    pub(crate) start_report: Option<iot_ota_core::Progress>,
 }
 
 impl Config {
@@ -67,7 +68,17 @@ impl Config {
             download_retries: 3,
             min_rate: 1024,
             rate_window: Duration::from_secs(60),
+            start_report: None,
         })
+    }
+
+    /// The report of the start-up decision
+    /// ([`crate::lifecycle::Start::report`]): SUCCESS of the upgrade just
+    /// committed, or its rollback. It goes out on the first connection,
+    /// after the subscriptions and before the inform.
+    pub fn report_at_start(mut self, report: iot_ota_core::Progress) -> Self {
+        self.start_report = Some(report);
+        self
     }
 
     /// MQTT client id; defaults to `{product_key}.{device_name}`.

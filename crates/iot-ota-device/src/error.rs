@@ -33,6 +33,10 @@ pub enum Error {
     Timeout,
     /// A file operation failed.
     Io(io::Error),
+    /// The upgrade journal could not be read or written.
+    Journal(iot_ota_core::journal::JournalError),
+    /// An install step failed (the text is the report's `desc`).
+    Install(String),
     /// The client has been shut down.
     Closed,
 }
@@ -69,6 +73,8 @@ impl fmt::Display for Error {
             }
             Error::Timeout => f.write_str("timed out"),
             Error::Io(e) => write!(f, "I/O: {e}"),
+            Error::Journal(e) => e.fmt(f),
+            Error::Install(m) => write!(f, "install: {m}"),
             Error::Closed => f.write_str("the OTA client is closed"),
         }
     }

@@ -1,0 +1,312 @@
+//! Command hooks: each step of the install is a shell command, as Mender's
+//! state scripts are.
+//!
+//! Each command runs with `sh -c`. `{file}` and `{version}` in it are
+//! replaced by their values in POSIX single quotes (a `'` inside becomes
+//! `'\''`), so each is always one word and never shell syntax: write
+//! `{file}`, not `"{file}"`. The same values are in the environment as
+//! `OTA_FILE` and `OTA_VERSION`. Exit status 0 is success; anything else
+//! fails the step with the status and the end of stderr.
+//!
+//! | step | default | `{version}` |
+//! |---|---|---|
+//! | install | (required) | the target |
+//! | reboot | `systemctl reboot` | the target |
+//! | health check | none: healthy | the running version |
+//! | commit | none | the running version |
+//! | rollback | none | the running version |
+//!
+//! With no reboot command ([`CommandHooks::with_reboot`] with `None`), the
+//! install takes effect at once (an application updated in place).
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+use iot_ota_core::journal::Health;
+
+use super::Installer;
+
+/// The default reboot: what a systemd device does.
+pub const DEFAULT_REBOOT: &str = "systemctl reboot";
+
+/// Install steps as shell commands.
+#[derive(Debug, Clone)]
+pub struct CommandHooks {
+    install: String,
+    reboot: Option<String>,
+    health: Option<String>,
+    commit: Option<String>,
+    rollback: Option<String>,
+    running: String,
+}
+
+impl CommandHooks {
+    /// Hooks around the install command `install`, on a device that runs
+    /// `running_version` now (read from the running image: its version
+    /// file, say). Reboots with [`DEFAULT_REBOOT`].
+    pub fn new(install: impl Into<String>, running_version: impl Into<String>) -> CommandHooks {
+        CommandHooks {
+            install: install.into(),
+            reboot: Some(DEFAULT_REBOOT.to_owned()),
+            health: None,
+            commit: None,
+            rollback: None,
+            running: running_version.into(),
+        }
+    }
+
+    /// The reboot command; `None`: the install needs no reboot.
+    pub fn with_reboot(mut self, command: Option<String>) -> Self {
+        self.reboot = command.filter(|c| !c.trim().is_empty());
+        self
+    }
+
+    /// The health-check command (exit 0: healthy).
+    pub fn with_health(mut self, command: Option<String>) -> Self {
+        self.health = command;
+        self
+    }
+
+    /// The commit command (mark the running slot good).
+    pub fn with_commit(mut self, command: Option<String>) -> Self {
+        self.commit = command;
+        self
+    }
+
+    /// The rollback command (mark the new slot bad, make the old one boot).
+    pub fn with_rollback(mut self, command: Option<String>) -> Self {
+        self.rollback = command;
+        self
+    }
+}
+
+/// Runs `template` with `sh -c`; `Err` carries the status and stderr's end.
+pub(crate) fn run(
+    step: &str,
+    template: &str,
+    file: Option<&Path>,
+    version: &str,
+) -> Result<(), String> {
+    let (cmd, mut command) = shell_command(template, file, version);
+    log::info!("{step}: running {cmd:?}");
+    let out = command
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .output()
+        .map_err(|e| format!("cannot run the {step} command {cmd:?}: {e}"))?;
+    if out.status.success() {
+        return Ok(());
+    }
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stderr = stderr.trim();
+    let mut start = stderr.len().saturating_sub(200);
+    while !stderr.is_char_boundary(start) {
+        start += 1;
+    }
+    let code = out
+        .status
+        .code()
+        .map_or_else(|| "a signal".to_string(), |c| c.to_string());
+    Err(format!(
+        "{step} command exited with status {code}: {}",
+        &stderr[start..]
+    ))
+}
+
+impl Installer for CommandHooks {
+    fn name(&self) -> &str {
+        "commands"
+    }
+
+    fn running_version(&mut self) -> Result<String, String> {
+        Ok(self.running.clone())
+    }
+
+    fn install(
+        &mut self,
+        image: &Path,
+        version: &str,
+        progress: &mut dyn FnMut(u32),
+    ) -> Result<(), String> {
+        progress(0);
+        run("install", &self.install, Some(image), version)?;
+        progress(100);
+        if self.reboot.is_none() {
+            self.running = version.to_owned();
+        }
+        Ok(())
+    }
+
+    fn needs_reboot(&self) -> bool {
+        self.reboot.is_some()
+    }
+
+    fn reboot(&mut self) -> Result<(), String> {
+        match &self.reboot {
+            Some(cmd) => run("reboot", cmd, None, &self.running),
+            None => Ok(()),
+        }
+    }
+
+    fn health_check(&mut self) -> Health {
+        match &self.health {
+            Some(cmd) => match run("health check", cmd, None, &self.running) {
+                Ok(()) => Health::Good,
+                Err(why) => Health::Bad(why),
+            },
+            None => Health::Good,
+        }
+    }
+
+    fn commit(&mut self) -> Result<(), String> {
+        match &self.commit {
+            Some(cmd) => run("commit", cmd, None, &self.running),
+            None => Ok(()),
+        }
+    }
+
+    fn roll_back(&mut self) -> Result<(), String> {
+        match &self.rollback {
+            Some(cmd) => run("rollback", cmd, None, &self.running),
+            None => Ok(()),
+        }
+    }
+}
+
+/// `s` as one POSIX shell word: in single quotes, each `'` written `'\''`.
+pub fn shell_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', r"'\''"))
+}
+
+/// The command line for `sh -c`: `{file}` and `{version}` replaced, in one
+/// pass, by their shell-quoted values (a `{file}` with no file stays as it
+/// is); the values are also in the environment as `OTA_FILE` and
+/// `OTA_VERSION`. Returns the line and the command, stdin closed.
+pub fn shell_command(template: &str, file: Option<&Path>, version: &str) -> (String, Command) {
+    let file_text = file.map(|f| f.to_string_lossy());
+    let mut cmd = String::with_capacity(template.len() + 64);
+    let mut rest = template;
+    while let Some(i) = rest.find('{') {
+        cmd.push_str(&rest[..i]);
+        let tail = &rest[i..];
+        if let (Some(after), Some(f)) = (tail.strip_prefix("{file}"), &file_text) {
+            cmd.push_str(&shell_quote(f));
+            rest = after;
+            continue;
+        }
+        if let Some(after) = tail.strip_prefix("{version}") {
+            cmd.push_str(&shell_quote(version));
+            rest = after;
+        } else {
+            cmd.push('{');
+            rest = &tail[1..];
+        }
+    }
+    cmd.push_str(rest);
+    let mut command = Command::new("sh");
+    command
+        .arg("-c")
+        .arg(&cmd)
+        .env("OTA_VERSION", version)
+        .stdin(Stdio::null());
+    if let Some(f) = file {
+        command.env("OTA_FILE", f);
+    }
+    (cmd, command)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shell_quoting() {
+        assert_eq!(shell_quote("a b"), "'a b'");
+        assert_eq!(shell_quote("it's"), r"'it'\''s'");
+        assert_eq!(shell_quote(""), "''");
+        let (cmd, _) = shell_command("x {file} {version} {other} {", Some(Path::new("/f")), "1.0");
+        assert_eq!(cmd, "x '/f' '1.0' {other} {");
+        // One pass: a `{version}` inside the file name is not replaced.
+        let (cmd, _) = shell_command("{file}", Some(Path::new("/w/{version}")), "9");
+        assert_eq!(cmd, "'/w/{version}'");
+        let (cmd, _) = shell_command("echo {file}", None, "9");
+        assert_eq!(cmd, "echo {file}");
+    }
+
+    /// Hostile values reach the command as plain words and in the
+    /// environment, and run nothing of their own.
+    #[test]
+    fn values_are_not_shell_syntax() {
+        let dir = std::env::temp_dir().join(format!("iot-ota-hooks-sh-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let out = dir.join("out");
+        let template = format!(
+            "printf '%s\\n' {{version}} {{file}} \"$OTA_VERSION\" \"$OTA_FILE\" > {}",
+            shell_quote(&out.to_string_lossy())
+        );
+        let pwned = |n: u32| format!("pwned{n}");
+        let versions = [
+            format!("1;touch$IFS{}", pwned(1)),
+            format!("1' ; touch {} ; echo '", pwned(2)),
+            format!("$(touch {})`touch {}`", pwned(3), pwned(4)),
+            format!("1\n touch {} \\' \"", pwned(5)),
+        ];
+        for (i, version) in versions.iter().enumerate() {
+            let image = dir.join(format!("it's a file; $(touch {}) {i}.bin", pwned(6)));
+            let (_, mut command) = shell_command(&template, Some(&image), version);
+            let status = command.current_dir(&dir).status().unwrap();
+            assert!(status.success(), "{version:?}");
+            let file = image.to_string_lossy();
+            let expected = format!("{version}\n{file}\n{version}\n{file}\n");
+            assert_eq!(std::fs::read_to_string(&out).unwrap(), expected);
+        }
+        let made: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with("pwned"))
+            .collect();
+        assert!(made.is_empty(), "the shell ran injected commands: {made:?}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn each_step_runs_its_command_and_reports_failures() {
+        let dir = std::env::temp_dir().join(format!("iot-ota-hooks-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let log = shell_quote(&dir.join("log").to_string_lossy());
+        let step = |name: &str| Some(format!("echo {name} {{version}} >> {log}"));
+        let mut hooks = CommandHooks::new(format!("echo install {{version}} >> {log}"), "1.0")
+            .with_reboot(None)
+            .with_health(Some("echo sick >&2; exit 4".into()))
+            .with_commit(step("commit"))
+            .with_rollback(step("rollback"));
+        assert!(!hooks.needs_reboot());
+        hooks
+            .install(Path::new("/img"), "2.0", &mut |_| {})
+            .unwrap();
+        assert_eq!(
+            hooks.running_version().unwrap(),
+            "2.0",
+            "no reboot: runs at once"
+        );
+        assert_eq!(
+            hooks.health_check(),
+            Health::Bad("health check command exited with status 4: sick".into())
+        );
+        hooks.roll_back().unwrap();
+        hooks.commit().unwrap();
+        assert_eq!(
+            std::fs::read_to_string(dir.join("log")).unwrap(),
+            "install 2.0\nrollback 2.0\ncommit 2.0\n"
+        );
+        let mut failing = CommandHooks::new("exit 3", "1.0");
+        assert!(failing.needs_reboot(), "systemctl reboot by default");
+        let e = failing
+            .install(Path::new("/img"), "2.0", &mut |_| {})
+            .unwrap_err();
+        assert!(e.contains("status 3"), "{e}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
