@@ -1,26 +1,47 @@
 //! `iot-ota device run`: the device agent for real deployments, on the SDK.
 //!
 //! Identity, broker and TLS come from a TOML file (`--config`) and flags
-//! (flags win). The running version comes from `version`, or from
-//! `version_file` (rewritten atomically after every successful upgrade).
+//! (flags win). Each accepted command is downloaded and verified by the SDK
+//! into `work_dir`, installed by one of three back-ends
+//! ([`iot_ota_device::install`]), and confirmed after the reboot, as
+//! PROTOCOL.md's "Install, reboot, confirm" wants:
 //!
-//! Each accepted command is downloaded and verified by the SDK into
-//! `work_dir`, then installed in one of two ways:
+//! ```text
+//!  command ─► DOWNLOADING ─► DOWNLOADED ─► UPGRADING (install) ─► exit ("reboot")
+//!  next start ─► runs the target, health check passes ─► commit, SUCCESS 100, inform
+//!             └► health check fails / bootloader fell back / too many boots
+//!                 ─► UPGRADE_FAILED "rolled back: ...", inform the old version
+//! ```
 //!
-//! - `install.dir`: two slots, `DIR/a` and `DIR/b`. The image is written to
-//!   the inactive slot (`firmware.bin` and `version`, fsynced), then
-//!   `DIR/active` (`"b 2.0.0\n"`) is replaced atomically (write, fsync,
-//!   rename, fsync the directory): a power cut leaves either the old or the
-//!   new slot active, never a half-written one. A bootloader or the next start
-//!   reads `DIR/active`.
+//! The upgrade journal, the security counter and the part files live in
+//! `state_dir` (default: `work_dir`); a start after a crash goes on from the
+//! journal: a cut download resumes, a cut install runs again.
+//!
+//! - `install.dir`: two slot directories `DIR/a`, `DIR/b` and a simulated
+//!   bootloader (`DIR/bootloader`: a slot on trial and a boot counter, as
+//!   U-Boot's bootcount). Each start of the agent is a boot; exiting after
+//!   the install is the reboot, so a supervisor (systemd, the demo) must
+//!   start it again. The running version is the booted slot's; `version`
+//!   (or `version_file`) is the factory image's, in slot `a`.
 //! - `install.command`: a shell command with `{file}` and `{version}`
-//!   placeholders (`rauc install {file}`, `swupdate -i {file}`), run with
-//!   `sh -c`. Each placeholder is replaced by its value in POSIX single quotes
-//!   (a `'` inside becomes `'\''`), so it is always one word and never shell
-//!   syntax: write `{file}`, not `"{file}"`. The same values are in the
-//!   environment as `OTA_FILE` and `OTA_VERSION`. Exit status 0 is success;
-//!   anything else reports FLASH_FAILED with the status and the end of stderr
-//!   in `desc`.
+//!   placeholders (`swupdate -i {file}`), run with `sh -c`. Each placeholder
+//!   is replaced by its value in POSIX single quotes (a `'` inside becomes
+//!   `'\''`), so it is always one word and never shell syntax: write
+//!   `{file}`, not `"{file}"`. The values are also in the environment as
+//!   `OTA_FILE` and `OTA_VERSION`. Exit status 0 is success; anything else
+//!   reports FLASH_FAILED with the status and the end of stderr in `desc`.
+//!   `install.reboot` (default `systemctl reboot`; `""`: the install takes
+//!   effect at once, no reboot), `install.commit` and `install.rollback`
+//!   are commands too. The running version is `version` or `version_file`,
+//!   which the new image must provide when there is a reboot.
+//! - `install.rauc = true`: RAUC (`rauc install`, `rauc status`,
+//!   `mark-good`, `mark-bad`); the running version is the booted slot's
+//!   bundle version.
+//!
+//! `install.health` is the health check of a new image, a command (exit 0:
+//! healthy), for every back-end; without it, starting is healthy.
+//! `install.boot_limit` (default 3) is how many boots an unconfirmed image
+//! gets. `version_file`, when set, is rewritten atomically at every commit.
 //!
 //! The version of a command names files (`firmware-VERSION.bin`, the slot's
 //! `version`) and reaches the install command, so the agent refuses, with
@@ -28,21 +49,25 @@
 //! digits, `_`, `-` or `.`, or that is `.` or `..` (the SDK already rejects
 //! them; the agent does not rely on it).
 //!
-//! It reports UPGRADING, then SUCCESS or FLASH_FAILED, and informs the new
-//! version on success.
-//!
 //! `silent` commands are downloaded at once but installed only inside
 //! `silent.window` (`"HH:MM-HH:MM"`, UTC, may wrap midnight) or when the
 //! trigger file appears (`silent.trigger_file`, default `WORK_DIR/install-now`;
 //! the agent removes it when it starts installing). The platform's upgrade
 //! timeout runs meanwhile: give silent batches a timeout that covers the wait.
+//!
+//! With `--once` the agent exits after the first upgrade step that ends its
+//! work for this boot: 0 when it installed and asks for the reboot, or
+//! committed; 1 when the upgrade failed or rolled back.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Args;
-use iot_ota_device::{Config, OtaClient, Policy, Status, UpgradeCommand};
+use iot_ota_core::journal::{Health, DEFAULT_MAX_BOOTS};
+use iot_ota_device::install::{CommandHooks, Installer, Rauc, SlotDirs};
+use iot_ota_device::lifecycle::{Installed, Lifecycle, Next, Start};
+use iot_ota_device::{Config, Firmware, OtaClient, Policy, Status, UpgradeCommand};
 use serde::Deserialize;
 
 /// `iot-ota device run` options; each overrides the config file's value.
@@ -84,6 +109,22 @@ pub struct AgentArgs {
     /// Install by running this shell command ({file}, {version} are replaced).
     #[arg(long)]
     pub install_command: Option<String>,
+    /// Install with RAUC (`rauc install`, `rauc status`, mark-good / mark-bad).
+    #[arg(long)]
+    pub install_rauc: bool,
+    /// Reboot command after an install (default `systemctl reboot`; "" for none).
+    #[arg(long)]
+    pub reboot_command: Option<String>,
+    /// Health check of a new image: a shell command, exit 0 when healthy.
+    #[arg(long)]
+    pub health_command: Option<String>,
+    /// Boots an unconfirmed image gets before it is rolled back (default 3).
+    #[arg(long)]
+    pub boot_limit: Option<u32>,
+    /// Where the upgrade journal, the security counter and part files live
+    /// (default: the work directory).
+    #[arg(long)]
+    pub state_dir: Option<PathBuf>,
     /// Topic prefix.
     #[arg(long)]
     pub topic_prefix: Option<String>,
@@ -107,6 +148,7 @@ struct FileConfig {
     client_key: Option<PathBuf>,
     topic_prefix: Option<String>,
     work_dir: Option<PathBuf>,
+    state_dir: Option<PathBuf>,
     #[serde(default)]
     install: InstallConfig,
     #[serde(default)]
@@ -118,6 +160,13 @@ struct FileConfig {
 struct InstallConfig {
     dir: Option<PathBuf>,
     command: Option<String>,
+    #[serde(default)]
+    rauc: bool,
+    reboot: Option<String>,
+    health: Option<String>,
+    commit: Option<String>,
+    rollback: Option<String>,
+    boot_limit: Option<u32>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -129,9 +178,14 @@ struct SilentConfig {
 
 /// How the verified image is installed.
 #[derive(Debug, Clone, PartialEq, Eq)]
-enum Installer {
+enum Backend {
     Slots(PathBuf),
-    Command(String),
+    Command {
+        install: String,
+        commit: Option<String>,
+        rollback: Option<String>,
+    },
+    Rauc,
 }
 
 /// The agent's resolved settings.
@@ -140,7 +194,11 @@ struct Agent {
     config: Config,
     version_file: Option<PathBuf>,
     work_dir: PathBuf,
-    installer: Installer,
+    state_dir: PathBuf,
+    backend: Backend,
+    reboot: Option<String>,
+    health: Option<String>,
+    boot_limit: u32,
     window: Option<(u32, u32)>,
     trigger: PathBuf,
     once: bool,
@@ -213,17 +271,31 @@ fn resolve(args: AgentArgs) -> Result<Agent, String> {
         .work_dir
         .or(file.work_dir)
         .unwrap_or_else(|| PathBuf::from("iot-ota-work"));
-    let installer = match (
-        args.install_dir.or(file.install.dir),
-        args.install_command.or(file.install.command),
+    let install = file.install;
+    let backend = match (
+        args.install_dir.or(install.dir),
+        args.install_command.or(install.command),
+        args.install_rauc || install.rauc,
     ) {
-        (Some(_), Some(_)) => return Err("choose one of install dir and install command".into()),
-        (Some(d), None) => Installer::Slots(d),
-        (None, Some(c)) => Installer::Command(c),
-        (None, None) => {
-            return Err("an installer is required: --install-dir or --install-command".into())
+        (Some(d), None, false) => Backend::Slots(d),
+        (None, Some(c), false) => Backend::Command {
+            install: c,
+            commit: install.commit,
+            rollback: install.rollback,
+        },
+        (None, None, true) => Backend::Rauc,
+        (None, None, false) => {
+            return Err(
+                "an installer is required: --install-dir, --install-command or --install-rauc"
+                    .into(),
+            )
         }
+        _ => return Err("choose one of install dir, install command and install rauc".into()),
     };
+    let state_dir = args
+        .state_dir
+        .or(file.state_dir)
+        .unwrap_or_else(|| work_dir.clone());
     let window = file
         .silent
         .window
@@ -256,40 +328,18 @@ fn resolve(args: AgentArgs) -> Result<Agent, String> {
         config,
         version_file,
         work_dir,
-        installer,
+        state_dir,
+        backend,
+        reboot: args.reboot_command.or(install.reboot),
+        health: args.health_command.or(install.health),
+        boot_limit: args
+            .boot_limit
+            .or(install.boot_limit)
+            .unwrap_or(DEFAULT_MAX_BOOTS),
         window,
         trigger,
         once: args.once,
     })
-}
-
-/// Installs into the inactive slot and switches `active`; reports UPGRADING steps.
-fn install_slots(
-    client: &OtaClient,
-    dir: &Path,
-    image: &Path,
-    version: &str,
-) -> Result<String, String> {
-    let active = std::fs::read_to_string(dir.join("active")).unwrap_or_default();
-    let target = if active.starts_with('a') { "b" } else { "a" };
-    let slot = dir.join(target);
-    std::fs::create_dir_all(&slot).map_err(|e| format!("{}: {e}", slot.display()))?;
-    let _ = client.report_progress(Status::Upgrading, 10, "");
-    let dest = slot.join("firmware.bin");
-    std::fs::copy(image, &dest).map_err(|e| format!("writing {}: {e}", dest.display()))?;
-    std::fs::File::open(&dest)
-        .and_then(|f| f.sync_all())
-        .map_err(|e| format!("syncing {}: {e}", dest.display()))?;
-    let _ = client.report_progress(Status::Upgrading, 80, "");
-    iot_ota_device::fsutil::write_atomic(&slot.join("version"), format!("{version}\n").as_bytes())
-        .map_err(|e| format!("writing the slot version: {e}"))?;
-    iot_ota_device::fsutil::write_atomic(
-        &dir.join("active"),
-        format!("{target} {version}\n").as_bytes(),
-    )
-    .map_err(|e| format!("switching the active slot: {e}"))?;
-    let _ = client.report_progress(Status::Upgrading, 100, "");
-    Ok(format!("slot {target}"))
 }
 
 /// Checks a command's version before it names a file or reaches a shell,
@@ -304,77 +354,6 @@ fn check_version(version: &str) -> Result<(), String> {
 fn image_path(work_dir: &Path, version: &str) -> Result<PathBuf, String> {
     check_version(version)?;
     Ok(work_dir.join(format!("firmware-{version}.bin")))
-}
-
-/// `s` as one POSIX shell word: in single quotes, each `'` written `'\''`.
-fn shell_quote(s: &str) -> String {
-    format!("'{}'", s.replace('\'', r"'\''"))
-}
-
-/// The install command for `sh -c`: `{file}` and `{version}` replaced, in one
-/// pass, by their shell-quoted values; the values are also in the environment
-/// as `OTA_FILE` and `OTA_VERSION`.
-fn shell_command(template: &str, image: &Path, version: &str) -> (String, tokio::process::Command) {
-    let file = image.to_string_lossy();
-    let mut cmd = String::with_capacity(template.len() + file.len() + version.len());
-    let mut rest = template;
-    while let Some(i) = rest.find('{') {
-        cmd.push_str(&rest[..i]);
-        let tail = &rest[i..];
-        if let Some(after) = tail.strip_prefix("{file}") {
-            cmd.push_str(&shell_quote(&file));
-            rest = after;
-        } else if let Some(after) = tail.strip_prefix("{version}") {
-            cmd.push_str(&shell_quote(version));
-            rest = after;
-        } else {
-            cmd.push('{');
-            rest = &tail[1..];
-        }
-    }
-    cmd.push_str(rest);
-    let mut command = tokio::process::Command::new("sh");
-    command
-        .arg("-c")
-        .arg(&cmd)
-        .env("OTA_FILE", image)
-        .env("OTA_VERSION", version)
-        .stdin(std::process::Stdio::null());
-    (cmd, command)
-}
-
-/// Runs the install command; `Err` carries the FLASH_FAILED description.
-async fn install_command(
-    client: &OtaClient,
-    template: &str,
-    image: &Path,
-    version: &str,
-) -> Result<String, String> {
-    let (cmd, mut command) = shell_command(template, image, version);
-    let _ = client.report_progress(Status::Upgrading, 0, "");
-    let out = command
-        .output()
-        .await
-        .map_err(|e| format!("cannot run {cmd:?}: {e}"))?;
-    if out.status.success() {
-        let _ = client.report_progress(Status::Upgrading, 100, "");
-        return Ok(format!("command {cmd:?}"));
-    }
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    let tail: String = stderr
-        .trim()
-        .chars()
-        .rev()
-        .take(200)
-        .collect::<Vec<_>>()
-        .into_iter()
-        .rev()
-        .collect();
-    let code = out
-        .status
-        .code()
-        .map_or_else(|| "a signal".to_string(), |c| c.to_string());
-    Err(format!("install command exited with status {code}: {tail}"))
 }
 
 impl Agent {
@@ -398,80 +377,283 @@ impl Agent {
         }
     }
 
-    /// One upgrade: download, (wait), install, report. True on success.
-    async fn upgrade(&self, client: &OtaClient, cmd: &UpgradeCommand) -> bool {
-        let version = cmd.firmware.version.clone();
+    /// The install back-end, booted: the slots' simulated bootloader runs
+    /// here, once per start.
+    fn installer(&self) -> Result<Box<dyn Installer>, String> {
+        let reboot = self.reboot.clone();
+        let version = self.config.firmware_version().to_owned();
+        Ok(match &self.backend {
+            Backend::Slots(dir) => Box::new(SlotDirs::boot(dir, &version, self.boot_limit)?),
+            Backend::Command {
+                install,
+                commit,
+                rollback,
+            } => {
+                let mut hooks = CommandHooks::new(install.clone(), version)
+                    .with_commit(commit.clone())
+                    .with_rollback(rollback.clone());
+                if let Some(r) = reboot {
+                    hooks = hooks.with_reboot(Some(r));
+                }
+                Box::new(hooks)
+            }
+            Backend::Rauc => {
+                let mut rauc = Rauc::new(version);
+                if let Some(r) = reboot {
+                    rauc = rauc.with_reboot(Some(r));
+                }
+                Box::new(rauc)
+            }
+        })
+    }
+
+    /// The health check of a new image: the configured command, if any.
+    fn health_check(&self) -> Option<impl FnMut(&str) -> Health + '_> {
+        let cmd = self.health.as_ref()?;
+        Some(move |version: &str| {
+            let (line, mut command) = iot_ota_device::install::shell_command(cmd, None, version);
+            match command.stderr(std::process::Stdio::piped()).output() {
+                Ok(out) if out.status.success() => Health::Good,
+                Ok(out) => Health::Bad(format!(
+                    "{line:?} exited with {}: {}",
+                    out.status,
+                    String::from_utf8_lossy(&out.stderr).trim()
+                )),
+                Err(e) => Health::Bad(format!("cannot run {line:?}: {e}")),
+            }
+        })
+    }
+
+    fn commit_version_file(&self, version: &str) {
+        if let Some(f) = &self.version_file {
+            if let Err(e) =
+                iot_ota_device::fsutil::write_atomic(f, format!("{version}\n").as_bytes())
+            {
+                eprintln!("iot-ota device: writing {}: {e}", f.display());
+            }
+        }
+    }
+
+    /// Tells the outcome of a settled upgrade (what the start report says).
+    fn settled(&self, start: &Start) -> Option<bool> {
+        let report = start.report.as_ref()?;
+        if report.status == Status::Success {
+            self.commit_version_file(&start.running);
+            eprintln!("iot-ota device: {} committed", start.running);
+            Some(true)
+        } else {
+            eprintln!("iot-ota device: {}", report.desc);
+            Some(false)
+        }
+    }
+
+    /// One upgrade from its download (or, with `downloaded`, from its
+    /// verified image) to the install. `None`: the install asks for a
+    /// reboot; `Some(ok)`: it ended here.
+    async fn upgrade(
+        &self,
+        life: &mut Lifecycle<Box<dyn Installer>>,
+        client: &OtaClient,
+        firmware: &Firmware,
+        command: Option<&UpgradeCommand>,
+    ) -> Option<bool> {
+        let msg_id = command.map(|c| c.msg_id.as_str());
+        let version = firmware.version.clone();
         let image = match image_path(&self.work_dir, &version) {
             Ok(p) => p,
             Err(desc) => {
                 eprintln!("iot-ota device: {desc}");
                 let _ = client.report_progress(Status::UpgradeFailed, 0, &desc);
-                return false;
+                return Some(false);
             }
         };
-        if let Err(e) = client.download(cmd).download_to(&image).await {
-            eprintln!("iot-ota device: download of {version} failed: {e}");
-            return false;
+        let journaled = match msg_id {
+            Some(id) => life.begin(&client.version(), firmware, id, None),
+            None => Ok(()),
+        };
+        if let Err(e) = journaled {
+            let desc = format!("cannot journal the upgrade: {e}");
+            eprintln!("iot-ota device: {desc}");
+            let _ = client.report_progress(Status::UpgradeFailed, 0, &desc);
+            return Some(false);
         }
-        eprintln!("iot-ota device: {version} downloaded and verified");
-        if cmd.firmware.policy == Some(Policy::Silent) {
+        let downloaded = life
+            .journal()
+            .is_some_and(|j| j.phase != iot_ota_core::journal::Phase::Downloading)
+            && image.exists();
+        // Going on with an upgrade an earlier boot began, the engine takes
+        // it as its job, so that the reports name its version.
+        let job = match command {
+            Some(cmd) => Ok(Some(client.download(cmd))),
+            None if downloaded => client
+                .session()
+                .with(|ota| ota.accept_firmware(firmware))
+                .map(|()| None)
+                .map_err(iot_ota_device::Error::Core),
+            None => client.download_firmware(firmware).map(Some),
+        };
+        let download = match job {
+            Ok(d) => d,
+            Err(e) => {
+                eprintln!("iot-ota device: cannot go on with {version}: {e}");
+                let _ = life.failed(&e.to_string());
+                return Some(false);
+            }
+        };
+        if let Some(download) = download {
+            if let Err(e) = download.download_to(&image).await {
+                eprintln!("iot-ota device: download of {version} failed: {e}");
+                let _ = life.failed(&e.to_string());
+                return Some(false);
+            }
+            if let Err(e) = life.downloaded() {
+                eprintln!("iot-ota device: {e}");
+            }
+            eprintln!("iot-ota device: {version} downloaded and verified");
+        }
+        if firmware.policy == Some(Policy::Silent) {
             self.wait_for_silent_slot(&version).await;
         }
-        let result = match &self.installer {
-            Installer::Slots(dir) => install_slots(client, dir, &image, &version),
-            Installer::Command(t) => install_command(client, t, &image, &version).await,
-        };
+        let mut health = self.health_check();
+        let result = tokio::task::block_in_place(|| {
+            let health = health.as_mut().map(|h| h as &mut dyn FnMut(&str) -> Health);
+            life.install(&image, health, &mut |pct| {
+                let _ = client.report_progress(Status::Upgrading, pct, "");
+            })
+        });
         let _ = std::fs::remove_file(&image);
         match result {
-            Ok(how) => {
-                if let Some(f) = &self.version_file {
-                    if let Err(e) =
-                        iot_ota_device::fsutil::write_atomic(f, format!("{version}\n").as_bytes())
-                    {
-                        eprintln!("iot-ota device: writing {}: {e}", f.display());
-                    }
-                }
-                let _ = client.report_progress(Status::Success, 100, "");
-                let _ = client.report_version(&version);
-                eprintln!("iot-ota device: installed {version} ({how})");
-                true
+            Ok(Installed::Rebooting) => {
+                eprintln!("iot-ota device: {version} installed; rebooting into it");
+                None
             }
-            Err(desc) => {
+            Ok(Installed::Settled(start)) => {
+                if let Some(report) = &start.report {
+                    let _ = client.report_progress(report.status, report.progress, &report.desc);
+                }
+                let _ = client.report_version(&start.running);
+                self.settled(&start)
+            }
+            Err(e) => {
+                let desc = match e {
+                    iot_ota_device::Error::Install(d) => d,
+                    e => e.to_string(),
+                };
                 eprintln!("iot-ota device: install of {version} failed: {desc}");
                 let _ = client.report_progress(Status::FlashFailed, 100, &desc);
-                false
+                Some(false)
             }
         }
     }
 }
 
-/// Runs the agent until the connection closes (or after one attempt with `--once`).
+/// Connects, waiting for the broker with a backoff while it is down (a
+/// device must come up whether or not the broker is there).
+async fn connect(config: Config) -> Result<(OtaClient, iot_ota_device::Upgrades), String> {
+    let mut backoff = config.link().backoff();
+    loop {
+        match OtaClient::connect(config.clone()).await {
+            Ok(c) => return Ok(c),
+            Err(e) if e.is_retryable() => {
+                let wait = backoff.next_delay();
+                eprintln!(
+                    "iot-ota device: waiting for the broker {}: {e}; next try in {:.1} s",
+                    config.link().broker_addr(),
+                    wait.as_secs_f64()
+                );
+                tokio::time::sleep(wait).await;
+            }
+            Err(e) => return Err(e.to_string()),
+        }
+    }
+}
+
+fn exit(ok: bool) -> ExitCode {
+    if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+/// Runs the agent: the start-up decision, then upgrades until the
+/// connection closes (or after one attempt with `--once`).
 pub async fn run(args: AgentArgs) -> Result<ExitCode, String> {
     let agent = resolve(args)?;
-    std::fs::create_dir_all(&agent.work_dir)
-        .map_err(|e| format!("{}: {e}", agent.work_dir.display()))?;
-    let (client, mut upgrades) = OtaClient::connect(agent.config.clone())
-        .await
+    for dir in [&agent.work_dir, &agent.state_dir] {
+        std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    }
+    let mut life =
+        Lifecycle::open(&agent.state_dir, agent.installer()?).map_err(|e| e.to_string())?;
+    let mut health = agent.health_check();
+    let start = tokio::task::block_in_place(|| {
+        let health = health.as_mut().map(|h| h as &mut dyn FnMut(&str) -> Health);
+        life.at_start(health)
+    })
+    .map_err(|e| format!("at start: {e}"))?;
+    if let Some(why) = &start.set_aside {
+        eprintln!("iot-ota device: {why}; it was set aside");
+    }
+    if start.next == Next::Rebooting {
+        eprintln!("iot-ota device: rebooting (rolling back)");
+        return Ok(ExitCode::SUCCESS);
+    }
+    let mut config = agent
+        .config
+        .clone()
+        .with_firmware_version(&start.running)
         .map_err(|e| e.to_string())?;
+    if let Some(report) = start.report.clone() {
+        config = config.report_at_start(report);
+    }
+    let (client, mut upgrades) = connect(config.clone()).await?;
     eprintln!(
         "iot-ota device: {}/{} running {}, waiting for upgrades",
-        agent.config.product_key(),
-        agent.config.device_name(),
-        agent.config.firmware_version()
+        config.product_key(),
+        config.device_name(),
+        start.running
     );
+    let mut outcome = agent.settled(&start);
+    let resume = match &start.next {
+        Next::Resume(fw) | Next::Install(fw) => Some(fw.clone()),
+        _ => None,
+    };
+    if let Some(fw) = resume {
+        eprintln!(
+            "iot-ota device: going on with the upgrade to {}",
+            fw.version
+        );
+        outcome = agent.upgrade(&mut life, &client, &fw, None).await;
+        if outcome.is_none() {
+            client.disconnect().await;
+            return Ok(ExitCode::SUCCESS);
+        }
+    }
+    if agent.once {
+        if let Some(ok) = outcome {
+            client.disconnect().await;
+            return Ok(exit(ok));
+        }
+    }
     while let Some(cmd) = upgrades.next().await {
         eprintln!(
             "iot-ota device: upgrade to {} accepted",
             cmd.firmware.version
         );
-        let ok = agent.upgrade(&client, &cmd).await;
-        if agent.once {
-            client.disconnect().await;
-            return Ok(if ok {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::FAILURE
-            });
+        let outcome = agent
+            .upgrade(&mut life, &client, &cmd.firmware, Some(&cmd))
+            .await;
+        match outcome {
+            // The install asks for the reboot: this boot's work is done.
+            None => {
+                client.disconnect().await;
+                return Ok(ExitCode::SUCCESS);
+            }
+            Some(ok) if agent.once => {
+                client.disconnect().await;
+                return Ok(exit(ok));
+            }
+            Some(_) => {}
         }
     }
     Err("the connection closed".into())
@@ -490,55 +672,6 @@ mod tests {
         assert!(!in_window((120, 270), 270));
         assert!(in_window((23 * 60, 60), 10), "wraps midnight");
         assert!(!in_window((23 * 60, 60), 120));
-    }
-
-    #[test]
-    fn shell_quoting() {
-        assert_eq!(shell_quote("a b"), "'a b'");
-        assert_eq!(shell_quote("it's"), r"'it'\''s'");
-        assert_eq!(shell_quote(""), "''");
-        let (cmd, _) = shell_command("x {file} {version} {other} {", Path::new("/f"), "1.0");
-        assert_eq!(cmd, "x '/f' '1.0' {other} {");
-        // One pass: a `{version}` inside the file name is not replaced.
-        let (cmd, _) = shell_command("{file}", Path::new("/w/{version}"), "9");
-        assert_eq!(cmd, "'/w/{version}'");
-    }
-
-    /// Hostile values reach the command as plain words and in the environment,
-    /// and run nothing of their own.
-    #[tokio::test]
-    async fn install_command_values_are_not_shell_syntax() {
-        let dir = std::env::temp_dir().join(format!("iot-ota-agent-sh-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        let out = dir.join("out");
-        let template = format!(
-            "printf '%s\\n' {{version}} {{file}} \"$OTA_VERSION\" \"$OTA_FILE\" > {}",
-            shell_quote(&out.to_string_lossy())
-        );
-        let pwned = |n: u32| format!("pwned{n}");
-        let versions = [
-            format!("1;touch$IFS{}", pwned(1)),
-            format!("1' ; touch {} ; echo '", pwned(2)),
-            format!("$(touch {})`touch {}`", pwned(3), pwned(4)),
-            format!("1\n touch {} \\' \"", pwned(5)),
-        ];
-        for (i, version) in versions.iter().enumerate() {
-            let image = dir.join(format!("it's a file; $(touch {}) {i}.bin", pwned(6)));
-            let (_, mut command) = shell_command(&template, &image, version);
-            let status = command.current_dir(&dir).status().await.unwrap();
-            assert!(status.success(), "{version:?}");
-            let file = image.to_string_lossy();
-            let expected = format!("{version}\n{file}\n{version}\n{file}\n");
-            assert_eq!(std::fs::read_to_string(&out).unwrap(), expected);
-        }
-        let made: Vec<_> = std::fs::read_dir(&dir)
-            .unwrap()
-            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-            .filter(|n| n.starts_with("pwned"))
-            .collect();
-        assert!(made.is_empty(), "the shell ran injected commands: {made:?}");
-        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
@@ -585,7 +718,15 @@ mod tests {
         })
         .unwrap();
         assert_eq!(a.config.device_name(), "d2", "flags win");
-        assert_eq!(a.installer, Installer::Command("true {file}".into()));
+        assert_eq!(
+            a.backend,
+            Backend::Command {
+                install: "true {file}".into(),
+                commit: None,
+                rollback: None
+            }
+        );
+        assert_eq!(a.state_dir, a.work_dir, "state in the work dir by default");
         assert_eq!(a.window, Some((60, 120)));
         std::fs::write(&cfg, "brokr = \"x\"\n").unwrap();
         let e = resolve(AgentArgs {

@@ -355,11 +355,25 @@ async fn device_agent_installs_into_slots_and_runs_commands() {
     let id = api.create_batch(&req).await.unwrap().batch.id;
     let (code, log) = finish(good).await;
     assert_eq!(code, Some(0), "{log}");
-    assert_eq!(
-        std::fs::read_to_string(slots.join("active")).unwrap(),
-        "a 2.0.0\n"
+    assert!(log.contains("rebooting into it"), "{log}");
+    assert!(std::fs::read(slots.join("b/firmware.bin")).unwrap() == image);
+    let b = api.show_batch(id).await.unwrap();
+    let slotted = b.records.iter().find(|r| r.device == "slotted").unwrap();
+    assert_eq!(slotted.state, "upgrading", "no success before the reboot");
+    // The "reboot": the agent starts again, on the new slot, and commits.
+    let again = agent(
+        &p,
+        &dir,
+        "slotted",
+        &["--install-dir", slots.to_str().unwrap()],
     );
-    assert!(std::fs::read(slots.join("a/firmware.bin")).unwrap() == image);
+    let (code, log) = finish(again).await;
+    assert_eq!(code, Some(0), "{log}");
+    assert!(log.contains("2.0.0 committed"), "{log}");
+    assert_eq!(
+        std::fs::read_to_string(slots.join("booted")).unwrap(),
+        "b 2.0.0\n"
+    );
     assert_eq!(
         std::fs::read_to_string(dir.join("slotted.version")).unwrap(),
         "2.0.0\n"
@@ -406,7 +420,13 @@ async fn device_agent_quotes_the_install_command() {
         copy.display(),
         seen.display()
     );
-    let child = agent_in(&p, &dir, "quoted", &work, &["--install-command", &command]);
+    let child = agent_in(
+        &p,
+        &dir,
+        "quoted",
+        &work,
+        &["--install-command", &command, "--reboot-command", ""],
+    );
     wait_device(&api, "pk", "quoted").await;
     let req = iot_ota_platform::api::CreateBatch {
         product: "pk".into(),
@@ -463,16 +483,134 @@ async fn device_agent_defers_silent_upgrades_to_the_trigger() {
     let b = api.show_batch(id).await.unwrap();
     assert_eq!(b.records[0].state, "upgrading");
     assert!(
-        !slots.join("active").exists(),
+        !slots.join("b").exists(),
         "nothing installed before the trigger"
     );
     std::fs::write(dir.join("quiet-work").join("install-now"), "").unwrap();
     let (code, log) = finish(child).await;
     assert_eq!(code, Some(0), "{log}");
     assert!(log.contains("silent"), "{log}");
+    let again = agent(
+        &p,
+        &dir,
+        "quiet",
+        &["--install-dir", slots.to_str().unwrap()],
+    );
+    let (code, log) = finish(again).await;
+    assert_eq!(code, Some(0), "{log}");
     let b = wait_batch(&api, id, |b| b.state == "completed").await;
     assert_eq!(b.records[0].state, "success");
     assert!(!dir.join("quiet-work").join("install-now").exists());
+    p.shutdown().await;
+}
+
+/// Runs the agent of `name` again and again (each start a boot) until it
+/// exits with something other than a reboot, at most `boots` times; returns
+/// the last exit code and every log.
+async fn boots(
+    p: &Platform,
+    dir: &TempDir,
+    name: &str,
+    extra: &[&str],
+    boots: usize,
+) -> (Option<i32>, String) {
+    let mut all = String::new();
+    for _ in 0..boots {
+        let (code, log) = finish(agent(p, dir, name, extra)).await;
+        all.push_str(&log);
+        let rebooted = log.contains("rebooting");
+        if code != Some(0) || !rebooted {
+            return (code, all);
+        }
+    }
+    (None, all)
+}
+
+/// An image whose health check fails is rolled back with a reboot; one that
+/// crashes the device before it is confirmed is rolled back by the
+/// bootloader. Both records fail with `rolled back`, and the devices inform
+/// the version they run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn device_agent_rolls_back_a_bad_image() {
+    let dir = TempDir::new("cli-rollback");
+    let p = platform(&dir.join("platform")).await;
+    let api = ApiClient::new(&p.api_url()).unwrap();
+    api.add_firmware("pk", "2.0.0", "fw.bin", &random_bytes(40_000, 5))
+        .await
+        .unwrap();
+    let sick_slots = dir.join("sick-slots");
+    let sick = [
+        "--install-dir",
+        sick_slots.to_str().unwrap(),
+        "--health-command",
+        "echo no network >&2; exit 1",
+    ];
+    // The health check kills the agent itself (a crash while confirming);
+    // the bootloader gives the new slot one try.
+    let crash_slots = dir.join("crash-slots");
+    let crash = [
+        "--install-dir",
+        crash_slots.to_str().unwrap(),
+        "--health-command",
+        "kill -9 $PPID",
+        "--boot-limit",
+        "1",
+    ];
+    let first = [
+        agent(&p, &dir, "sick", &sick),
+        agent(&p, &dir, "crash", &crash),
+    ];
+    wait_device(&api, "pk", "sick").await;
+    wait_device(&api, "pk", "crash").await;
+    let req = iot_ota_platform::api::CreateBatch {
+        product: "pk".into(),
+        firmware_version: "2.0.0".into(),
+        ack_timeout_secs: Some(10.0),
+        timeout_secs: Some(60.0),
+        ..Default::default()
+    };
+    let id = api.create_batch(&req).await.unwrap().batch.id;
+    for child in first {
+        let (code, log) = finish(child).await;
+        assert_eq!(code, Some(0), "{log}");
+        assert!(log.contains("rebooting into it"), "{log}");
+    }
+    let (code, log) = boots(&p, &dir, "sick", &sick, 3).await;
+    assert_eq!(code, Some(1), "{log}");
+    assert!(log.contains("rolling back"), "{log}");
+    // The crashing one: killed on its first boot of 2.0.0, then back on 1.0.0.
+    let (code, log) = finish(agent(&p, &dir, "crash", &crash)).await;
+    assert_eq!(code, None, "killed by its health check: {log}");
+    let (code, log) = finish(agent(&p, &dir, "crash", &crash)).await;
+    assert_eq!(code, Some(1), "{log}");
+    let b = wait_batch(&api, id, |b| b.state == "completed").await;
+    for (device, why) in [
+        ("sick", "health check failed"),
+        ("crash", "bootloader fell back to 1.0.0"),
+    ] {
+        let r = b.records.iter().find(|r| r.device == device).unwrap();
+        assert_eq!(
+            (r.state.as_str(), r.reason.as_deref()),
+            ("failed", Some("rolled_back")),
+            "{device}"
+        );
+        assert!(
+            r.desc.starts_with("rolled back: 2.0.0 -> 1.0.0") && r.desc.contains(why),
+            "{device}: {}",
+            r.desc
+        );
+    }
+    for device in ["sick", "crash"] {
+        let d = api.list_devices(Some("pk")).await.unwrap();
+        let d = d.iter().find(|d| d.device == device).unwrap();
+        assert_eq!(d.version, "1.0.0", "{device}");
+    }
+    for slots in [&sick_slots, &crash_slots] {
+        assert_eq!(
+            std::fs::read_to_string(slots.join("booted")).unwrap(),
+            "a 1.0.0\n"
+        );
+    }
     p.shutdown().await;
 }
 

@@ -118,6 +118,15 @@ impl Config {
         &self.firmware_version
     }
 
+    /// The same configuration for a device running `version` (what
+    /// [`crate::lifecycle::Lifecycle::at_start`] found running).
+    pub fn with_firmware_version(mut self, version: &str) -> Result<Self, Error> {
+        protocol::validate_version(version)
+            .map_err(|r| Error::Config(format!("firmware version: {}", r.message)))?;
+        self.firmware_version = version.to_owned();
+        Ok(self)
+    }
+
     /// The device's topics.
     pub fn topics(&self) -> Topics {
         Topics::with_prefix(&self.topic_prefix, &self.product_key, &self.device_name)

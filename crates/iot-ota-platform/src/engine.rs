@@ -146,6 +146,10 @@ pub enum FailReason {
     FlashFailed,
     /// The device reported UPGRADE_FAILED (-1).
     UpgradeFailed,
+    /// The device booted the new image and rolled back (UPGRADE_FAILED
+    /// with a `desc` beginning `rolled back:`, PROTOCOL.md "Install,
+    /// reboot, confirm").
+    RolledBack,
     /// No inform of the target version within the timeout after the first progress,
     /// or no progress at all before the validity period ended.
     UpgradeTimeout,
@@ -155,13 +159,14 @@ pub enum FailReason {
 
 impl FailReason {
     /// Every reason.
-    pub const ALL: [FailReason; 8] = [
+    pub const ALL: [FailReason; 9] = [
         FailReason::PushFailed,
         FailReason::Rejected,
         FailReason::DownloadFailed,
         FailReason::VerifyFailed,
         FailReason::FlashFailed,
         FailReason::UpgradeFailed,
+        FailReason::RolledBack,
         FailReason::UpgradeTimeout,
         FailReason::BatchTerminated,
     ];
@@ -175,6 +180,7 @@ impl FailReason {
             FailReason::VerifyFailed => "verify_failed",
             FailReason::FlashFailed => "flash_failed",
             FailReason::UpgradeFailed => "upgrade_failed",
+            FailReason::RolledBack => "rolled_back",
             FailReason::UpgradeTimeout => "upgrade_timeout",
             FailReason::BatchTerminated => "batch_terminated",
         }
@@ -633,7 +639,10 @@ impl Batch {
         }
         rec.status = Some(p.status.code());
         rec.progress = p.progress.min(100);
-        if let Some(reason) = FailReason::from_status(p.status) {
+        if let Some(mut reason) = FailReason::from_status(p.status) {
+            if reason == FailReason::UpgradeFailed && p.desc.starts_with("rolled back:") {
+                reason = FailReason::RolledBack;
+            }
             let desc = if p.desc.is_empty() {
                 p.status.name().to_owned()
             } else {
@@ -971,6 +980,41 @@ mod tests {
             assert_eq!(r.desc, "boom");
             assert_eq!(r.status, Some(status.code()));
         }
+    }
+
+    #[test]
+    fn a_reboot_keeps_the_record_upgrading_and_a_rollback_fails_it_and_retries() {
+        let mut cfg = config();
+        cfg.retries = 1;
+        cfg.retry_interval_ms = 1_000;
+        let mut b = batch(cfg, &["d1"]);
+        b.poll(T0);
+        b.handle_reply("d1", "b7a1", 200, "", T0 + 1);
+        b.handle_progress("d1", &progress(Status::Upgrading, 100), T0 + 2);
+        // The device is away for its reboot: no event, the record waits.
+        assert!(b.poll(T0 + 5_000).is_empty());
+        assert_eq!(state(&b, "d1"), RecordState::Upgrading);
+        // It comes back on the old version and says why.
+        let mut p = progress(Status::UpgradeFailed, 0);
+        p.desc = "rolled back: 2.0.0 -> 1.0.0: health check failed: no network".into();
+        assert!(b.handle_progress("d1", &p, T0 + 6_000));
+        b.handle_inform("d1", "1.0.0", T0 + 6_001);
+        let r = &b.records["d1"];
+        assert_eq!(
+            (r.state, r.reason, r.desc.as_str()),
+            (
+                RecordState::AwaitingRetry,
+                Some(FailReason::RolledBack),
+                p.desc.as_str()
+            )
+        );
+        assert_eq!(
+            FailReason::parse("rolled_back"),
+            Some(FailReason::RolledBack)
+        );
+        // The retry is pushed like any other.
+        assert_eq!(b.poll(T0 + 7_001).len(), 1);
+        assert_eq!(state(&b, "d1"), RecordState::Pushed);
     }
 
     #[test]
