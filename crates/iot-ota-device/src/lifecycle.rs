@@ -249,7 +249,7 @@ impl<I: Installer> Lifecycle<I> {
                     if reboot {
                         // Still on the bad image: keep the reason, leave it.
                         self.save(next)?;
-                        self.installer.roll_back().map_err(Error::Install)?;
+                        self.installer.roll_back(true).map_err(Error::Install)?;
                         if self.installer.needs_reboot() {
                             self.installer.reboot().map_err(Error::Install)?;
                             return Ok(start(None, Next::Rebooting));
@@ -258,7 +258,7 @@ impl<I: Installer> Lifecycle<I> {
                         verdict = Health::Unknown;
                         continue;
                     }
-                    if let Err(e) = self.installer.roll_back() {
+                    if let Err(e) = self.installer.roll_back(false) {
                         log::error!("rolling back: {e}");
                     }
                     let target = next.target_version.clone();
@@ -423,7 +423,7 @@ mod tests {
             self.calls.push("commit".into());
             Ok(())
         }
-        fn roll_back(&mut self) -> Result<(), String> {
+        fn roll_back(&mut self, _: bool) -> Result<(), String> {
             self.calls.push("rollback".into());
             // Back to the other slot (at the next reboot, or now in place).
             self.trying = true;

@@ -87,7 +87,18 @@ pub(crate) fn run(
     file: Option<&Path>,
     version: &str,
 ) -> Result<(), String> {
-    let (cmd, mut command) = shell_command(template, file, version);
+    let (cmd, command) = shell_command(template, file, version);
+    finish(step, cmd, command)
+}
+
+/// [`run`] with no file and extra environment variables.
+fn run_with(step: &str, template: &str, version: &str, env: &[(&str, &str)]) -> Result<(), String> {
+    let (cmd, mut command) = shell_command(template, None, version);
+    command.envs(env.iter().copied());
+    finish(step, cmd, command)
+}
+
+fn finish(step: &str, cmd: String, mut command: Command) -> Result<(), String> {
     log::info!("{step}: running {cmd:?}");
     let out = command
         .stdout(Stdio::null())
@@ -165,9 +176,17 @@ impl Installer for CommandHooks {
         }
     }
 
-    fn roll_back(&mut self) -> Result<(), String> {
+    /// Runs the rollback command; `OTA_NEW_IMAGE_RUNNING` is `1` when the
+    /// bad image runs (its health check failed), `0` when the old one does.
+    fn roll_back(&mut self, new_image_running: bool) -> Result<(), String> {
+        let flag = if new_image_running { "1" } else { "0" };
         match &self.rollback {
-            Some(cmd) => run("rollback", cmd, None, &self.running),
+            Some(cmd) => run_with(
+                "rollback",
+                cmd,
+                &self.running,
+                &[("OTA_NEW_IMAGE_RUNNING", flag)],
+            ),
             None => Ok(()),
         }
     }
@@ -295,7 +314,7 @@ mod tests {
             hooks.health_check(),
             Health::Bad("health check command exited with status 4: sick".into())
         );
-        hooks.roll_back().unwrap();
+        hooks.roll_back(true).unwrap();
         hooks.commit().unwrap();
         assert_eq!(
             std::fs::read_to_string(dir.join("log")).unwrap(),

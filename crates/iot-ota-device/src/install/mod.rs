@@ -73,7 +73,9 @@ pub trait Installer: Send {
 
     /// Gives up on the new slot: marks it bad so that the next boot (or
     /// the one the caller asks for) runs the old one again.
-    fn roll_back(&mut self) -> Result<(), String>;
+    /// `new_image_running` tells whether the bad image runs now (its health
+    /// check failed) or the old one already does (the bootloader fell back).
+    fn roll_back(&mut self, new_image_running: bool) -> Result<(), String>;
 }
 
 impl<T: Installer + ?Sized> Installer for Box<T> {
@@ -103,7 +105,7 @@ impl<T: Installer + ?Sized> Installer for Box<T> {
     fn commit(&mut self) -> Result<(), String> {
         (**self).commit()
     }
-    fn roll_back(&mut self) -> Result<(), String> {
-        (**self).roll_back()
+    fn roll_back(&mut self, new_image_running: bool) -> Result<(), String> {
+        (**self).roll_back(new_image_running)
     }
 }

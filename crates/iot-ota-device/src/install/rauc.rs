@@ -34,8 +34,6 @@ pub struct Rauc {
     factory_version: String,
     reboot: Option<String>,
     health: Option<String>,
-    /// Set by a rollback when the booted slot is the new one.
-    booted_is_new: bool,
 }
 
 /// What `rauc status` says of the booted slot.
@@ -57,7 +55,6 @@ impl Rauc {
             factory_version: factory_version.into(),
             reboot: Some(DEFAULT_REBOOT.to_owned()),
             health: None,
-            booted_is_new: false,
         }
     }
 
@@ -174,7 +171,6 @@ impl Installer for Rauc {
     }
 
     fn health_check(&mut self) -> Health {
-        self.booted_is_new = true;
         match &self.health {
             Some(cmd) => match run("health check", cmd, None, "") {
                 Ok(()) => Health::Good,
@@ -188,8 +184,8 @@ impl Installer for Rauc {
         self.rauc(&["status", "mark-good", "booted"]).map(drop)
     }
 
-    fn roll_back(&mut self) -> Result<(), String> {
-        if self.booted_is_new {
+    fn roll_back(&mut self, new_image_running: bool) -> Result<(), String> {
+        if new_image_running {
             // The new slot runs and is bad: the bootloader must leave it.
             self.rauc(&["status", "mark-bad", "booted"]).map(drop)
         } else {

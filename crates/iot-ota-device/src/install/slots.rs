@@ -260,7 +260,7 @@ impl Installer for SlotDirs {
         self.save()
     }
 
-    fn roll_back(&mut self) -> Result<(), String> {
+    fn roll_back(&mut self, _new_image_running: bool) -> Result<(), String> {
         self.state.trying = None;
         self.state.tries = 0;
         self.save()
@@ -339,7 +339,7 @@ mod tests {
         install(&mut s, "4.0", &d);
         let mut s = SlotDirs::boot(&d, "1.0", 2).unwrap();
         assert_eq!(s.running_version().unwrap(), "4.0");
-        s.roll_back().unwrap();
+        s.roll_back(true).unwrap();
         let mut s = SlotDirs::boot(&d, "1.0", 2).unwrap();
         assert_eq!(s.running_version().unwrap(), "2.0");
         let _ = std::fs::remove_dir_all(&d);
