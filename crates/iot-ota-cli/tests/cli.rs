@@ -890,7 +890,7 @@ async fn device_agent_installs_with_rauc() {
     );
     let state = std::fs::read_to_string(rauc.dir.join("bootloader.state")).unwrap();
     assert!(
-        state.lines().filter(|l| l.starts_with("primary=")).last() == Some("primary=B"),
+        state.lines().rfind(|l| l.starts_with("primary=")) == Some("primary=B"),
         "{state}"
     );
     p.shutdown().await;
