@@ -594,9 +594,16 @@ pub async fn run(args: AgentArgs) -> Result<ExitCode, String> {
     if let Some(why) = &start.set_aside {
         eprintln!("iot-ota device: {why}; it was set aside");
     }
-    if start.next == Next::Rebooting {
-        eprintln!("iot-ota device: rebooting (rolling back)");
-        return Ok(ExitCode::SUCCESS);
+    match start.next {
+        Next::Rebooting => {
+            eprintln!("iot-ota device: rebooting into the new image again");
+            return Ok(ExitCode::SUCCESS);
+        }
+        Next::RollingBack => {
+            eprintln!("iot-ota device: rebooting (rolling back)");
+            return Ok(ExitCode::SUCCESS);
+        }
+        _ => {}
     }
     let mut config = agent
         .config

@@ -27,8 +27,8 @@
 //! let slots = SlotDirs::boot("/data/slots", "1.0.0", 3).map_err(iot_ota_device::Error::Install)?;
 //! let mut life = Lifecycle::open("/data/ota-state", slots)?;
 //! let start = life.at_start(None)?;
-//! if let Next::Rebooting = start.next {
-//!     return Ok(()); // a rollback asked for a reboot into the old slot
+//! if let Next::Rebooting | Next::RollingBack = start.next {
+//!     return Ok(()); // a reboot was asked for: into the new image, or back
 //! }
 //! let mut config = Config::new("mqtt://127.0.0.1:1883", "pk", "dev1", &start.running)?;
 //! if let Some(report) = start.report {
@@ -79,9 +79,12 @@ pub enum Next {
     /// The image was downloaded and verified, the install was cut off:
     /// install it again (download it again if the image is gone).
     Install(Firmware),
-    /// A reboot was asked for (into the new image, or back to the old one):
-    /// stop; the next start goes on.
+    /// A reboot into the installed image was asked for: stop; the next
+    /// start goes on.
     Rebooting,
+    /// The new image is unhealthy: the installer rolled back and a reboot
+    /// into the old image was asked for: stop; the next start reports it.
+    RollingBack,
 }
 
 /// How an install ended.
@@ -252,7 +255,7 @@ impl<I: Installer> Lifecycle<I> {
                         self.installer.roll_back(true).map_err(Error::Install)?;
                         if self.installer.needs_reboot() {
                             self.installer.reboot().map_err(Error::Install)?;
-                            return Ok(start(None, Next::Rebooting));
+                            return Ok(start(None, Next::RollingBack));
                         }
                         // Rolled back in place: decide again on what runs now.
                         verdict = Health::Unknown;
@@ -494,7 +497,7 @@ mod tests {
         life.installer().reboot_now();
         life.installer().health = Some("no network".into());
         let start = life.at_start(None).unwrap();
-        assert_eq!((start.report, start.next), (None, Next::Rebooting));
+        assert_eq!((start.report, start.next), (None, Next::RollingBack));
         life.installer().reboot_now();
         let start = life.at_start(None).unwrap();
         assert_eq!(start.running, "1.0");
@@ -524,7 +527,7 @@ mod tests {
             Health::Bad("the app's own check".into())
         };
         let start = life.at_start(Some(&mut check)).unwrap();
-        assert_eq!(start.next, Next::Rebooting);
+        assert_eq!(start.next, Next::RollingBack);
         assert_eq!(seen, ["2.0"]);
         let _ = std::fs::remove_dir_all(&d);
     }

@@ -3,15 +3,18 @@
  *
  *   ota_example --broker mqtt://HOST:PORT --product-key PK --device-name DN
  *               --firmware-version V --output-dir DIR
- *               [--username U] [--password P] [--ca-file F] [--once]
+ *               [--state-dir S] [--username U] [--password P] [--ca-file F] [--once]
  *
- * Creates and connects the MQTT instance, iot_ota_init(), reports version V,
- * then yields until an upgrade arrives. Each upgrade is fetched with
- * iot_ota_fetch_yield() (5000-byte buffer, 1 s timeout) into
- * DIR/firmware-<version>.bin.part; once the library has verified size and
- * digest the file is synced and renamed to DIR/firmware-<version>.bin, then
- * UPGRADING and SUCCESS are reported and the new version informed. A failed
- * download (already reported by the library) removes the part file. With
+ * Creates and connects the MQTT instance, iot_ota_init(), keeps the upgrade
+ * journal in S (default DIR) and makes the start-up decision
+ * (iot_ota_boot_confirm: a download cut off by a crash resumes), reports
+ * version V, then yields until an upgrade arrives. Each upgrade is fetched
+ * with iot_ota_fetch_yield() (5000-byte buffer, 1 s timeout) into
+ * S/firmware-<version>.bin.part; once the library has verified size and
+ * digest the file is synced and renamed to DIR/firmware-<version>.bin (the
+ * "install": it needs no reboot, so iot_ota_install_done(ota, 0) commits it
+ * and reports SUCCESS), then the new version is informed. A failed download
+ * (already reported by the library) removes the part file. With
  * --once the program exits after the first upgrade: 0 on success, 1 on
  * failure (the Rust example's codes); 64 for bad usage.
  */
@@ -37,6 +40,7 @@ struct args {
     const char *device_name;
     const char *firmware_version;
     const char *output_dir;
+    const char *state_dir;
     const char *username;
     const char *password;
     const char *ca_file;
@@ -47,7 +51,7 @@ static void usage(void)
 {
     fprintf(stderr,
             "usage: ota_example --broker mqtt://HOST:PORT --product-key PK --device-name DN "
-            "--firmware-version V --output-dir DIR [--username U] [--password P] "
+            "--firmware-version V --output-dir DIR [--state-dir S] [--username U] [--password P] "
             "[--ca-file F] [--once]\n");
 }
 
@@ -67,6 +71,7 @@ static int parse_args(int argc, char **argv, struct args *a)
         else if (strcmp(flag, "--device-name") == 0) slot = &a->device_name;
         else if (strcmp(flag, "--firmware-version") == 0) slot = &a->firmware_version;
         else if (strcmp(flag, "--output-dir") == 0) slot = &a->output_dir;
+        else if (strcmp(flag, "--state-dir") == 0) slot = &a->state_dir;
         else if (strcmp(flag, "--username") == 0) slot = &a->username;
         else if (strcmp(flag, "--password") == 0) slot = &a->password;
         else if (strcmp(flag, "--ca-file") == 0) slot = &a->ca_file;
@@ -86,6 +91,7 @@ static int parse_args(int argc, char **argv, struct args *a)
                         "--firmware-version and --output-dir are required\n");
         return -1;
     }
+    if (!a->state_dir) a->state_dir = a->output_dir;
     return 0;
 }
 
@@ -119,7 +125,8 @@ static int parse_broker(const char *url, char *host, size_t host_len, iot_mqtt_c
 
 /* Downloads, verifies, installs (renames into place) and reports one upgrade.
  * Returns 0 on success. `version` receives the new version on success. */
-static int upgrade(void *ota, const char *dir, char *version, size_t version_len)
+static int upgrade(void *ota, const char *dir, const char *state_dir, char *version,
+                   size_t version_len)
 {
     iot_ota_firmware_t fw;
     int rc = iot_ota_get_firmware(ota, &fw);
@@ -131,7 +138,7 @@ static int upgrade(void *ota, const char *dir, char *version, size_t version_len
             (unsigned long long)fw.size, fw.sign_method, fw.url,
             fw.policy[0] ? fw.policy : "(asked)");
 
-    size_t path_len = strlen(dir) + strlen(fw.version) + 32;
+    size_t path_len = strlen(dir) + strlen(state_dir) + strlen(fw.version) + 32;
     char *path = malloc(path_len);
     char *part = malloc(path_len);
     char *buf = malloc(BUF_SIZE);
@@ -143,7 +150,7 @@ static int upgrade(void *ota, const char *dir, char *version, size_t version_len
         goto done;
     }
     snprintf(path, path_len, "%s/firmware-%s.bin", dir, fw.version);
-    snprintf(part, path_len, "%s.part", path);
+    snprintf(part, path_len, "%s/firmware-%s.bin.part", state_dir, fw.version);
     /* After a crash, keep what an earlier run wrote: the library says how
      * much of the part file is this same firmware's, hashes it again, and
      * fetches only the rest. */
@@ -216,7 +223,14 @@ static int upgrade(void *ota, const char *dir, char *version, size_t version_len
     }
     fprintf(stderr, "installing %s\n", path);
     iot_ota_report_progress(ota, IOT_OTA_STATUS_UPGRADING, 100);
-    iot_ota_report_progress(ota, IOT_OTA_STATUS_SUCCESS, 100);
+    /* Written in place, it runs at once: no reboot, so this commits the
+     * upgrade and reports SUCCESS 100. */
+    rc = iot_ota_install_done(ota, 0);
+    if (rc != IOT_OTA_BOOT_COMMITTED) {
+        fprintf(stderr, "committing %s failed: %s\n", fw.version,
+                rc < 0 ? iot_ota_strerror(rc) : "rolled back");
+        goto done;
+    }
     rc = iot_ota_report_firmware_version(ota, fw.version);
     if (rc != 0) {
         fprintf(stderr, "reporting the version failed: %s\n", iot_ota_strerror(rc));
@@ -244,6 +258,10 @@ int main(int argc, char **argv)
     }
     if (mkdir(a.output_dir, 0755) != 0 && errno != EEXIST) {
         fprintf(stderr, "ota_example: cannot create %s: %s\n", a.output_dir, strerror(errno));
+        return 1;
+    }
+    if (mkdir(a.state_dir, 0755) != 0 && errno != EEXIST) {
+        fprintf(stderr, "ota_example: cannot create %s: %s\n", a.state_dir, strerror(errno));
         return 1;
     }
 
@@ -294,6 +312,19 @@ int main(int argc, char **argv)
     }
     char version[IOT_OTA_VERSION_MAX + 1];
     snprintf(version, sizeof(version), "%s", a.firmware_version);
+    /* Before the first inform: what the journal's upgrade needs. This
+     * program installs in place (no reboot, no slots), so the answers that
+     * matter are "resumed" (a crash cut a download: it goes on) and "idle". */
+    rc = iot_ota_set_state_dir(ota, a.state_dir);
+    if (rc == 0) rc = iot_ota_boot_confirm(ota, version, 1);
+    if (rc < 0) {
+        fprintf(stderr, "ota_example: upgrade journal in %s: %s\n", a.state_dir,
+                iot_ota_strerror(rc));
+        goto out;
+    }
+    if (rc == IOT_OTA_BOOT_RESUMED) fprintf(stderr, "going on with the upgrade a crash cut off\n");
+    if (rc == IOT_OTA_BOOT_COMMITTED) fprintf(stderr, "upgrade to %s committed\n", version);
+    if (rc == IOT_OTA_BOOT_ROLLED_BACK) fprintf(stderr, "upgrade rolled back\n");
     rc = iot_ota_report_firmware_version(ota, version);
     if (rc != 0) {
         fprintf(stderr, "ota_example: cannot report version %s: %s\n", version,
@@ -313,7 +344,7 @@ int main(int argc, char **argv)
                 goto out;
             }
         }
-        int ok = upgrade(ota, a.output_dir, version, sizeof(version)) == 0;
+        int ok = upgrade(ota, a.output_dir, a.state_dir, version, sizeof(version)) == 0;
         if (a.once) {
             exit_code = ok ? 0 : 1;
             break;

@@ -209,6 +209,59 @@ int64_t iot_ota_fetched_size(void *handle);
  * once known; 0 when unknown or with no upgrade), or IOT_OTA_ERR_INVALID_PARAM. */
 int64_t iot_ota_file_size(void *handle);
 
+/* ---- extras: install, reboot, confirm (docs/c-api.md, PROTOCOL.md) ----
+ *
+ * An upgrade counts as done only once the device runs the new image and it
+ * is healthy. With a state directory, the library keeps an upgrade journal
+ * there (atomic, checksummed): each accepted upgrade, its download, the
+ * install, the reboot. At every start:
+ *
+ *   iot_ota_set_state_dir(ota, "/data/ota");
+ *   switch (iot_ota_boot_confirm(ota, running_version, my_checks_pass)) {
+ *   case IOT_OTA_BOOT_REBOOT:    reboot();                      break;
+ *   case IOT_OTA_BOOT_ROLL_BACK: switch_to_old_slot(); reboot(); break;
+ *   default: break;  (committed, rolled back: reported; resumed: fetching)
+ *   }
+ *   iot_ota_report_firmware_version(ota, running_version);
+ *
+ * and after installing a verified image: iot_ota_install_done(ota, 1) and
+ * reboot (or iot_ota_install_done(ota, 0) when it runs at once). */
+
+typedef enum {
+    IOT_OTA_BOOT_IDLE = 0,        /* nothing pending */
+    IOT_OTA_BOOT_COMMITTED = 1,   /* committed: SUCCESS 100 goes out before the inform */
+    IOT_OTA_BOOT_ROLLED_BACK = 2, /* UPGRADE_FAILED "rolled back: ..." goes out before the inform */
+    IOT_OTA_BOOT_REBOOT = 3,      /* reboot now into the installed image */
+    IOT_OTA_BOOT_ROLL_BACK = 4,   /* the new image is unhealthy: switch back to the old slot, reboot */
+    IOT_OTA_BOOT_RESUMED = 5      /* a cut download or install: fetching again; install it when done */
+} iot_ota_boot_t;
+
+/* Keeps the upgrade journal and the security counter in state_dir (created
+ * if missing). Once, before iot_ota_boot_confirm(). Returns 0;
+ * IOT_OTA_ERR_INVALID_PARAM (bad handle or path); IOT_OTA_ERR_INVALID_STATE
+ * (already set); IOT_OTA_ERR_GENERAL (cannot create it). */
+int iot_ota_set_state_dir(void *handle, const char *state_dir);
+
+/* The start-up decision, at every start, before
+ * iot_ota_report_firmware_version(). healthy: 1 when the application's own
+ * checks pass on this boot, 0 when not (used only when this boot runs a
+ * new, unconfirmed image; too many unconfirmed boots roll back too).
+ * Returns an iot_ota_boot_t; IOT_OTA_ERR_INVALID_STATE without a state
+ * directory; IOT_OTA_ERR_INVALID_PARAM (bad handle or version);
+ * IOT_OTA_ERR_GENERAL (the journal cannot be written). An unreadable
+ * journal is set aside (journal.unreadable-<time>) and never read as a
+ * success. */
+int iot_ota_boot_confirm(void *handle, const char *running_version, int healthy);
+
+/* The application has installed the verified image of the current upgrade.
+ * reboot 1: journaled; returns IOT_OTA_BOOT_REBOOT: reboot into it, the next
+ * start's iot_ota_boot_confirm() commits it. reboot 0: the image runs at
+ * once: committed, SUCCESS 100 reported, returns IOT_OTA_BOOT_COMMITTED:
+ * inform the new version. IOT_OTA_ERR_INVALID_STATE without a state
+ * directory or a verified download; IOT_OTA_ERR_INVALID_PARAM (bad handle);
+ * IOT_OTA_ERR_GENERAL (the journal cannot be written). */
+int iot_ota_install_done(void *handle, int reboot);
+
 #endif /* DEVICE_OTA */
 
 #ifdef __cplusplus

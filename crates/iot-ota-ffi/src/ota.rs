@@ -15,6 +15,8 @@ use std::time::{Duration, Instant};
 use iot_ota_core::protocol::MAX_VERSION_LEN;
 use iot_ota_core::{Config, Event, FetchError, FetchState, Firmware, Ota, Status, Verified};
 use iot_ota_device::http::HttpOptions;
+use iot_ota_device::install::Application;
+use iot_ota_device::lifecycle::{Installed, Lifecycle, Next, Start};
 use iot_ota_device::{Download, DownloadOptions, ReadAhead, ReadAheadPoll, Session};
 
 use crate::mqtt::{Mqtt, MQTTS};
@@ -78,6 +80,9 @@ struct OtaState {
     download: Option<Job>,
     /// When `iot_ota_fetch_yield` last let the MQTT task run.
     serviced: Option<Instant>,
+    /// The upgrade journal, once `iot_ota_set_state_dir` has named its
+    /// directory.
+    life: Option<Lifecycle<Application>>,
 }
 
 /// The download of an upgrade, before and after the first `iot_ota_fetch_yield`.
@@ -178,10 +183,16 @@ impl OtaHandle {
         let events: Vec<Event> = lock(&self.events).drain(..).collect();
         for event in events {
             match event {
-                Event::Upgrade(cmd) => self.start(st, cmd.firmware),
+                Event::Upgrade(cmd) => {
+                    self.journal_begin(st, &cmd.firmware, &cmd.msg_id);
+                    self.start(st, cmd.firmware)
+                }
                 Event::FirmwareInfo(reply) => match reply.result {
                     Ok(fw) => match self.session.with(|ota| ota.accept_firmware(&fw)) {
-                        Ok(()) => self.start(st, fw),
+                        Ok(()) => {
+                            self.journal_begin(st, &fw, &reply.msg_id);
+                            self.start(st, fw)
+                        }
                         Err(e) => log::warn!("firmware {} not started: {e}", fw.version),
                     },
                     Err(e) => log::info!("firmware get {}: {} {}", reply.msg_id, e.code, e.message),
@@ -192,6 +203,38 @@ impl OtaHandle {
                 Event::GetTimedOut { msg_id, version } => {
                     log::warn!("firmware get {msg_id} for {version}: no reply")
                 }
+            }
+        }
+    }
+
+    /// Journals a new upgrade (with a state directory).
+    fn journal_begin(&self, st: &mut OtaState, firmware: &Firmware, msg_id: &str) {
+        if let Some(life) = st.life.as_mut() {
+            let from = self.session.version();
+            if let Err(e) = life.begin(&from, firmware, msg_id, None) {
+                log::error!("journaling the upgrade to {}: {e}", firmware.version);
+            }
+        }
+    }
+
+    /// Journals the end of a failed download, once.
+    fn journal_failure(st: &mut OtaState) {
+        let failed = match (&st.download, &st.life) {
+            (Some(job), Some(life)) => {
+                life.journal().is_some_and(|j| {
+                    j.phase == iot_ota_core::journal::Phase::Downloading
+                        && j.target_version == job.firmware().version
+                }) && matches!(job.outcome(), Some(Err(_)))
+            }
+            _ => false,
+        };
+        if failed {
+            if let (Some(job), Some(life)) = (&st.download, st.life.as_mut()) {
+                let why = match job.outcome() {
+                    Some(Err(e)) => e.to_string(),
+                    _ => String::new(),
+                };
+                let _ = life.failed(&why);
             }
         }
     }
@@ -218,6 +261,7 @@ impl OtaHandle {
     fn state(&self) -> std::sync::MutexGuard<'_, OtaState> {
         let mut st = lock(&self.state);
         self.sync(&mut st);
+        Self::journal_failure(&mut st);
         st
     }
 
@@ -873,4 +917,192 @@ mod tests {
         };
         assert_eq!(fetch_error_code(&short), IOT_OTA_ERR_FETCH_FAILED);
     }
+}
+
+// ---- install, reboot, confirm (PROTOCOL.md) ----
+
+/// `iot_ota_boot_t`: nothing is pending: inform the running version.
+pub const IOT_OTA_BOOT_IDLE: c_int = 0;
+/// The upgrade to the running version is committed: SUCCESS (4) 100 goes
+/// out before the inform. Mark your slot good if your bootloader needs it.
+pub const IOT_OTA_BOOT_COMMITTED: c_int = 1;
+/// The upgrade was rolled back: UPGRADE_FAILED (-1) `rolled back: ...` goes
+/// out before the inform of the running (old) version.
+pub const IOT_OTA_BOOT_ROLLED_BACK: c_int = 2;
+/// Reboot now: the installed image has not booted yet.
+pub const IOT_OTA_BOOT_REBOOT: c_int = 3;
+/// The running new image is unhealthy: switch back to the old slot and
+/// reboot; the next start reports the rollback.
+pub const IOT_OTA_BOOT_ROLL_BACK: c_int = 4;
+/// A download or install was cut off: the upgrade is the current one again
+/// (state fetching): fetch it (`iot_ota_fetch_resume` keeps your part
+/// file's bytes) and install it.
+pub const IOT_OTA_BOOT_RESUMED: c_int = 5;
+
+/// The code of a settled start.
+fn boot_code(start: &Start) -> c_int {
+    match (&start.next, &start.report) {
+        (Next::Rebooting, _) => IOT_OTA_BOOT_REBOOT,
+        (Next::RollingBack, _) => IOT_OTA_BOOT_ROLL_BACK,
+        (_, Some(r)) if r.status == Status::Success => IOT_OTA_BOOT_COMMITTED,
+        (_, Some(_)) => IOT_OTA_BOOT_ROLLED_BACK,
+        (Next::Resume(_) | Next::Install(_), None) => IOT_OTA_BOOT_RESUMED,
+        (Next::Idle, None) => IOT_OTA_BOOT_IDLE,
+    }
+}
+
+/// `int iot_ota_set_state_dir(void *handle, const char *state_dir)`: keeps
+/// the upgrade journal and the security counter in `state_dir` (created if
+/// missing). Call once, before `iot_ota_boot_confirm`. Returns 0;
+/// `IOT_OTA_ERR_INVALID_PARAM` for a bad handle or path;
+/// `IOT_OTA_ERR_INVALID_STATE` when already set; `IOT_OTA_ERR_GENERAL` when
+/// the directory cannot be made.
+///
+/// # Safety
+/// `state_dir` is NULL or a NUL-terminated string (copied).
+#[no_mangle]
+pub unsafe extern "C" fn iot_ota_set_state_dir(
+    handle: *mut c_void,
+    state_dir: *const c_char,
+) -> c_int {
+    guard(IOT_OTA_ERR_GENERAL, || {
+        code((|| {
+            let h = OTAS.get(handle).ok_or(IOT_OTA_ERR_INVALID_PARAM)?;
+            // SAFETY: the caller's contract.
+            let dir = unsafe { c_str(state_dir) }?;
+            if dir.is_empty() {
+                return Err(IOT_OTA_ERR_INVALID_PARAM);
+            }
+            let mut st = h.state();
+            if st.life.is_some() {
+                return Err(IOT_OTA_ERR_INVALID_STATE);
+            }
+            let life = Lifecycle::open(dir, Application::default()).map_err(|e| {
+                log::error!("iot_ota_set_state_dir: {e}");
+                IOT_OTA_ERR_GENERAL
+            })?;
+            st.life = Some(life);
+            Ok(IOT_OTA_ERR_NONE)
+        })())
+    })
+}
+
+/// `int iot_ota_boot_confirm(void *handle, const char *running_version, int healthy)`:
+/// the start-up decision, at every start, after `iot_ota_set_state_dir` and
+/// before `iot_ota_report_firmware_version`. `healthy` is 1 when the
+/// application's own checks pass on this boot, 0 when not (used only when
+/// this boot runs a new, unconfirmed image). Returns an `iot_ota_boot_t`;
+/// `IOT_OTA_ERR_INVALID_STATE` without a state directory;
+/// `IOT_OTA_ERR_INVALID_PARAM` for a bad handle or version;
+/// `IOT_OTA_ERR_GENERAL` when the journal cannot be written.
+///
+/// # Safety
+/// `running_version` is NULL or a NUL-terminated string (copied).
+#[no_mangle]
+pub unsafe extern "C" fn iot_ota_boot_confirm(
+    handle: *mut c_void,
+    running_version: *const c_char,
+    healthy: c_int,
+) -> c_int {
+    guard(IOT_OTA_ERR_GENERAL, || {
+        code((|| {
+            let h = live(handle)?;
+            // SAFETY: the caller's contract.
+            let running = unsafe { version_arg(running_version) }?;
+            iot_ota_core::protocol::validate_version(running)
+                .map_err(|_| IOT_OTA_ERR_INVALID_PARAM)?;
+            let mut st = h.state();
+            let life = st.life.as_mut().ok_or(IOT_OTA_ERR_INVALID_STATE)?;
+            // The application reboots when told to (REBOOT, ROLL_BACK).
+            *life.installer() = Application {
+                running: running.to_owned(),
+                reboot: true,
+            };
+            let mut verdict = |_: &str| {
+                if healthy != 0 {
+                    iot_ota_core::journal::Health::Good
+                } else {
+                    iot_ota_core::journal::Health::Bad(
+                        "the application's health check failed".into(),
+                    )
+                }
+            };
+            let start = life.at_start(Some(&mut verdict)).map_err(|e| {
+                log::error!("iot_ota_boot_confirm: {e}");
+                IOT_OTA_ERR_GENERAL
+            })?;
+            if let Some(report) = &start.report {
+                h.session
+                    .with(|ota| ota.report_at_start(report.clone()))
+                    .map_err(|_| IOT_OTA_ERR_INVALID_PARAM)?;
+            }
+            let code = boot_code(&start);
+            if let Next::Resume(fw) | Next::Install(fw) = start.next {
+                // As a firmware reply would: the download starts again.
+                if let Some(life) = st.life.as_mut() {
+                    let j = life.journal().cloned();
+                    if let Some(j) = j {
+                        let _ = life.begin(&j.from_version, &fw, &j.msg_id, j.pending_counter);
+                    }
+                }
+                h.session
+                    .with(|ota| ota.accept_firmware(&fw))
+                    .map_err(|_| IOT_OTA_ERR_INVALID_STATE)?;
+                h.start(&mut st, fw);
+            }
+            Ok(code)
+        })())
+    })
+}
+
+/// `int iot_ota_install_done(void *handle, int reboot)`: the application
+/// has installed the verified image of the current upgrade. With `reboot`
+/// 1, the journal says so and the call returns `IOT_OTA_BOOT_REBOOT`:
+/// reboot into it; the next start's `iot_ota_boot_confirm` commits it.
+/// With 0, the image runs at once (a file written, an application updated
+/// in place): the upgrade is committed, SUCCESS (4) 100 is reported, and
+/// the call returns `IOT_OTA_BOOT_COMMITTED`: inform the new version.
+/// `IOT_OTA_ERR_INVALID_STATE` without a state directory or a verified
+/// download; `IOT_OTA_ERR_INVALID_PARAM` for a bad handle;
+/// `IOT_OTA_ERR_GENERAL` when the journal cannot be written.
+///
+/// # Safety
+/// Any pointer value is accepted; only live handles are used.
+#[no_mangle]
+pub unsafe extern "C" fn iot_ota_install_done(handle: *mut c_void, reboot: c_int) -> c_int {
+    guard(IOT_OTA_ERR_GENERAL, || {
+        code((|| {
+            let h = live(handle)?;
+            let mut st = h.state();
+            let verified = st
+                .download
+                .as_ref()
+                .is_some_and(|d| matches!(d.outcome(), Some(Ok(_))));
+            let life = st.life.as_mut().ok_or(IOT_OTA_ERR_INVALID_STATE)?;
+            if !verified {
+                return Err(IOT_OTA_ERR_INVALID_STATE);
+            }
+            let general = |e: iot_ota_device::Error| {
+                log::error!("iot_ota_install_done: {e}");
+                IOT_OTA_ERR_GENERAL
+            };
+            life.downloaded().map_err(general)?;
+            life.installer().running = h.session.version();
+            life.installer().reboot = reboot != 0;
+            let installed = life
+                .install(std::path::Path::new(""), None, &mut |_| {})
+                .map_err(general)?;
+            match installed {
+                Installed::Rebooting => Ok(IOT_OTA_BOOT_REBOOT),
+                Installed::Settled(start) => {
+                    if let Some(r) = &start.report {
+                        h.session
+                            .with(|ota| ota.report_progress(r.status, r.progress, &r.desc))
+                            .map_err(|_| IOT_OTA_ERR_INVALID_PARAM)?;
+                    }
+                    Ok(boot_code(&start))
+                }
+            }
+        })())
+    })
 }

@@ -870,14 +870,23 @@ fn example_resumes_after_kill_9() {
     let _ = child.wait();
     let kept = std::fs::metadata(&part).unwrap().len();
     rig.files.clear_requests();
-    // Restarted, as systemd would; the platform pushes the upgrade again.
-    let child = spawn(&example_program(), &example_args(&rig, dev));
+    // Restarted, as systemd would: the journal says an upgrade was cut off,
+    // and it goes on by itself, with no new command.
     rig.wire.clear();
-    rig.expect_version(dev, "inform", "1.0.0");
-    rig.push(dev, command("k2", "2.0.0", &url, &body, None));
+    let child = spawn(&example_program(), &example_args(&rig, dev));
     let exit = wait_exit(child, WAIT);
     assert_success(&exit);
+    assert!(
+        exit.stderr.contains("going on with the upgrade"),
+        "{}",
+        exit.stderr
+    );
     assert!(exit.stderr.contains("resuming"), "{}", exit.stderr);
+    assert_eq!(
+        rig.statuses(dev).last(),
+        Some(&(4, 100)),
+        "SUCCESS at the end"
+    );
     let out = rig.dir.path().join(dev);
     assert!(std::fs::read(out.join("firmware-2.0.0.bin")).unwrap() == body);
     assert!(!out.join("firmware-2.0.0.bin.part.meta").exists());
@@ -893,6 +902,113 @@ fn example_resumes_after_kill_9() {
         "{from} of {kept}"
     );
     rig.expect_version(dev, "inform", "2.0.0");
+}
+
+/// One start of the C "device" (c_api_test boot): the start-up decision
+/// (`boot=N`) and, with `upgrade`, one upgrade installed for a reboot.
+fn boot(rig: &Rig, dev: &str, running: &str, healthy: bool, upgrade: bool) -> Exit {
+    let mut args = vec!["boot".to_string()];
+    args.extend(rig.args(dev));
+    let state = rig.dir.path().join(format!("{dev}-state"));
+    args.extend([
+        state.display().to_string(),
+        running.into(),
+        if healthy { "1" } else { "0" }.into(),
+        if upgrade { "upgrade" } else { "start" }.into(),
+    ]);
+    let exit = wait_exit(spawn(&c_test_program(), &args), WAIT);
+    assert_success(&exit);
+    exit
+}
+
+/// The C API's install, reboot, confirm: a "reboot" is a restart of the
+/// process. A healthy new image is committed at its first start, with
+/// SUCCESS before the inform; an unhealthy one is rolled back: the first
+/// start asks for the switch back (4), the next one, on the old version,
+/// reports `rolled back: 2.0.0 -> 1.0.0`. An image that never boots (the
+/// device keeps starting on the old version) gives up after three tries.
+#[test]
+fn boot_confirm_commits_or_rolls_back_across_restarts() {
+    let rig = Rig::new();
+    let body = random_bytes(60_000, 41);
+    let url = rig.files.add("/boot.bin", Route::file(body.clone()));
+    for dev in ["cgood", "cbad", "cnever"] {
+        let child = {
+            let mut args = vec!["boot".to_string()];
+            args.extend(rig.args(dev));
+            let state = rig.dir.path().join(format!("{dev}-state"));
+            args.extend([
+                state.display().to_string(),
+                "1.0.0".into(),
+                "1".into(),
+                "upgrade".into(),
+            ]);
+            spawn(&c_test_program(), &args)
+        };
+        rig.expect_version(dev, "inform", "1.0.0");
+        rig.push_until_acked(dev, || command("b1", "2.0.0", &url, &body, None));
+        let exit = wait_exit(child, WAIT);
+        assert_success(&exit);
+        assert!(
+            exit.stdout.contains("boot=0") && exit.stdout.contains("installed=3"),
+            "{}",
+            exit.stdout
+        );
+    }
+    // Healthy on 2.0.0: committed.
+    rig.wire.clear();
+    let exit = boot(&rig, "cgood", "2.0.0", true, false);
+    assert!(exit.stdout.contains("boot=1"), "{}", exit.stdout);
+    rig.expect_version("cgood", "inform", "2.0.0");
+    assert_eq!(rig.statuses("cgood"), [(4, 100)]);
+    let progress = rig.all("cgood", "progress");
+    let inform = rig.all("cgood", "inform");
+    assert!(
+        progress[0]["msgId"]
+            .as_str()
+            .unwrap()
+            .parse::<u64>()
+            .unwrap()
+            < inform[0]["msgId"].as_str().unwrap().parse::<u64>().unwrap(),
+        "SUCCESS before the inform"
+    );
+    // Committed once: the next start has nothing to say.
+    let exit = boot(&rig, "cgood", "2.0.0", true, false);
+    assert!(exit.stdout.contains("boot=0"), "{}", exit.stdout);
+    assert_eq!(rig.statuses("cgood").len(), 1);
+
+    // Unhealthy on 2.0.0: switch back, then the report from 1.0.0.
+    let exit = boot(&rig, "cbad", "2.0.0", false, false);
+    assert!(exit.stdout.contains("boot=4"), "{}", exit.stdout);
+    let exit = boot(&rig, "cbad", "1.0.0", true, false);
+    assert!(exit.stdout.contains("boot=2"), "{}", exit.stdout);
+    let failed = rig.expect_version("cbad", "progress", "2.0.0");
+    assert_eq!(failed["data"]["status"], -1);
+    let desc = failed["data"]["desc"].as_str().unwrap();
+    assert!(
+        desc.starts_with("rolled back: 2.0.0 -> 1.0.0") && desc.contains("health check failed"),
+        "{desc}"
+    );
+    assert_eq!(
+        rig.informs("cbad").last().map(String::as_str),
+        Some("1.0.0")
+    );
+
+    // Never boots: three reboots asked for, then the rollback.
+    for _ in 0..3 {
+        let exit = boot(&rig, "cnever", "1.0.0", true, false);
+        assert!(exit.stdout.contains("boot=3"), "{}", exit.stdout);
+    }
+    let exit = boot(&rig, "cnever", "1.0.0", true, false);
+    assert!(exit.stdout.contains("boot=2"), "{}", exit.stdout);
+    let failed = rig.expect_version("cnever", "progress", "2.0.0");
+    assert!(
+        failed["data"]["desc"]
+            .as_str()
+            .unwrap()
+            .contains("did not boot after 3 attempts"),
+        "{failed}"
+    );
 }
 
 /// A response head slower than `iot_ota_fetch_yield`'s 1 s timeout: the

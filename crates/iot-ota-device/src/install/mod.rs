@@ -109,3 +109,55 @@ impl<T: Installer + ?Sized> Installer for Box<T> {
         (**self).roll_back(new_image_running)
     }
 }
+
+/// The application is the installer (the C API's `iot_ota_install_done`
+/// and `iot_ota_boot_confirm`): it writes the image and reboots by itself,
+/// and tells the version it runs and its health; the lifecycle journals and
+/// decides. Nothing here touches a slot.
+#[derive(Debug, Clone, Default)]
+pub struct Application {
+    /// The version the application says it runs.
+    pub running: String,
+    /// Whether its install needs a reboot to take effect.
+    pub reboot: bool,
+}
+
+impl Installer for Application {
+    fn name(&self) -> &str {
+        "application"
+    }
+
+    fn running_version(&mut self) -> Result<String, String> {
+        Ok(self.running.clone())
+    }
+
+    /// The application has installed `version` already; without a reboot
+    /// it runs now.
+    fn install(
+        &mut self,
+        _image: &Path,
+        version: &str,
+        _progress: &mut dyn FnMut(u32),
+    ) -> Result<(), String> {
+        if !self.reboot {
+            self.running = version.to_owned();
+        }
+        Ok(())
+    }
+
+    fn needs_reboot(&self) -> bool {
+        self.reboot
+    }
+
+    fn reboot(&mut self) -> Result<(), String> {
+        Ok(())
+    }
+
+    fn commit(&mut self) -> Result<(), String> {
+        Ok(())
+    }
+
+    fn roll_back(&mut self, _new_image_running: bool) -> Result<(), String> {
+        Ok(())
+    }
+}

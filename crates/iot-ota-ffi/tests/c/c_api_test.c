@@ -187,6 +187,9 @@ static void check_bad_ota_handle(void *h)
     CHECK_EQ(iot_ota_get_digest(h, buf, sizeof(buf)), IOT_OTA_ERR_INVALID_PARAM);
     CHECK_EQ(iot_ota_fetched_size(h), IOT_OTA_ERR_INVALID_PARAM);
     CHECK_EQ(iot_ota_file_size(h), IOT_OTA_ERR_INVALID_PARAM);
+    CHECK_EQ(iot_ota_set_state_dir(h, "/tmp"), IOT_OTA_ERR_INVALID_PARAM);
+    CHECK_EQ(iot_ota_boot_confirm(h, "1.0", 1), IOT_OTA_ERR_INVALID_PARAM);
+    CHECK_EQ(iot_ota_install_done(h, 1), IOT_OTA_ERR_INVALID_PARAM);
     CHECK_EQ(iot_ota_destroy(h), IOT_OTA_ERR_INVALID_PARAM);
 }
 
@@ -592,6 +595,48 @@ static int scenario_reconnect(char **argv)
     return 0;
 }
 
+/* ---- boot: one start of a device with slots, for the reboot tests ----
+ * boot HOST PORT PK DN STATE_DIR RUNNING HEALTHY MODE
+ * Sets the state directory, makes the start-up decision (prints boot=N),
+ * informs RUNNING; with MODE "upgrade" it then waits for a command,
+ * fetches it and says it is installed (install_done(1): prints
+ * installed=N), and exits as for the reboot. */
+
+static int scenario_boot(char **argv)
+{
+    const char *host = argv[0], *port = argv[1], *pk = argv[2], *dn = argv[3];
+    const char *state = argv[4], *running = argv[5], *mode = argv[7];
+    int healthy = atoi(argv[6]);
+    iot_mqtt_t *m = connect_mqtt(host, port, dn);
+    void *ota = iot_ota_init(pk, dn, m);
+    CHECK(ota != NULL);
+    CHECK_EQ(iot_ota_boot_confirm(ota, running, healthy), IOT_OTA_ERR_INVALID_STATE);
+    CHECK_EQ(iot_ota_install_done(ota, 1), IOT_OTA_ERR_INVALID_STATE);
+    CHECK_EQ(iot_ota_set_state_dir(ota, NULL), IOT_OTA_ERR_INVALID_PARAM);
+    CHECK_EQ(iot_ota_set_state_dir(ota, state), 0);
+    CHECK_EQ(iot_ota_set_state_dir(ota, state), IOT_OTA_ERR_INVALID_STATE);
+    CHECK_EQ(iot_ota_boot_confirm(ota, "", healthy), IOT_OTA_ERR_INVALID_PARAM);
+    int boot = iot_ota_boot_confirm(ota, running, healthy);
+    printf("boot=%d\n", boot);
+    fflush(stdout);
+    CHECK(boot >= 0);
+    CHECK_EQ(iot_ota_report_firmware_version(ota, running), 0);
+    if (strcmp(mode, "upgrade") == 0) {
+        CHECK_EQ(iot_ota_install_done(ota, 1), IOT_OTA_ERR_INVALID_STATE);
+        wait_fetching(m, ota, 30);
+        char path[512];
+        snprintf(path, sizeof(path), "%s/image.bin", state);
+        CHECK(fetch_all(ota, path) > 0);
+        CHECK_EQ(iot_ota_report_progress(ota, IOT_OTA_STATUS_UPGRADING, 100), 0);
+        printf("installed=%d\n", iot_ota_install_done(ota, 1));
+    }
+    flush(m);
+    fflush(stdout);
+    CHECK_EQ(iot_ota_destroy(ota), 0);
+    CHECK_EQ(iot_mqtt_destroy(m), 0);
+    return 0;
+}
+
 int main(int argc, char **argv)
 {
     setvbuf(stdout, NULL, _IOLBF, 0);
@@ -602,6 +647,7 @@ int main(int argc, char **argv)
     if (argc >= 9 && strcmp(argv[1], "get") == 0) return scenario_get(argv + 2);
     if (argc >= 6 && strcmp(argv[1], "slow") == 0) return scenario_slow(argv + 2);
     if (argc >= 6 && strcmp(argv[1], "reconnect") == 0) return scenario_reconnect(argv + 2);
+    if (argc >= 10 && strcmp(argv[1], "boot") == 0) return scenario_boot(argv + 2);
     fprintf(stderr, "usage: c_api_test params|happy|fail|stall|get|slow|reconnect ARGS...\n");
     return 64;
 }
