@@ -883,42 +883,6 @@ pub unsafe extern "C" fn iot_ota_file_size(handle: *mut c_void) -> i64 {
     })
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn identities() {
-        assert!(valid_identity("pk1"));
-        for bad in ["", "a/b", "a+b", "a#", "a b", "a\tb"] {
-            assert!(!valid_identity(bad), "{bad:?}");
-        }
-    }
-
-    #[test]
-    fn copies_strings_with_their_nul() {
-        let mut dst = [1 as c_char; 4];
-        assert_eq!(copy_str(&mut dst, "abc"), Ok(()));
-        assert_eq!(dst, [97, 98, 99, 0]);
-        assert_eq!(copy_str(&mut dst, "abcd"), Err(IOT_OTA_ERR_STR_TOO_LONG));
-    }
-
-    #[test]
-    fn fetch_errors_map_to_codes() {
-        let digest = FetchError::DigestMismatch {
-            method: iot_ota_core::SignMethod::Md5,
-            expected: "a".into(),
-            actual: "b".into(),
-        };
-        assert_eq!(fetch_error_code(&digest), IOT_OTA_ERR_VERIFY_FAILED);
-        let short = FetchError::Truncated {
-            expected: 2,
-            received: 1,
-        };
-        assert_eq!(fetch_error_code(&short), IOT_OTA_ERR_FETCH_FAILED);
-    }
-}
-
 // ---- install, reboot, confirm (PROTOCOL.md) ----
 
 /// `iot_ota_boot_t`: nothing is pending: inform the running version.
@@ -1105,4 +1069,40 @@ pub unsafe extern "C" fn iot_ota_install_done(handle: *mut c_void, reboot: c_int
             }
         })())
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn identities() {
+        assert!(valid_identity("pk1"));
+        for bad in ["", "a/b", "a+b", "a#", "a b", "a\tb"] {
+            assert!(!valid_identity(bad), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn copies_strings_with_their_nul() {
+        let mut dst = [1 as c_char; 4];
+        assert_eq!(copy_str(&mut dst, "abc"), Ok(()));
+        assert_eq!(dst, [97, 98, 99, 0]);
+        assert_eq!(copy_str(&mut dst, "abcd"), Err(IOT_OTA_ERR_STR_TOO_LONG));
+    }
+
+    #[test]
+    fn fetch_errors_map_to_codes() {
+        let digest = FetchError::DigestMismatch {
+            method: iot_ota_core::SignMethod::Md5,
+            expected: "a".into(),
+            actual: "b".into(),
+        };
+        assert_eq!(fetch_error_code(&digest), IOT_OTA_ERR_VERIFY_FAILED);
+        let short = FetchError::Truncated {
+            expected: 2,
+            received: 1,
+        };
+        assert_eq!(fetch_error_code(&short), IOT_OTA_ERR_FETCH_FAILED);
+    }
 }
