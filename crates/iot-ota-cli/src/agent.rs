@@ -414,11 +414,14 @@ impl Agent {
             let (line, mut command) = iot_ota_device::install::shell_command(cmd, None, version);
             match command.stderr(std::process::Stdio::piped()).output() {
                 Ok(out) if out.status.success() => Health::Good,
-                Ok(out) => Health::Bad(format!(
-                    "{line:?} exited with {}: {}",
-                    out.status,
-                    String::from_utf8_lossy(&out.stderr).trim()
-                )),
+                Ok(out) => {
+                    let stderr = String::from_utf8_lossy(&out.stderr);
+                    let code = out
+                        .status
+                        .code()
+                        .map_or_else(|| "a signal".to_owned(), |c| format!("status {c}"));
+                    Health::Bad(format!("{} (exit {code})", stderr.trim()))
+                }
                 Err(e) => Health::Bad(format!("cannot run {line:?}: {e}")),
             }
         })

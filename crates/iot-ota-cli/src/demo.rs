@@ -15,8 +15,17 @@
 //!   unanswered (3 s ack timeout in the demo, 10 s on the console), so its
 //!   record fails with "push failed".
 //!
+//! `--with-reboot` runs the devices as device agents instead (`iot-ota
+//! device run`, one process each, on slot directories with the simulated
+//! bootloader), through the whole cycle: download, install, "reboot" (the
+//! agent exits after the install and the demo starts it again, as systemd
+//! would), health check, commit. One more device, `device-unhealthy`, gets
+//! an image whose health check fails: it rolls back to 1.0.0, and its record
+//! fails with `rolled back: ...` (after the batch's one retry does the
+//! same). Each agent's log is in `DIR/devices/NAME/agent.log` (`--keep`).
+//!
 //! The exit status is 0 only when every record succeeded, so the demo with
-//! faults exits 1 by design.
+//! faults or with the reboot exits 1 by design.
 
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
@@ -48,6 +57,11 @@ pub struct DemoArgs {
     /// and one that is offline (push failed).
     #[arg(long)]
     pub with_faults: bool,
+    /// Run the devices as agent processes on slot directories through
+    /// install, reboot (the agent restarted), health check and commit, plus
+    /// one whose new image fails its health check and rolls back.
+    #[arg(long)]
+    pub with_reboot: bool,
     /// Firmware size in MiB.
     #[arg(long, default_value_t = 4)]
     pub size_mib: u64,
@@ -64,6 +78,87 @@ enum Kind {
     Normal,
     Corrupt,
     Offline,
+    /// A device agent process on slot directories; `false`: its new image
+    /// fails the health check.
+    Agent(bool),
+}
+
+/// The health check of `device-unhealthy`'s new image.
+const SICK: &str = "echo 'the new image does not bring its application up' >&2; exit 1";
+
+/// A device agent run as systemd would run it: started again whenever it
+/// exits (after an install, that is the reboot), until the demo ends.
+async fn supervised_agent(
+    broker: String,
+    name: String,
+    healthy: bool,
+    dir: PathBuf,
+    ready: tokio::sync::oneshot::Sender<Result<(), String>>,
+) {
+    let exe = match std::env::current_exe() {
+        Ok(e) => e,
+        Err(e) => {
+            let _ = ready.send(Err(format!("{name}: the iot-ota binary: {e}")));
+            return;
+        }
+    };
+    let home = dir.join(&name);
+    if let Err(e) = std::fs::create_dir_all(&home) {
+        let _ = ready.send(Err(format!("{}: {e}", home.display())));
+        return;
+    }
+    let mut ready = Some(ready);
+    for boot in 1u32.. {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(home.join("agent.log"));
+        let log = match log {
+            Ok(l) => l,
+            Err(e) => {
+                if let Some(r) = ready.take() {
+                    let _ = r.send(Err(format!("{name}: agent.log: {e}")));
+                }
+                return;
+            }
+        };
+        let mut cmd = tokio::process::Command::new(&exe);
+        cmd.args([
+            "device",
+            "run",
+            "--broker",
+            &broker,
+            "--product-key",
+            PRODUCT,
+        ])
+        .args(["--device-name", &name, "--version", FROM])
+        .arg("--work-dir")
+        .arg(home.join("work"))
+        .arg("--install-dir")
+        .arg(home.join("slots"))
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(log)
+        .kill_on_drop(true);
+        if !healthy {
+            cmd.args(["--health-command", SICK]);
+        }
+        let mut child = match cmd.spawn() {
+            Ok(c) => c,
+            Err(e) => {
+                if let Some(r) = ready.take() {
+                    let _ = r.send(Err(format!("{name}: starting the agent: {e}")));
+                }
+                return;
+            }
+        };
+        if let Some(r) = ready.take() {
+            let _ = r.send(Ok(()));
+        }
+        let status = child.wait().await;
+        log::info!("{name}: boot {boot} ended: {status:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 /// Deterministic-enough filler: splitmix64 seeded by the clock.
@@ -279,7 +374,7 @@ pub async fn run(args: DemoArgs) -> Result<ExitCode, String> {
 }
 
 async fn run_in(args: &DemoArgs, dir: &Path) -> Result<ExitCode, String> {
-    if args.devices == 0 && !args.with_faults {
+    if args.devices == 0 && !args.with_faults && !args.with_reboot {
         return Err("--devices must be at least 1".into());
     }
     let started = Instant::now();
@@ -321,24 +416,42 @@ async fn run_in(args: &DemoArgs, dir: &Path) -> Result<ExitCode, String> {
         None
     };
 
+    let normal = if args.with_reboot {
+        Kind::Agent(true)
+    } else {
+        Kind::Normal
+    };
     let mut fleet: Vec<(String, Kind)> = (1..=args.devices)
-        .map(|i| (format!("device-{i:02}"), Kind::Normal))
+        .map(|i| (format!("device-{i:02}"), normal))
         .collect();
     if args.with_faults {
         fleet.push(("device-corrupt".into(), Kind::Corrupt));
         fleet.push(("device-offline".into(), Kind::Offline));
     }
+    if args.with_reboot {
+        fleet.push(("device-unhealthy".into(), Kind::Agent(false)));
+    }
     let mut readies = Vec::new();
     for (name, kind) in &fleet {
         let (tx, rx) = tokio::sync::oneshot::channel();
-        tasks.push(tokio::spawn(simulated_device(
-            platform.broker_url().to_owned(),
-            name.clone(),
-            *kind,
-            downloads.clone(),
-            corrupt_url.clone(),
-            tx,
-        )));
+        let broker = platform.broker_url().to_owned();
+        tasks.push(match *kind {
+            Kind::Agent(healthy) => tokio::spawn(supervised_agent(
+                broker,
+                name.clone(),
+                healthy,
+                downloads.clone(),
+                tx,
+            )),
+            _ => tokio::spawn(simulated_device(
+                broker,
+                name.clone(),
+                *kind,
+                downloads.clone(),
+                corrupt_url.clone(),
+                tx,
+            )),
+        });
         readies.push(rx);
     }
     let outcome = drive(args, &api, &fleet, readies, started).await;
@@ -382,13 +495,23 @@ async fn drive(
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    let mut notes = Vec::new();
+    if args.with_faults {
+        notes.push("device-corrupt gets a corrupted first download, device-offline is offline");
+    }
+    if args.with_reboot {
+        notes.push(
+            "agents on slot directories, restarted after each install; \
+             device-unhealthy's new image fails its health check",
+        );
+    }
     println!(
         "devices: {} on {FROM}{}",
         fleet.len(),
-        if args.with_faults {
-            " (device-corrupt gets a corrupted first download, device-offline is offline)"
+        if notes.is_empty() {
+            String::new()
         } else {
-            ""
+            format!(" ({})", notes.join("; "))
         }
     );
 

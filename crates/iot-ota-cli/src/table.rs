@@ -71,10 +71,14 @@ pub fn reason_text(r: &RecordView) -> String {
     let words = |s: &str| s.replace('_', " ");
     match (r.state.as_str(), &r.reason, &r.last_failure) {
         ("failed", Some(reason), _) => {
+            let reason = words(reason);
             if r.desc.is_empty() {
-                words(reason)
+                reason
+            } else if r.desc.starts_with(&reason) {
+                // "rolled back: 2.0.0 -> 1.0.0: ..." says it already.
+                r.desc.clone()
             } else {
-                format!("{}: {}", words(reason), r.desc)
+                format!("{reason}: {}", r.desc)
             }
         }
         ("awaiting_retry", Some(reason), _) => format!("retry after {}", words(reason)),

@@ -105,6 +105,33 @@ async fn demo_exits_0() {
     );
 }
 
+/// `demo --with-reboot`: agents on slot directories, restarted as the
+/// reboot; the healthy ones commit, the unhealthy one rolls back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn demo_with_reboot_commits_after_the_reboot_and_rolls_back_the_unhealthy_one() {
+    let o = run(&["demo", "--with-reboot", "--devices", "2", "--size-mib", "1"]).await;
+    let (out, err) = text(&o);
+    assert_eq!(o.status.code(), Some(1), "{out}\n{err}");
+    let row = |d: &str| {
+        out.lines()
+            .find(|l| l.starts_with(d))
+            .unwrap_or("")
+            .to_owned()
+    };
+    for d in ["device-01", "device-02"] {
+        let r = row(d);
+        assert!(r.contains("success") && r.contains("2.0.0"), "{out}");
+    }
+    let sick = row("device-unhealthy");
+    assert!(
+        sick.contains("failed")
+            && sick.contains("1.0.0")
+            && sick.contains("rolled back: 2.0.0 -> 1.0.0: health check failed"),
+        "{out}"
+    );
+    assert!(out.contains("2 success, 1 failed"), "{out}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn demo_with_faults_shows_the_failed_records() {
     let o = run(&["demo", "--with-faults", "--devices", "2", "--size-mib", "1"]).await;

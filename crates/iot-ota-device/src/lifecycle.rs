@@ -266,7 +266,7 @@ impl<I: Installer> Lifecycle<I> {
                     }
                     let target = next.target_version.clone();
                     self.save(next)?;
-                    log::warn!("{desc}");
+                    log::info!("{desc}");
                     let report = Progress {
                         status: Status::UpgradeFailed,
                         progress: 0,
