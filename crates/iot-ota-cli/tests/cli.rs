@@ -335,8 +335,21 @@ fn agent_in(
     agent_cmd(p, dir, name, work, extra).spawn().unwrap()
 }
 
-/// The command [`agent_in`] spawns.
+/// The command [`agent_in`] spawns (with `--once`).
 fn agent_cmd(
+    p: &Platform,
+    dir: &TempDir,
+    name: &str,
+    work: &Path,
+    extra: &[&str],
+) -> tokio::process::Command {
+    let mut cmd = agent_serving(p, dir, name, work, extra);
+    cmd.arg("--once");
+    cmd
+}
+
+/// The agent of `name`, serving until it is stopped or "reboots".
+fn agent_serving(
     p: &Platform,
     dir: &TempDir,
     name: &str,
@@ -359,7 +372,6 @@ fn agent_cmd(
         version_file.to_str().unwrap(),
         "--work-dir",
         work.to_str().unwrap(),
-        "--once",
     ])
     .args(extra)
     .current_dir(dir.path())
@@ -424,7 +436,14 @@ async fn device_agent_installs_into_slots_and_runs_commands() {
     assert_eq!(code, Some(0), "{log}");
     assert!(log.contains("rebooting into it"), "{log}");
     assert!(std::fs::read(slots.join("b/firmware.bin")).unwrap() == image);
-    let b = api.show_batch(id).await.unwrap();
+    // Its last report before the reboot, UPGRADING 100, has reached the
+    // platform: the record waits for the reboot.
+    let b = wait_batch(&api, id, |b| {
+        b.records
+            .iter()
+            .any(|r| r.device == "slotted" && r.status == Some(3) && r.progress == 100)
+    })
+    .await;
     let slotted = b.records.iter().find(|r| r.device == "slotted").unwrap();
     assert_eq!(slotted.state, "upgrading", "no success before the reboot");
     // The "reboot": the agent starts again, on the new slot, and commits.
@@ -678,6 +697,156 @@ async fn device_agent_rolls_back_a_bad_image() {
             "a 1.0.0\n"
         );
     }
+    p.shutdown().await;
+}
+
+/// The power-cut soak: each run upgrades one agent on slot directories
+/// (healthy, or with a failing health check) and kills it with SIGKILL at
+/// random moments, 1 to 3 times, across the download, the install, the
+/// reboot and the confirmation, restarting it each time (and after each
+/// reboot) as systemd would. Every run must end committed (running 2.0.0)
+/// or rolled back (running 1.0.0), with a readable journal, and with no
+/// SUCCESS report or inform of a version the device does not run.
+///
+/// Short form here (4 runs); the long form:
+/// `IOT_OTA_SOAK_RUNS=100 cargo test -p iot-ota-cli --test cli power_cut -- --nocapture`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn power_cut_soak_always_ends_committed_or_rolled_back() {
+    use iot_ota_core::journal::{Journal, Phase};
+    let runs: usize = std::env::var("IOT_OTA_SOAK_RUNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(4);
+    let dir = TempDir::new("cli-soak");
+    let p = platform(&dir.join("platform")).await;
+    let api = ApiClient::new(&p.api_url()).unwrap();
+    let wire = WireRecorder::connect(p.broker_url(), "/sys/#");
+    assert!(wire.wait_ready(Duration::from_secs(10)));
+    api.add_firmware("pk", "2.0.0", "fw.bin", &random_bytes(3 << 20, 9))
+        .await
+        .unwrap();
+    let mut seed = now_ms() as u64 | 1;
+    eprintln!("soak seed {seed}");
+    let mut rand = move |n: u64| {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed % n
+    };
+    let (mut committed, mut rolled_back, mut kills) = (0, 0, 0);
+    let started = Instant::now();
+    for run in 0..runs {
+        let name = format!("soak-{run}");
+        let healthy = run % 3 != 2;
+        let slots = dir.join(format!("{name}-slots"));
+        let mut extra = vec!["--install-dir".to_owned(), slots.display().to_string()];
+        if !healthy {
+            extra.extend(["--health-command".to_owned(), "exit 1".to_owned()]);
+        }
+        let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+        let spawn = || {
+            let work = dir.join(format!("{name}-work"));
+            let mut cmd = agent_serving(&p, &dir, &name, &work, &extra);
+            cmd.stderr(std::process::Stdio::null());
+            cmd.spawn().unwrap()
+        };
+        let mut child = spawn();
+        wait_device(&api, "pk", &name).await;
+        let req = iot_ota_platform::api::CreateBatch {
+            product: "pk".into(),
+            firmware_version: "2.0.0".into(),
+            devices: Some(vec![name.clone()]),
+            retries: Some(3),
+            retry_interval_secs: Some(1.0),
+            ack_timeout_secs: Some(3.0),
+            timeout_secs: Some(20.0),
+            validity_secs: Some(40.0),
+            ..Default::default()
+        };
+        let id = api.create_batch(&req).await.unwrap().batch.id;
+        let cuts = 1 + rand(3);
+        let mut next_cut = Instant::now() + Duration::from_millis(rand(700));
+        let mut cut = 0;
+        let deadline = Instant::now() + Duration::from_secs(90);
+        let record = loop {
+            assert!(Instant::now() < deadline, "run {run} did not end");
+            if cut < cuts && Instant::now() >= next_cut {
+                let _ = child.start_kill(); // SIGKILL
+                let _ = child.wait().await;
+                cut += 1;
+                kills += 1;
+                next_cut = Instant::now() + Duration::from_millis(rand(700));
+            }
+            if child.try_wait().unwrap().is_some() {
+                child = spawn(); // the reboot, or the power back on
+            }
+            let b = api.show_batch(id).await.unwrap();
+            if b.state != "in_progress" && cut >= cuts {
+                break b.records[0].clone();
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        // Let a last start settle what the journal says, then stop.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        if child.try_wait().unwrap().is_some() {
+            child = spawn();
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        let _ = child.start_kill();
+        let _ = child.wait().await;
+
+        let work = dir.join(format!("{name}-work"));
+        let aside: Vec<_> = std::fs::read_dir(&work)
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_name().to_string_lossy().contains("unreadable"))
+            .collect();
+        assert!(aside.is_empty(), "run {run}: a journal was set aside");
+        let journal = Journal::decode(&std::fs::read(work.join("journal")).unwrap())
+            .unwrap_or_else(|e| panic!("run {run}: {e}"));
+        let booted = std::fs::read_to_string(slots.join("booted")).unwrap();
+        let topic = |kind: &str| format!("/sys/pk/{name}/ota/firmware/{kind}");
+        let informs: Vec<String> = wire
+            .json_on(&topic("inform"))
+            .iter()
+            .map(|v| {
+                v["data"]["firmwareVersion"]
+                    .as_str()
+                    .unwrap_or("")
+                    .to_owned()
+            })
+            .collect();
+        let successes = wire
+            .progress_on(&topic("progress"))
+            .iter()
+            .filter(|(status, _)| *status == 4)
+            .count();
+        let info = format!(
+            "run {run} (healthy {healthy}, {cuts} cuts): {journal:?}, booted {booted:?}, informs {informs:?}, record {record:?}"
+        );
+        match journal.phase {
+            Phase::Committed => {
+                assert!(healthy, "{info}");
+                assert_eq!(booted, "b 2.0.0\n", "{info}");
+                assert_eq!(record.state, "success", "{info}");
+                assert!(successes >= 1, "{info}");
+                committed += 1;
+            }
+            Phase::RolledBack => {
+                assert!(!healthy, "{info}");
+                assert_eq!(booted, "a 1.0.0\n", "{info}");
+                assert!(!informs.iter().any(|v| v == "2.0.0"), "{info}");
+                assert_eq!(successes, 0, "{info}");
+                assert_eq!(record.reason.as_deref(), Some("rolled_back"), "{info}");
+                rolled_back += 1;
+            }
+            _ => panic!("neither committed nor rolled back: {info}"),
+        }
+    }
+    eprintln!(
+        "soak: {runs} runs, {kills} kills: {committed} committed, {rolled_back} rolled back, in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
     p.shutdown().await;
 }
 
