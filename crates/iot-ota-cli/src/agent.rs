@@ -410,21 +410,7 @@ impl Agent {
     /// The health check of a new image: the configured command, if any.
     fn health_check(&self) -> Option<impl FnMut(&str) -> Health + '_> {
         let cmd = self.health.as_ref()?;
-        Some(move |version: &str| {
-            let (line, mut command) = iot_ota_device::install::shell_command(cmd, None, version);
-            match command.stderr(std::process::Stdio::piped()).output() {
-                Ok(out) if out.status.success() => Health::Good,
-                Ok(out) => {
-                    let stderr = String::from_utf8_lossy(&out.stderr);
-                    let code = out
-                        .status
-                        .code()
-                        .map_or_else(|| "a signal".to_owned(), |c| format!("status {c}"));
-                    Health::Bad(format!("{} (exit {code})", stderr.trim()))
-                }
-                Err(e) => Health::Bad(format!("cannot run {line:?}: {e}")),
-            }
-        })
+        Some(move |version: &str| iot_ota_device::install::health_command(cmd, version))
     }
 
     fn commit_version_file(&self, version: &str) {

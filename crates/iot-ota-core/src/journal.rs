@@ -37,7 +37,7 @@
 use serde_json::{json, Value};
 
 use crate::digest::{digest_hex, SignMethod};
-use crate::protocol::Firmware;
+use crate::protocol::{Firmware, Policy};
 
 /// The journal format's version; a journal of another one is not trusted.
 pub const JOURNAL_SCHEMA: u64 = 1;
@@ -119,6 +119,9 @@ pub struct Journal {
     pub url: Option<String>,
     /// The image's size in bytes, when the command gave one.
     pub size: Option<u64>,
+    /// The command's policy: a silent upgrade resumed after a crash still
+    /// waits for its window.
+    pub policy: Option<Policy>,
     /// Boots of the new image so far without a commit.
     pub boot_attempts: u32,
     /// Boots allowed before the device gives up on the new image.
@@ -143,6 +146,7 @@ impl Journal {
             sign: None,
             url: None,
             size: None,
+            policy: None,
             boot_attempts: 0,
             max_boot_attempts: DEFAULT_MAX_BOOTS,
             security_counter: 0,
@@ -158,6 +162,7 @@ impl Journal {
         j.sign = Some((firmware.sign_method, firmware.sign.clone()));
         j.url = Some(firmware.url.clone());
         j.size = firmware.size;
+        j.policy = firmware.policy;
         j
     }
 
@@ -171,7 +176,7 @@ impl Journal {
             size: self.size,
             sign,
             sign_method,
-            policy: None,
+            policy: self.policy,
         })
     }
 
@@ -188,6 +193,7 @@ impl Journal {
             "sign": self.sign.as_ref().map(|(_, s)| s.as_str()),
             "url": self.url,
             "size": self.size,
+            "policy": self.policy.map(Policy::as_str),
             "bootAttempts": self.boot_attempts,
             "maxBootAttempts": self.max_boot_attempts,
             "securityCounter": self.security_counter,
@@ -252,6 +258,12 @@ impl Journal {
             sign,
             url: v["url"].as_str().map(str::to_owned),
             size: v["size"].as_u64(),
+            policy: match v["policy"].as_str() {
+                None => None,
+                Some("standard") => Some(Policy::Standard),
+                Some("silent") => Some(Policy::Silent),
+                Some(_) => return Err(corrupt("bad policy")),
+            },
             boot_attempts: count("bootAttempts")?,
             max_boot_attempts: count("maxBootAttempts")?,
             security_counter: v["securityCounter"]
@@ -497,6 +509,7 @@ mod tests {
         j.sign = Some((SignMethod::Md5, "9e107d9d372bb6826bd81d3542a419d6".into()));
         j.url = Some("https://fw.example/2.0.bin".into());
         j.size = Some(1234);
+        j.policy = Some(Policy::Silent);
         j.security_counter = 3;
         j.pending_counter = Some(5);
         j
@@ -630,8 +643,13 @@ mod tests {
         let j = journal(Phase::Downloading);
         let fw = j.firmware().unwrap();
         assert_eq!(
-            (fw.version.as_str(), fw.url.as_str(), fw.size),
-            ("2.0", "https://fw.example/2.0.bin", Some(1234))
+            (fw.version.as_str(), fw.url.as_str(), fw.size, fw.policy),
+            (
+                "2.0",
+                "https://fw.example/2.0.bin",
+                Some(1234),
+                Some(Policy::Silent)
+            )
         );
         assert_eq!(Journal::for_firmware("1.0", &fw, "m1").firmware(), Some(fw));
         assert_eq!(Journal::new("1.0", "2.0", "m").firmware(), None);

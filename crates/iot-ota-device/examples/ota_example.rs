@@ -2,23 +2,31 @@
 //!
 //! ```text
 //! ota_example --broker mqtt://HOST:PORT --product-key PK --device-name DN
-//!             --firmware-version V --output-dir DIR
+//!             --firmware-version V --output-dir DIR [--state-dir S]
 //!             [--username U] [--password P] [--ca-file F] [--get-version V2] [--once]
 //! ```
 //!
-//! Connects, reports version V, and waits for upgrade commands. Each accepted
-//! command is downloaded with progress reports, verified, and written to
-//! `DIR/firmware-<version>.bin` atomically; then UPGRADING and SUCCESS are
+//! Keeps the upgrade journal in S (default DIR) and makes the start-up
+//! decision ([`iot_ota_device::lifecycle`]): a download a crash cut off goes
+//! on by itself. Connects, reports version V, and waits for upgrade commands.
+//! Each accepted command is downloaded with progress reports into
+//! `S/firmware-<version>.bin` (resuming its `.part` after a crash), verified,
+//! and moved to `DIR/firmware-<version>.bin`; writing the file is the install
+//! and needs no reboot, so it is the commit: UPGRADING and SUCCESS are
 //! reported and the new version informed. A failure reports its negative
 //! status and the device keeps waiting. `--get-version V2` asks for V2 at
 //! start and upgrades to it if the platform has it. `--once` exits after the
 //! first upgrade attempt: 0 on success, 1 on failure, 2 when the
 //! `--get-version` reply is 404. One line per state change goes to stderr.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 
+use iot_ota_device::install::Application;
+use iot_ota_device::lifecycle::{Installed, Lifecycle, Next};
 use iot_ota_device::{Config, Download, Error, OtaClient, Status};
+
+type Life = Lifecycle<Application>;
 
 struct Args {
     broker: String,
@@ -26,6 +34,7 @@ struct Args {
     device_name: String,
     firmware_version: String,
     output_dir: PathBuf,
+    state_dir: Option<PathBuf>,
     username: Option<String>,
     password: Option<String>,
     ca_file: Option<PathBuf>,
@@ -35,7 +44,7 @@ struct Args {
 
 const USAGE: &str =
     "usage: ota_example --broker mqtt://HOST:PORT --product-key PK --device-name DN \
---firmware-version V --output-dir DIR [--username U] [--password P] [--ca-file F] \
+--firmware-version V --output-dir DIR [--state-dir S] [--username U] [--password P] [--ca-file F] \
 [--get-version V2] [--once]";
 
 fn parse_args() -> Result<Args, String> {
@@ -43,6 +52,7 @@ fn parse_args() -> Result<Args, String> {
     let (mut broker, mut pk, mut dn, mut version, mut dir) = (None, None, None, None, None);
     let (mut username, mut password, mut ca_file, mut get_version, mut once) =
         (None, None, None, None, false);
+    let mut state_dir = None;
     while let Some(flag) = it.next() {
         let mut value = || it.next().ok_or_else(|| format!("{flag} needs a value"));
         match flag.as_str() {
@@ -51,6 +61,7 @@ fn parse_args() -> Result<Args, String> {
             "--device-name" => dn = Some(value()?),
             "--firmware-version" => version = Some(value()?),
             "--output-dir" => dir = Some(PathBuf::from(value()?)),
+            "--state-dir" => state_dir = Some(PathBuf::from(value()?)),
             "--username" => username = Some(value()?),
             "--password" => password = Some(value()?),
             "--ca-file" => ca_file = Some(PathBuf::from(value()?)),
@@ -67,6 +78,7 @@ fn parse_args() -> Result<Args, String> {
         device_name: need(dn, "--device-name")?,
         firmware_version: need(version, "--firmware-version")?,
         output_dir: dir.ok_or("--output-dir is required")?,
+        state_dir,
         username,
         password,
         ca_file,
@@ -103,6 +115,24 @@ fn main() -> ExitCode {
 
 async fn run(args: Args) -> Result<u8, Error> {
     std::fs::create_dir_all(&args.output_dir)?;
+    let state_dir = args.state_dir.clone().unwrap_or(args.output_dir.clone());
+    let dirs = Dirs {
+        output: args.output_dir.clone(),
+        state: state_dir.clone(),
+    };
+    // Before the first inform: what the journal's upgrade needs. This
+    // device installs by writing a file, with no reboot and no slots.
+    let mut life = Lifecycle::open(
+        &state_dir,
+        Application {
+            running: args.firmware_version.clone(),
+            reboot: false,
+        },
+    )?;
+    let start = life.at_start(None)?;
+    if let Some(why) = &start.set_aside {
+        eprintln!("{why}: set aside");
+    }
     let mut config = Config::new(
         &args.broker,
         &args.product_key,
@@ -118,11 +148,30 @@ async fn run(args: Args) -> Result<u8, Error> {
     if let Some(ca) = &args.ca_file {
         config = config.ca_file(ca.clone());
     }
+    if let Some(report) = start.report.clone() {
+        config = config.report_at_start(report);
+    }
     let (client, mut upgrades) = OtaClient::connect(config).await?;
     eprintln!(
         "connected to {}; reported version {}",
         args.broker, args.firmware_version
     );
+    if let Next::Resume(firmware) | Next::Install(firmware) = &start.next {
+        eprintln!(
+            "going on with the upgrade to {} a crash cut off",
+            firmware.version
+        );
+        let ok = match client.download_firmware(firmware) {
+            Ok(download) => upgrade(&client, &mut life, download, &dirs, None).await,
+            Err(e) => {
+                eprintln!("cannot go on with the upgrade: {e}");
+                false
+            }
+        };
+        if args.once {
+            return finish(client, ok).await;
+        }
+    }
 
     if let Some(wanted) = &args.get_version {
         eprintln!("asking the platform for firmware {wanted}");
@@ -130,7 +179,7 @@ async fn run(args: Args) -> Result<u8, Error> {
             Ok(firmware) => {
                 eprintln!("platform has {} at {}", firmware.version, firmware.url);
                 let ok = match client.download_firmware(&firmware) {
-                    Ok(download) => upgrade(&client, download, &args.output_dir).await,
+                    Ok(download) => upgrade(&client, &mut life, download, &dirs, Some("get")).await,
                     Err(e) => {
                         eprintln!("cannot start the upgrade: {e}");
                         false
@@ -167,7 +216,8 @@ async fn run(args: Args) -> Result<u8, Error> {
             fw.sign_method,
             fw.url
         );
-        let ok = upgrade(&client, client.download(&command), &args.output_dir).await;
+        let download = client.download(&command);
+        let ok = upgrade(&client, &mut life, download, &dirs, Some(&command.msg_id)).await;
         if args.once {
             return finish(client, ok).await;
         }
@@ -181,12 +231,32 @@ async fn finish(client: OtaClient, ok: bool) -> Result<u8, Error> {
     Ok(if ok { 0 } else { 1 })
 }
 
-/// Downloads, verifies, installs (writes the image file), and reports.
-async fn upgrade(client: &OtaClient, download: Download, dir: &Path) -> bool {
-    let version = download.firmware().version.clone();
-    let path = dir.join(format!("firmware-{version}.bin"));
+/// Where images go (`output`) and where the journal and part files live.
+struct Dirs {
+    output: PathBuf,
+    state: PathBuf,
+}
+
+/// Downloads, verifies, installs (writes the image file), and reports;
+/// `msg_id` journals a new upgrade (`None`: going on with the journal's).
+async fn upgrade(
+    client: &OtaClient,
+    life: &mut Life,
+    download: Download,
+    dirs: &Dirs,
+    msg_id: Option<&str>,
+) -> bool {
+    let firmware = download.firmware().clone();
+    let version = firmware.version.clone();
+    if let Some(id) = msg_id {
+        if let Err(e) = life.begin(&client.version(), &firmware, id, None) {
+            eprintln!("cannot journal the upgrade: {e}");
+        }
+    }
+    let staged = dirs.state.join(format!("firmware-{version}.bin"));
+    let path = dirs.output.join(format!("firmware-{version}.bin"));
     eprintln!("downloading {version}");
-    match download.download_to(&path).await {
+    match download.download_to(&staged).await {
         Ok(verified) => eprintln!(
             "downloaded and verified {} bytes, digest {}",
             verified.size, verified.digest
@@ -194,14 +264,49 @@ async fn upgrade(client: &OtaClient, download: Download, dir: &Path) -> bool {
         Err(e) => {
             let status = e.status().unwrap_or(Status::DownloadFailed);
             eprintln!("upgrade to {version} failed, reported {status}: {e}");
+            let _ = life.failed(&e.to_string());
             return false;
         }
     }
     eprintln!("installing {}", path.display());
-    let reports = client
-        .report_progress(Status::Upgrading, 100, "")
-        .and_then(|_| client.report_progress(Status::Success, 100, ""))
-        .and_then(|_| client.report_version(&version));
+    let _ = client.report_progress(Status::Upgrading, 100, "");
+    if let Err(e) = life.downloaded() {
+        eprintln!("journal: {e}");
+    }
+    let moved = if staged == path {
+        Ok(())
+    } else {
+        std::fs::rename(&staged, &path).or_else(|_| {
+            std::fs::copy(&staged, &path)
+                .and_then(|_| std::fs::File::open(&path)?.sync_all())
+                .and_then(|()| std::fs::remove_file(&staged))
+        })
+    };
+    if let Err(e) = moved {
+        let desc = format!("moving the image to {}: {e}", path.display());
+        eprintln!("{desc}");
+        let _ = life.failed(&desc);
+        let _ = client.report_progress(Status::FlashFailed, 100, &desc);
+        return false;
+    }
+    // The file is written: with no reboot, that is the commit.
+    let settled = match life.install(&path, None, &mut |_| {}) {
+        Ok(Installed::Settled(start)) => start,
+        Ok(Installed::Rebooting) => {
+            eprintln!("{version} installed; it runs after a reboot");
+            return true;
+        }
+        Err(e) => {
+            eprintln!("install: {e}");
+            let _ = client.report_progress(Status::FlashFailed, 100, &e.to_string());
+            return false;
+        }
+    };
+    let reports = match &settled.report {
+        Some(r) => client.report_progress(r.status, r.progress, &r.desc),
+        None => Ok(()),
+    }
+    .and_then(|_| client.report_version(&settled.running));
     match reports {
         Ok(()) => {
             eprintln!("upgraded to {version}; reported SUCCESS and version {version}");

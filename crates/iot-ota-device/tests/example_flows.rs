@@ -353,17 +353,18 @@ fn a_crash_mid_download_resumes_after_restart() {
     rig.files.set("/big.bin", Route::file(body.clone()));
     rig.files.clear_requests();
     rig.wire.clear();
+    // Restarted: the journal says the download was cut off, and it goes on
+    // by itself, with no new command.
     let child = rig.example("k1", &["--once"]);
-    rig.expect_inform("k1", "1.0.0");
-    rig.push("k1", command("2", "2.0.0", &url, &body, SignMethod::Md5));
     let (code, log) = wait_exit(child, WAIT);
     assert_eq!(code, 0, "{log}");
+    assert!(log.contains("going on with the upgrade"), "{log}");
     assert_eq!(std::fs::read(rig.out_file("k1", "2.0.0")).unwrap(), body);
     let ranges: Vec<_> = rig.files.requests().into_iter().map(|r| r.range).collect();
     assert_eq!(ranges, vec![Some("bytes=1048576-".to_owned())]);
     rig.expect_inform("k1", "2.0.0");
     let statuses = rig.statuses("k1");
-    assert_eq!(statuses.first(), Some(&(1, 0)), "{statuses:?}");
+    assert_eq!(statuses.first().map(|s| s.0), Some(1), "{statuses:?}");
     assert_eq!(statuses.last(), Some(&(4, 100)), "{statuses:?}");
 }
 

@@ -510,6 +510,12 @@ fn abi_layouts_and_values_match_the_rust_side() {
             "IOT_OTA_FETCH_STATE_FETCHED",
             int(IOT_OTA_FETCH_STATE_FETCHED),
         ),
+        ("IOT_OTA_BOOT_IDLE", int(IOT_OTA_BOOT_IDLE)),
+        ("IOT_OTA_BOOT_COMMITTED", int(IOT_OTA_BOOT_COMMITTED)),
+        ("IOT_OTA_BOOT_ROLLED_BACK", int(IOT_OTA_BOOT_ROLLED_BACK)),
+        ("IOT_OTA_BOOT_REBOOT", int(IOT_OTA_BOOT_REBOOT)),
+        ("IOT_OTA_BOOT_ROLL_BACK", int(IOT_OTA_BOOT_ROLL_BACK)),
+        ("IOT_OTA_BOOT_RESUMED", int(IOT_OTA_BOOT_RESUMED)),
         (
             "MQTT_SUB_TYPE_OTA_FIRMWARE_UPGRADE",
             int(MQTT_SUB_TYPE_OTA_FIRMWARE_UPGRADE),

@@ -153,20 +153,13 @@ impl Installer for CommandHooks {
     }
 
     fn reboot(&mut self) -> Result<(), String> {
-        match &self.reboot {
-            Some(cmd) => run("reboot", cmd, None, &self.running),
-            None => Ok(()),
-        }
+        reboot_command(self.reboot.as_deref(), &self.running)
     }
 
     fn health_check(&mut self) -> Health {
-        match &self.health {
-            Some(cmd) => match run("health check", cmd, None, &self.running) {
-                Ok(()) => Health::Good,
-                Err(why) => Health::Bad(why),
-            },
-            None => Health::Good,
-        }
+        self.health
+            .as_deref()
+            .map_or(Health::Good, |cmd| health_command(cmd, &self.running))
     }
 
     fn commit(&mut self) -> Result<(), String> {
@@ -189,6 +182,26 @@ impl Installer for CommandHooks {
             ),
             None => Ok(()),
         }
+    }
+}
+
+/// Runs the reboot command, if any (`None`: nothing to do).
+pub(crate) fn reboot_command(cmd: Option<&str>, version: &str) -> Result<(), String> {
+    cmd.map_or(Ok(()), |cmd| run("reboot", cmd, None, version))
+}
+
+/// A health check as a shell command: exit 0 is healthy; anything else is
+/// [`Health::Bad`] with the end of its stderr and its exit status.
+/// `{version}` is the running version.
+pub fn health_command(cmd: &str, version: &str) -> Health {
+    match run("health check", cmd, None, version) {
+        Ok(()) => Health::Good,
+        // The journal says "health check failed: " already.
+        Err(why) => Health::Bad(
+            why.strip_prefix("health check command ")
+                .unwrap_or(&why)
+                .to_owned(),
+        ),
     }
 }
 
@@ -312,7 +325,7 @@ mod tests {
         );
         assert_eq!(
             hooks.health_check(),
-            Health::Bad("health check command exited with status 4: sick".into())
+            Health::Bad("exited with status 4: sick".into())
         );
         hooks.roll_back(true).unwrap();
         hooks.commit().unwrap();

@@ -23,7 +23,7 @@ use std::process::{Command, Stdio};
 use iot_ota_core::journal::Health;
 use serde_json::Value;
 
-use super::hooks::{run, DEFAULT_REBOOT};
+use super::hooks::{health_command, reboot_command, DEFAULT_REBOOT};
 use super::Installer;
 
 /// The RAUC back-end.
@@ -164,20 +164,13 @@ impl Installer for Rauc {
     }
 
     fn reboot(&mut self) -> Result<(), String> {
-        match &self.reboot {
-            Some(cmd) => run("reboot", cmd, None, ""),
-            None => Ok(()),
-        }
+        reboot_command(self.reboot.as_deref(), "")
     }
 
     fn health_check(&mut self) -> Health {
-        match &self.health {
-            Some(cmd) => match run("health check", cmd, None, "") {
-                Ok(()) => Health::Good,
-                Err(why) => Health::Bad(why),
-            },
-            None => Health::Good,
-        }
+        self.health
+            .as_deref()
+            .map_or(Health::Good, |cmd| health_command(cmd, ""))
     }
 
     fn commit(&mut self) -> Result<(), String> {
