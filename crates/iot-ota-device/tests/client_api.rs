@@ -31,7 +31,7 @@ fn good_data() -> serde_json::Value {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_rejection_is_replied_and_reported() {
-    let rig = Rig::new();
+    let rig = rig();
     let (_client, _upgrades) = connect(&rig, "x1").await;
     let mut data_cases: Vec<(serde_json::Value, u16, &str)> = Vec::new();
     for field in ["size", "firmwareVersion", "url", "sign", "signMethod"] {
@@ -109,7 +109,7 @@ async fn every_rejection_is_replied_and_reported() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn numeric_msg_id_and_spaced_keys() {
-    let rig = Rig::new();
+    let rig = rig();
     let (_client, mut upgrades) = connect(&rig, "x2").await;
     let payload = json!({"msgId ": 123, "version": "1.0", "data ": good_data()}).to_string();
     rig.push("x2", payload);
@@ -128,7 +128,7 @@ async fn numeric_msg_id_and_spaced_keys() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fetch_yield_states_timeouts_and_end() {
-    let rig = Rig::new();
+    let rig = rig();
     let body = random_bytes(60_000, 21);
     let url = rig.files.add("/s.bin", Route::stall(body.clone(), 20_000));
     let (client, mut upgrades) = connect(&rig, "y1").await;
@@ -189,7 +189,7 @@ async fn fetch_yield_states_timeouts_and_end() {
 /// one request goes on, and the download completes with a single GET.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fetch_yield_keeps_a_slow_request_across_calls() {
-    let rig = Rig::new();
+    let rig = rig();
     let body = random_bytes(50_000, 23);
     let url = rig.files.add(
         "/late.bin",
@@ -232,7 +232,7 @@ async fn fetch_yield_keeps_a_slow_request_across_calls() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn download_to_resumes_after_a_stall() {
-    let rig = Rig::new();
+    let rig = rig();
     let body = random_bytes(400_000, 22);
     let url = rig.files.add("/r.bin", Route::stall(body.clone(), 150_000));
     let (client, mut upgrades) = connect(&rig, "y2").await;
@@ -257,7 +257,7 @@ async fn download_to_resumes_after_a_stall() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn get_firmware_info_success_404_and_timeout() {
-    let rig = Rig::new();
+    let rig = rig();
     let (client, _upgrades) = connect(&rig, "q1").await;
     let reply_topic = rig.topic("q1", "get_reply");
     let wire = &rig.wire;
@@ -315,7 +315,7 @@ async fn get_firmware_info_success_404_and_timeout() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn subscriptions_come_back_after_a_broker_restart() {
-    let mut rig = Rig::new();
+    let mut rig = rig();
     let (client, mut upgrades) = connect(&rig, "z1").await;
     rig.broker.restart();
     assert!(rig.wire.wait_ready_async(WAIT).await, "recorder back");
@@ -349,7 +349,7 @@ async fn connect_failure_is_reported() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_abandoned_upgrade_does_not_leave_the_device_busy() {
-    let rig = Rig::new();
+    let rig = rig();
     let (client, mut upgrades) = connect(&rig, "a1").await;
     rig.push(
         "a1",
@@ -378,7 +378,7 @@ async fn an_abandoned_upgrade_does_not_leave_the_device_busy() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cancelled_download_to_resumes_next_time() {
-    let rig = Rig::new();
+    let rig = rig();
     let body = random_bytes(1_000_000, 23);
     let url = rig.files.add("/c.bin", Route::stall(body.clone(), 600_000));
     let (client, mut upgrades) = connect(&rig, "a2").await;
@@ -432,7 +432,7 @@ async fn a_cancelled_download_to_resumes_next_time() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_part_file_of_other_firmware_or_bad_data_is_not_resumed() {
-    let rig = Rig::new();
+    let rig = rig();
     let body = random_bytes(50_000, 24);
     let url = rig.files.add("/d.bin", Route::file(body.clone()));
     let (client, mut upgrades) = connect(&rig, "a3").await;
@@ -560,7 +560,7 @@ async fn broker_credentials() {
 /// pipeline had no buffer left and hung.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retries_do_not_drain_the_buffer_pool() {
-    let rig = Rig::new();
+    let rig = rig();
     let body = random_bytes(300_000, 25);
     let url = rig.files.add("/s.bin", Route::stall(body.clone(), 0));
     let (client, mut upgrades) = connect(&rig, "p1").await;
@@ -587,7 +587,7 @@ async fn retries_do_not_drain_the_buffer_pool() {
 /// DOWNLOAD_FAILED and the reason, instead of keeping the device busy.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_trickling_server_ends_the_download_at_the_minimum_rate() {
-    let rig = Rig::new();
+    let rig = rig();
     let body = random_bytes(60_000, 24);
     let url = rig
         .files
@@ -628,7 +628,7 @@ async fn a_trickling_server_ends_the_download_at_the_minimum_rate() {
 #[cfg(target_os = "linux")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_disk_is_flash_failed_and_leaves_no_part_file() {
-    let rig = Rig::new();
+    let rig = rig();
     let body = random_bytes(3 << 20, 25);
     let url = rig.files.add("/full.bin", Route::file(body.clone()));
     let (client, mut upgrades) = connect(&rig, "y5").await;

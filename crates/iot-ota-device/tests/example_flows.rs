@@ -20,33 +20,17 @@ fn assert_success_wire(rig: &Rig, dev: &str, msg_id: &str, version: &str) {
         replies,
         vec![json!({"msgId": msg_id, "code": 200, "message": "success"})]
     );
-    let statuses = rig.statuses(dev);
-    assert_eq!(statuses.first(), Some(&(1, 0)), "{statuses:?}");
-    let tail: Vec<_> = statuses.iter().rev().take(4).rev().cloned().collect();
-    assert_eq!(
-        tail,
-        vec![(1, 100), (2, 100), (3, 100), (4, 100)],
-        "{statuses:?}"
-    );
-    let downloading: Vec<i64> = statuses.iter().filter(|s| s.0 == 1).map(|s| s.1).collect();
-    assert!(
-        downloading.windows(2).all(|w| w[0] < w[1]),
-        "{downloading:?}"
-    );
+    iot_ota_testkit::assert_success_statuses(&rig.statuses(dev));
     for p in rig.all(dev, "progress") {
         assert_eq!(p["data"]["firmwareVersion"], version);
     }
-    let informs: Vec<_> = rig
-        .all(dev, "inform")
-        .iter()
-        .map(|v| v["data"]["firmwareVersion"].as_str().unwrap().to_owned())
-        .collect();
+    let informs = rig.informs(dev);
     assert_eq!(informs, vec!["1.0.0".to_owned(), version.to_owned()]);
 }
 
 #[test]
 fn upgrade_md5_over_http() {
-    let rig = Rig::new();
+    let rig = rig();
     let body = random_bytes(3 * 1024 * 1024 + 17, 1);
     let url = rig.files.add("/fw-2.bin", Route::file(body.clone()));
     let child = rig.example("d1", &["--once"]);
@@ -67,7 +51,7 @@ fn upgrade_md5_over_http() {
 
 #[test]
 fn upgrade_sha256_over_https() {
-    let rig = Rig::new();
+    let rig = rig();
     let ca = TestCa::new();
     let ca_file = ca.write_ca(rig.dir.path());
     let tls_files = FileServer::start_tls(&ca);
@@ -85,7 +69,7 @@ fn upgrade_sha256_over_https() {
 
 #[test]
 fn md5_over_https_and_sha256_over_http() {
-    let rig = Rig::new();
+    let rig = rig();
     let ca = TestCa::new();
     let ca_file = ca.write_ca(rig.dir.path());
     let tls_files = FileServer::start_tls(&ca);
@@ -111,7 +95,7 @@ fn md5_over_https_and_sha256_over_http() {
 
 /// Runs one failing upgrade and returns the device's reports and stderr.
 fn failing_upgrade(dev: &str, route: Route, body: &[u8]) -> (Rig, Vec<(i64, i64)>, String) {
-    let rig = Rig::new();
+    let rig = rig();
     let url = rig.files.add("/bad.bin", route);
     let child = rig.example(dev, &["--once"]);
     rig.expect_inform(dev, "1.0.0");
@@ -199,7 +183,7 @@ fn missing_file_is_download_failed() {
 
 #[test]
 fn failure_then_next_command_succeeds() {
-    let rig = Rig::new();
+    let rig = rig();
     let body = random_bytes(50_000, 9);
     let bad = rig.files.add("/bad.bin", Route::Status(500));
     let good = rig.files.add("/good.bin", Route::file(body.clone()));
@@ -230,7 +214,7 @@ fn failure_then_next_command_succeeds() {
 
 #[test]
 fn duplicate_command_while_downloading_gets_409() {
-    let rig = Rig::new();
+    let rig = rig();
     let body = random_bytes(300_000, 10);
     let url = rig
         .files
@@ -263,7 +247,7 @@ fn duplicate_command_while_downloading_gets_409() {
 
 #[test]
 fn get_version_success_upgrades() {
-    let rig = Rig::new();
+    let rig = rig();
     let body = random_bytes(70_000, 11);
     let url = rig.files.add("/fw3.bin", Route::file(body.clone()));
     let child = rig.example("g1", &["--once", "--get-version", "3.0.0"]);
@@ -291,7 +275,7 @@ fn get_version_success_upgrades() {
 
 #[test]
 fn get_version_404_exits_2() {
-    let rig = Rig::new();
+    let rig = rig();
     let child = rig.example("g2", &["--once", "--get-version", "9.9"]);
     let get = rig.expect("g2", "get", |_| true);
     let msg_id = get.json_str("msgId").unwrap();
@@ -332,7 +316,7 @@ fn bad_flags_are_refused() {
 
 #[test]
 fn a_crash_mid_download_resumes_after_restart() {
-    let rig = Rig::new();
+    let rig = rig();
     let body = random_bytes(2_000_000, 12);
     let url = rig
         .files
@@ -372,7 +356,7 @@ fn a_crash_mid_download_resumes_after_restart() {
 /// upgrades over plain HTTP; only an https:// download would need roots.
 #[test]
 fn no_system_roots_is_fine_for_plain_http() {
-    let rig = Rig::new();
+    let rig = rig();
     let body = random_bytes(100_000, 13);
     let url = rig.files.add("/fw.bin", Route::file(body.clone()));
     let mut cmd = std::process::Command::new(example_path());

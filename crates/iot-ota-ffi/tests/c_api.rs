@@ -13,10 +13,8 @@ use std::time::{Duration, Instant};
 use iot_ota_core::digest::{digest_hex, SignMethod};
 use iot_ota_core::protocol::{encode_get_not_found, encode_get_reply};
 use iot_ota_core::Firmware;
-use iot_ota_testkit::{
-    random_bytes, FileServer, Mosquitto, RecorderOptions, Route, TempDir, TestCa, WireRecorder,
-};
-use serde_json::{json, Value};
+use iot_ota_testkit::{random_bytes, FileServer, Rig, Route, TestCa};
+use serde_json::json;
 
 const PK: &str = "cpk";
 const WAIT: Duration = Duration::from_secs(30);
@@ -163,127 +161,19 @@ fn assert_success(exit: &Exit) {
 
 // ---- the platform side ----
 
-struct Rig {
-    broker: Mosquitto,
-    files: FileServer,
-    wire: WireRecorder,
-    dir: TempDir,
+/// A rig for the C tests (the testkit's, with this file's product key).
+fn rig() -> Rig {
+    Rig::new(PK, "ota-ffi-test")
 }
 
-impl Rig {
-    fn new() -> Rig {
-        let broker = Mosquitto::start();
-        let wire = WireRecorder::connect(&broker.url(), "/sys/#");
-        Rig {
-            files: FileServer::start(),
-            wire,
-            broker,
-            dir: TempDir::new("ota-ffi-test"),
-        }
-    }
-
-    /// The broker and the file server over TLS, with certificates of `ca`.
-    fn tls(ca: &TestCa) -> Rig {
-        let broker = Mosquitto::start_tls(ca);
-        let wire =
-            WireRecorder::connect_with(&broker.url(), &["/sys/#"], RecorderOptions::trusting(ca))
-                .expect("wire recorder over TLS");
-        Rig {
-            files: FileServer::start_tls(ca),
-            wire,
-            broker,
-            dir: TempDir::new("ota-ffi-tls-test"),
-        }
-    }
-
-    /// HOST PORT PK DN, the C test program's common arguments.
-    fn args(&self, dev: &str) -> Vec<String> {
-        vec![
-            "127.0.0.1".into(),
-            self.broker.port().to_string(),
-            PK.into(),
-            dev.into(),
-        ]
-    }
-
-    fn topic(&self, dev: &str, kind: &str) -> String {
-        format!("/sys/{PK}/{dev}/ota/firmware/{kind}")
-    }
-
-    /// Pushes until the device acknowledges: a command sent before it has
-    /// (re)subscribed is lost (clean session).
-    fn push_until_acked(&self, dev: &str, payload: impl Fn() -> String) {
-        let reply_topic = self.topic(dev, "upgrade_reply");
-        let deadline = Instant::now() + WAIT;
-        loop {
-            assert!(Instant::now() < deadline, "wire:\n{}", self.wire.summary());
-            self.push(dev, payload());
-            if self
-                .wire
-                .wait_for(|m| m.topic == reply_topic, Duration::from_secs(1))
-                .is_some()
-            {
-                return;
-            }
-        }
-    }
-
-    fn push(&self, dev: &str, payload: String) {
-        self.wire
-            .publish(&self.topic(dev, "upgrade"), payload, true)
-            .expect("publish command");
-    }
-
-    /// Waits for a JSON message from `dev` on `kind` whose `data.firmwareVersion` is `version`.
-    fn expect_version(&self, dev: &str, kind: &str, version: &str) -> Value {
-        let topic = self.topic(dev, kind);
-        self.wire
-            .wait_for(
-                |m| {
-                    m.topic == topic
-                        && m.json_str("data.firmwareVersion").as_deref() == Some(version)
-                },
-                WAIT,
-            )
-            .and_then(|m| m.json)
-            .unwrap_or_else(|| {
-                panic!(
-                    "no {kind} of {version} from {dev}; wire:\n{}",
-                    self.wire.summary()
-                )
-            })
-    }
-
-    fn all(&self, dev: &str, kind: &str) -> Vec<Value> {
-        self.wire.json_on(&self.topic(dev, kind))
-    }
-
-    fn statuses(&self, dev: &str) -> Vec<(i64, i64)> {
-        self.wire.progress_on(&self.topic(dev, "progress"))
-    }
-
-    fn informs(&self, dev: &str) -> Vec<String> {
-        self.all(dev, "inform")
-            .iter()
-            .map(|v| v["data"]["firmwareVersion"].as_str().unwrap().to_owned())
-            .collect()
-    }
-
-    /// Waits until `dev` has sent a progress report matching `pred`.
-    fn wait_status(&self, dev: &str, pred: impl Fn(i64, i64) -> bool) {
-        let topic = self.topic(dev, "progress");
-        let seen = self.wire.wait_for(
-            |m| {
-                m.topic == topic
-                    && pred(
-                        m.json_i64("data.status").unwrap_or(0),
-                        m.json_i64("data.progress").unwrap_or(-1),
-                    )
-            },
-            WAIT,
-        );
-        assert!(seen.is_some(), "wire:\n{}", self.wire.summary());
-    }
+/// HOST PORT PK DN, the C test program's common arguments.
+fn c_args(rig: &Rig, dev: &str) -> Vec<String> {
+    vec![
+        "127.0.0.1".into(),
+        rig.broker.port().to_string(),
+        PK.into(),
+        dev.into(),
+    ]
 }
 
 fn firmware(version: &str, url: &str, body: &[u8]) -> Firmware {
@@ -551,14 +441,14 @@ fn every_invalid_parameter_is_rejected() {
 
 #[test]
 fn happy_path_with_states_and_fresh_counters_per_command() {
-    let rig = Rig::new();
+    let rig = rig();
     let dev = "happy";
     let body1 = random_bytes(300_017, 11);
     let body2 = random_bytes(123_456, 12);
     let url1 = rig.files.add("/fw1.bin", Route::file(body1.clone()));
     let url2 = rig.files.add("/fw2.bin", Route::chunked(body2.clone()));
     let mut args = vec!["happy".to_owned()];
-    args.extend(rig.args(dev));
+    args.extend(c_args(&rig, dev));
     args.push(rig.dir.path().display().to_string());
     args.extend(["2.0.0".into(), body1.len().to_string()]);
     args.extend(["3.0.0".into(), body2.len().to_string()]);
@@ -604,27 +494,16 @@ fn happy_path_with_states_and_fresh_counters_per_command() {
                 )
             })
             .collect();
-        assert_eq!(mine.first(), Some(&(1, 0)), "{version}: {mine:?}");
-        let tail: Vec<_> = mine.iter().rev().take(4).rev().cloned().collect();
-        assert_eq!(
-            tail,
-            vec![(1, 100), (2, 100), (3, 100), (4, 100)],
-            "{mine:?}"
-        );
-        let downloading: Vec<i64> = mine.iter().filter(|s| s.0 == 1).map(|s| s.1).collect();
-        assert!(
-            downloading.windows(2).all(|w| w[0] < w[1]),
-            "{downloading:?}"
-        );
+        iot_ota_testkit::assert_success_statuses(&mine);
     }
 }
 
 /// Runs the C `fail` scenario against `route`; returns the rig for wire checks.
 fn failing_fetch(dev: &str, route: Route, body: &[u8], sign: Option<&str>, expected: i32) -> Rig {
-    let rig = Rig::new();
+    let rig = rig();
     let url = rig.files.add("/bad.bin", route);
     let mut args = vec!["fail".to_owned()];
-    args.extend(rig.args(dev));
+    args.extend(c_args(&rig, dev));
     args.push(expected.to_string());
     let child = spawn(&c_test_program(), &args);
     rig.expect_version(dev, "inform", "1.0.0");
@@ -669,14 +548,14 @@ fn truncated_download_ends_with_fetch_failed() {
 
 #[test]
 fn fetch_yield_times_out_with_zero_and_destroy_mid_fetch_reports_it() {
-    let rig = Rig::new();
+    let rig = rig();
     let dev = "stall";
     let body = random_bytes(100_000, 15);
     let url = rig
         .files
         .add("/stall.bin", Route::stall(body.clone(), 12_000));
     let mut args = vec!["stall".to_owned()];
-    args.extend(rig.args(dev));
+    args.extend(c_args(&rig, dev));
     args.push("12000".into());
     let child = spawn(&c_test_program(), &args);
     rig.expect_version(dev, "inform", "1.0.0");
@@ -696,12 +575,12 @@ fn fetch_yield_times_out_with_zero_and_destroy_mid_fetch_reports_it() {
 
 #[test]
 fn get_firmware_info_reply_reaches_the_callback_and_404_starts_nothing() {
-    let rig = Rig::new();
+    let rig = rig();
     let dev = "getter";
     let body = random_bytes(80_000, 16);
     let url = rig.files.add("/got.bin", Route::file(body.clone()));
     let mut args = vec!["get".to_owned()];
-    args.extend(rig.args(dev));
+    args.extend(c_args(&rig, dev));
     args.push(rig.dir.path().display().to_string());
     args.extend(["2.5.0".into(), "9.9.9".into()]);
     let child = spawn(&c_test_program(), &args);
@@ -748,7 +627,7 @@ fn get_firmware_info_reply_reaches_the_callback_and_404_starts_nothing() {
 
 #[test]
 fn a_long_download_keeps_the_connection_alive_and_reports_as_it_goes() {
-    let rig = Rig::new();
+    let rig = rig();
     let dev = "slow";
     // About 10 s at 10 kB/s: twice the 5 s keep-alive the C side asks for,
     // past the broker's 1.5x limit, with no iot_mqtt_yield in between.
@@ -757,7 +636,7 @@ fn a_long_download_keeps_the_connection_alive_and_reports_as_it_goes() {
         .files
         .add("/slow.bin", Route::slow(body.clone(), 10_000));
     let mut args = vec!["slow".to_owned()];
-    args.extend(rig.args(dev));
+    args.extend(c_args(&rig, dev));
     let mut child = spawn(&c_test_program(), &args);
     rig.expect_version(dev, "inform", "1.0.0");
     rig.push(dev, command("k1", "2.0.0", &url, &body, None));
@@ -783,12 +662,12 @@ fn a_long_download_keeps_the_connection_alive_and_reports_as_it_goes() {
 
 #[test]
 fn reconnects_after_a_broker_restart_and_resubscribes() {
-    let mut rig = Rig::new();
+    let mut rig = rig();
     let dev = "recon";
     let body = random_bytes(40_000, 21);
     let url = rig.files.add("/recon.bin", Route::file(body.clone()));
     let mut args = vec!["reconnect".to_owned()];
-    args.extend(rig.args(dev));
+    args.extend(c_args(&rig, dev));
     let child = spawn(&c_test_program(), &args);
     rig.expect_version(dev, "inform", "1.0.0");
     rig.broker.restart();
@@ -827,7 +706,7 @@ fn example_args(rig: &Rig, dev: &str) -> Vec<String> {
 /// upgrades once the broker is there.
 #[test]
 fn example_waits_for_a_broker_that_is_not_up_yet() {
-    let mut rig = Rig::new();
+    let mut rig = rig();
     let dev = "exearly";
     let body = random_bytes(30_000, 32);
     let url = rig.files.add("/ex-early.bin", Route::file(body.clone()));
@@ -856,7 +735,7 @@ fn example_waits_for_a_broker_that_is_not_up_yet() {
 /// used to truncate its part file and start again from byte 0.)
 #[test]
 fn example_resumes_after_kill_9() {
-    let rig = Rig::new();
+    let rig = rig();
     let dev = "exkill";
     let body = random_bytes(400_000, 34);
     let url = rig
@@ -914,7 +793,7 @@ fn example_resumes_after_kill_9() {
 /// (`boot=N`) and, with `upgrade`, one upgrade installed for a reboot.
 fn boot(rig: &Rig, dev: &str, running: &str, healthy: bool, upgrade: bool) -> Exit {
     let mut args = vec!["boot".to_string()];
-    args.extend(rig.args(dev));
+    args.extend(c_args(rig, dev));
     let state = rig.dir.path().join(format!("{dev}-state"));
     args.extend([
         state.display().to_string(),
@@ -935,13 +814,13 @@ fn boot(rig: &Rig, dev: &str, running: &str, healthy: bool, upgrade: bool) -> Ex
 /// device keeps starting on the old version) gives up after three tries.
 #[test]
 fn boot_confirm_commits_or_rolls_back_across_restarts() {
-    let rig = Rig::new();
+    let rig = rig();
     let body = random_bytes(60_000, 41);
     let url = rig.files.add("/boot.bin", Route::file(body.clone()));
     for dev in ["cgood", "cbad", "cnever"] {
         let child = {
             let mut args = vec!["boot".to_string()];
-            args.extend(rig.args(dev));
+            args.extend(c_args(&rig, dev));
             let state = rig.dir.path().join(format!("{dev}-state"));
             args.extend([
                 state.display().to_string(),
@@ -1022,7 +901,7 @@ fn boot_confirm_commits_or_rolls_back_across_restarts() {
 /// and never finish), and the example upgrades with exactly one GET.
 #[test]
 fn example_waits_for_a_response_slower_than_the_fetch_timeout() {
-    let rig = Rig::new();
+    let rig = rig();
     let dev = "exslowhead";
     let body = random_bytes(90_000, 31);
     let url = rig.files.add(
@@ -1053,7 +932,7 @@ fn example_waits_for_a_response_slower_than_the_fetch_timeout() {
 
 #[test]
 fn example_with_wrong_md5_exits_1_and_keeps_no_file() {
-    let rig = Rig::new();
+    let rig = rig();
     let dev = "exbad";
     let body = random_bytes(70_000, 17);
     let url = rig.files.add("/ex-bad.bin", Route::file(body.clone()));
@@ -1075,7 +954,7 @@ fn example_with_wrong_md5_exits_1_and_keeps_no_file() {
 #[test]
 fn example_upgrade_over_tls_with_sha256() {
     let ca = TestCa::new();
-    let rig = Rig::tls(&ca);
+    let rig = Rig::tls(&ca, PK, "ota-ffi-tls-test");
     let ca_file = ca.write_ca(rig.dir.path());
     let dev = "extls";
     let body = random_bytes(150_000, 20);
@@ -1119,7 +998,7 @@ fn example_upgrade_over_tls_with_sha256() {
 #[test]
 fn example_plain_mqtt_with_https_firmware_from_a_private_ca() {
     let ca = TestCa::new();
-    let rig = Rig::new();
+    let rig = rig();
     let https = FileServer::start_tls(&ca);
     let ca_file = ca.write_ca(rig.dir.path());
     let dev = "exmix";
@@ -1162,7 +1041,7 @@ fn valgrind() -> Option<PathBuf> {
 #[test]
 fn example_upgrade_under_valgrind_has_no_leaks_and_no_errors() {
     let Some(valgrind) = valgrind() else { return };
-    let rig = Rig::new();
+    let rig = rig();
     let dev = "exvg";
     let body = random_bytes(200_000, 18);
     let url = rig.files.add("/ex.bin", Route::file(body.clone()));

@@ -9,6 +9,7 @@
 //!   support and injectable faults ([`Route`]);
 //! - [`WireRecorder`]: an MQTT client that records what goes over the wire
 //!   and publishes commands, usable from sync and async tests alike;
+//! - [`Rig`]: all of these for a device test, the recorder playing the platform;
 //! - [`TestCa`]: a throwaway CA with a `localhost` server certificate and
 //!   client certificates for mutual TLS;
 //! - [`TempDir`], [`free_port`], [`random_bytes`], [`wait_child`],
@@ -44,6 +45,7 @@ mod child;
 mod http;
 mod mosquitto;
 mod recorder;
+mod rig;
 mod signal;
 mod tempdir;
 mod util;
@@ -53,5 +55,6 @@ pub use child::{wait_child, ChildExit};
 pub use http::{FileServer, RequestLog, Route};
 pub use mosquitto::{Mosquitto, MosquittoOptions};
 pub use recorder::{RecorderOptions, WireMessage, WireRecorder};
+pub use rig::{assert_success_statuses, Rig, RIG_WAIT};
 pub use tempdir::TempDir;
 pub use util::{free_port, random_bytes, upgrade_command, write_random_file};

@@ -7,79 +7,27 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use iot_ota_core::digest::{digest_hex, SignMethod};
-use iot_ota_testkit::{FileServer, Mosquitto, TempDir, WireMessage, WireRecorder};
-use serde_json::Value;
 
 pub const PK: &str = "pk1";
 pub const WAIT: Duration = Duration::from_secs(15);
 
-pub struct Rig {
-    pub broker: Mosquitto,
-    pub files: FileServer,
-    pub wire: WireRecorder,
-    pub dir: TempDir,
+pub use iot_ota_testkit::Rig;
+
+/// A rig for this crate's tests.
+pub fn rig() -> Rig {
+    Rig::new(PK, "ota-sdk-test")
 }
 
-impl Rig {
-    pub fn new() -> Rig {
-        let broker = Mosquitto::start();
-        let wire = WireRecorder::connect(&broker.url(), "/sys/#");
-        Rig {
-            files: FileServer::start(),
-            wire,
-            broker,
-            dir: TempDir::new("ota-sdk-test"),
-        }
-    }
-
-    pub fn topic(&self, dev: &str, kind: &str) -> String {
-        format!("/sys/{PK}/{dev}/ota/firmware/{kind}")
-    }
-
-    /// Publishes a command as the platform would.
-    pub fn push(&self, dev: &str, payload: impl Into<Vec<u8>>) {
-        self.wire
-            .publish(&self.topic(dev, "upgrade"), payload, true)
-            .expect("publish command");
-    }
-
-    /// Waits for a message from `dev` on `kind` matching `pred`.
-    pub fn expect(
-        &self,
-        dev: &str,
-        kind: &str,
-        pred: impl Fn(&WireMessage) -> bool,
-    ) -> WireMessage {
-        let topic = self.topic(dev, kind);
-        self.wire
-            .wait_for(|m| m.topic == topic && pred(m), WAIT)
-            .unwrap_or_else(|| {
-                panic!(
-                    "no {kind} message from {dev}; wire:\n{}",
-                    self.wire.summary()
-                )
-            })
-    }
-
-    /// Every JSON message from `dev` on `kind`, in order.
-    pub fn all(&self, dev: &str, kind: &str) -> Vec<Value> {
-        self.wire.json_on(&self.topic(dev, kind))
-    }
-
-    /// `(status, progress)` of every progress report from `dev`.
-    pub fn statuses(&self, dev: &str) -> Vec<(i64, i64)> {
-        self.wire.progress_on(&self.topic(dev, "progress"))
-    }
-
-    /// Waits for the device's inform of `version`.
-    pub fn expect_inform(&self, dev: &str, version: &str) {
-        self.expect(dev, "inform", |m| {
-            m.json_str("data.firmwareVersion").as_deref() == Some(version)
-        });
-    }
-
+/// The example device on a [`Rig`].
+pub trait ExampleRig {
     /// Starts the example device binary.
-    pub fn example(&self, dev: &str, extra: &[&str]) -> Child {
+    fn example(&self, dev: &str, extra: &[&str]) -> Child;
+    /// Where the example puts firmware `version` of `dev`.
+    fn out_file(&self, dev: &str, version: &str) -> PathBuf;
+}
+
+impl ExampleRig for Rig {
+    fn example(&self, dev: &str, extra: &[&str]) -> Child {
         let mut cmd = Command::new(example_path());
         cmd.args([
             "--broker",
@@ -97,7 +45,7 @@ impl Rig {
         cmd.spawn().expect("start ota_example")
     }
 
-    pub fn out_file(&self, dev: &str, version: &str) -> PathBuf {
+    fn out_file(&self, dev: &str, version: &str) -> PathBuf {
         self.dir
             .path()
             .join(dev)
