@@ -39,7 +39,8 @@
 //!   bundle version.
 //!
 //! `install.health` is the health check of a new image, a command (exit 0:
-//! healthy), for every back-end; without it, starting is healthy.
+//! healthy; killed and unhealthy after `install.health_timeout`, default
+//! 60 s), for every back-end; without it, starting is healthy.
 //! `install.boot_limit` (default 3) is how many boots an unconfirmed image
 //! gets. `version_file`, when set, is rewritten atomically at every commit.
 //!
@@ -118,6 +119,9 @@ pub struct AgentArgs {
     /// Health check of a new image: a shell command, exit 0 when healthy.
     #[arg(long)]
     pub health_command: Option<String>,
+    /// Seconds the health check may take before it counts as failed (default 60).
+    #[arg(long)]
+    pub health_timeout: Option<f64>,
     /// Boots an unconfirmed image gets before it is rolled back (default 3).
     #[arg(long)]
     pub boot_limit: Option<u32>,
@@ -164,6 +168,7 @@ struct InstallConfig {
     rauc: bool,
     reboot: Option<String>,
     health: Option<String>,
+    health_timeout: Option<f64>,
     commit: Option<String>,
     rollback: Option<String>,
     boot_limit: Option<u32>,
@@ -198,6 +203,7 @@ struct Agent {
     backend: Backend,
     reboot: Option<String>,
     health: Option<String>,
+    health_timeout: Duration,
     boot_limit: u32,
     window: Option<(u32, u32)>,
     trigger: PathBuf,
@@ -292,6 +298,15 @@ fn resolve(args: AgentArgs) -> Result<Agent, String> {
         }
         _ => return Err("choose one of install dir, install command and install rauc".into()),
     };
+    let health_timeout = match args.health_timeout.or(install.health_timeout) {
+        None => iot_ota_device::install::DEFAULT_HEALTH_TIMEOUT,
+        Some(s) if s.is_finite() && s > 0.0 => Duration::from_secs_f64(s),
+        Some(s) => {
+            return Err(format!(
+                "health timeout {s} must be a positive number of seconds"
+            ))
+        }
+    };
     let state_dir = args
         .state_dir
         .or(file.state_dir)
@@ -332,6 +347,7 @@ fn resolve(args: AgentArgs) -> Result<Agent, String> {
         backend,
         reboot: args.reboot_command.or(install.reboot),
         health: args.health_command.or(install.health),
+        health_timeout,
         boot_limit: args
             .boot_limit
             .or(install.boot_limit)
@@ -410,7 +426,8 @@ impl Agent {
     /// The health check of a new image: the configured command, if any.
     fn health_check(&self) -> Option<impl FnMut(&str) -> Health + '_> {
         let cmd = self.health.as_ref()?;
-        Some(move |version: &str| iot_ota_device::install::health_command(cmd, version))
+        let timeout = self.health_timeout;
+        Some(move |version: &str| iot_ota_device::install::health_command(cmd, version, timeout))
     }
 
     fn commit_version_file(&self, version: &str) {

@@ -17,6 +17,12 @@
 //!   receiving, hashing and writing overlapped on separate threads.
 //! - [`Session`]: the engine and the MQTT client together, for drivers that
 //!   poll the MQTT event loop themselves (the C API does).
+//! - [`lifecycle::Lifecycle`]: the upgrade across reboots (PROTOCOL.md,
+//!   "Install, reboot, confirm"): an upgrade journal in a state directory,
+//!   the install through an [`install::Installer`] (slot directories with a
+//!   simulated bootloader, command hooks, RAUC, or the application itself),
+//!   and the decision at every start: commit a healthy new image (SUCCESS
+//!   only then), roll back an unhealthy one, resume what a crash cut off.
 //!
 //! # Example
 //!
@@ -70,6 +76,13 @@
 //! See the diagram in [`iot_ota_core`]'s docs: `init` → `fetching` (on an
 //! accepted command) → `fetched` (on the last byte or an error), with 409 for
 //! every command while an upgrade runs, and fresh counters for the next one.
+//! Across reboots ([`lifecycle`]):
+//!
+//! ```text
+//!  downloading ─► downloaded ─► installing ─► installed ──reboot──► booted
+//!                                                    health good ──► committed: SUCCESS, inform new
+//!       bad health / bootloader fell back / too many boots ──► rolled back: UPGRADE_FAILED, inform old
+//! ```
 //!
 //! # Errors
 //!

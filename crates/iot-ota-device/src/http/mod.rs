@@ -58,7 +58,7 @@ pub struct HttpOptions {
     /// Redirects followed before [`HttpError::TooManyRedirects`].
     pub max_redirects: u8,
     /// TLS configuration for `https` URLs; `None` uses the system roots
-    /// ([`TlsOptions::default`]), built once per process on first use.
+    /// ([`crate::tls::TlsOptions::default`]), built once per process on first use.
     pub tls: Option<Arc<ClientConfig>>,
     /// The `User-Agent` header's value.
     pub user_agent: String,

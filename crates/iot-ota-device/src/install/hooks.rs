@@ -29,6 +29,9 @@ use super::Installer;
 /// The default reboot: what a systemd device does.
 pub const DEFAULT_REBOOT: &str = "systemctl reboot";
 
+/// How long a health check may take before it counts as failed.
+pub const DEFAULT_HEALTH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// Install steps as shell commands.
 #[derive(Debug, Clone)]
 pub struct CommandHooks {
@@ -98,24 +101,62 @@ fn run_with(step: &str, template: &str, version: &str, env: &[(&str, &str)]) -> 
     finish(step, cmd, command)
 }
 
-fn finish(step: &str, cmd: String, mut command: Command) -> Result<(), String> {
+fn finish(step: &str, cmd: String, command: Command) -> Result<(), String> {
+    finish_within(step, cmd, command, None)
+}
+
+/// Runs `command`; with a `timeout`, one that has not ended by then is
+/// killed (the process we started, by its handle) and fails.
+fn finish_within(
+    step: &str,
+    cmd: String,
+    mut command: Command,
+    timeout: Option<std::time::Duration>,
+) -> Result<(), String> {
     log::info!("{step}: running {cmd:?}");
-    let out = command
+    let mut child = command
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
-        .output()
+        .spawn()
         .map_err(|e| format!("cannot run the {step} command {cmd:?}: {e}"))?;
-    if out.status.success() {
+    // Read stderr on a thread, so that a chatty command never blocks on a
+    // full pipe while we wait for it.
+    let mut pipe = child.stderr.take();
+    let reader = std::thread::spawn(move || {
+        let mut text = Vec::new();
+        if let Some(p) = pipe.as_mut() {
+            let _ = std::io::Read::read_to_end(p, &mut text);
+        }
+        text
+    });
+    let deadline = timeout.map(|t| std::time::Instant::now() + t);
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(status)) => break status,
+            Ok(None) => {}
+            Err(e) => return Err(format!("waiting for the {step} command {cmd:?}: {e}")),
+        }
+        if deadline.is_some_and(|d| std::time::Instant::now() >= d) {
+            let _ = child.kill();
+            let _ = child.wait();
+            // Its own children may hold stderr open: do not wait for them.
+            drop(reader);
+            let secs = timeout.map_or(0.0, |t| t.as_secs_f64());
+            return Err(format!("{step} command timed out after {secs} s"));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    };
+    let stderr = reader.join().unwrap_or_default();
+    if status.success() {
         return Ok(());
     }
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stderr = String::from_utf8_lossy(&stderr);
     let stderr = stderr.trim();
     let mut start = stderr.len().saturating_sub(200);
     while !stderr.is_char_boundary(start) {
         start += 1;
     }
-    let code = out
-        .status
+    let code = status
         .code()
         .map_or_else(|| "a signal".to_string(), |c| c.to_string());
     Err(format!(
@@ -157,9 +198,9 @@ impl Installer for CommandHooks {
     }
 
     fn health_check(&mut self) -> Health {
-        self.health
-            .as_deref()
-            .map_or(Health::Good, |cmd| health_command(cmd, &self.running))
+        self.health.as_deref().map_or(Health::Good, |cmd| {
+            health_command(cmd, &self.running, DEFAULT_HEALTH_TIMEOUT)
+        })
     }
 
     fn commit(&mut self) -> Result<(), String> {
@@ -193,8 +234,10 @@ pub(crate) fn reboot_command(cmd: Option<&str>, version: &str) -> Result<(), Str
 /// A health check as a shell command: exit 0 is healthy; anything else is
 /// [`Health::Bad`] with the end of its stderr and its exit status.
 /// `{version}` is the running version.
-pub fn health_command(cmd: &str, version: &str) -> Health {
-    match run("health check", cmd, None, version) {
+/// One that has not ended within `timeout` is killed and is unhealthy.
+pub fn health_command(cmd: &str, version: &str, timeout: std::time::Duration) -> Health {
+    let (line, command) = shell_command(cmd, None, version);
+    match finish_within("health check", line, command, Some(timeout)) {
         Ok(()) => Health::Good,
         // The journal says "health check failed: " already.
         Err(why) => Health::Bad(
@@ -332,6 +375,12 @@ mod tests {
         assert_eq!(
             std::fs::read_to_string(dir.join("log")).unwrap(),
             "install 2.0\nrollback 2.0\ncommit 2.0\n"
+        );
+        let slow = health_command("sleep 5", "1.0", std::time::Duration::from_millis(200));
+        assert_eq!(
+            slow,
+            Health::Bad("timed out after 0.2 s".into()),
+            "a hung health check fails"
         );
         let mut failing = CommandHooks::new("exit 3", "1.0");
         assert!(failing.needs_reboot(), "systemctl reboot by default");

@@ -28,7 +28,10 @@ mod hooks;
 mod rauc;
 mod slots;
 
-pub use hooks::{health_command, shell_command, shell_quote, CommandHooks, DEFAULT_REBOOT};
+pub use hooks::{
+    health_command, shell_command, shell_quote, CommandHooks, DEFAULT_HEALTH_TIMEOUT,
+    DEFAULT_REBOOT,
+};
 pub use rauc::Rauc;
 pub use slots::{BootState, SlotDirs};
 

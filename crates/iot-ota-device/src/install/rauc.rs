@@ -23,7 +23,7 @@ use std::process::{Command, Stdio};
 use iot_ota_core::journal::Health;
 use serde_json::Value;
 
-use super::hooks::{health_command, reboot_command, DEFAULT_REBOOT};
+use super::hooks::{health_command, reboot_command, DEFAULT_HEALTH_TIMEOUT, DEFAULT_REBOOT};
 use super::Installer;
 
 /// The RAUC back-end.
@@ -168,9 +168,9 @@ impl Installer for Rauc {
     }
 
     fn health_check(&mut self) -> Health {
-        self.health
-            .as_deref()
-            .map_or(Health::Good, |cmd| health_command(cmd, ""))
+        self.health.as_deref().map_or(Health::Good, |cmd| {
+            health_command(cmd, "", DEFAULT_HEALTH_TIMEOUT)
+        })
     }
 
     fn commit(&mut self) -> Result<(), String> {
