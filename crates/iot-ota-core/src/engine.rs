@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 use crate::error::Error;
 use crate::fetch::Throttle;
+use crate::manifest::TrustStore;
 use crate::protocol::{
     self, Firmware, GetReply, Limits, Progress, Rejection, ReplyCode, Status, Topics,
     UpgradeCommand,
@@ -24,6 +25,11 @@ pub struct Config {
     pub get_timeout: Duration,
     /// Refuse (412) a command whose version is lower than the current one.
     pub refuse_downgrade: bool,
+    /// The device's product key (a signed manifest must name it).
+    pub product_key: String,
+    /// Pinned keys and revoked key ids: with a key pinned, only signed
+    /// firmware is accepted (PROTOCOL.md, "Signed manifests").
+    pub trust: TrustStore,
 }
 
 impl Config {
@@ -36,6 +42,8 @@ impl Config {
             throttle: Throttle::default(),
             get_timeout: Duration::from_secs(10),
             refuse_downgrade: false,
+            product_key: product_key.to_owned(),
+            trust: TrustStore::default(),
         }
     }
 }
@@ -103,6 +111,8 @@ pub struct Ota {
     online: bool,
     /// The outcome of the start decision, sent before the first inform.
     start_report: Option<Progress>,
+    /// The security counter of the running firmware (signed manifests).
+    security_counter: u64,
 }
 
 impl Ota {
@@ -127,6 +137,7 @@ impl Ota {
             gets: Vec::new(),
             online: false,
             start_report: None,
+            security_counter: 0,
         }
     }
 
@@ -152,6 +163,24 @@ impl Ota {
     /// ended by a SUCCESS or failure report).
     pub fn job(&self) -> Option<&Firmware> {
         self.job.as_ref()
+    }
+
+    /// The security counter of the running firmware: a signed manifest with
+    /// a lower one is refused (412, `counter A < B`). The device keeps it
+    /// (the upgrade journal raises it at commit) and sets it at start.
+    pub fn set_security_counter(&mut self, counter: u64) {
+        self.security_counter = counter;
+    }
+
+    /// The security counter set by [`Ota::set_security_counter`].
+    pub fn security_counter(&self) -> u64 {
+        self.security_counter
+    }
+
+    /// Replaces the pinned keys and revoked ids (the C API pins keys after
+    /// `iot_ota_init`).
+    pub fn set_trust(&mut self, trust: TrustStore) {
+        self.config.trust = trust;
     }
 
     // ---- handle_*: events from outside ----
@@ -246,6 +275,13 @@ impl Ota {
     }
 
     fn check_policy(&self, fw: &Firmware) -> Result<(), Rejection> {
+        self.config.trust.check(
+            fw.signed.as_ref(),
+            &self.config.product_key,
+            &fw.version,
+            fw.size,
+            self.security_counter,
+        )?;
         if self.config.refuse_downgrade
             && !self.version.is_empty()
             && compare_versions(&fw.version, &self.version).is_lt()
@@ -616,6 +652,52 @@ mod tests {
     }
 
     #[test]
+    fn with_a_pinned_key_only_signed_firmware_is_accepted() {
+        use crate::manifest::{test_keys::Ed, Manifest, Signed, TrustStore};
+        let key = Ed::new();
+        let mut config = Config::new("pk", "dev");
+        config.trust = TrustStore {
+            keys: vec![key.public()],
+            revoked: Vec::new(),
+        };
+        let mut o = Ota::new(config, "1.0").unwrap();
+        o.set_security_counter(5);
+        let topic = "/sys/pk/dev/ota/firmware/upgrade";
+        let now = Instant::now();
+        // The seed's unsigned command: 412, and the failure report.
+        assert!(o.handle_publish(topic, &command("1", "2.0"), now));
+        let p = published(&drain(&mut o));
+        assert_eq!(p[0].1["code"], 412);
+        let msg = p[0].1["message"].as_str().unwrap();
+        assert!(msg.contains("unsigned firmware"), "{msg}");
+        assert_eq!(p[1].1["data"]["status"], -1);
+        // Signed, with the command's facts: accepted.
+        let signed = |counter| {
+            let m = Manifest {
+                product: "pk".into(),
+                firmware_version: "2.0".into(),
+                size: 10,
+                sha256: "cd".repeat(32),
+                counter,
+            };
+            let s = Signed::sign(m, &[&key]).unwrap();
+            let mut v: Value = serde_json::from_slice(&command("2", "2.0")).unwrap();
+            for (k, f) in s.to_fields() {
+                v["data"][k] = f;
+            }
+            v.to_string().into_bytes()
+        };
+        assert!(o.handle_publish(topic, &signed(4), now));
+        let p = published(&drain(&mut o));
+        let msg = p[0].1["message"].as_str().unwrap();
+        assert!(msg.contains("counter 4 < 5"), "{msg}");
+        assert!(o.handle_publish(topic, &signed(5), now));
+        let out = drain(&mut o);
+        assert_eq!(published(&out)[0].1["code"], 200);
+        assert!(matches!(&out[1], Output::Event(Event::Upgrade(c)) if c.firmware.signed.is_some()));
+    }
+
+    #[test]
     fn accepts_then_busy_then_accepts_after_terminal() {
         let mut o = ota();
         let now = Instant::now();
@@ -763,6 +845,7 @@ mod tests {
             sign: MD5.into(),
             sign_method: SignMethod::Md5,
             policy: None,
+            signed: None,
         };
         o.accept_firmware(&fw).unwrap();
         assert!(matches!(o.accept_firmware(&fw), Err(Error::Busy { .. })));

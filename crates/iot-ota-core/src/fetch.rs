@@ -59,6 +59,9 @@ pub struct Fetch {
     firmware: Firmware,
     throttle: Throttle,
     hasher: Hasher,
+    /// A signed manifest's SHA-256 and, when the command's method is not
+    /// SHA-256 already, a second hasher for it.
+    manifest_sha256: Option<(String, Option<Hasher>)>,
     received: u64,
     /// Total size when known: the command's `size`, else the server's.
     total: Option<u64>,
@@ -70,8 +73,14 @@ pub struct Fetch {
 impl Fetch {
     /// A new download of `firmware`, with fresh counters and digest.
     pub fn new(firmware: Firmware, throttle: Throttle) -> Fetch {
+        let manifest_sha256 = firmware.signed.as_ref().map(|s| {
+            let second = (firmware.sign_method != crate::digest::SignMethod::Sha256)
+                .then(|| Hasher::new(crate::digest::SignMethod::Sha256));
+            (s.manifest.sha256.clone(), second)
+        });
         Fetch {
             hasher: Hasher::new(firmware.sign_method),
+            manifest_sha256,
             total: firmware.size,
             firmware,
             throttle,
@@ -186,6 +195,9 @@ impl Fetch {
             }
         }
         self.hasher.update(bytes);
+        if let Some((_, Some(second))) = &mut self.manifest_sha256 {
+            second.update(bytes);
+        }
         self.received = after;
         let pct = self.percent();
         let due = match self.last_report {
@@ -224,6 +236,18 @@ impl Fetch {
                 expected: self.firmware.sign.clone(),
                 actual,
             }));
+        }
+        // Signed: the manifest's SHA-256 must match too (VERIFY_FAILED).
+        if let Some((expected, second)) = &self.manifest_sha256 {
+            let sha256 = second.as_ref().map_or_else(|| actual.clone(), Hasher::hex);
+            if sha256 != *expected {
+                let expected = expected.clone();
+                return Err(self.fail(FetchError::DigestMismatch {
+                    method: crate::digest::SignMethod::Sha256,
+                    expected,
+                    actual: sha256,
+                }));
+            }
         }
         self.state = FetchState::Fetched;
         self.outcome = Some(Ok(Verified {
@@ -266,6 +290,38 @@ mod tests {
     use super::*;
     use crate::digest::{digest_hex, SignMethod};
 
+    #[test]
+    fn a_signed_image_must_match_the_manifests_sha256_too() {
+        use crate::manifest::{test_keys::Ed, Manifest, Signed};
+        let body = b"firmware bytes";
+        for method in [SignMethod::Md5, SignMethod::Sha256] {
+            for (sha256, ok) in [
+                (digest_hex(SignMethod::Sha256, body), true),
+                ("00".repeat(32), false),
+            ] {
+                let mut firmware = fw(body, Some(body.len() as u64), method);
+                let m = Manifest {
+                    product: "pk".into(),
+                    firmware_version: "2.0".into(),
+                    size: body.len() as u64,
+                    sha256,
+                    counter: 1,
+                };
+                firmware.signed = Some(Signed::sign(m, &[&Ed::new()]).unwrap());
+                let mut f = Fetch::new(firmware, Throttle::default());
+                f.handle_data(body, Instant::now()).unwrap();
+                match f.handle_end() {
+                    Ok(p) => assert!(ok, "{method:?}: {p:?}"),
+                    Err(e) => {
+                        assert!(!ok, "{method:?}: {e}");
+                        assert_eq!(e.status(), Status::VerifyFailed);
+                        assert!(e.to_string().contains("SHA-256"), "{e}");
+                    }
+                }
+            }
+        }
+    }
+
     fn fw(body: &[u8], size: Option<u64>, method: SignMethod) -> Firmware {
         Firmware {
             version: "2.0".into(),
@@ -274,6 +330,7 @@ mod tests {
             sign: digest_hex(method, body),
             sign_method: method,
             policy: None,
+            signed: None,
         }
     }
 

@@ -122,6 +122,8 @@ pub struct Journal {
     /// The command's policy: a silent upgrade resumed after a crash still
     /// waits for its window.
     pub policy: Option<Policy>,
+    /// The command's signed manifest: a resumed upgrade is checked again.
+    pub signed: Option<crate::manifest::Signed>,
     /// Boots of the new image so far without a commit.
     pub boot_attempts: u32,
     /// Boots allowed before the device gives up on the new image.
@@ -147,6 +149,7 @@ impl Journal {
             url: None,
             size: None,
             policy: None,
+            signed: None,
             boot_attempts: 0,
             max_boot_attempts: DEFAULT_MAX_BOOTS,
             security_counter: 0,
@@ -163,6 +166,7 @@ impl Journal {
         j.url = Some(firmware.url.clone());
         j.size = firmware.size;
         j.policy = firmware.policy;
+        j.signed = firmware.signed.clone();
         j
     }
 
@@ -177,13 +181,14 @@ impl Journal {
             sign,
             sign_method,
             policy: self.policy,
+            signed: self.signed.clone(),
         })
     }
 
     /// The journal as bytes: one JSON line, then its SHA-256 on a line of its
     /// own, so that a torn or altered file is recognised as such.
     pub fn encode(&self) -> Vec<u8> {
-        let line = json!({
+        let mut line = json!({
             "schema": JOURNAL_SCHEMA,
             "phase": self.phase.as_str(),
             "from": self.from_version,
@@ -199,8 +204,11 @@ impl Journal {
             "securityCounter": self.security_counter,
             "pendingCounter": self.pending_counter,
             "reason": self.reason,
-        })
-        .to_string();
+        });
+        if let (Some(signed), Some(obj)) = (&self.signed, line.as_object_mut()) {
+            obj.extend(signed.to_fields());
+        }
+        let line = line.to_string();
         let sum = digest_hex(SignMethod::Sha256, line.as_bytes());
         format!("{line}\nsha256 {sum}\n").into_bytes()
     }
@@ -263,6 +271,11 @@ impl Journal {
                 Some("standard") => Some(Policy::Standard),
                 Some("silent") => Some(Policy::Silent),
                 Some(_) => return Err(corrupt("bad policy")),
+            },
+            signed: match v.as_object() {
+                Some(obj) => crate::manifest::Signed::from_data(obj)
+                    .map_err(|r| corrupt(&format!("manifest: {}", r.message)))?,
+                None => None,
             },
             boot_attempts: count("bootAttempts")?,
             max_boot_attempts: count("maxBootAttempts")?,

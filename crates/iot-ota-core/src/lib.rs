@@ -124,6 +124,7 @@ mod engine;
 mod error;
 mod fetch;
 pub mod journal;
+pub mod manifest;
 pub mod protocol;
 
 pub use backoff::Backoff;

@@ -263,6 +263,9 @@ pub struct Firmware {
     pub sign_method: SignMethod,
     /// Installation policy; absent when the device asked (get reply).
     pub policy: Option<Policy>,
+    /// The signed manifest, when the platform sent one (PROTOCOL.md,
+    /// "Signed manifests"); checked only by a device that pins keys.
+    pub signed: Option<crate::manifest::Signed>,
 }
 
 /// A parsed and validated upgrade command (message 1).
@@ -623,6 +626,8 @@ pub fn parse_firmware(
         Some(_) => return Err(Rejection::bad("field policy must be a string")),
     };
 
+    let signed = crate::manifest::Signed::from_data(data)?;
+
     Ok(Firmware {
         version: version.to_owned(),
         url: url.to_owned(),
@@ -630,6 +635,7 @@ pub fn parse_firmware(
         sign: sign.to_ascii_lowercase(),
         sign_method,
         policy,
+        signed,
     })
 }
 
@@ -761,6 +767,9 @@ fn firmware_json(fw: &Firmware) -> Map<String, Value> {
     data.insert("url".into(), fw.url.clone().into());
     data.insert("sign".into(), fw.sign.clone().into());
     data.insert("signMethod".into(), fw.sign_method.wire_name().into());
+    if let Some(signed) = &fw.signed {
+        data.extend(signed.to_fields());
+    }
     data
 }
 

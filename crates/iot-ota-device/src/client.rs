@@ -84,6 +84,7 @@ impl OtaClient {
     /// the connection are repaired in the background.
     pub async fn connect(config: Config) -> Result<(OtaClient, Upgrades), Error> {
         let mut ota = Ota::new(config.core(), config.firmware_version())?;
+        ota.set_security_counter(config.security_counter);
         if let Some(report) = config.start_report.clone() {
             ota.report_at_start(report)?;
         }

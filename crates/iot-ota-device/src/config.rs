@@ -6,6 +6,8 @@ use std::time::Duration;
 use iot_ota_core::protocol::{self, DEFAULT_PREFIX};
 use iot_ota_core::{BrokerUrl, Limits, Throttle, Topics};
 
+use iot_ota_core::manifest::{PublicKey, TrustStore};
+
 use crate::error::Error;
 use crate::link::LinkSettings;
 
@@ -38,6 +40,8 @@ pub struct Config {
     pub(crate) min_rate: u64,
     pub(crate) rate_window: Duration,
     pub(crate) start_report: Option<iot_ota_core::Progress>,
+    pub(crate) trust: TrustStore,
+    pub(crate) security_counter: u64,
 }
 
 impl Config {
@@ -69,6 +73,8 @@ impl Config {
             min_rate: 1024,
             rate_window: Duration::from_secs(60),
             start_report: None,
+            trust: TrustStore::default(),
+            security_counter: 0,
         })
     }
 
@@ -237,6 +243,44 @@ impl Config {
         self
     }
 
+    /// Pins a public key: from then on only firmware whose manifest a
+    /// pinned, not revoked key signed is accepted (PROTOCOL.md, "Signed
+    /// manifests"); other commands get 412. Several keys may be pinned.
+    pub fn trust_key(mut self, key: PublicKey) -> Self {
+        self.trust.keys.push(key);
+        self
+    }
+
+    /// Pins the key in the PEM `PUBLIC KEY` file `path` (Ed25519 or P-256).
+    pub fn trust_key_file(self, path: impl AsRef<std::path::Path>) -> Result<Self, Error> {
+        let path = path.as_ref();
+        let pem = std::fs::read_to_string(path)
+            .map_err(|e| Error::Config(format!("trusted key {}: {e}", path.display())))?;
+        let key = PublicKey::from_pem(&pem)
+            .map_err(|e| Error::Config(format!("trusted key {}: {e}", path.display())))?;
+        Ok(self.trust_key(key))
+    }
+
+    /// Revokes a key id (the hex SHA-256 of its SubjectPublicKeyInfo): its
+    /// signatures no longer count, even when the key is pinned.
+    pub fn revoke_key(mut self, key_id: impl Into<String>) -> Self {
+        self.trust.revoked.push(key_id.into().to_ascii_lowercase());
+        self
+    }
+
+    /// The running firmware's security counter (from the upgrade journal,
+    /// [`crate::lifecycle::Lifecycle::security_counter`]): a signed
+    /// manifest with a lower one is refused.
+    pub fn security_counter(mut self, counter: u64) -> Self {
+        self.security_counter = counter;
+        self
+    }
+
+    /// The pinned keys and revoked ids.
+    pub fn trust(&self) -> &TrustStore {
+        &self.trust
+    }
+
     /// The core engine's configuration.
     pub(crate) fn core(&self) -> iot_ota_core::Config {
         iot_ota_core::Config {
@@ -245,6 +289,8 @@ impl Config {
             throttle: self.throttle,
             get_timeout: self.get_timeout,
             refuse_downgrade: self.refuse_downgrade,
+            product_key: self.product_key.clone(),
+            trust: self.trust.clone(),
         }
     }
 }

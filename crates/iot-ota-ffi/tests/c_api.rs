@@ -184,6 +184,7 @@ fn firmware(version: &str, url: &str, body: &[u8]) -> Firmware {
         sign: digest_hex(SignMethod::Md5, body),
         sign_method: SignMethod::Md5,
         policy: None,
+        signed: None,
     }
 }
 

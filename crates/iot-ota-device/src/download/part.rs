@@ -88,6 +88,7 @@ mod tests {
             sign: "9e107d9d372bb6826bd81d3542a419d6".into(),
             sign_method: SignMethod::Md5,
             policy: None,
+            signed: None,
         }
     }
 
