@@ -276,7 +276,7 @@ impl Ota {
 
     fn check_policy(&self, fw: &Firmware) -> Result<(), Rejection> {
         self.config.trust.check(
-            fw.signed.as_ref(),
+            fw.signed.as_deref(),
             &self.config.product_key,
             &fw.version,
             fw.size,

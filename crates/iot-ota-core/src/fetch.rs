@@ -307,7 +307,7 @@ mod tests {
                     sha256,
                     counter: 1,
                 };
-                firmware.signed = Some(Signed::sign(m, &[&Ed::new()]).unwrap());
+                firmware.signed = Some(Box::new(Signed::sign(m, &[&Ed::new()]).unwrap()));
                 let mut f = Fetch::new(firmware, Throttle::default());
                 f.handle_data(body, Instant::now()).unwrap();
                 match f.handle_end() {

@@ -123,7 +123,7 @@ pub struct Journal {
     /// waits for its window.
     pub policy: Option<Policy>,
     /// The command's signed manifest: a resumed upgrade is checked again.
-    pub signed: Option<crate::manifest::Signed>,
+    pub signed: Option<Box<crate::manifest::Signed>>,
     /// Boots of the new image so far without a commit.
     pub boot_attempts: u32,
     /// Boots allowed before the device gives up on the new image.
@@ -274,7 +274,8 @@ impl Journal {
             },
             signed: match v.as_object() {
                 Some(obj) => crate::manifest::Signed::from_data(obj)
-                    .map_err(|r| corrupt(&format!("manifest: {}", r.message)))?,
+                    .map_err(|r| corrupt(&format!("manifest: {}", r.message)))?
+                    .map(Box::new),
                 None => None,
             },
             boot_attempts: count("bootAttempts")?,

@@ -594,7 +594,7 @@ mod tests {
 
     fn code_and_message(r: Result<(), Rejection>) -> (u16, String) {
         let e = r.unwrap_err();
-        (e.code.code() as u16, e.message)
+        (e.code.code(), e.message)
     }
 
     #[test]
@@ -652,7 +652,7 @@ mod tests {
                 .to_pem(),
             )
             .unwrap();
-            let t = trust(&[key.clone()]);
+            let t = trust(std::slice::from_ref(&key));
             let signed = Signed::sign(manifest(3), &[signer]).unwrap();
             let ok = |s: &Signed, size, counter| t.check(Some(s), "pk", "2.0.1", size, counter);
             assert_eq!(ok(&signed, Some(432_945), 3), Ok(()));

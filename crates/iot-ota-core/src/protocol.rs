@@ -265,7 +265,7 @@ pub struct Firmware {
     pub policy: Option<Policy>,
     /// The signed manifest, when the platform sent one (PROTOCOL.md,
     /// "Signed manifests"); checked only by a device that pins keys.
-    pub signed: Option<crate::manifest::Signed>,
+    pub signed: Option<Box<crate::manifest::Signed>>,
 }
 
 /// A parsed and validated upgrade command (message 1).
@@ -626,7 +626,7 @@ pub fn parse_firmware(
         Some(_) => return Err(Rejection::bad("field policy must be a string")),
     };
 
-    let signed = crate::manifest::Signed::from_data(data)?;
+    let signed = crate::manifest::Signed::from_data(data)?.map(Box::new);
 
     Ok(Firmware {
         version: version.to_owned(),
