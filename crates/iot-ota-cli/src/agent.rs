@@ -38,6 +38,12 @@
 //!   `mark-good`, `mark-bad`); the running version is the booted slot's
 //!   bundle version.
 //!
+//! `trust_keys` (PEM `PUBLIC KEY` files; `--trust-key`) pins keys: from then
+//! on only firmware whose manifest a pinned, not revoked (`revoked_keys`,
+//! `--revoke-key`) key signed is accepted, and never one whose security
+//! counter is below the running firmware's (kept in the state directory and
+//! raised at each commit). PROTOCOL.md, "Signed manifests".
+//!
 //! `install.health` is the health check of a new image, a command (exit 0:
 //! healthy; killed and unhealthy after `install.health_timeout`, default
 //! 60 s), for every back-end; without it, starting is healthy.
@@ -132,6 +138,13 @@ pub struct AgentArgs {
     /// Topic prefix.
     #[arg(long)]
     pub topic_prefix: Option<String>,
+    /// Pin this public key (PEM): only firmware whose manifest it signed is
+    /// installed (repeatable; with the config file's `trust_keys`).
+    #[arg(long = "trust-key")]
+    pub trust_keys: Vec<PathBuf>,
+    /// A revoked key id (hex SHA-256 of the key's SubjectPublicKeyInfo; repeatable).
+    #[arg(long = "revoke-key")]
+    pub revoked_keys: Vec<String>,
     /// Exit after the first upgrade attempt: 0 on success, 1 on failure.
     #[arg(long)]
     pub once: bool,
@@ -153,6 +166,10 @@ struct FileConfig {
     topic_prefix: Option<String>,
     work_dir: Option<PathBuf>,
     state_dir: Option<PathBuf>,
+    #[serde(default)]
+    trust_keys: Vec<PathBuf>,
+    #[serde(default)]
+    revoked_keys: Vec<String>,
     #[serde(default)]
     install: InstallConfig,
     #[serde(default)]
@@ -339,6 +356,12 @@ fn resolve(args: AgentArgs) -> Result<Agent, String> {
     if let Some(p) = args.topic_prefix.or(file.topic_prefix) {
         config = config.topic_prefix(p);
     }
+    for key in file.trust_keys.iter().chain(&args.trust_keys) {
+        config = config.trust_key_file(key).map_err(|e| e.to_string())?;
+    }
+    for id in file.revoked_keys.iter().chain(&args.revoked_keys) {
+        config = config.revoke_key(id.clone());
+    }
     Ok(Agent {
         config,
         version_file,
@@ -473,8 +496,9 @@ impl Agent {
                 return Some(false);
             }
         };
+        let pending = firmware.signed.as_ref().map(|s| s.manifest.counter);
         let journaled = match msg_id {
-            Some(id) => life.begin(&client.version(), firmware, id, None),
+            Some(id) => life.begin(&client.version(), firmware, id, pending),
             None => Ok(()),
         };
         if let Err(e) = journaled {
@@ -534,6 +558,10 @@ impl Agent {
                 None
             }
             Ok(Installed::Settled(start)) => {
+                let counter = life.security_counter();
+                client
+                    .session()
+                    .with(|ota| ota.set_security_counter(counter));
                 if let Some(report) = &start.report {
                     let _ = client.report_progress(report.status, report.progress, &report.desc);
                 }
@@ -615,7 +643,8 @@ pub async fn run(args: AgentArgs) -> Result<ExitCode, String> {
         .config
         .clone()
         .with_firmware_version(&start.running)
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| e.to_string())?
+        .security_counter(life.security_counter());
     if let Some(report) = start.report.clone() {
         config = config.report_at_start(report);
     }

@@ -26,6 +26,10 @@ pub enum FirmwareCmd {
         /// Name the file is served under (default: the file's own name).
         #[arg(long)]
         name: Option<String>,
+        /// The signed manifest's security counter (default 0): devices refuse
+        /// a lower one than they run. Needs a platform with --signing-key.
+        #[arg(long)]
+        counter: Option<u64>,
         /// The firmware file.
         file: PathBuf,
     },
@@ -133,6 +137,7 @@ pub async fn firmware(api: &ApiOpts, cmd: FirmwareCmd) -> Result<ExitCode, Strin
             product,
             version,
             name,
+            counter,
             file,
         } => {
             let bytes =
@@ -143,7 +148,7 @@ pub async fn firmware(api: &ApiOpts, cmd: FirmwareCmd) -> Result<ExitCode, Strin
                     .unwrap_or_else(|| "firmware.bin".into())
             });
             let fw = c
-                .add_firmware(&product, &version, &name, &bytes)
+                .add_firmware_signed(&product, &version, &name, &bytes, counter)
                 .await
                 .map_err(|e| e.to_string())?;
             if api.json {
@@ -153,6 +158,10 @@ pub async fn firmware(api: &ApiOpts, cmd: FirmwareCmd) -> Result<ExitCode, Strin
                     "added {} {} ({} bytes, md5 {}, sha256 {})\n  {}",
                     fw.product, fw.version, fw.size, fw.md5, fw.sha256, fw.url
                 );
+                match (fw.key_ids.first(), fw.counter) {
+                    (Some(id), Some(n)) => println!("  signed by key {id}, counter {n}"),
+                    _ => println!("  unsigned (the platform has no signing key)"),
+                }
             }
         }
         FirmwareCmd::List { product } => {

@@ -73,6 +73,23 @@ enum Command {
         #[command(subcommand)]
         cmd: DeviceCmd,
     },
+    /// Manifest signing keys.
+    Key {
+        #[command(subcommand)]
+        cmd: KeyCmd,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum KeyCmd {
+    /// Write a new Ed25519 signing key pair: DIR/signing-key.pem (private,
+    /// for `iot-ota platform --signing-key`) and DIR/signing-key.pub.pem
+    /// (public, for the devices' `--trust-key`).
+    Generate {
+        /// Where the two files go (an existing private key is not overwritten).
+        #[arg(long, default_value = ".")]
+        out_dir: PathBuf,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -131,6 +148,10 @@ struct PlatformArgs {
     /// Largest firmware accepted, bytes (default 100 MiB).
     #[arg(long, default_value_t = iot_ota_platform::api::DEFAULT_MAX_FIRMWARE_SIZE)]
     max_firmware_size: u64,
+    /// Sign each uploaded firmware's manifest with this key (PKCS#8 PEM,
+    /// from `iot-ota key generate`): commands and get replies carry it.
+    #[arg(long)]
+    signing_key: Option<PathBuf>,
 }
 
 async fn run_platform(a: PlatformArgs) -> Result<(), String> {
@@ -149,6 +170,7 @@ async fn run_platform(a: PlatformArgs) -> Result<(), String> {
     config.https_addr = a.https;
     config.tls_cert = a.tls_cert;
     config.tls_key = a.tls_key;
+    config.signing_key = a.signing_key;
     let platform = iot_ota_platform::Platform::start(config).await?;
     println!(
         "iot-ota platform: API {} | firmware URLs {} | broker {} | data {}",
@@ -181,6 +203,18 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Demo(args) => demo::run(args).await,
             Command::Platform(args) => run_platform(args).await.map(|_| ExitCode::SUCCESS),
+            Command::Key {
+                cmd: KeyCmd::Generate { out_dir },
+            } => iot_ota_platform::signing::generate_files(&out_dir).map(|key| {
+                use iot_ota_core::manifest::Signer;
+                println!(
+                    "wrote {} (keep it secret) and {} (pin it on the devices)\nkey id {}",
+                    out_dir.join("signing-key.pem").display(),
+                    out_dir.join("signing-key.pub.pem").display(),
+                    key.key_id()
+                );
+                ExitCode::SUCCESS
+            }),
             Command::Firmware { cmd } => commands::firmware(&api, cmd).await,
             Command::Batch { cmd } => commands::batch(&api, cmd).await,
             Command::Device { cmd } => match cmd {

@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! ota_example --broker mqtt://HOST:PORT --product-key PK --device-name DN
-//!             --firmware-version V --output-dir DIR [--state-dir S]
+//!             --firmware-version V --output-dir DIR [--state-dir S] [--trust-key PEM]...
 //!             [--username U] [--password P] [--ca-file F] [--get-version V2] [--once]
 //! ```
 //!
@@ -14,7 +14,9 @@
 //! and moved to `DIR/firmware-<version>.bin`; writing the file is the install
 //! and needs no reboot, so it is the commit: UPGRADING and SUCCESS are
 //! reported and the new version informed. A failure reports its negative
-//! status and the device keeps waiting. `--get-version V2` asks for V2 at
+//! status and the device keeps waiting. `--trust-key PEM` (repeatable) pins a
+//! public key: only firmware whose signed manifest it verifies is accepted,
+//! never below the security counter kept in S. `--get-version V2` asks for V2 at
 //! start and upgrades to it if the platform has it. `--once` exits after the
 //! first upgrade attempt: 0 on success, 1 on failure, 2 when the
 //! `--get-version` reply is 404. One line per state change goes to stderr.
@@ -35,6 +37,7 @@ struct Args {
     firmware_version: String,
     output_dir: PathBuf,
     state_dir: Option<PathBuf>,
+    trust_keys: Vec<PathBuf>,
     username: Option<String>,
     password: Option<String>,
     ca_file: Option<PathBuf>,
@@ -44,7 +47,8 @@ struct Args {
 
 const USAGE: &str =
     "usage: ota_example --broker mqtt://HOST:PORT --product-key PK --device-name DN \
---firmware-version V --output-dir DIR [--state-dir S] [--username U] [--password P] [--ca-file F] \
+--firmware-version V --output-dir DIR [--state-dir S] [--trust-key PEM]... [--username U] \
+[--password P] [--ca-file F] \
 [--get-version V2] [--once]";
 
 fn parse_args() -> Result<Args, String> {
@@ -53,6 +57,7 @@ fn parse_args() -> Result<Args, String> {
     let (mut username, mut password, mut ca_file, mut get_version, mut once) =
         (None, None, None, None, false);
     let mut state_dir = None;
+    let mut trust_keys = Vec::new();
     while let Some(flag) = it.next() {
         let mut value = || it.next().ok_or_else(|| format!("{flag} needs a value"));
         match flag.as_str() {
@@ -62,6 +67,7 @@ fn parse_args() -> Result<Args, String> {
             "--firmware-version" => version = Some(value()?),
             "--output-dir" => dir = Some(PathBuf::from(value()?)),
             "--state-dir" => state_dir = Some(PathBuf::from(value()?)),
+            "--trust-key" => trust_keys.push(PathBuf::from(value()?)),
             "--username" => username = Some(value()?),
             "--password" => password = Some(value()?),
             "--ca-file" => ca_file = Some(PathBuf::from(value()?)),
@@ -79,6 +85,7 @@ fn parse_args() -> Result<Args, String> {
         firmware_version: need(version, "--firmware-version")?,
         output_dir: dir.ok_or("--output-dir is required")?,
         state_dir,
+        trust_keys,
         username,
         password,
         ca_file,
@@ -151,6 +158,10 @@ async fn run(args: Args) -> Result<u8, Error> {
     if let Some(report) = start.report.clone() {
         config = config.report_at_start(report);
     }
+    for key in &args.trust_keys {
+        config = config.trust_key_file(key)?;
+    }
+    config = config.security_counter(life.security_counter());
     let (client, mut upgrades) = OtaClient::connect(config).await?;
     eprintln!(
         "connected to {}; reported version {}",
@@ -249,7 +260,8 @@ async fn upgrade(
     let firmware = download.firmware().clone();
     let version = firmware.version.clone();
     if let Some(id) = msg_id {
-        if let Err(e) = life.begin(&client.version(), &firmware, id, None) {
+        let pending = firmware.signed.as_ref().map(|s| s.manifest.counter);
+        if let Err(e) = life.begin(&client.version(), &firmware, id, pending) {
             eprintln!("cannot journal the upgrade: {e}");
         }
     }
@@ -302,6 +314,10 @@ async fn upgrade(
             return false;
         }
     };
+    let counter = life.security_counter();
+    client
+        .session()
+        .with(|ota| ota.set_security_counter(counter));
     let reports = match &settled.report {
         Some(r) => client.report_progress(r.status, r.progress, &r.desc),
         None => Ok(()),

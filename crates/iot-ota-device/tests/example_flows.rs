@@ -382,3 +382,62 @@ fn no_system_roots_is_fine_for_plain_http() {
     assert_eq!(code, 0, "{log}");
     assert_eq!(std::fs::read(rig.out_file("nr", "2.0.0")).unwrap(), body);
 }
+
+/// With a pinned key (`--trust-key`), the example installs only firmware
+/// whose manifest that key signed: an unsigned command gets 412, a manifest
+/// whose SHA-256 is not the image's fails with VERIFY_FAILED, a signed one
+/// upgrades, and one whose counter is below the committed one is refused,
+/// also after a restart (the counter is kept in the state directory).
+#[test]
+fn only_signed_firmware_with_a_pinned_key() {
+    let rig = rig();
+    let key = iot_ota_testkit::TestKey::new();
+    let pem = rig.dir.path().join("trusted.pub.pem");
+    key.write_public(&pem);
+    let trust = ["--trust-key", pem.to_str().unwrap()];
+    let body = random_bytes(100_000, 21);
+    let url = rig.files.add("/signed.bin", Route::file(body.clone()));
+    let reply = |id: &str| {
+        let m = rig.expect("sig", "upgrade_reply", |m| {
+            m.json_str("msgId").as_deref() == Some(id)
+        });
+        (
+            m.json_i64("code").unwrap(),
+            m.json_str("message").unwrap_or_default(),
+        )
+    };
+    let child = rig.example("sig", &trust);
+    rig.expect_inform("sig", "1.0.0");
+    rig.push("sig", command("u1", "2.0.0", &url, &body, SignMethod::Md5));
+    let (code, message) = reply("u1");
+    assert_eq!(code, 412);
+    assert!(message.contains("unsigned firmware"), "{message}");
+
+    let plain = command("l1", "2.0.0", &url, &body, SignMethod::Md5);
+    rig.push("sig", key.sign_command_as(&plain, PK, &"00".repeat(32), 5));
+    assert_eq!(reply("l1").0, 200);
+    rig.wait_status("sig", |s, _| s == -3);
+    let failed = rig.all("sig", "progress");
+    let desc = failed.last().unwrap()["data"]["desc"].as_str().unwrap();
+    assert!(desc.contains("SHA-256"), "{desc}");
+
+    let good = command("g1", "2.0.0", &url, &body, SignMethod::Md5);
+    rig.push("sig", key.sign_command(&good, PK, &body, 5));
+    assert_eq!(reply("g1").0, 200);
+    rig.expect_inform("sig", "2.0.0");
+    let old = command("d1", "3.0.0", &url, &body, SignMethod::Md5);
+    rig.push("sig", key.sign_command(&old, PK, &body, 4));
+    let (code, message) = reply("d1");
+    assert_eq!(code, 412);
+    assert!(message.contains("counter 4 < 5"), "{message}");
+    stop(child);
+
+    rig.wire.clear();
+    let child = rig.example("sig", &trust);
+    rig.expect_inform("sig", "1.0.0");
+    rig.push("sig", key.sign_command(&old, PK, &body, 4));
+    let (code, message) = reply("d1");
+    assert_eq!(code, 412, "the counter survived the restart");
+    assert!(message.contains("counter 4 < 5"), "{message}");
+    stop(child);
+}

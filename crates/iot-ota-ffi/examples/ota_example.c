@@ -3,7 +3,8 @@
  *
  *   ota_example --broker mqtt://HOST:PORT --product-key PK --device-name DN
  *               --firmware-version V --output-dir DIR
- *               [--state-dir S] [--username U] [--password P] [--ca-file F] [--once]
+ *               [--state-dir S] [--trust-key PEM]... [--username U] [--password P]
+ *               [--ca-file F] [--once]
  *
  * Creates and connects the MQTT instance, iot_ota_init(), keeps the upgrade
  * journal in S (default DIR) and makes the start-up decision
@@ -41,6 +42,8 @@ struct args {
     const char *firmware_version;
     const char *output_dir;
     const char *state_dir;
+    const char *trust_keys[8];
+    int n_trust_keys;
     const char *username;
     const char *password;
     const char *ca_file;
@@ -51,7 +54,8 @@ static void usage(void)
 {
     fprintf(stderr,
             "usage: ota_example --broker mqtt://HOST:PORT --product-key PK --device-name DN "
-            "--firmware-version V --output-dir DIR [--state-dir S] [--username U] [--password P] "
+            "--firmware-version V --output-dir DIR [--state-dir S] [--trust-key PEM]... "
+            "[--username U] [--password P] "
             "[--ca-file F] [--once]\n");
 }
 
@@ -72,6 +76,13 @@ static int parse_args(int argc, char **argv, struct args *a)
         else if (strcmp(flag, "--firmware-version") == 0) slot = &a->firmware_version;
         else if (strcmp(flag, "--output-dir") == 0) slot = &a->output_dir;
         else if (strcmp(flag, "--state-dir") == 0) slot = &a->state_dir;
+        else if (strcmp(flag, "--trust-key") == 0) {
+            if (a->n_trust_keys == 8) {
+                fprintf(stderr, "ota_example: at most 8 --trust-key\n");
+                return -1;
+            }
+            slot = &a->trust_keys[a->n_trust_keys++];
+        }
         else if (strcmp(flag, "--username") == 0) slot = &a->username;
         else if (strcmp(flag, "--password") == 0) slot = &a->password;
         else if (strcmp(flag, "--ca-file") == 0) slot = &a->ca_file;
@@ -315,6 +326,15 @@ int main(int argc, char **argv)
     /* Before the first inform: what the journal's upgrade needs. This
      * program installs in place (no reboot, no slots), so the answers that
      * matter are "resumed" (a crash cut a download: it goes on) and "idle". */
+    /* --trust-key: only firmware whose manifest a pinned key signed. */
+    for (int i = 0; i < a.n_trust_keys; i++) {
+        rc = iot_ota_trust_key(ota, a.trust_keys[i]);
+        if (rc != 0) {
+            fprintf(stderr, "ota_example: --trust-key %s: %s\n", a.trust_keys[i],
+                    iot_ota_strerror(rc));
+            goto out;
+        }
+    }
     rc = iot_ota_set_state_dir(ota, a.state_dir);
     if (rc == 0) rc = iot_ota_boot_confirm(ota, version, 1);
     if (rc < 0) {

@@ -262,6 +262,23 @@ int iot_ota_boot_confirm(void *handle, const char *running_version, int healthy)
  * IOT_OTA_ERR_GENERAL (the journal cannot be written). */
 int iot_ota_install_done(void *handle, int reboot);
 
+/* ---- extras: signed manifests (PROTOCOL.md) ---- */
+
+/* Pins the public key in the PEM "PUBLIC KEY" file pem_path (Ed25519 or
+ * P-256; several may be pinned). From then on only firmware whose signed
+ * manifest a pinned, not revoked key verifies is accepted (others: reply 412
+ * and UPGRADE_FAILED), never one whose counter is below the device's
+ * security counter (kept in the state directory, raised at each commit),
+ * and the image must match the manifest's SHA-256 too (VERIFY_FAILED).
+ * Call after iot_ota_init. Returns 0; IOT_OTA_ERR_INVALID_PARAM (bad
+ * handle, path, or not such a key). */
+int iot_ota_trust_key(void *handle, const char *pem_path);
+
+/* Revokes a key id (64 hex digits: the SHA-256 of the key's DER
+ * SubjectPublicKeyInfo): its signatures no longer count, even when pinned.
+ * Returns 0; IOT_OTA_ERR_INVALID_PARAM (bad handle or id). */
+int iot_ota_revoke_key(void *handle, const char *key_id);
+
 #endif /* DEVICE_OTA */
 
 #ifdef __cplusplus

@@ -211,7 +211,8 @@ impl OtaHandle {
     fn journal_begin(&self, st: &mut OtaState, firmware: &Firmware, msg_id: &str) {
         if let Some(life) = st.life.as_mut() {
             let from = self.session.version();
-            if let Err(e) = life.begin(&from, firmware, msg_id, None) {
+            let pending = firmware.signed.as_ref().map(|s| s.manifest.counter);
+            if let Err(e) = life.begin(&from, firmware, msg_id, pending) {
                 log::error!("journaling the upgrade to {}: {e}", firmware.version);
             }
         }
@@ -945,6 +946,8 @@ pub unsafe extern "C" fn iot_ota_set_state_dir(
                 log::error!("iot_ota_set_state_dir: {e}");
                 IOT_OTA_ERR_GENERAL
             })?;
+            let counter = life.security_counter();
+            h.session.with(|ota| ota.set_security_counter(counter));
             st.life = Some(life);
             Ok(IOT_OTA_ERR_NONE)
         })())
@@ -995,6 +998,8 @@ pub unsafe extern "C" fn iot_ota_boot_confirm(
                 log::error!("iot_ota_boot_confirm: {e}");
                 IOT_OTA_ERR_GENERAL
             })?;
+            let counter = life.security_counter();
+            h.session.with(|ota| ota.set_security_counter(counter));
             if let Some(report) = &start.report {
                 h.session
                     .with(|ota| ota.report_at_start(report.clone()))
@@ -1015,6 +1020,67 @@ pub unsafe extern "C" fn iot_ota_boot_confirm(
                 h.start(&mut st, fw);
             }
             Ok(code)
+        })())
+    })
+}
+
+/// `int iot_ota_trust_key(void *handle, const char *pem_path)`: pins the
+/// public key in the PEM `PUBLIC KEY` file `pem_path` (Ed25519 or P-256).
+/// From then on only firmware whose signed manifest a pinned, not revoked
+/// key verifies is accepted (others: reply 412 and UPGRADE_FAILED), and
+/// never one whose counter is below the device's security counter (kept
+/// with `iot_ota_set_state_dir`). Returns 0; `IOT_OTA_ERR_INVALID_PARAM`
+/// for a bad handle or path, or a file that is not such a key.
+///
+/// # Safety
+/// `pem_path` is NULL or a NUL-terminated string.
+#[no_mangle]
+pub unsafe extern "C" fn iot_ota_trust_key(handle: *mut c_void, pem_path: *const c_char) -> c_int {
+    guard(IOT_OTA_ERR_GENERAL, || {
+        code((|| {
+            let h = OTAS.get(handle).ok_or(IOT_OTA_ERR_INVALID_PARAM)?;
+            // SAFETY: the caller's contract.
+            let path = unsafe { c_str(pem_path) }?;
+            let key = std::fs::read_to_string(path)
+                .map_err(|e| e.to_string())
+                .and_then(|pem| iot_ota_core::manifest::PublicKey::from_pem(&pem))
+                .map_err(|e| {
+                    log::error!("iot_ota_trust_key {path}: {e}");
+                    IOT_OTA_ERR_INVALID_PARAM
+                })?;
+            h.session.with(|ota| {
+                let mut trust = ota.config().trust.clone();
+                trust.keys.push(key);
+                ota.set_trust(trust);
+            });
+            Ok(IOT_OTA_ERR_NONE)
+        })())
+    })
+}
+
+/// `int iot_ota_revoke_key(void *handle, const char *key_id)`: revokes a
+/// key id (64 hex digits: the SHA-256 of its SubjectPublicKeyInfo); its
+/// signatures no longer count, even when pinned. Returns 0;
+/// `IOT_OTA_ERR_INVALID_PARAM` for a bad handle or id.
+///
+/// # Safety
+/// `key_id` is NULL or a NUL-terminated string.
+#[no_mangle]
+pub unsafe extern "C" fn iot_ota_revoke_key(handle: *mut c_void, key_id: *const c_char) -> c_int {
+    guard(IOT_OTA_ERR_GENERAL, || {
+        code((|| {
+            let h = OTAS.get(handle).ok_or(IOT_OTA_ERR_INVALID_PARAM)?;
+            // SAFETY: the caller's contract.
+            let id = unsafe { c_str(key_id) }?;
+            if id.len() != 64 || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return Err(IOT_OTA_ERR_INVALID_PARAM);
+            }
+            h.session.with(|ota| {
+                let mut trust = ota.config().trust.clone();
+                trust.revoked.push(id.to_ascii_lowercase());
+                ota.set_trust(trust);
+            });
+            Ok(IOT_OTA_ERR_NONE)
         })())
     })
 }
@@ -1059,6 +1125,8 @@ pub unsafe extern "C" fn iot_ota_install_done(handle: *mut c_void, reboot: c_int
             match installed {
                 Installed::Rebooting => Ok(IOT_OTA_BOOT_REBOOT),
                 Installed::Settled(start) => {
+                    let counter = life.security_counter();
+                    h.session.with(|ota| ota.set_security_counter(counter));
                     if let Some(r) = &start.report {
                         h.session
                             .with(|ota| ota.report_progress(r.status, r.progress, &r.desc))

@@ -931,6 +931,54 @@ fn example_waits_for_a_response_slower_than_the_fetch_timeout() {
     rig.expect_version(dev, "inform", "2.0.0");
 }
 
+/// The C example with `--trust-key` (`iot_ota_trust_key`): an unsigned
+/// command gets 412, a signed one upgrades, and after a restart one whose
+/// counter is below the committed one is refused (the counter is kept in
+/// the state directory by the journal).
+#[test]
+fn example_installs_only_signed_firmware_with_a_pinned_key() {
+    let rig = rig();
+    let dev = "exsig";
+    let key = iot_ota_testkit::TestKey::new();
+    let pem = rig.dir.path().join("trusted.pub.pem");
+    key.write_public(&pem);
+    let body = random_bytes(90_000, 23);
+    let url = rig.files.add("/ex-sig.bin", Route::file(body.clone()));
+    let mut args = example_args(&rig, dev);
+    args.extend(["--trust-key".to_owned(), pem.display().to_string()]);
+    let reply = |id: &str| {
+        let m = rig.expect(dev, "upgrade_reply", |m| {
+            m.json_str("msgId").as_deref() == Some(id)
+        });
+        (
+            m.json_i64("code").unwrap(),
+            m.json_str("message").unwrap_or_default(),
+        )
+    };
+    let child = spawn(&example_program(), &args);
+    rig.expect_version(dev, "inform", "1.0.0");
+    rig.push(dev, command("u1", "2.0.0", &url, &body, None));
+    let (code, message) = reply("u1");
+    assert_eq!(code, 412);
+    assert!(message.contains("unsigned firmware"), "{message}");
+    let signed = key.sign_command(&command("s1", "2.0.0", &url, &body, None), PK, &body, 5);
+    rig.push(dev, signed);
+    let exit = wait_exit(child, WAIT);
+    assert_success(&exit);
+    rig.expect_version(dev, "inform", "2.0.0");
+
+    rig.wire.clear();
+    let mut child = spawn(&example_program(), &args);
+    rig.expect_version(dev, "inform", "1.0.0");
+    let old = key.sign_command(&command("d1", "3.0.0", &url, &body, None), PK, &body, 4);
+    rig.push(dev, old);
+    let (code, message) = reply("d1");
+    assert_eq!(code, 412);
+    assert!(message.contains("counter 4 < 5"), "{message}");
+    child.kill().unwrap(); // the child we started, by its handle
+    let _ = child.wait();
+}
+
 #[test]
 fn example_with_wrong_md5_exits_1_and_keeps_no_file() {
     let rig = rig();

@@ -45,6 +45,12 @@ pub struct FirmwareInfo {
     pub created_ms: Millis,
     /// Where devices download it (the `url` of commands).
     pub url: String,
+    /// The manifest's security counter, when signed.
+    #[serde(default)]
+    pub counter: Option<u64>,
+    /// The ids of the keys that signed its manifest (empty: unsigned).
+    #[serde(default)]
+    pub key_ids: Vec<String>,
 }
 
 /// A device known from its informs.

@@ -178,12 +178,29 @@ impl ApiClient {
         name: &str,
         bytes: &[u8],
     ) -> Result<FirmwareInfo, ClientError> {
-        let path = format!(
+        self.add_firmware_signed(product, version, name, bytes, None)
+            .await
+    }
+
+    /// `POST /api/firmware` with the signed manifest's security `counter`
+    /// (a platform with a signing key; `None`: 0).
+    pub async fn add_firmware_signed(
+        &self,
+        product: &str,
+        version: &str,
+        name: &str,
+        bytes: &[u8],
+        counter: Option<u64>,
+    ) -> Result<FirmwareInfo, ClientError> {
+        let mut path = format!(
             "/api/firmware?product={}&version={}&name={}",
             encode(product),
             encode(version),
             encode(name)
         );
+        if let Some(c) = counter {
+            path.push_str(&format!("&counter={c}"));
+        }
         self.json("POST", &path, Some("application/octet-stream"), bytes)
             .await
     }

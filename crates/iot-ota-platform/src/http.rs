@@ -124,6 +124,7 @@ struct AddFirmware {
     product: String,
     version: String,
     name: Option<String>,
+    counter: Option<u64>,
 }
 
 async fn add_firmware(
@@ -182,6 +183,7 @@ async fn add_firmware(
                 size: body.len() as u64,
                 md5,
                 sha256,
+                counter: q.counter,
             },
             crate::service::now_ms(),
         );

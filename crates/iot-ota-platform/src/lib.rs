@@ -26,6 +26,7 @@ pub mod client;
 pub mod engine;
 mod http;
 mod service;
+pub mod signing;
 pub mod store;
 
 use std::net::SocketAddr;
@@ -85,6 +86,10 @@ pub struct PlatformConfig {
     pub tls_cert: Option<PathBuf>,
     /// Server private key (PEM) for HTTPS.
     pub tls_key: Option<PathBuf>,
+    /// Manifest signing key (PKCS#8 PEM, Ed25519 or P-256): each uploaded
+    /// firmware's manifest is signed with it and sent in commands and get
+    /// replies (PROTOCOL.md, "Signed manifests").
+    pub signing_key: Option<PathBuf>,
 }
 
 impl PlatformConfig {
@@ -104,6 +109,7 @@ impl PlatformConfig {
             https_addr: None,
             tls_cert: None,
             tls_key: None,
+            signing_key: None,
         }
     }
 }
@@ -271,6 +277,17 @@ impl Platform {
             .unwrap_or(default_url)
             .trim_end_matches('/')
             .to_owned();
+        let signing_key = config
+            .signing_key
+            .as_deref()
+            .map(signing::SigningKey::load)
+            .transpose()?;
+        if let Some(k) = &signing_key {
+            log::info!(
+                "signing manifests with key {}",
+                iot_ota_core::manifest::Signer::key_id(k)
+            );
+        }
         let shared = Arc::new(
             service::Shared::new(
                 store,
@@ -279,6 +296,7 @@ impl Platform {
                 public_url,
                 config.data_dir.clone(),
                 config.max_firmware_size,
+                signing_key,
             )
             .map_err(|e| e.to_string())?,
         );

@@ -14,7 +14,14 @@ use crate::api::{DeviceView, FirmwareInfo};
 use crate::engine::{Batch, BatchConfig, BatchState, FailReason, Millis, Record, RecordState};
 
 /// The schema version this code writes.
-pub const SCHEMA_VERSION: i64 = 1;
+pub const SCHEMA_VERSION: i64 = 2;
+
+/// Version 2: a firmware's security counter and its signed manifest (the
+/// command's `manifest` and `signatures` fields, as JSON).
+const SCHEMA_V2: &str = "
+ALTER TABLE firmware ADD COLUMN counter INTEGER;
+ALTER TABLE firmware ADD COLUMN signed TEXT;
+";
 
 const SCHEMA_V1: &str = "
 CREATE TABLE firmware (
@@ -112,9 +119,24 @@ pub struct FirmwareRow {
     pub path: String,
     /// Registration time.
     pub created_ms: Millis,
+    /// The manifest's security counter, when signed.
+    pub counter: Option<u64>,
+    /// The signed manifest: the command's `manifest` and `signatures`
+    /// fields as a JSON object, when the platform signs.
+    pub signed: Option<String>,
 }
 
 impl FirmwareRow {
+    /// The signed manifest, read back.
+    pub fn signed_manifest(&self) -> Option<Box<iot_ota_core::manifest::Signed>> {
+        let text = self.signed.as_deref()?;
+        let v: serde_json::Value = serde_json::from_str(text).ok()?;
+        iot_ota_core::manifest::Signed::from_data(v.as_object()?)
+            .ok()
+            .flatten()
+            .map(Box::new)
+    }
+
     /// The API view, with its download URL under `base`.
     pub fn info(&self, base: &str) -> FirmwareInfo {
         FirmwareInfo {
@@ -126,6 +148,11 @@ impl FirmwareRow {
             sha256: self.sha256.clone(),
             created_ms: self.created_ms,
             url: firmware_url(base, &self.product, &self.version, &self.name),
+            counter: self.counter,
+            key_ids: self
+                .signed_manifest()
+                .map(|s| s.signatures.iter().map(|s| s.key_id.clone()).collect())
+                .unwrap_or_default(),
         }
     }
 }
@@ -171,6 +198,12 @@ impl Store {
             tx.pragma_update(None, "user_version", 1)?;
             tx.commit()?;
         }
+        if version < 2 {
+            let tx = self.conn.transaction()?;
+            tx.execute_batch(SCHEMA_V2)?;
+            tx.pragma_update(None, "user_version", 2)?;
+            tx.commit()?;
+        }
         Ok(())
     }
 
@@ -186,9 +219,9 @@ impl Store {
     /// Registers a firmware; false when the product already has that version.
     pub fn insert_firmware(&self, f: &FirmwareRow) -> Result<bool> {
         let n = self.conn.execute(
-            "INSERT OR IGNORE INTO firmware (product, version, name, size, md5, sha256, path, created_ms)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-            params![f.product, f.version, f.name, f.size as i64, f.md5, f.sha256, f.path, f.created_ms],
+            "INSERT OR IGNORE INTO firmware (product, version, name, size, md5, sha256, path, created_ms, counter, signed)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+            params![f.product, f.version, f.name, f.size as i64, f.md5, f.sha256, f.path, f.created_ms, f.counter.map(|c| c as i64), f.signed],
         )?;
         Ok(n == 1)
     }
@@ -203,6 +236,8 @@ impl Store {
             sha256: r.get(5)?,
             path: r.get(6)?,
             created_ms: r.get(7)?,
+            counter: r.get::<_, Option<i64>>(8)?.map(|c| c as u64),
+            signed: r.get(9)?,
         })
     }
 
@@ -211,7 +246,7 @@ impl Store {
         Ok(self
             .conn
             .query_row(
-                "SELECT product, version, name, size, md5, sha256, path, created_ms FROM firmware
+                "SELECT product, version, name, size, md5, sha256, path, created_ms, counter, signed FROM firmware
                  WHERE product = ?1 AND version = ?2",
                 params![product, version],
                 Self::firmware_row,
@@ -222,7 +257,7 @@ impl Store {
     /// Every firmware, of one product or all.
     pub fn list_firmware(&self, product: Option<&str>) -> Result<Vec<FirmwareRow>> {
         let mut st = self.conn.prepare(
-            "SELECT product, version, name, size, md5, sha256, path, created_ms FROM firmware
+            "SELECT product, version, name, size, md5, sha256, path, created_ms, counter, signed FROM firmware
              WHERE ?1 IS NULL OR product = ?1 ORDER BY product, created_ms, version",
         )?;
         let rows = st.query_map(params![product], Self::firmware_row)?;
@@ -591,6 +626,8 @@ mod tests {
             sha256: "s".into(),
             path: "/x".into(),
             created_ms: 1,
+            counter: Some(3),
+            signed: Some(r#"{"manifest":"e30=","signatures":[]}"#.into()),
         };
         assert!(store.insert_firmware(&row).unwrap());
         assert!(!store.insert_firmware(&row).unwrap(), "duplicate version");
@@ -607,6 +644,25 @@ mod tests {
             (d[0].version.as_str(), d[0].first_seen_ms, d[0].last_seen_ms),
             ("1.1", 5, 12)
         );
+    }
+
+    #[test]
+    fn upgrades_a_version_1_file_keeping_its_firmware() {
+        let path = temp_db("v1");
+        {
+            let c = Connection::open(&path).unwrap();
+            c.execute_batch(SCHEMA_V1).unwrap();
+            c.pragma_update(None, "user_version", 1).unwrap();
+            c.execute(
+                "INSERT INTO firmware VALUES ('pk', '1.0', 'f', 3, 'm', 's', '/x', 1)",
+                [],
+            )
+            .unwrap();
+        }
+        let store = Store::open(&path).unwrap();
+        assert_eq!(store.schema_version().unwrap(), SCHEMA_VERSION);
+        let row = store.firmware("pk", "1.0").unwrap().unwrap();
+        assert_eq!((row.counter, row.signed), (None, None));
     }
 
     #[test]

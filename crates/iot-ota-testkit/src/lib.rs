@@ -10,6 +10,7 @@
 //! - [`WireRecorder`]: an MQTT client that records what goes over the wire
 //!   and publishes commands, usable from sync and async tests alike;
 //! - [`Rig`]: all of these for a device test, the recorder playing the platform;
+//! - [`TestKey`]: a throwaway manifest signing key (signed commands);
 //! - [`TestCa`]: a throwaway CA with a `localhost` server certificate and
 //!   client certificates for mutual TLS;
 //! - [`TempDir`], [`free_port`], [`random_bytes`], [`wait_child`],
@@ -47,6 +48,7 @@ mod mosquitto;
 mod recorder;
 mod rig;
 mod signal;
+mod signing;
 mod tempdir;
 mod util;
 
@@ -56,5 +58,6 @@ pub use http::{FileServer, RequestLog, Route};
 pub use mosquitto::{Mosquitto, MosquittoOptions};
 pub use recorder::{RecorderOptions, WireMessage, WireRecorder};
 pub use rig::{assert_success_statuses, Rig, RIG_WAIT};
+pub use signing::TestKey;
 pub use tempdir::TempDir;
 pub use util::{free_port, random_bytes, upgrade_command, write_random_file};

@@ -190,6 +190,8 @@ static void check_bad_ota_handle(void *h)
     CHECK_EQ(iot_ota_set_state_dir(h, "/tmp"), IOT_OTA_ERR_INVALID_PARAM);
     CHECK_EQ(iot_ota_boot_confirm(h, "1.0", 1), IOT_OTA_ERR_INVALID_PARAM);
     CHECK_EQ(iot_ota_install_done(h, 1), IOT_OTA_ERR_INVALID_PARAM);
+    CHECK_EQ(iot_ota_trust_key(h, "/nonexistent.pem"), IOT_OTA_ERR_INVALID_PARAM);
+    CHECK_EQ(iot_ota_revoke_key(h, "00"), IOT_OTA_ERR_INVALID_PARAM);
     CHECK_EQ(iot_ota_destroy(h), IOT_OTA_ERR_INVALID_PARAM);
 }
 

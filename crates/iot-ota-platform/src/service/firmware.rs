@@ -35,10 +35,17 @@ impl Shared {
             size,
             md5,
             sha256,
+            counter,
         } = up;
         let (product, version, name) = (product.as_str(), version.as_str(), name.as_str());
         check_firmware(product, version, name, size, self.max_size)
             .map_err(|m| PlatformError::new(400, m))?;
+        if counter.is_some() && self.signing_key.is_none() {
+            return Err(PlatformError::new(
+                400,
+                "counter is for signed manifests: start the platform with a signing key",
+            ));
+        }
         let dir = self.data_dir.join("firmware").join(product).join(version);
         let path = dir.join(name);
         let inner = self.lock();
@@ -56,6 +63,23 @@ impl Shared {
                 format!("storing {}: {e}", path.display()),
             ));
         }
+        let signed = match &self.signing_key {
+            Some(key) => {
+                let manifest = iot_ota_core::manifest::Manifest {
+                    product: product.into(),
+                    firmware_version: version.into(),
+                    size,
+                    sha256: sha256.clone(),
+                    counter: counter.unwrap_or(0),
+                };
+                let signed = iot_ota_core::manifest::Signed::sign(manifest, &[key])
+                    .map_err(|e| PlatformError::new(500, format!("signing the manifest: {e}")))?;
+                let fields: serde_json::Map<String, serde_json::Value> =
+                    signed.to_fields().into_iter().collect();
+                Some(serde_json::Value::Object(fields).to_string())
+            }
+            None => None,
+        };
         let row = FirmwareRow {
             product: product.into(),
             version: version.into(),
@@ -65,6 +89,8 @@ impl Shared {
             sha256,
             path: path.to_string_lossy().into_owned(),
             created_ms: now,
+            counter: signed.as_ref().map(|_| counter.unwrap_or(0)),
+            signed,
         };
         if !inner.store.insert_firmware(&row)? {
             return Err(PlatformError::new(409, "duplicate version"));

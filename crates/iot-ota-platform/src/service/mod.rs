@@ -90,6 +90,8 @@ pub(crate) struct Upload {
     pub(crate) size: u64,
     pub(crate) md5: String,
     pub(crate) sha256: String,
+    /// The manifest's security counter (signed platforms; default 0).
+    pub(crate) counter: Option<u64>,
 }
 
 /// State shared by the HTTP handlers, the MQTT loop and the ticker.
@@ -100,6 +102,8 @@ pub(crate) struct Shared {
     pub(crate) public_url: String,
     pub(crate) data_dir: PathBuf,
     pub(crate) max_size: u64,
+    /// Signs each firmware's manifest at upload, when set.
+    pub(crate) signing_key: Option<crate::signing::SigningKey>,
     pub(crate) wake: Notify,
     pub(crate) mqtt_up: AtomicBool,
     pub(crate) stopping: AtomicBool,
@@ -113,6 +117,7 @@ impl Shared {
         public_url: String,
         data_dir: PathBuf,
         max_size: u64,
+        signing_key: Option<crate::signing::SigningKey>,
     ) -> Result<Shared, StoreError> {
         let mut running = BTreeMap::new();
         for id in store.batch_ids(true)? {
@@ -127,6 +132,7 @@ impl Shared {
             public_url,
             data_dir,
             max_size,
+            signing_key,
             wake: Notify::new(),
             mqtt_up: AtomicBool::new(false),
             stopping: AtomicBool::new(false),
@@ -212,6 +218,8 @@ mod tests {
                 sha256: "0".repeat(64),
                 path: dir.join("fw.bin").to_string_lossy().into_owned(),
                 created_ms: t0,
+                counter: None,
+                signed: None,
             })
             .unwrap();
         store.device_informed("pk", "d1", "1.0", t0).unwrap();
@@ -223,6 +231,7 @@ mod tests {
             "http://127.0.0.1:1".into(),
             dir.clone(),
             1 << 20,
+            None,
         )
         .unwrap();
         let req = CreateBatch {

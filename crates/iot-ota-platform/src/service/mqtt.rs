@@ -123,7 +123,7 @@ impl Shared {
                     sign: fw.md5.clone(),
                     sign_method: iot_ota_core::SignMethod::Md5,
                     policy: None,
-                    signed: None,
+                    signed: fw.signed_manifest(),
                 },
             ),
             None => encode_get_not_found(&msg_id, &version),
@@ -235,7 +235,7 @@ impl Shared {
             sign,
             sign_method: b.config.sign_method,
             policy: Some(b.config.policy),
-            signed: None,
+            signed: fw.signed_manifest(),
         };
         Ok((
             self.topics(&b.product, device).upgrade,
