@@ -3,7 +3,9 @@
 //! In this one process, on loopback: the platform with its embedded broker
 //! and a temporary directory, N simulated devices on the device SDK (version
 //! 1.0.0), a firmware 2.0.0 of random bytes, a batch, live progress bars, and
-//! a final table of every record.
+//! a final table of every record. The demo signs: a fresh Ed25519 key signs
+//! the firmware's manifest, and every device pins its public half, so each
+//! one checks the signature and the manifest's SHA-256 before installing.
 //!
 //! `--with-faults` adds two devices:
 //! - `device-corrupt` downloads its first attempt from a server that flips
@@ -93,6 +95,7 @@ async fn supervised_agent(
     name: String,
     healthy: bool,
     dir: PathBuf,
+    trusted_pem: PathBuf,
     ready: tokio::sync::oneshot::Sender<Result<(), String>>,
 ) {
     let exe = match std::env::current_exe() {
@@ -136,6 +139,8 @@ async fn supervised_agent(
         .arg(home.join("work"))
         .arg("--install-dir")
         .arg(home.join("slots"))
+        .arg("--trust-key")
+        .arg(&trusted_pem)
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
         .stderr(log)
@@ -213,10 +218,13 @@ async fn simulated_device(
     kind: Kind,
     dir: PathBuf,
     corrupt_url: Option<String>,
+    trusted: iot_ota_core::manifest::PublicKey,
     ready: tokio::sync::oneshot::Sender<Result<(), String>>,
 ) {
     let config = match Config::new(&broker, PRODUCT, &name, FROM) {
-        Ok(c) => c.progress_throttle(5, Duration::from_millis(100)),
+        Ok(c) => c
+            .progress_throttle(5, Duration::from_millis(100))
+            .trust_key(trusted),
         Err(e) => {
             let _ = ready.send(Err(format!("{name}: {e}")));
             return;
@@ -380,7 +388,13 @@ async fn run_in(args: &DemoArgs, dir: &Path) -> Result<ExitCode, String> {
     let started = Instant::now();
     let downloads = dir.join("devices");
     std::fs::create_dir_all(&downloads).map_err(|e| format!("{}: {e}", downloads.display()))?;
+    // The demo signs: a fresh key, its public half pinned by every device.
+    let keys = dir.join("keys");
+    let key = iot_ota_platform::signing::generate_files(&keys)?;
+    let trusted = key.public().clone();
+    let trusted_pem = keys.join("signing-key.pub.pem");
     let mut config = PlatformConfig::new(dir.join("platform"));
+    config.signing_key = Some(keys.join("signing-key.pem"));
     config.http_addr = ([127, 0, 0, 1], 0).into();
     config.broker = BrokerChoice::Embedded(([127, 0, 0, 1], 0).into());
     let platform = Platform::start(config).await?;
@@ -398,8 +412,10 @@ async fn run_in(args: &DemoArgs, dir: &Path) -> Result<ExitCode, String> {
         .await
         .map_err(|e| e.to_string())?;
     println!(
-        "firmware: {PRODUCT} {TO}, {} bytes, md5 {}",
-        fw.size, fw.md5
+        "firmware: {PRODUCT} {TO}, {} bytes, md5 {}, signed by key {} (pinned by every device)",
+        fw.size,
+        fw.md5,
+        fw.key_ids.first().map_or("?", |k| &k[..16])
     );
 
     let mut tasks: Vec<JoinHandle<()>> = Vec::new();
@@ -441,6 +457,7 @@ async fn run_in(args: &DemoArgs, dir: &Path) -> Result<ExitCode, String> {
                 name.clone(),
                 healthy,
                 downloads.clone(),
+                trusted_pem.clone(),
                 tx,
             )),
             _ => tokio::spawn(simulated_device(
@@ -449,6 +466,7 @@ async fn run_in(args: &DemoArgs, dir: &Path) -> Result<ExitCode, String> {
                 *kind,
                 downloads.clone(),
                 corrupt_url.clone(),
+                trusted.clone(),
                 tx,
             )),
         });

@@ -103,6 +103,7 @@ async fn demo_exits_0() {
         out.contains("completed: 5 records, 5 success, 0 failed, 0 unfinished"),
         "{out}"
     );
+    assert!(out.contains("signed by key"), "the demo signs: {out}");
 }
 
 /// `demo --with-reboot`: agents on slot directories, restarted as the
