@@ -145,6 +145,9 @@ pub struct AgentArgs {
     /// A revoked key id (hex SHA-256 of the key's SubjectPublicKeyInfo; repeatable).
     #[arg(long = "revoke-key")]
     pub revoked_keys: Vec<String>,
+    /// Refuse http:// firmware URLs (412): only https:// downloads.
+    #[arg(long)]
+    pub require_https: bool,
     /// Exit after the first upgrade attempt: 0 on success, 1 on failure.
     #[arg(long)]
     pub once: bool,
@@ -170,6 +173,8 @@ struct FileConfig {
     trust_keys: Vec<PathBuf>,
     #[serde(default)]
     revoked_keys: Vec<String>,
+    #[serde(default)]
+    require_https: bool,
     #[serde(default)]
     install: InstallConfig,
     #[serde(default)]
@@ -362,6 +367,9 @@ fn resolve(args: AgentArgs) -> Result<Agent, String> {
     for id in file.revoked_keys.iter().chain(&args.revoked_keys) {
         config = config.revoke_key(id.clone());
     }
+    config = config
+        .require_https(args.require_https || file.require_https)
+        .download_dir(work_dir.clone());
     Ok(Agent {
         config,
         version_file,

@@ -113,6 +113,8 @@ pub struct Ota {
     start_report: Option<Progress>,
     /// The security counter of the running firmware (signed manifests).
     security_counter: u64,
+    /// Bytes free where downloads go, when the driver measures it.
+    free_space: Option<u64>,
 }
 
 impl Ota {
@@ -138,6 +140,7 @@ impl Ota {
             online: false,
             start_report: None,
             security_counter: 0,
+            free_space: None,
         }
     }
 
@@ -170,6 +173,13 @@ impl Ota {
     /// (the upgrade journal raises it at commit) and sets it at start.
     pub fn set_security_counter(&mut self, counter: u64) {
         self.security_counter = counter;
+    }
+
+    /// Bytes free on the filesystem downloads go to, as the driver last
+    /// measured it (`None`: not measured). A command whose `size` does not
+    /// fit is refused with 412 before anything is downloaded.
+    pub fn set_free_space(&mut self, bytes: Option<u64>) {
+        self.free_space = bytes;
     }
 
     /// The security counter set by [`Ota::set_security_counter`].
@@ -275,6 +285,13 @@ impl Ota {
     }
 
     fn check_policy(&self, fw: &Firmware) -> Result<(), Rejection> {
+        if let (Some(size), Some(free)) = (fw.size, self.free_space) {
+            if size > free {
+                return Err(Rejection::refused(format!(
+                    "size {size} does not fit: {free} bytes free where downloads go"
+                )));
+            }
+        }
         self.config.trust.check(
             fw.signed.as_deref(),
             &self.config.product_key,
@@ -695,6 +712,21 @@ mod tests {
         let out = drain(&mut o);
         assert_eq!(published(&out)[0].1["code"], 200);
         assert!(matches!(&out[1], Output::Event(Event::Upgrade(c)) if c.firmware.signed.is_some()));
+    }
+
+    #[test]
+    fn a_command_that_cannot_fit_is_refused_before_the_download() {
+        let mut o = ota();
+        o.set_free_space(Some(9));
+        let topic = "/sys/pk/dev/ota/firmware/upgrade";
+        assert!(o.handle_publish(topic, &command("1", "2.0"), Instant::now()));
+        let p = published(&drain(&mut o));
+        assert_eq!(p[0].1["code"], 412);
+        let msg = p[0].1["message"].as_str().unwrap();
+        assert!(msg.contains("does not fit: 9 bytes free"), "{msg}");
+        o.set_free_space(Some(10));
+        assert!(o.handle_publish(topic, &command("2", "2.0"), Instant::now()));
+        assert_eq!(published(&drain(&mut o))[0].1["code"], 200);
     }
 
     #[test]

@@ -317,6 +317,8 @@ pub struct Limits {
     pub max_size: u64,
     /// When non-empty, the only URL hosts accepted (others: 412).
     pub allowed_hosts: Vec<String>,
+    /// Refuse (412) `http://` firmware URLs: only `https://`.
+    pub require_https: bool,
 }
 
 impl Default for Limits {
@@ -324,6 +326,7 @@ impl Default for Limits {
         Limits {
             max_size: 4 * 1024 * 1024 * 1024,
             allowed_hosts: Vec::new(),
+            require_https: false,
         }
     }
 }
@@ -561,6 +564,11 @@ pub fn parse_firmware(
         )));
     }
     let parts = parse_url(url).map_err(Rejection::bad)?;
+    if limits.require_https && !parts.https {
+        return Err(Rejection::refused(
+            "http:// firmware URL refused: this device requires https",
+        ));
+    }
     if !limits.allowed_hosts.is_empty()
         && !limits
             .allowed_hosts
@@ -1005,17 +1013,28 @@ mod tests {
     fn policy_limits_refuse() {
         let limits = Limits {
             max_size: 5,
-            allowed_hosts: vec![],
+            ..Limits::default()
         };
         let r = parse_upgrade(&cmd(&good()), &limits).unwrap_err().1;
         assert_eq!(r.code, ReplyCode::Refused);
         let limits = Limits {
             max_size: 100,
             allowed_hosts: vec!["other".into()],
+            ..Limits::default()
         };
         let r = parse_upgrade(&cmd(&good()), &limits).unwrap_err().1;
         assert_eq!(r.code, ReplyCode::Refused);
         assert!(r.message.contains("host h"));
+        let limits = Limits {
+            max_size: 100,
+            require_https: true,
+            ..Limits::default()
+        };
+        let r = parse_upgrade(&cmd(&good()), &limits).unwrap_err().1;
+        assert_eq!(r.code, ReplyCode::Refused);
+        assert!(r.message.contains("requires https"), "{}", r.message);
+        let https = good().replace("http://", "https://");
+        assert!(parse_upgrade(&cmd(&https), &limits).is_ok());
     }
 
     #[test]

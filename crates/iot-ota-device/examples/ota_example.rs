@@ -161,7 +161,9 @@ async fn run(args: Args) -> Result<u8, Error> {
     for key in &args.trust_keys {
         config = config.trust_key_file(key)?;
     }
-    config = config.security_counter(life.security_counter());
+    config = config
+        .security_counter(life.security_counter())
+        .download_dir(&state_dir);
     let (client, mut upgrades) = OtaClient::connect(config).await?;
     eprintln!(
         "connected to {}; reported version {}",

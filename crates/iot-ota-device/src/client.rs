@@ -118,6 +118,7 @@ impl OtaClient {
             }
         });
         let session = Session::new(ota, mqtt, sink);
+        session.set_download_dir(config.download_dir.clone());
         let timer = Arc::new(Notify::new());
 
         let (first_tx, first_rx) = oneshot::channel();

@@ -42,6 +42,7 @@ pub struct Config {
     pub(crate) start_report: Option<iot_ota_core::Progress>,
     pub(crate) trust: TrustStore,
     pub(crate) security_counter: u64,
+    pub(crate) download_dir: Option<PathBuf>,
 }
 
 impl Config {
@@ -75,6 +76,7 @@ impl Config {
             start_report: None,
             trust: TrustStore::default(),
             security_counter: 0,
+            download_dir: None,
         })
     }
 
@@ -191,6 +193,19 @@ impl Config {
     /// Only accept firmware URLs on these hosts (empty: any host).
     pub fn allowed_hosts(mut self, hosts: Vec<String>) -> Self {
         self.limits.allowed_hosts = hosts;
+        self
+    }
+
+    /// Refuse (412) `http://` firmware URLs: only `https://` downloads.
+    pub fn require_https(mut self, require: bool) -> Self {
+        self.limits.require_https = require;
+        self
+    }
+
+    /// Where downloads go: before each command the free space there is
+    /// measured, and a `size` that cannot fit is refused (412).
+    pub fn download_dir(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.download_dir = Some(dir.into());
         self
     }
 

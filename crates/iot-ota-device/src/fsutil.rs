@@ -52,6 +52,32 @@ fn temp_path(path: &Path) -> PathBuf {
     with_suffix(path, ".tmp")
 }
 
+/// Bytes an unprivileged process may still write on the filesystem that
+/// holds `path` (statvfs: `f_bavail * f_frsize`).
+#[cfg(target_os = "linux")]
+#[allow(unsafe_code)]
+pub fn free_space(path: &Path) -> io::Result<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "a NUL in the path"))?;
+    let mut st = std::mem::MaybeUninit::<libc::statvfs>::uninit();
+    // SAFETY: `c` is a NUL-terminated path and `st` is valid for writing
+    // one statvfs; it is read only after statvfs reported success.
+    let rc = unsafe { libc::statvfs(c.as_ptr(), st.as_mut_ptr()) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: statvfs returned 0, so it filled `st`.
+    let st = unsafe { st.assume_init() };
+    Ok(u64::from(st.f_bavail).saturating_mul(u64::from(st.f_frsize)))
+}
+
+/// Free space is not measured on this platform: never refuses.
+#[cfg(not(target_os = "linux"))]
+pub fn free_space(_path: &Path) -> io::Result<u64> {
+    Ok(u64::MAX)
+}
+
 /// `path` with `suffix` appended to its last component (`fw.bin` ->
 /// `fw.bin.part`).
 pub(crate) fn with_suffix(path: &Path, suffix: &str) -> PathBuf {

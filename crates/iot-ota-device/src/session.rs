@@ -20,6 +20,8 @@ pub struct Session {
     ota: Mutex<Ota>,
     mqtt: AsyncClient,
     sink: EventSink,
+    /// Where downloads go: its free space is measured before each command.
+    download_dir: Mutex<Option<std::path::PathBuf>>,
 }
 
 impl std::fmt::Debug for Session {
@@ -35,7 +37,14 @@ impl Session {
             ota: Mutex::new(ota),
             mqtt,
             sink,
+            download_dir: Mutex::new(None),
         })
+    }
+
+    /// Where downloads go: before each command the engine learns the free
+    /// space there, and refuses (412) a `size` that cannot fit.
+    pub fn set_download_dir(&self, dir: Option<std::path::PathBuf>) {
+        *self.download_dir.lock().unwrap_or_else(|p| p.into_inner()) = dir;
     }
 
     /// The MQTT client (to publish or subscribe beyond OTA).
@@ -107,7 +116,18 @@ impl Session {
     /// Feeds a message to the engine. Returns true when it was one of this
     /// device's OTA topics.
     pub fn handle_publish(&self, publish: &Publish) -> bool {
-        self.with(|ota| ota.handle_publish(&publish.topic, &publish.payload, Instant::now()))
+        let free = self
+            .download_dir
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_deref()
+            .and_then(|d| crate::fsutil::free_space(d).ok());
+        self.with(|ota| {
+            if free.is_some() {
+                ota.set_free_space(free);
+            }
+            ota.handle_publish(&publish.topic, &publish.payload, Instant::now())
+        })
     }
 
     /// Lets the engine expire what is due.

@@ -107,6 +107,61 @@ async fn every_rejection_is_replied_and_reported() {
     rig.expect("x1", "progress", |m| m.json_i64("data.status") == Some(-1));
 }
 
+/// Device policy refusals with their 412: a `size` the download directory
+/// cannot hold (measured before each command), and an http:// URL on a
+/// device that requires https.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refuses_what_cannot_fit_and_plain_http_when_https_is_required() {
+    let rig = rig();
+    let config = Config::new(&rig.broker.url(), PK, "x2", "1.0.0")
+        .unwrap()
+        .max_firmware_size(u64::MAX)
+        .download_dir(rig.dir.path())
+        .require_https(true);
+    let (_client, _upgrades) = OtaClient::connect(config).await.expect("connect");
+    rig.wire
+        .wait_for_async(|m| m.topic == rig.topic("x2", "inform"), WAIT)
+        .await
+        .expect("inform");
+    let cases = [
+        (
+            "h1",
+            json!("https://127.0.0.1:1/f"),
+            json!(1u64 << 60),
+            "does not fit",
+        ),
+        (
+            "h2",
+            json!("http://127.0.0.1:1/f"),
+            json!(10),
+            "requires https",
+        ),
+    ];
+    for (id, url, size, message) in cases {
+        let mut data = good_data();
+        data["url"] = url;
+        data["size"] = size;
+        rig.push(
+            "x2",
+            json!({"msgId": id, "version": "1.0", "data": data}).to_string(),
+        );
+        let reply = rig
+            .wire
+            .wait_for_async(
+                |m| {
+                    m.topic == rig.topic("x2", "upgrade_reply")
+                        && m.json_str("msgId").as_deref() == Some(id)
+                },
+                WAIT,
+            )
+            .await
+            .expect("a reply");
+        assert_eq!(reply.json_i64("code"), Some(412));
+        let got = reply.json_str("message").unwrap();
+        assert!(got.contains(message), "{got}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn numeric_msg_id_and_spaced_keys() {
     let rig = rig();
@@ -653,4 +708,68 @@ async fn a_full_disk_is_flash_failed_and_leaves_no_part_file() {
     let cmd = upgrades.next().await.unwrap();
     client.download(&cmd).download_to(&path).await.unwrap();
     assert!(std::fs::read(&path).unwrap() == body);
+}
+
+/// A hostile server that answers with a response head that never ends, or
+/// with too many headers: the download fails with DOWNLOAD_FAILED and the
+/// reason, after at most 64 KiB of head (memory stays flat).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn endless_or_too_many_response_headers_fail_the_download() {
+    use std::io::{Read, Write};
+    let rig = rig();
+    let (client, mut upgrades) = connect(&rig, "hh").await;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let server = std::thread::spawn(move || {
+        for kind in ["endless", "many"] {
+            let Ok((mut sock, _)) = listener.accept() else {
+                return;
+            };
+            let mut buf = [0u8; 4096];
+            let _ = sock.read(&mut buf);
+            let _ = sock.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n");
+            if kind == "endless" {
+                // One header line that never ends, until the client gives
+                // up (a write error).
+                let _ = sock.write_all(b"X-Junk: ");
+                let chunk = "a".repeat(1000);
+                for _ in 0..10_000 {
+                    if sock.write_all(chunk.as_bytes()).is_err() {
+                        break;
+                    }
+                }
+            } else {
+                for i in 0..100 {
+                    let _ = sock.write_all(format!("X-H{i}: v\r\n").as_bytes());
+                }
+                let _ = sock.write_all(b"\r\n0123456789");
+            }
+        }
+    });
+    for (i, expected) in ["longer than 65536 bytes", "too many headers"]
+        .iter()
+        .enumerate()
+    {
+        rig.wire.clear();
+        let url = format!("http://127.0.0.1:{port}/fw-{i}.bin");
+        rig.push(
+            "hh",
+            command(
+                &format!("h{i}"),
+                "2.0",
+                &url,
+                b"0123456789",
+                SignMethod::Md5,
+            ),
+        );
+        let cmd = tokio::time::timeout(WAIT, upgrades.next())
+            .await
+            .unwrap()
+            .unwrap();
+        let path = rig.dir.path().join(format!("hh-{i}.bin"));
+        let err = client.download(&cmd).download_to(&path).await.unwrap_err();
+        assert_eq!(err.status(), Some(Status::DownloadFailed), "{err}");
+        assert!(err.to_string().contains(expected), "{err}");
+    }
+    server.join().unwrap();
 }

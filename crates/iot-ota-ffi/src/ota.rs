@@ -948,6 +948,9 @@ pub unsafe extern "C" fn iot_ota_set_state_dir(
             })?;
             let counter = life.security_counter();
             h.session.with(|ota| ota.set_security_counter(counter));
+            // Downloads go there too (the part files): a command that
+            // cannot fit is refused with 412.
+            h.session.set_download_dir(Some(dir.into()));
             st.life = Some(life);
             Ok(IOT_OTA_ERR_NONE)
         })())
