@@ -56,6 +56,8 @@ fn temp_path(path: &Path) -> PathBuf {
 /// holds `path` (statvfs: `f_bavail * f_frsize`).
 #[cfg(target_os = "linux")]
 #[allow(unsafe_code)]
+// The fields are u64 on 64-bit Linux, narrower on some 32-bit targets.
+#[allow(clippy::useless_conversion)]
 pub fn free_space(path: &Path) -> io::Result<u64> {
     use std::os::unix::ffi::OsStrExt;
     let c = std::ffi::CString::new(path.as_os_str().as_bytes())
