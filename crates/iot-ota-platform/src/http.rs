@@ -5,7 +5,6 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use axum::body::{Body, Bytes};
-use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -37,16 +36,14 @@ impl IntoResponse for PlatformError {
 type ApiResult<T> = Result<Json<T>, PlatformError>;
 
 pub(crate) fn router(shared: Arc<Shared>) -> Router {
-    let limit = usize::try_from(shared.max_size)
-        .unwrap_or(usize::MAX)
-        .saturating_add(1);
     Router::new()
         .route("/api/health", get(health))
         .route(
             "/api/firmware",
+            // The upload streams its body and enforces the size limit itself.
             get(list_firmware)
                 .post(add_firmware)
-                .layer(DefaultBodyLimit::max(limit)),
+                .layer(DefaultBodyLimit::disable()),
         )
         .route("/api/firmware/:product/:version", delete(delete_firmware))
         .route("/api/devices", get(list_devices))
@@ -130,8 +127,11 @@ struct AddFirmware {
 async fn add_firmware(
     State(s): State<Arc<Shared>>,
     Query(q): Query<AddFirmware>,
-    body: Result<Bytes, BytesRejection>,
+    headers: HeaderMap,
+    body: Body,
 ) -> Result<(StatusCode, Json<crate::api::FirmwareInfo>), PlatformError> {
+    use http_body_util::BodyExt;
+    use tokio::io::AsyncWriteExt;
     let too_big = || {
         PlatformError::new(
             413,
@@ -141,46 +141,78 @@ async fn add_firmware(
             ),
         )
     };
-    // A body over the limit is cut off by the body limit layer.
-    let body = match body {
-        Ok(b) => b,
-        Err(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => return Err(too_big()),
-        Err(e) => return Err(PlatformError::new(400, e.body_text())),
-    };
     let name = q
         .name
         .unwrap_or_else(|| format!("firmware-{}.bin", q.version));
     // Check the names before touching the disk; the size is checked on the body.
-    check_firmware(
-        &q.product,
-        &q.version,
-        &name,
-        body.len().max(1) as u64,
-        u64::MAX,
-    )
-    .map_err(|m| PlatformError::new(400, m))?;
-    if body.len() as u64 > s.max_size {
-        return Err(too_big());
+    check_firmware(&q.product, &q.version, &name, 1, u64::MAX)
+        .map_err(|m| PlatformError::new(400, m))?;
+    // An announced length over the limit (or not a number) is answered at
+    // once, before a byte of the body is read.
+    if let Some(len) = headers.get(header::CONTENT_LENGTH) {
+        let len: u64 = len
+            .to_str()
+            .ok()
+            .and_then(|l| l.trim().parse().ok())
+            .ok_or_else(|| PlatformError::new(400, "Content-Length is not a number"))?;
+        if len > s.max_size {
+            return Err(too_big());
+        }
     }
     let tmp_dir = s.data_dir.join("tmp");
+    tokio::fs::create_dir_all(&tmp_dir)
+        .await
+        .map_err(|e| PlatformError::new(500, e.to_string()))?;
+    // Unique per upload: two uploads in the same millisecond once shared a
+    // name, and one moved the other's file away (HTTP 500).
+    static UPLOADS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = UPLOADS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let tmp = tmp_dir.join(format!("upload-{}-{n}", std::process::id()));
+    // Streamed to disk and hashed as it arrives: memory stays flat whatever
+    // the size, and an oversize body is cut off at the limit.
+    let streamed = async {
+        let mut file = tokio::fs::File::create(&tmp)
+            .await
+            .map_err(|e| PlatformError::new(500, e.to_string()))?;
+        let (mut md5, mut sha256, mut size) = (Md5::new(), Sha256::new(), 0u64);
+        let mut body = body;
+        while let Some(frame) = body.frame().await {
+            let frame =
+                frame.map_err(|e| PlatformError::new(400, format!("reading the upload: {e}")))?;
+            let Ok(data) = frame.into_data() else {
+                continue; // trailers
+            };
+            size += data.len() as u64;
+            if size > s.max_size {
+                return Err(too_big());
+            }
+            md5.update(&data);
+            sha256.update(&data);
+            file.write_all(&data)
+                .await
+                .map_err(|e| PlatformError::new(500, format!("storing the upload: {e}")))?;
+        }
+        file.sync_all()
+            .await
+            .map_err(|e| PlatformError::new(500, format!("storing the upload: {e}")))?;
+        Ok((size, to_hex(&md5.finalize()), to_hex(&sha256.finalize())))
+    };
+    let (size, md5, sha256) = match streamed.await {
+        Ok(x) => x,
+        Err(e) => {
+            let _ = tokio::fs::remove_file(&tmp).await;
+            return Err(e);
+        }
+    };
     let shared = s.clone();
     let info = tokio::task::spawn_blocking(move || {
-        std::fs::create_dir_all(&tmp_dir).map_err(|e| PlatformError::new(500, e.to_string()))?;
-        // Unique per upload: two uploads in the same millisecond once
-        // shared a name, and one moved the other's file away (HTTP 500).
-        static UPLOADS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-        let n = UPLOADS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let tmp = tmp_dir.join(format!("upload-{}-{n}", std::process::id()));
-        let md5 = to_hex(&Md5::digest(&body));
-        let sha256 = to_hex(&Sha256::digest(&body));
-        std::fs::write(&tmp, &body).map_err(|e| PlatformError::new(500, e.to_string()))?;
         let r = shared.add_firmware(
             Upload {
                 product: q.product,
                 version: q.version,
                 name,
                 tmp: tmp.clone(),
-                size: body.len() as u64,
+                size,
                 md5,
                 sha256,
                 counter: q.counter,
