@@ -114,7 +114,18 @@ pub enum BatchCmd {
 }
 
 fn client(api: &ApiOpts) -> Result<ApiClient, String> {
-    ApiClient::new(&api.api).map_err(|e| e.to_string())
+    let client = ApiClient::new(&api.api).map_err(|e| e.to_string())?;
+    // --token (or $IOT_OTA_API_TOKEN); else the local platform's default file.
+    let token = api.token.clone().or_else(|| {
+        let file = std::path::Path::new("iot-ota-data").join(iot_ota_platform::token::TOKEN_FILE);
+        std::fs::read_to_string(file)
+            .ok()
+            .map(|t| t.trim().to_owned())
+    });
+    Ok(match token {
+        Some(t) => client.with_token(t),
+        None => client,
+    })
 }
 
 fn print_json<T: Serialize>(v: &T) -> Result<(), String> {

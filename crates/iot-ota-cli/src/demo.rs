@@ -404,7 +404,7 @@ async fn run_in(args: &DemoArgs, dir: &Path) -> Result<ExitCode, String> {
         platform.broker_url(),
         dir.display()
     );
-    let api = ApiClient::new(&platform.api_url()).map_err(|e| e.to_string())?;
+    let api = platform.client()?;
 
     let image = random_bytes((args.size_mib.max(1) * 1024 * 1024) as usize);
     let fw = api

@@ -47,6 +47,10 @@ struct ApiOpts {
         default_value = "http://127.0.0.1:8080"
     )]
     api: String,
+    /// The platform's API token, for requests that change something
+    /// (default: the file iot-ota-data/api-token, when it is there).
+    #[arg(long, global = true, env = "IOT_OTA_API_TOKEN", hide_env_values = true)]
+    token: Option<String>,
     /// Print JSON instead of tables.
     #[arg(long, global = true)]
     json: bool,
@@ -172,6 +176,15 @@ async fn run_platform(a: PlatformArgs) -> Result<(), String> {
     config.tls_key = a.tls_key;
     config.signing_key = a.signing_key;
     let platform = iot_ota_platform::Platform::start(config).await?;
+    if platform.token_made() {
+        println!(
+            "iot-ota platform: API token {} (shown once; kept in {})",
+            platform.api_token(),
+            a.data_dir
+                .join(iot_ota_platform::token::TOKEN_FILE)
+                .display()
+        );
+    }
     println!(
         "iot-ota platform: API {} | firmware URLs {} | broker {} | data {}",
         platform.api_url(),

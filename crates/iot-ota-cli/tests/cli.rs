@@ -174,8 +174,8 @@ async fn api_subcommands() {
     let dir = TempDir::new("cli-api");
     let p = platform(&dir.join("platform")).await;
     let api_url = p.api_url();
-    let a = ["--api", api_url.as_str()];
-    let api = ApiClient::new(&api_url).unwrap();
+    let a = ["--api", api_url.as_str(), "--token", p.api_token()];
+    let api = p.client().unwrap();
     let image = dir.join("fw.bin");
     std::fs::write(&image, random_bytes(10_000, 1)).unwrap();
     let img = image.to_str().unwrap();
@@ -402,7 +402,7 @@ async fn finish(mut child: tokio::process::Child) -> (Option<i32>, String) {
 async fn device_agent_installs_into_slots_and_runs_commands() {
     let dir = TempDir::new("cli-agent");
     let p = platform(&dir.join("platform")).await;
-    let api = ApiClient::new(&p.api_url()).unwrap();
+    let api = p.client().unwrap();
     let image = random_bytes(200_000, 2);
     api.add_firmware("pk", "2.0.0", "fw.bin", &image)
         .await
@@ -494,7 +494,7 @@ async fn device_agent_installs_into_slots_and_runs_commands() {
 async fn device_agent_quotes_the_install_command() {
     let dir = TempDir::new("cli-quote");
     let p = platform(&dir.join("platform")).await;
-    let api = ApiClient::new(&p.api_url()).unwrap();
+    let api = p.client().unwrap();
     let image = random_bytes(30_000, 4);
     api.add_firmware("pk", "2.0.0", "fw.bin", &image)
         .await
@@ -543,7 +543,7 @@ async fn device_agent_quotes_the_install_command() {
 async fn device_agent_defers_silent_upgrades_to_the_trigger() {
     let dir = TempDir::new("cli-silent");
     let p = platform(&dir.join("platform")).await;
-    let api = ApiClient::new(&p.api_url()).unwrap();
+    let api = p.client().unwrap();
     api.add_firmware("pk", "2.0.0", "fw.bin", &random_bytes(50_000, 3))
         .await
         .unwrap();
@@ -621,7 +621,7 @@ async fn boots(
 async fn device_agent_rolls_back_a_bad_image() {
     let dir = TempDir::new("cli-rollback");
     let p = platform(&dir.join("platform")).await;
-    let api = ApiClient::new(&p.api_url()).unwrap();
+    let api = p.client().unwrap();
     api.add_firmware("pk", "2.0.0", "fw.bin", &random_bytes(40_000, 5))
         .await
         .unwrap();
@@ -720,7 +720,7 @@ async fn power_cut_soak_always_ends_committed_or_rolled_back() {
         .unwrap_or(4);
     let dir = TempDir::new("cli-soak");
     let p = platform(&dir.join("platform")).await;
-    let api = ApiClient::new(&p.api_url()).unwrap();
+    let api = p.client().unwrap();
     let wire = WireRecorder::connect(p.broker_url(), "/sys/#");
     assert!(wire.wait_ready(Duration::from_secs(10)));
     api.add_firmware("pk", "2.0.0", "fw.bin", &random_bytes(3 << 20, 9))
@@ -1019,7 +1019,7 @@ async fn device_agent_installs_with_rauc() {
         return;
     };
     let p = platform(&dir.join("platform")).await;
-    let api = ApiClient::new(&p.api_url()).unwrap();
+    let api = p.client().unwrap();
     for v in ["2.0.0", "3.0.0"] {
         let bundle = std::fs::read(rauc.dir.join(format!("bundle-{v}.raucb"))).unwrap();
         api.add_firmware("pk", v, "update.raucb", &bundle)

@@ -67,6 +67,7 @@ pub struct ApiClient {
     host: String,
     port: u16,
     timeout: Duration,
+    token: Option<String>,
 }
 
 impl ApiClient {
@@ -93,7 +94,15 @@ impl ApiClient {
             host,
             port,
             timeout: Duration::from_secs(120),
+            token: None,
         })
+    }
+
+    /// Sends the platform's API token (`Authorization: Bearer ...`), which
+    /// every request that changes something needs.
+    pub fn with_token(mut self, token: impl Into<String>) -> ApiClient {
+        self.token = Some(token.into());
+        self
     }
 
     /// Sends one request and reads the whole answer.
@@ -125,6 +134,9 @@ impl ApiClient {
             }
             for (n, v) in extra_headers {
                 head.push_str(&format!("{n}: {v}\r\n"));
+            }
+            if let Some(t) = &self.token {
+                head.push_str(&format!("Authorization: Bearer {t}\r\n"));
             }
             head.push_str("\r\n");
             stream.write_all(head.as_bytes()).await.map_err(transport)?;

@@ -52,8 +52,49 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
         .route("/api/batches/:id/terminate", post(terminate_batch))
         .route("/fw/:product/:version/:name", get(serve_firmware))
         .fallback(no_route)
+        .layer(axum::middleware::from_fn_with_state(
+            shared.clone(),
+            require_token,
+        ))
         .layer(axum::middleware::map_response(json_errors))
         .with_state(shared)
+}
+
+/// Every request that changes something (not GET or HEAD) under `/api`
+/// carries the API token: `Authorization: Bearer TOKEN`. Reading, and the
+/// firmware downloads devices make, stay open.
+async fn require_token(
+    State(s): State<Arc<Shared>>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let method = request.method();
+    let reading = method == axum::http::Method::GET || method == axum::http::Method::HEAD;
+    if reading || !request.uri().path().starts_with("/api/") {
+        return next.run(request).await;
+    }
+    let given = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    match given {
+        Some(t) if crate::token::same(t.as_bytes(), s.api_token.as_bytes()) => {
+            next.run(request).await
+        }
+        _ => {
+            let mut r = PlatformError::new(
+                401,
+                "this request needs the API token: Authorization: Bearer TOKEN \
+                 (the platform printed it at its first start; it is in DATA_DIR/api-token)",
+            )
+            .into_response();
+            r.headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            r
+        }
+    }
 }
 
 /// Any path the API does not have: a JSON 404, as every other error.

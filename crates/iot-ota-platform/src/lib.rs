@@ -28,6 +28,7 @@ mod http;
 mod service;
 pub mod signing;
 pub mod store;
+pub mod token;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -86,6 +87,10 @@ pub struct PlatformConfig {
     pub tls_cert: Option<PathBuf>,
     /// Server private key (PEM) for HTTPS.
     pub tls_key: Option<PathBuf>,
+    /// The API token every request that changes something must carry
+    /// (`Authorization: Bearer TOKEN`); `None`: the one in
+    /// `DATA_DIR/api-token`, made (random, 0600) at the first start.
+    pub api_token: Option<String>,
     /// Manifest signing key (PKCS#8 PEM, Ed25519 or P-256): each uploaded
     /// firmware's manifest is signed with it and sent in commands and get
     /// replies (PROTOCOL.md, "Signed manifests").
@@ -109,6 +114,7 @@ impl PlatformConfig {
             https_addr: None,
             tls_cert: None,
             tls_key: None,
+            api_token: None,
             signing_key: None,
         }
     }
@@ -118,6 +124,7 @@ impl PlatformConfig {
 /// server, the MQTT client and the ticker; an embedded broker keeps running.
 pub struct Platform {
     shared: Arc<service::Shared>,
+    token_made: bool,
     http_addr: SocketAddr,
     https_addr: Option<SocketAddr>,
     broker_url: String,
@@ -288,6 +295,10 @@ impl Platform {
                 iot_ota_core::manifest::Signer::key_id(k)
             );
         }
+        let (api_token, token_made) = match config.api_token.clone() {
+            Some(t) => (t, false),
+            None => token::load_or_create(&config.data_dir)?,
+        };
         let shared = Arc::new(
             service::Shared::new(
                 store,
@@ -297,6 +308,7 @@ impl Platform {
                 config.data_dir.clone(),
                 config.max_firmware_size,
                 signing_key,
+                api_token,
             )
             .map_err(|e| e.to_string())?,
         );
@@ -324,6 +336,7 @@ impl Platform {
         tasks.push(tokio::spawn(service::ticker(shared.clone())));
         Ok(Platform {
             shared,
+            token_made,
             http_addr,
             https_addr,
             broker_url,
@@ -345,6 +358,24 @@ impl Platform {
     /// `http://ADDR`, the API's base URL.
     pub fn api_url(&self) -> String {
         format!("http://{}", self.http_addr)
+    }
+
+    /// The API token (`Authorization: Bearer ...` on every request that
+    /// changes something).
+    pub fn api_token(&self) -> &str {
+        &self.shared.api_token
+    }
+
+    /// True when this start made the token (show it once).
+    pub fn token_made(&self) -> bool {
+        self.token_made
+    }
+
+    /// A client of this platform's API, with its token.
+    pub fn client(&self) -> Result<ApiClient, String> {
+        Ok(ApiClient::new(&self.api_url())
+            .map_err(|e| e.to_string())?
+            .with_token(self.api_token()))
     }
 
     /// The base URL put in commands.

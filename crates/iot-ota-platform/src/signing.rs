@@ -118,7 +118,8 @@ pub fn generate_files(dir: &Path) -> Result<SigningKey, String> {
     Ok(key)
 }
 
-fn write_private(path: &Path, bytes: &[u8]) -> Result<(), String> {
+/// Writes a secret file: created new, mode 0600, synced.
+pub(crate) fn write_private(path: &Path, bytes: &[u8]) -> Result<(), String> {
     use std::io::Write;
     let mut options = std::fs::OpenOptions::new();
     options.write(true).create_new(true);

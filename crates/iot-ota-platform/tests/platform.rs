@@ -693,11 +693,15 @@ async fn every_error_is_json() {
         .trim_start_matches("http://")
         .trim_end_matches('/')
         .to_owned();
+    let token = p.api_token().to_owned();
     let cases: Vec<(Vec<u8>, u16, &str)> = vec![
         (b"GET /api/nope HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".to_vec(), 404, "no such endpoint"),
-        (b"PUT /api/batches HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".to_vec(), 405, ""),
-        (b"POST /api/firmware HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".to_vec(), 400, "product"),
-        (b"POST /api/firmware?product=pk&version=2.0&name=f.bin HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000000000000\r\nConnection: close\r\n\r\n".to_vec(), 413, "above the limit"),
+        (format!("PUT /api/batches HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n").into_bytes(), 405, ""),
+        (format!("POST /api/firmware HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n").into_bytes(), 400, "product"),
+        (format!("POST /api/firmware?product=pk&version=2.0&name=f.bin HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\nContent-Length: 1000000000000000\r\nConnection: close\r\n\r\n").into_bytes(), 413, "above the limit"),
+        // No token, or a wrong one, on a request that changes something: 401.
+        (b"POST /api/batches HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}".to_vec(), 401, "API token"),
+        (b"DELETE /api/firmware/pk/2.0 HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer nope\r\nConnection: close\r\n\r\n".to_vec(), 401, "API token"),
     ];
     for (request, status, needle) in cases {
         let addr = addr.clone();

@@ -104,6 +104,8 @@ pub(crate) struct Shared {
     pub(crate) max_size: u64,
     /// Signs each firmware's manifest at upload, when set.
     pub(crate) signing_key: Option<crate::signing::SigningKey>,
+    /// What `Authorization: Bearer` must carry on every mutating request.
+    pub(crate) api_token: String,
     pub(crate) wake: Notify,
     pub(crate) mqtt_up: AtomicBool,
     pub(crate) stopping: AtomicBool,
@@ -118,6 +120,7 @@ impl Shared {
         data_dir: PathBuf,
         max_size: u64,
         signing_key: Option<crate::signing::SigningKey>,
+        api_token: String,
     ) -> Result<Shared, StoreError> {
         let mut running = BTreeMap::new();
         for id in store.batch_ids(true)? {
@@ -133,6 +136,7 @@ impl Shared {
             data_dir,
             max_size,
             signing_key,
+            api_token,
             wake: Notify::new(),
             mqtt_up: AtomicBool::new(false),
             stopping: AtomicBool::new(false),
@@ -232,6 +236,7 @@ mod tests {
             dir.clone(),
             1 << 20,
             None,
+            "t".into(),
         )
         .unwrap();
         let req = CreateBatch {

@@ -29,7 +29,7 @@ pub fn any_port() -> SocketAddr {
 }
 
 pub fn api(p: &Platform) -> ApiClient {
-    ApiClient::new(&p.api_url()).unwrap()
+    p.client().unwrap()
 }
 
 /// A recorder that plays scripted devices of product `PK`.
