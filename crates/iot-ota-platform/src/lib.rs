@@ -303,12 +303,14 @@ impl Platform {
             service::Shared::new(
                 store,
                 mqtt,
-                config.topic_prefix.clone(),
-                public_url,
-                config.data_dir.clone(),
-                config.max_firmware_size,
-                signing_key,
-                api_token,
+                service::Settings {
+                    prefix: config.topic_prefix.clone(),
+                    public_url,
+                    data_dir: config.data_dir.clone(),
+                    max_size: config.max_firmware_size,
+                    signing_key,
+                    api_token,
+                },
             )
             .map_err(|e| e.to_string())?,
         );

@@ -94,6 +94,16 @@ pub(crate) struct Upload {
     pub(crate) counter: Option<u64>,
 }
 
+/// What the service is started with (besides its store and MQTT client).
+pub(crate) struct Settings {
+    pub(crate) prefix: String,
+    pub(crate) public_url: String,
+    pub(crate) data_dir: PathBuf,
+    pub(crate) max_size: u64,
+    pub(crate) signing_key: Option<crate::signing::SigningKey>,
+    pub(crate) api_token: String,
+}
+
 /// State shared by the HTTP handlers, the MQTT loop and the ticker.
 pub(crate) struct Shared {
     inner: Mutex<Inner>,
@@ -115,13 +125,16 @@ impl Shared {
     pub(crate) fn new(
         store: Store,
         mqtt: AsyncClient,
-        prefix: String,
-        public_url: String,
-        data_dir: PathBuf,
-        max_size: u64,
-        signing_key: Option<crate::signing::SigningKey>,
-        api_token: String,
+        settings: Settings,
     ) -> Result<Shared, StoreError> {
+        let Settings {
+            prefix,
+            public_url,
+            data_dir,
+            max_size,
+            signing_key,
+            api_token,
+        } = settings;
         let mut running = BTreeMap::new();
         for id in store.batch_ids(true)? {
             if let Some(b) = store.load_batch(id)? {
@@ -231,12 +244,14 @@ mod tests {
         let shared = Shared::new(
             store,
             mqtt,
-            "/sys".into(),
-            "http://127.0.0.1:1".into(),
-            dir.clone(),
-            1 << 20,
-            None,
-            "t".into(),
+            Settings {
+                prefix: "/sys".into(),
+                public_url: "http://127.0.0.1:1".into(),
+                data_dir: dir.clone(),
+                max_size: 1 << 20,
+                signing_key: None,
+                api_token: "t".into(),
+            },
         )
         .unwrap();
         let req = CreateBatch {
