@@ -25,6 +25,9 @@
 mod conn;
 mod wire;
 
+#[doc(hidden)]
+pub use wire::fuzz_entry;
+
 use std::fmt;
 use std::io;
 use std::sync::Arc;

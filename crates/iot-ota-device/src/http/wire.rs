@@ -539,3 +539,61 @@ mod tests {
         assert!(!req.contains("\r\nX-Injected"));
     }
 }
+
+/// Entry points for the fuzz targets (`fuzz/`): the parsers over outside
+/// bytes, driven the way the connection drives them. Not an API.
+#[doc(hidden)]
+pub mod fuzz_entry {
+    use super::*;
+
+    /// A response head, and the body plan made from it.
+    pub fn response_head(bytes: &[u8]) {
+        if let Ok(Some((head, len))) = parse_head(bytes) {
+            assert!(len <= bytes.len());
+            let requested = bytes.first().map_or(0, |b| u64::from(*b) * 4096);
+            let _ = plan_body(&head, requested);
+        }
+    }
+
+    /// A chunked body, decoded as the connection decodes it: lines and
+    /// data, until the final empty line, an error, or the end of the bytes.
+    pub fn chunked(mut bytes: &[u8]) {
+        let mut framing = Framing::Chunked(Chunk::Size);
+        loop {
+            match framing {
+                Framing::Chunked(Chunk::Data(left)) => {
+                    let n = (bytes.len() as u64).min(left);
+                    if n == 0 {
+                        return;
+                    }
+                    bytes = &bytes[n as usize..];
+                    framing = Framing::after_data(left, n);
+                }
+                Framing::Chunked(Chunk::Done) => return,
+                Framing::Chunked(_) => {
+                    let Some(end) = bytes.windows(2).position(|w| w == b"\r\n") else {
+                        return;
+                    };
+                    match framing.after_line(&bytes[..end]) {
+                        Ok(next) => framing = next,
+                        Err(_) => return,
+                    }
+                    bytes = &bytes[end + 2..];
+                }
+                _ => return,
+            }
+        }
+    }
+
+    /// A `Content-Range` value: a parsed range is always in order.
+    pub fn content_range(bytes: &[u8]) {
+        if let Ok(text) = std::str::from_utf8(bytes) {
+            if let Some((first, last, total)) = parse_content_range(text) {
+                assert!(first <= last);
+                if let Some(t) = total {
+                    assert!(last < t);
+                }
+            }
+        }
+    }
+}
