@@ -2,7 +2,8 @@
 //!
 //! ```text
 //! ota_example --broker mqtt://HOST:PORT --product-key PK --device-name DN
-//!             --firmware-version V --output-dir DIR [--state-dir S] [--trust-key PEM]...
+//!             --firmware-version V --output-dir DIR [--state-dir S]
+//!             [--trust-key PEM]... [--revoke-key ID]...
 //!             [--username U] [--password P] [--ca-file F] [--get-version V2] [--once]
 //! ```
 //!
@@ -16,7 +17,9 @@
 //! reported and the new version informed. A failure reports its negative
 //! status and the device keeps waiting. `--trust-key PEM` (repeatable) pins a
 //! public key: only firmware whose signed manifest it verifies is accepted,
-//! never below the security counter kept in S. `--get-version V2` asks for V2 at
+//! never below the security counter kept in S; `--revoke-key ID` (the
+//! key's hex SHA-256 SubjectPublicKeyInfo id) makes a pinned key's
+//! signatures count no more. `--get-version V2` asks for V2 at
 //! start and upgrades to it if the platform has it. `--once` exits after the
 //! first upgrade attempt: 0 on success, 1 on failure, 2 when the
 //! `--get-version` reply is 404. One line per state change goes to stderr.
@@ -38,6 +41,7 @@ struct Args {
     output_dir: PathBuf,
     state_dir: Option<PathBuf>,
     trust_keys: Vec<PathBuf>,
+    revoked_keys: Vec<String>,
     username: Option<String>,
     password: Option<String>,
     ca_file: Option<PathBuf>,
@@ -47,7 +51,8 @@ struct Args {
 
 const USAGE: &str =
     "usage: ota_example --broker mqtt://HOST:PORT --product-key PK --device-name DN \
---firmware-version V --output-dir DIR [--state-dir S] [--trust-key PEM]... [--username U] \
+--firmware-version V --output-dir DIR [--state-dir S] [--trust-key PEM]... [--revoke-key ID]... \
+[--username U] \
 [--password P] [--ca-file F] \
 [--get-version V2] [--once]";
 
@@ -58,6 +63,7 @@ fn parse_args() -> Result<Args, String> {
         (None, None, None, None, false);
     let mut state_dir = None;
     let mut trust_keys = Vec::new();
+    let mut revoked_keys = Vec::new();
     while let Some(flag) = it.next() {
         let mut value = || it.next().ok_or_else(|| format!("{flag} needs a value"));
         match flag.as_str() {
@@ -68,6 +74,7 @@ fn parse_args() -> Result<Args, String> {
             "--output-dir" => dir = Some(PathBuf::from(value()?)),
             "--state-dir" => state_dir = Some(PathBuf::from(value()?)),
             "--trust-key" => trust_keys.push(PathBuf::from(value()?)),
+            "--revoke-key" => revoked_keys.push(value()?),
             "--username" => username = Some(value()?),
             "--password" => password = Some(value()?),
             "--ca-file" => ca_file = Some(PathBuf::from(value()?)),
@@ -86,6 +93,7 @@ fn parse_args() -> Result<Args, String> {
         output_dir: dir.ok_or("--output-dir is required")?,
         state_dir,
         trust_keys,
+        revoked_keys,
         username,
         password,
         ca_file,
@@ -160,6 +168,9 @@ async fn run(args: Args) -> Result<u8, Error> {
     }
     for key in &args.trust_keys {
         config = config.trust_key_file(key)?;
+    }
+    for id in &args.revoked_keys {
+        config = config.revoke_key(id.clone());
     }
     config = config
         .security_counter(life.security_counter())

@@ -440,4 +440,16 @@ fn only_signed_firmware_with_a_pinned_key() {
     assert_eq!(code, 412, "the counter survived the restart");
     assert!(message.contains("counter 4 < 5"), "{message}");
     stop(child);
+
+    // The key revoked: its signatures count no more.
+    rig.wire.clear();
+    let id = key.public().key_id().to_owned();
+    let child = rig.example("sig", &[trust[0], trust[1], "--revoke-key", &id]);
+    rig.expect_inform("sig", "1.0.0");
+    let new = command("r1", "3.0.0", &url, &body, SignMethod::Md5);
+    rig.push("sig", key.sign_command(&new, PK, &body, 9));
+    let (code, message) = reply("r1");
+    assert_eq!(code, 412);
+    assert!(message.contains(&id), "{message}");
+    stop(child);
 }

@@ -3,7 +3,8 @@
  *
  *   ota_example --broker mqtt://HOST:PORT --product-key PK --device-name DN
  *               --firmware-version V --output-dir DIR
- *               [--state-dir S] [--trust-key PEM]... [--username U] [--password P]
+ *               [--state-dir S] [--trust-key PEM]... [--revoke-key ID]...
+ *               [--username U] [--password P]
  *               [--ca-file F] [--once]
  *
  * Creates and connects the MQTT instance, iot_ota_init(), keeps the upgrade
@@ -44,6 +45,8 @@ struct args {
     const char *state_dir;
     const char *trust_keys[8];
     int n_trust_keys;
+    const char *revoked_keys[8];
+    int n_revoked_keys;
     const char *username;
     const char *password;
     const char *ca_file;
@@ -55,6 +58,7 @@ static void usage(void)
     fprintf(stderr,
             "usage: ota_example --broker mqtt://HOST:PORT --product-key PK --device-name DN "
             "--firmware-version V --output-dir DIR [--state-dir S] [--trust-key PEM]... "
+            "[--revoke-key ID]... "
             "[--username U] [--password P] "
             "[--ca-file F] [--once]\n");
 }
@@ -82,6 +86,12 @@ static int parse_args(int argc, char **argv, struct args *a)
                 return -1;
             }
             slot = &a->trust_keys[a->n_trust_keys++];
+        } else if (strcmp(flag, "--revoke-key") == 0) {
+            if (a->n_revoked_keys == 8) {
+                fprintf(stderr, "ota_example: at most 8 --revoke-key\n");
+                return -1;
+            }
+            slot = &a->revoked_keys[a->n_revoked_keys++];
         }
         else if (strcmp(flag, "--username") == 0) slot = &a->username;
         else if (strcmp(flag, "--password") == 0) slot = &a->password;
@@ -331,6 +341,14 @@ int main(int argc, char **argv)
         rc = iot_ota_trust_key(ota, a.trust_keys[i]);
         if (rc != 0) {
             fprintf(stderr, "ota_example: --trust-key %s: %s\n", a.trust_keys[i],
+                    iot_ota_strerror(rc));
+            goto out;
+        }
+    }
+    for (int i = 0; i < a.n_revoked_keys; i++) {
+        rc = iot_ota_revoke_key(ota, a.revoked_keys[i]);
+        if (rc != 0) {
+            fprintf(stderr, "ota_example: --revoke-key %s: %s\n", a.revoked_keys[i],
                     iot_ota_strerror(rc));
             goto out;
         }
