@@ -41,7 +41,11 @@ FFI         := crates/iot-ota-ffi
 HEADERS     := iot_ota.h iot_mqtt.h iot_config.h
 VERSION     := $(shell sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -n 1)
 
-.PHONY: all libs headers pkgconfig example test-c size clean
+PREFIX      ?= /usr/local
+DESTDIR     ?=
+SOVERSION   := 0
+
+.PHONY: all libs headers pkgconfig example test-c size install check-install clean
 
 all: libs headers pkgconfig example
 
@@ -70,6 +74,19 @@ pkgconfig:
 	  'Libs.private: $(LDLIBS)' \
 	  'Cflags: -I$${includedir}' \
 	  > $(BUILD)/lib/pkgconfig/iot_ota.pc
+	# pkg-config cannot turn -liot_ota into the archive (--static only adds
+	# Libs.private), so static linking has its own module.
+	printf '%s\n' \
+	  'prefix=$${pcfiledir}/../..' \
+	  'libdir=$${prefix}/lib' \
+	  'includedir=$${prefix}/include' \
+	  '' \
+	  'Name: iot_ota_static' \
+	  'Description: IoT device OTA SDK, C API (libiot_ota.a, linked statically)' \
+	  'Version: $(VERSION)' \
+	  'Libs: $${libdir}/libiot_ota.a -Wl,--gc-sections -Wl,-z,noexecstack $(LDLIBS)' \
+	  'Cflags: -I$${includedir}' \
+	  > $(BUILD)/lib/pkgconfig/iot_ota_static.pc
 
 example: libs headers
 	mkdir -p $(BUILD)/bin
@@ -90,6 +107,36 @@ test-c: all
 size: example
 	@echo "RELR=$(RELR) FEATURES=$(FEATURES)"
 	@stat -c '%s bytes  %n' $(BUILD)/bin/ota_example $(BUILD)/lib/libiot_ota.so
+
+# make install [PREFIX=/usr/local] [DESTDIR=...]: headers, both libraries (the
+# shared one as libiot_ota.so.VERSION with its SONAME link .so.0 and the
+# development link .so), the pkg-config files and ota_example.
+install: all
+	install -d $(DESTDIR)$(PREFIX)/include $(DESTDIR)$(PREFIX)/lib/pkgconfig $(DESTDIR)$(PREFIX)/bin
+	install -m 0644 $(addprefix $(BUILD)/include/,$(HEADERS)) $(DESTDIR)$(PREFIX)/include/
+	install -m 0644 $(BUILD)/lib/libiot_ota.a $(DESTDIR)$(PREFIX)/lib/
+	install -m 0755 $(BUILD)/lib/libiot_ota.so $(DESTDIR)$(PREFIX)/lib/libiot_ota.so.$(VERSION)
+	ln -sf libiot_ota.so.$(VERSION) $(DESTDIR)$(PREFIX)/lib/libiot_ota.so.$(SOVERSION)
+	ln -sf libiot_ota.so.$(SOVERSION) $(DESTDIR)$(PREFIX)/lib/libiot_ota.so
+	install -m 0644 $(BUILD)/lib/pkgconfig/iot_ota.pc $(BUILD)/lib/pkgconfig/iot_ota_static.pc \
+	  $(DESTDIR)$(PREFIX)/lib/pkgconfig/
+	install -m 0755 $(BUILD)/bin/ota_example $(DESTDIR)$(PREFIX)/bin/
+
+# Installs into a temporary DESTDIR and checks it: the SONAME, a program
+# linked with `pkg-config iot_ota_static` needs no libiot_ota.so, one linked
+# with `pkg-config iot_ota` records libiot_ota.so.0 and runs.
+check-install:
+	d=$$(mktemp -d) && trap 'rm -rf "$$d"' EXIT && \
+	$(MAKE) -s install DESTDIR=$$d PREFIX=/opt/iot-ota >/dev/null && \
+	readelf -d $$d/opt/iot-ota/lib/libiot_ota.so.$(VERSION) | grep -q 'SONAME.*libiot_ota.so.$(SOVERSION)' && \
+	printf '#include "iot_ota.h"\nint main(void){return iot_ota_strerror(0)==0;}\n' > $$d/t.c && \
+	export PKG_CONFIG_PATH=$$d/opt/iot-ota/lib/pkgconfig && \
+	$(CC) $$(pkg-config --cflags iot_ota_static) $$d/t.c $$(pkg-config --libs iot_ota_static) -o $$d/t-static && \
+	! readelf -d $$d/t-static | grep -q 'libiot_ota' && $$d/t-static && \
+	$(CC) $$(pkg-config --cflags iot_ota) $$d/t.c $$(pkg-config --libs iot_ota) -o $$d/t-shared && \
+	readelf -d $$d/t-shared | grep -q 'NEEDED.*libiot_ota.so.$(SOVERSION)' && \
+	LD_LIBRARY_PATH=$$d/opt/iot-ota/lib $$d/t-shared && \
+	echo "check-install: SONAME libiot_ota.so.$(SOVERSION), static and shared links ok"
 
 clean:
 	rm -rf build

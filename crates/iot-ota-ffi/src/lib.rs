@@ -1,7 +1,7 @@
 //! The C API of the IoT OTA device SDK: `libiot_ota.a` / `libiot_ota.so`.
 //!
 //! A drop-in library for C programs written against the vendor guide's OTA
-//! interface (`shared/seed/device-ota-guide.zh.md`): its eight `iot_ota_*`
+//! interface (`docs/device-ota-guide.zh.md`): its eight `iot_ota_*`
 //! functions with exactly its signatures, the `iot_mqtt_*` instance those
 //! functions take their `mqtt_client` from, and a few extras a C program
 //! needs (the upgrade's details, the digest check, sizes, error texts). The
