@@ -87,13 +87,13 @@ pub struct AgentArgs {
     #[arg(long)]
     pub broker: Option<String>,
     /// Product key.
-    #[arg(long)]
+    #[arg(long, visible_alias = "product")]
     pub product_key: Option<String>,
     /// Device name (identifier).
     #[arg(long)]
     pub device_name: Option<String>,
     /// Running firmware version.
-    #[arg(long)]
+    #[arg(long, visible_alias = "firmware-version")]
     pub version: Option<String>,
     /// File holding the running version (read at start, rewritten after an upgrade).
     #[arg(long)]
@@ -108,7 +108,7 @@ pub struct AgentArgs {
     #[arg(long)]
     pub ca_file: Option<PathBuf>,
     /// Where downloads go.
-    #[arg(long)]
+    #[arg(long, visible_alias = "output-dir")]
     pub work_dir: Option<PathBuf>,
     /// Install into two slots under this directory.
     #[arg(long)]

@@ -18,7 +18,7 @@ pub enum FirmwareCmd {
     /// Register a firmware file (MD5 and SHA-256 are computed by the platform).
     Add {
         /// Product key.
-        #[arg(long)]
+        #[arg(long, visible_alias = "product-key")]
         product: String,
         /// Version: 1-100 letters, digits, '_', '-', '.'; unique within the product.
         #[arg(long)]
@@ -36,13 +36,13 @@ pub enum FirmwareCmd {
     /// List registered firmware.
     List {
         /// Only this product.
-        #[arg(long)]
+        #[arg(long, visible_alias = "product-key")]
         product: Option<String>,
     },
     /// Delete a firmware (refused while a running batch uses it).
     Delete {
         /// Product key.
-        #[arg(long)]
+        #[arg(long, visible_alias = "product-key")]
         product: String,
         /// Version.
         #[arg(long)]
@@ -57,7 +57,7 @@ pub enum BatchCmd {
     /// Start a batch upgrade of a product's eligible devices (or a chosen list).
     Create {
         /// Product key.
-        #[arg(long)]
+        #[arg(long, visible_alias = "product-key")]
         product: String,
         /// Target firmware version (registered with `firmware add`).
         #[arg(long)]
@@ -65,11 +65,11 @@ pub enum BatchCmd {
         /// Only these devices (comma-separated); default: every eligible device.
         #[arg(long, value_delimiter = ',')]
         devices: Option<Vec<String>>,
-        /// standard or silent.
-        #[arg(long)]
+        /// Installation policy (default standard).
+        #[arg(long, value_parser = ["standard", "silent"])]
         policy: Option<String>,
-        /// md5 or sha256.
-        #[arg(long)]
+        /// Digest the command carries (default md5).
+        #[arg(long, value_parser = ["md5", "sha256"])]
         sign_method: Option<String>,
         /// Validity period, 1-7 days.
         #[arg(long)]
@@ -265,30 +265,41 @@ pub async fn batch(api: &ApiOpts, cmd: BatchCmd) -> Result<ExitCode, String> {
                 print_json(&created)?;
             } else {
                 println!(
-                    "batch {} created: {} devices to upgrade to {}",
-                    created.batch.id, created.batch.totals.total, created.batch.firmware_version
+                    "batch {} created: {} to upgrade to {}",
+                    created.batch.id,
+                    crate::table::count(created.batch.totals.total as u64, "device"),
+                    created.batch.firmware_version
                 );
                 for e in &created.excluded {
                     println!("  excluded {}: {}", e.device, e.reason);
                 }
             }
         }
-        BatchCmd::Show { id, watch } => loop {
-            let b = c.show_batch(id).await.map_err(|e| e.to_string())?;
-            if api.json {
-                print_json(&b)?;
-            } else {
-                if watch {
-                    // Clear the screen and home the cursor between frames.
-                    print!("\x1b[2J\x1b[H");
+        BatchCmd::Show { id, watch } => {
+            return loop {
+                let b = c.show_batch(id).await.map_err(|e| e.to_string())?;
+                if api.json {
+                    print_json(&b)?;
+                } else {
+                    if watch && std::io::IsTerminal::is_terminal(&std::io::stdout()) {
+                        // Clear the screen and home the cursor between frames
+                        // (a pipe or a file gets the frames one after another).
+                        print!("\x1b[2J\x1b[H");
+                    }
+                    print!("{}", show(&b));
                 }
-                print!("{}", show(&b));
-            }
-            if !watch || b.state != "in_progress" {
-                break;
-            }
-            tokio::time::sleep(Duration::from_secs(1)).await;
-        },
+                if !watch || b.state != "in_progress" {
+                    // Watching to the end says how it ended: 1 when a record failed.
+                    let failed = watch && b.totals.failed > 0;
+                    break Ok(if failed {
+                        ExitCode::FAILURE
+                    } else {
+                        ExitCode::SUCCESS
+                    });
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            };
+        }
         BatchCmd::List => {
             let list = c.list_batches().await.map_err(|e| e.to_string())?;
             if api.json {

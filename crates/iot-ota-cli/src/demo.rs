@@ -525,7 +525,7 @@ async fn drive(
     }
     println!(
         "devices: {} on {FROM}{}",
-        fleet.len(),
+        crate::table::count(fleet.len() as u64, "device"),
         if notes.is_empty() {
             String::new()
         } else {
@@ -546,8 +546,8 @@ async fn drive(
     let created = api.create_batch(&req).await.map_err(|e| e.to_string())?;
     let id = created.batch.id;
     println!(
-        "batch {id}: {} devices, retries 1 after 2 s, ack timeout 3 s, upgrade timeout 60 s",
-        created.batch.totals.total
+        "batch {id}: {}, retries 1 after 2 s, ack timeout 3 s, upgrade timeout 60 s",
+        crate::table::count(created.batch.totals.total as u64, "device")
     );
     let mut live = Live::new(&created.batch);
     let deadline = Instant::now() + Duration::from_secs(args.timeout_secs);

@@ -30,8 +30,6 @@ use clap::{Args, Parser, Subcommand};
 #[derive(Parser, Debug)]
 #[command(name = "iot-ota", version, about)]
 struct Cli {
-    #[command(flatten)]
-    api: ApiOpts,
     #[command(subcommand)]
     command: Command,
 }
@@ -64,11 +62,15 @@ enum Command {
     Platform(PlatformArgs),
     /// Firmware registry.
     Firmware {
+        #[command(flatten)]
+        api: ApiOpts,
         #[command(subcommand)]
         cmd: commands::FirmwareCmd,
     },
     /// Batch upgrades.
     Batch {
+        #[command(flatten)]
+        api: ApiOpts,
         #[command(subcommand)]
         cmd: commands::BatchCmd,
     },
@@ -101,8 +103,10 @@ enum KeyCmd {
 enum DeviceCmd {
     /// Devices known from their version informs.
     List {
+        #[command(flatten)]
+        api: ApiOpts,
         /// Only this product.
-        #[arg(long)]
+        #[arg(long, visible_alias = "product-key")]
         product: Option<String>,
     },
     /// Run the device agent: receive upgrades, download, verify, install, report.
@@ -211,7 +215,14 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let api = cli.api;
+    // With --json, errors are JSON too.
+    let json = match &cli.command {
+        Command::Firmware { api, .. } | Command::Batch { api, .. } => api.json,
+        Command::Device {
+            cmd: DeviceCmd::List { api, .. },
+        } => api.json,
+        _ => false,
+    };
     let result: Result<ExitCode, String> = rt.block_on(async move {
         match cli.command {
             Command::Demo(args) => demo::run(args).await,
@@ -228,16 +239,20 @@ fn main() -> ExitCode {
                 );
                 ExitCode::SUCCESS
             }),
-            Command::Firmware { cmd } => commands::firmware(&api, cmd).await,
-            Command::Batch { cmd } => commands::batch(&api, cmd).await,
+            Command::Firmware { api, cmd } => commands::firmware(&api, cmd).await,
+            Command::Batch { api, cmd } => commands::batch(&api, cmd).await,
             Command::Device { cmd } => match cmd {
-                DeviceCmd::List { product } => commands::devices(&api, product).await,
+                DeviceCmd::List { api, product } => commands::devices(&api, product).await,
                 DeviceCmd::Run(args) => agent::run(args).await,
             },
         }
     });
     match result {
         Ok(code) => code,
+        Err(e) if json => {
+            println!("{}", serde_json::json!({ "error": e }));
+            ExitCode::FAILURE
+        }
         Err(e) => {
             eprintln!("iot-ota: {e}");
             ExitCode::FAILURE

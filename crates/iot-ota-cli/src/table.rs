@@ -55,14 +55,32 @@ pub fn bar(percent: u32, width: usize) -> String {
 
 /// The overall percent of a record: download is the first half, install the second.
 pub fn overall_percent(r: &RecordView) -> u32 {
-    match (r.state.as_str(), r.status) {
-        ("success", _) => 100,
+    let pct = match (r.state.as_str(), r.status) {
+        ("success", _) => return 100,
         (_, Some(1)) => r.progress / 2,
         (_, Some(2)) => 50,
         (_, Some(3)) => 50 + r.progress / 2,
         (_, Some(4)) => 100,
-        (_, Some(s)) if s < 0 => r.progress,
+        // A failure shows how far it got: a download or digest failure in
+        // the download half, a flash failure in the install half.
+        (_, Some(-2 | -3)) => r.progress / 2,
+        (_, Some(-4)) => 50 + r.progress / 2,
         _ => 0,
+    };
+    // Only a success fills the bar.
+    if r.state == "success" {
+        pct
+    } else {
+        pct.min(99)
+    }
+}
+
+/// `1 device`, `2 devices`.
+pub fn count(n: u64, noun: &str) -> String {
+    if n == 1 {
+        format!("1 {noun}")
+    } else {
+        format!("{n} {noun}s")
     }
 }
 
@@ -137,12 +155,12 @@ pub fn totals_line(b: &BatchView) -> String {
         }
     }
     let mut s = format!(
-        "batch {} ({} -> {}) {}: {} records, {} success, {} failed, {} unfinished",
+        "batch {} ({} -> {}) {}: {}, {} success, {} failed, {} unfinished",
         b.id,
         b.product,
         b.firmware_version,
         b.state.replace('_', " "),
-        t.total,
+        count(t.total as u64, "record"),
         t.success,
         t.failed,
         t.unfinished

@@ -180,8 +180,8 @@ async fn api_subcommands() {
     std::fs::write(&image, random_bytes(10_000, 1)).unwrap();
     let img = image.to_str().unwrap();
 
-    let o = run(&[
-        &a[..],
+    let o = run(&api_args(
+        &a,
         &[
             "firmware",
             "add",
@@ -192,15 +192,14 @@ async fn api_subcommands() {
             img,
             "--json",
         ],
-    ]
-    .concat())
+    ))
     .await;
     assert!(o.status.success(), "{:?}", text(&o));
     let fw: FirmwareInfo = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!((fw.name.as_str(), fw.size), ("fw.bin", 10_000));
 
-    let o = run(&[
-        &a[..],
+    let o = run(&api_args(
+        &a,
         &[
             "firmware",
             "add",
@@ -210,13 +209,12 @@ async fn api_subcommands() {
             "2 0",
             img,
         ],
-    ]
-    .concat())
+    ))
     .await;
     assert_eq!(o.status.code(), Some(1));
     assert!(text(&o).1.contains("HTTP 400"), "{:?}", text(&o));
 
-    let o = run(&[&a[..], &["firmware", "list"]].concat()).await;
+    let o = run(&api_args(&a, &["firmware", "list"])).await;
     let (out, _) = text(&o);
     assert!(out.starts_with("PRODUCT"), "{out}");
     assert!(out.contains(&fw.md5[..12]), "{out}");
@@ -235,7 +233,7 @@ async fn api_subcommands() {
     .await
     .unwrap();
     wait_device(&api, "pk", "d1").await;
-    let o = run(&[&a[..], &["device", "list"]].concat()).await;
+    let o = run(&api_args(&a, &["device", "list"])).await;
     let (out, _) = text(&o);
     assert!(
         out.lines()
@@ -243,8 +241,8 @@ async fn api_subcommands() {
         "{out}"
     );
 
-    let o = run(&[
-        &a[..],
+    let o = run(&api_args(
+        &a,
         &[
             "batch",
             "create",
@@ -258,40 +256,38 @@ async fn api_subcommands() {
             "30",
             "--json",
         ],
-    ]
-    .concat())
+    ))
     .await;
     assert!(o.status.success(), "{:?}", text(&o));
     let created: CreatedBatch = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(created.excluded[0].device, "ghost");
     let id = created.batch.id.to_string();
 
-    let o = run(&[&a[..], &["batch", "show", &id]].concat()).await;
+    let o = run(&api_args(&a, &["batch", "show", &id])).await;
     let (out, _) = text(&o);
-    assert!(out.contains("in progress: 1 records"), "{out}");
+    assert!(out.contains("in progress: 1 record,"), "{out}");
     assert!(
         out.lines()
             .any(|l| l.starts_with("d1") && l.contains("pushed") && l.contains("[....")),
         "{out}"
     );
 
-    let o = run(&[&a[..], &["batch", "list"]].concat()).await;
+    let o = run(&api_args(&a, &["batch", "list"])).await;
     assert!(
         text(&o).0.lines().nth(2).unwrap().contains("in_progress"),
         "{:?}",
         text(&o)
     );
 
-    let o = run(&[
-        &a[..],
+    let o = run(&api_args(
+        &a,
         &["firmware", "delete", "--product", "pk", "--version", "2.0"],
-    ]
-    .concat())
+    ))
     .await;
     assert_eq!(o.status.code(), Some(1));
     assert!(text(&o).1.contains("running batch"), "{:?}", text(&o));
 
-    let o = run(&[&a[..], &["batch", "terminate", &id]].concat()).await;
+    let o = run(&api_args(&a, &["batch", "terminate", &id])).await;
     let (out, _) = text(&o);
     assert!(out.contains("terminated"), "{out}");
     assert!(
@@ -299,17 +295,23 @@ async fn api_subcommands() {
         "{out}"
     );
 
-    let o = run(&[
-        &a[..],
+    let o = run(&api_args(
+        &a,
         &["firmware", "delete", "--product", "pk", "--version", "2.0"],
-    ]
-    .concat())
+    ))
     .await;
     assert!(o.status.success(), "{:?}", text(&o));
     assert!(api.list_firmware(None).await.unwrap().is_empty());
 
     let o = run(&["--version"]).await;
     assert!(text(&o).0.starts_with("iot-ota "));
+    // With --json an error is JSON too, on stdout.
+    let o = run(&["firmware", "list", "--api", "http://127.0.0.1:1", "--json"]).await;
+    assert_eq!(o.status.code(), Some(1));
+    let e: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert!(e["error"].as_str().unwrap().contains("connecting"), "{e}");
+    // --api and --json belong to the API subcommands only.
+    assert_eq!(run(&["demo", "--json"]).await.status.code(), Some(2));
     let o = run(&["firmware", "list", "--api", "http://127.0.0.1:1"]).await;
     assert_eq!(o.status.code(), Some(1));
     assert!(
@@ -318,6 +320,23 @@ async fn api_subcommands() {
         text(&o)
     );
     p.shutdown().await;
+}
+
+/// `args` with the API options `a` after the first word (the subcommand that
+/// takes them: `firmware`, `batch`, `device`).
+fn api_args<'a>(a: &[&'a str], args: &[&'a str]) -> Vec<&'a str> {
+    let (first, rest) = args.split_first().expect("a subcommand");
+    let mut v = vec![*first];
+    if *first == "device" {
+        // `device list --api ...`: the options belong to `list`.
+        v.push(rest[0]);
+        v.extend_from_slice(a);
+        v.extend_from_slice(&rest[1..]);
+    } else {
+        v.extend_from_slice(a);
+        v.extend_from_slice(rest);
+    }
+    v
 }
 
 /// Starts `iot-ota device run --once` with `extra` arguments, for device `name`.
@@ -1138,10 +1157,10 @@ async fn platform_subcommand_serves_until_stopped() {
     .unwrap();
     wait_device(&api, "pk", "agent").await;
     let o = run(&[
-        "--api",
-        &format!("http://{http}"),
         "device",
         "list",
+        "--api",
+        &format!("http://{http}"),
         "--json",
     ])
     .await;
@@ -1154,5 +1173,11 @@ async fn platform_subcommand_serves_until_stopped() {
     let out = child.wait_with_output().await.unwrap();
     let banner = String::from_utf8_lossy(&out.stdout);
     assert!(banner.contains(&format!("API http://{http}")), "{banner}");
+    // The token, made at this first start, is shown once and kept.
+    let token = std::fs::read_to_string(dir.join("data").join("api-token")).unwrap();
+    assert!(
+        banner.contains(&format!("API token {}", token.trim())),
+        "{banner}"
+    );
     assert!(dir.join("data").join("platform.db").exists());
 }
