@@ -48,7 +48,10 @@
 //! healthy; killed and unhealthy after `install.health_timeout`, default
 //! 60 s), for every back-end; without it, starting is healthy.
 //! `install.boot_limit` (default 3) is how many boots an unconfirmed image
-//! gets. `version_file`, when set, is rewritten atomically at every commit.
+//! gets. `version_file`, when set, is rewritten atomically at every commit;
+//! without it the agent keeps the running version in
+//! `STATE_DIR/running-version` (read at start before `version`, which is then
+//! the factory version). `work_dir` is required.
 //!
 //! The version of a command names files (`firmware-VERSION.bin`, the slot's
 //! `version`) and reaches the install command, so the agent refuses, with
@@ -215,6 +218,10 @@ enum Backend {
     Rauc,
 }
 
+/// Where the agent remembers the running version when no `version_file`
+/// is configured (in the state directory).
+const RUNNING_VERSION_FILE: &str = "running-version";
+
 /// The agent's resolved settings.
 #[derive(Debug)]
 struct Agent {
@@ -286,19 +293,32 @@ fn resolve(args: AgentArgs) -> Result<Agent, String> {
     let broker = need(args.broker.or(file.broker), "--broker")?;
     let pk = need(args.product_key.or(file.product_key), "--product-key")?;
     let dn = need(args.device_name.or(file.device_name), "--device-name")?;
-    let version_file = args.version_file.or(file.version_file);
-    let version = match (args.version.or(file.version), &version_file) {
-        (Some(v), _) => v,
-        (None, Some(f)) => std::fs::read_to_string(f)
-            .map_err(|e| format!("reading the version from {}: {e}", f.display()))?
-            .trim()
-            .to_owned(),
-        (None, None) => return Err("--version or --version-file is required".into()),
+    let work_dir = args.work_dir.or(file.work_dir).ok_or(
+        "--work-dir is required: where downloads (and, without --state-dir, the upgrade journal) go",
+    )?;
+    let state_dir = args
+        .state_dir
+        .clone()
+        .or(file.state_dir.clone())
+        .unwrap_or_else(|| work_dir.clone());
+    // Without a version file, the agent keeps the running version itself,
+    // so that an upgrade installed in place is still known after a restart.
+    let (version_file, remembered) = match args.version_file.or(file.version_file) {
+        Some(f) => (f, false),
+        None => (state_dir.join(RUNNING_VERSION_FILE), true),
     };
-    let work_dir = args
-        .work_dir
-        .or(file.work_dir)
-        .unwrap_or_else(|| PathBuf::from("iot-ota-work"));
+    let read_file = |f: &Path| {
+        std::fs::read_to_string(f)
+            .map(|v| v.trim().to_owned())
+            .map_err(|e| format!("reading the version from {}: {e}", f.display()))
+    };
+    let version = match (args.version.or(file.version), remembered) {
+        (_, true) if version_file.exists() => read_file(&version_file)?,
+        (Some(v), _) => v,
+        (None, false) => read_file(&version_file)?,
+        (None, true) => return Err("--version or --version-file is required".into()),
+    };
+    let version_file = Some(version_file);
     let install = file.install;
     let backend = match (
         args.install_dir.or(install.dir),
@@ -329,10 +349,6 @@ fn resolve(args: AgentArgs) -> Result<Agent, String> {
             ))
         }
     };
-    let state_dir = args
-        .state_dir
-        .or(file.state_dir)
-        .unwrap_or_else(|| work_dir.clone());
     let window = file
         .silent
         .window
@@ -405,9 +421,18 @@ fn image_path(work_dir: &Path, version: &str) -> Result<PathBuf, String> {
 
 impl Agent {
     async fn wait_for_silent_slot(&self, version: &str) {
+        let when = match self.window {
+            Some((a, b)) => format!(
+                "in the window {:02}:{:02}-{:02}:{:02} UTC or ",
+                a / 60,
+                a % 60,
+                b / 60,
+                b % 60
+            ),
+            None => String::new(),
+        };
         eprintln!(
-            "iot-ota device: {version} is silent; installing in the window {:?} or when {} appears",
-            self.window,
+            "iot-ota device: {version} is silent; installing {when}when {} appears",
             self.trigger.display()
         );
         loop {
@@ -761,9 +786,11 @@ mod tests {
             "broker = \"mqtt://127.0.0.1:1883\"\nproduct_key = \"pk\"\ndevice_name = \"d1\"\nversion = \"1.0\"\n[install]\ncommand = \"true {file}\"\n[silent]\nwindow = \"01:00-02:00\"\n",
         )
         .unwrap();
+        let work = dir.join("work");
         let a = resolve(AgentArgs {
             config: Some(cfg.clone()),
             device_name: Some("d2".into()),
+            work_dir: Some(work.clone()),
             ..AgentArgs::default()
         })
         .unwrap();
@@ -778,6 +805,26 @@ mod tests {
         );
         assert_eq!(a.state_dir, a.work_dir, "state in the work dir by default");
         assert_eq!(a.window, Some((60, 120)));
+        // No version file: the running version is remembered in the state
+        // directory and wins over the factory version at the next start.
+        assert_eq!(a.version_file, Some(work.join(RUNNING_VERSION_FILE)));
+        assert_eq!(a.config.firmware_version(), "1.0");
+        std::fs::create_dir_all(&work).unwrap();
+        std::fs::write(work.join(RUNNING_VERSION_FILE), "2.5\n").unwrap();
+        let again = resolve(AgentArgs {
+            config: Some(cfg.clone()),
+            work_dir: Some(work.clone()),
+            ..AgentArgs::default()
+        })
+        .unwrap();
+        assert_eq!(again.config.firmware_version(), "2.5");
+        // Without a work dir: an error that says what it is for.
+        let e = resolve(AgentArgs {
+            config: Some(cfg.clone()),
+            ..AgentArgs::default()
+        })
+        .unwrap_err();
+        assert!(e.contains("--work-dir is required"), "{e}");
         std::fs::write(&cfg, "brokr = \"x\"\n").unwrap();
         let e = resolve(AgentArgs {
             config: Some(cfg),
@@ -790,6 +837,7 @@ mod tests {
             product_key: Some("pk".into()),
             device_name: Some("d".into()),
             version: Some("1".into()),
+            work_dir: Some(work),
             ..AgentArgs::default()
         })
         .unwrap_err();

@@ -1,6 +1,6 @@
 //! The `log` facade's output for the `iot-ota` binary: one line per record
 //! on stderr, at the level `RUST_LOG` names (`error`, `warn`, `info`,
-//! `debug`, `trace`, `off`; default `warn`), so the SDK's and the
+//! `debug`, `trace`, `off`; default `warn`, or `-v` info, `-vv` debug), so the SDK's and the
 //! platform's warnings reach the terminal. Without `RUST_LOG`, only our own
 //! crates' records are shown: the embedded broker (rumqttd) turns its
 //! tracing spans into records of every level, which are noise to a user.
@@ -49,14 +49,22 @@ fn level(spec: Option<&str>) -> LevelFilter {
         .unwrap_or(LevelFilter::Warn)
 }
 
-/// Installs the logger (once; later calls do nothing).
-pub fn init() {
+/// Installs the logger (once; later calls do nothing). `verbose` is the
+/// count of `-v` flags: 1 shows `info`, 2 `debug`, 3 `trace` of our crates;
+/// `RUST_LOG` wins when set.
+pub fn init(verbose: u8) {
     static ALL: Stderr = Stderr { all: true };
     static OURS: Stderr = Stderr { all: false };
     let spec = std::env::var("RUST_LOG").ok();
     let logger = if spec.is_some() { &ALL } else { &OURS };
+    let max = match (&spec, verbose) {
+        (Some(_), _) | (None, 0) => level(spec.as_deref()),
+        (None, 1) => LevelFilter::Info,
+        (None, 2) => LevelFilter::Debug,
+        (None, _) => LevelFilter::Trace,
+    };
     if log::set_logger(logger).is_ok() {
-        log::set_max_level(level(spec.as_deref()));
+        log::set_max_level(max);
     }
 }
 

@@ -30,6 +30,10 @@ use clap::{Args, Parser, Subcommand};
 #[derive(Parser, Debug)]
 #[command(name = "iot-ota", version, about)]
 struct Cli {
+    /// More log lines on stderr: -v info (pushes, replies, reports,
+    /// reconnects, the device's steps), -vv debug. RUST_LOG wins when set.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    verbose: u8,
     #[command(subcommand)]
     command: Command,
 }
@@ -203,8 +207,8 @@ async fn run_platform(a: PlatformArgs) -> Result<(), String> {
 }
 
 fn main() -> ExitCode {
-    logger::init();
     let cli = Cli::parse();
+    logger::init(cli.verbose);
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

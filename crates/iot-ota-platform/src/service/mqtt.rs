@@ -49,6 +49,7 @@ impl Shared {
         now: Millis,
     ) -> Result<Vec<Outgoing>, String> {
         let (_, version) = parse_version_message(payload).map_err(|r| r.message)?;
+        log::info!("{product}/{device}: runs {version}");
         bookkeeping(
             product,
             device,
@@ -67,6 +68,22 @@ impl Shared {
         now: Millis,
     ) -> Result<Vec<Outgoing>, String> {
         let (_, p) = parse_progress(payload).map_err(|r| r.message)?;
+        if p.desc.is_empty() {
+            log::info!(
+                "{product}/{device}: {} {} {}%",
+                p.firmware_version,
+                p.status.name(),
+                p.progress
+            );
+        } else {
+            log::info!(
+                "{product}/{device}: {} {} {}%: {}",
+                p.firmware_version,
+                p.status.name(),
+                p.progress,
+                p.desc
+            );
+        }
         bookkeeping(
             product,
             device,
@@ -85,6 +102,12 @@ impl Shared {
         now: Millis,
     ) -> Result<Vec<Outgoing>, String> {
         let r = parse_upgrade_reply(payload).map_err(|r| r.message)?;
+        log::info!(
+            "{product}/{device}: reply {} to {}: {}",
+            r.code,
+            r.msg_id,
+            r.message
+        );
         bookkeeping(
             product,
             device,
@@ -196,7 +219,15 @@ impl Shared {
             }
             for Action::Push { device, msg_id, .. } in actions {
                 match self.command(store, b, &device, &msg_id) {
-                    Ok(cmd) => out.push(cmd),
+                    Ok(cmd) => {
+                        log::info!(
+                            "batch {}: push {msg_id} to {}/{device}: {}",
+                            b.id,
+                            b.product,
+                            b.firmware_version
+                        );
+                        out.push(cmd)
+                    }
                     Err(e) => log::error!("batch {}: {e}", b.id),
                 }
             }
