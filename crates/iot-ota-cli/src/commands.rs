@@ -114,7 +114,10 @@ pub enum BatchCmd {
 }
 
 fn client(api: &ApiOpts) -> Result<ApiClient, String> {
-    let client = ApiClient::new(&api.api).map_err(|e| e.to_string())?;
+    let mut client = ApiClient::new(&api.api).map_err(|e| e.to_string())?;
+    if let Some(ca) = &api.ca_file {
+        client = client.with_ca_file(ca).map_err(|e| e.to_string())?;
+    }
     // --token (or $IOT_OTA_API_TOKEN); else the local platform's default file.
     let token = api.token.clone().or_else(|| {
         let file = std::path::Path::new("iot-ota-data").join(iot_ota_platform::token::TOKEN_FILE);

@@ -53,6 +53,10 @@ struct ApiOpts {
     /// (default: the file iot-ota-data/api-token, when it is there).
     #[arg(long, global = true, env = "IOT_OTA_API_TOKEN", hide_env_values = true)]
     token: Option<String>,
+    /// CA certificates (PEM) to trust for an https:// --api (default: the
+    /// system's roots).
+    #[arg(long, global = true)]
+    ca_file: Option<std::path::PathBuf>,
     /// Print JSON instead of tables.
     #[arg(long, global = true)]
     json: bool,

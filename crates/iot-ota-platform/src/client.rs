@@ -1,13 +1,17 @@
-//! A small client for the platform's HTTP JSON API (plain HTTP/1.1, one
-//! request per connection): what the `iot-ota` subcommands, the demo and the
-//! tests use. Kept tiny on purpose: the API is local and never needs TLS,
-//! redirects or keep-alive.
+//! A client for the platform's HTTP JSON API, over `http://` or `https://`
+//! (hyper's HTTP/1.1 client, rustls with ring; one request per connection):
+//! what the `iot-ota` subcommands, the demo and the tests use.
 
+use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
+use axum::body::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::TokioIo;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 
 use crate::api::{ApiError, BatchView, CreateBatch, CreatedBatch, DeviceView, FirmwareInfo};
@@ -68,34 +72,67 @@ pub struct ApiClient {
     port: u16,
     timeout: Duration,
     token: Option<String>,
+    /// TLS for an `https://` API.
+    tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 impl ApiClient {
-    /// A client for `http://HOST:PORT` (a trailing path is ignored).
+    /// A client for `http://HOST:PORT` or `https://HOST:PORT` (a trailing
+    /// path is ignored). HTTPS trusts the system's roots; see
+    /// [`ApiClient::with_ca_file`] for a private CA.
     pub fn new(base_url: &str) -> Result<ApiClient, ClientError> {
-        let rest = base_url.strip_prefix("http://").ok_or_else(|| {
-            transport(format!(
-                "the API URL must start with http://, got {base_url:?}"
-            ))
-        })?;
+        let (https, rest) = if let Some(r) = base_url.strip_prefix("https://") {
+            (true, r)
+        } else if let Some(r) = base_url.strip_prefix("http://") {
+            (false, r)
+        } else {
+            return Err(transport(format!(
+                "the API URL must start with http:// or https://, got {base_url:?}"
+            )));
+        };
         let authority = rest.split('/').next().unwrap_or_default();
-        let (host, port) = match authority.rsplit_once(':') {
-            Some((h, p)) if !h.ends_with(']') || h.starts_with('[') => (
-                h.trim_start_matches('[').trim_end_matches(']').to_owned(),
-                p.parse()
-                    .map_err(|_| transport(format!("bad port in {base_url:?}")))?,
-            ),
-            _ => (authority.to_owned(), 80),
+        let default_port = if https { 443 } else { 80 };
+        let bad_port = || transport(format!("bad port in {base_url:?}"));
+        let (host, port) = if let Some(rest) = authority.strip_prefix('[') {
+            // [IPv6] or [IPv6]:port
+            let (host, after) = rest.split_once(']').ok_or_else(bad_port)?;
+            let port = match after.strip_prefix(':') {
+                Some(p) => p.parse().map_err(|_| bad_port())?,
+                None if after.is_empty() => default_port,
+                None => return Err(bad_port()),
+            };
+            (host.to_owned(), port)
+        } else {
+            match authority.rsplit_once(':') {
+                Some((h, p)) => (h.to_owned(), p.parse().map_err(|_| bad_port())?),
+                None => (authority.to_owned(), default_port),
+            }
         };
         if host.is_empty() {
             return Err(transport(format!("no host in {base_url:?}")));
         }
+        let tls = if https {
+            Some(Arc::new(crate::tls_config(None).map_err(transport)?))
+        } else {
+            None
+        };
         Ok(ApiClient {
             host,
             port,
             timeout: Duration::from_secs(120),
             token: None,
+            tls,
         })
+    }
+
+    /// Trusts the CA certificates (PEM) in `path` for an `https://` API
+    /// (a platform with its own certificate), instead of the system's roots.
+    pub fn with_ca_file(mut self, path: &Path) -> Result<ApiClient, ClientError> {
+        if self.tls.is_some() {
+            let config = crate::tls_config(Some(&path.to_path_buf())).map_err(transport)?;
+            self.tls = Some(Arc::new(config));
+        }
+        Ok(self)
     }
 
     /// Sends the platform's API token (`Authorization: Bearer ...`), which
@@ -115,7 +152,7 @@ impl ApiClient {
         extra_headers: &[(&str, &str)],
     ) -> Result<RawResponse, ClientError> {
         let fut = async {
-            let mut stream = TcpStream::connect((self.host.as_str(), self.port))
+            let stream = TcpStream::connect((self.host.as_str(), self.port))
                 .await
                 .map_err(|e| {
                     transport(format!("connecting to {}:{}: {e}", self.host, self.port))
@@ -125,25 +162,35 @@ impl ApiClient {
             } else {
                 format!("{}:{}", self.host, self.port)
             };
-            let mut head = format!(
-                "{method} {path_and_query} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\nAccept: application/json\r\nContent-Length: {}\r\n",
-                body.len()
-            );
+            let mut req = hyper::Request::builder()
+                .method(method)
+                .uri(path_and_query)
+                .header("Host", host)
+                .header("Accept", "application/json");
             if let Some(ct) = content_type {
-                head.push_str(&format!("Content-Type: {ct}\r\n"));
+                req = req.header("Content-Type", ct);
             }
             for (n, v) in extra_headers {
-                head.push_str(&format!("{n}: {v}\r\n"));
+                req = req.header(*n, *v);
             }
             if let Some(t) = &self.token {
-                head.push_str(&format!("Authorization: Bearer {t}\r\n"));
+                req = req.header("Authorization", format!("Bearer {t}"));
             }
-            head.push_str("\r\n");
-            stream.write_all(head.as_bytes()).await.map_err(transport)?;
-            stream.write_all(body).await.map_err(transport)?;
-            let mut raw = Vec::new();
-            stream.read_to_end(&mut raw).await.map_err(transport)?;
-            parse_response(&raw, method == "HEAD")
+            let req = req
+                .body(Full::new(Bytes::copy_from_slice(body)))
+                .map_err(transport)?;
+            match &self.tls {
+                None => send(stream, req).await,
+                Some(config) => {
+                    let name = rustls::pki_types::ServerName::try_from(self.host.clone())
+                        .map_err(|e| transport(format!("{}: {e}", self.host)))?;
+                    let tls = tokio_rustls::TlsConnector::from(config.clone())
+                        .connect(name, stream)
+                        .await
+                        .map_err(|e| transport(format!("TLS with {}: {e}", self.host)))?;
+                    send(tls, req).await
+                }
+            }
         };
         tokio::time::timeout(self.timeout, fut)
             .await
@@ -298,34 +345,35 @@ pub fn encode(s: &str) -> String {
     out
 }
 
-fn parse_response(raw: &[u8], head_only: bool) -> Result<RawResponse, ClientError> {
-    let end = raw
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .ok_or_else(|| transport("the platform closed the connection without a full answer"))?;
-    let head = std::str::from_utf8(&raw[..end]).map_err(transport)?;
-    let mut lines = head.split("\r\n");
-    let status_line = lines.next().unwrap_or_default();
-    let status: u16 = status_line
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| transport(format!("bad status line {status_line:?}")))?;
-    let headers: Vec<(String, String)> = lines
-        .filter_map(|l| l.split_once(':'))
-        .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_owned()))
-        .collect();
-    let rest = &raw[end + 4..];
-    let chunked = headers
+/// One request over `io`, the whole answer read.
+async fn send<IO>(io: IO, req: hyper::Request<Full<Bytes>>) -> Result<RawResponse, ClientError>
+where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
+        .await
+        .map_err(transport)?;
+    let driver = tokio::spawn(conn);
+    let res = sender.send_request(req).await.map_err(transport)?;
+    let status = res.status().as_u16();
+    let headers = res
+        .headers()
         .iter()
-        .any(|(n, v)| n == "transfer-encoding" && v.eq_ignore_ascii_case("chunked"));
-    let body = if head_only {
-        Vec::new()
-    } else if chunked {
-        dechunk(rest)?
-    } else {
-        rest.to_vec()
-    };
+        .map(|(n, v)| {
+            (
+                n.as_str().to_ascii_lowercase(),
+                String::from_utf8_lossy(v.as_bytes()).into_owned(),
+            )
+        })
+        .collect();
+    let body = res
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| transport(format!("reading the answer: {e}")))?
+        .to_bytes()
+        .to_vec();
+    driver.abort();
     Ok(RawResponse {
         status,
         headers,
@@ -333,52 +381,23 @@ fn parse_response(raw: &[u8], head_only: bool) -> Result<RawResponse, ClientErro
     })
 }
 
-fn dechunk(mut data: &[u8]) -> Result<Vec<u8>, ClientError> {
-    let mut out = Vec::new();
-    loop {
-        let line_end = data
-            .windows(2)
-            .position(|w| w == b"\r\n")
-            .ok_or_else(|| transport("truncated chunked body"))?;
-        let size_str = std::str::from_utf8(&data[..line_end]).map_err(transport)?;
-        let size = usize::from_str_radix(size_str.split(';').next().unwrap_or("").trim(), 16)
-            .map_err(|_| transport(format!("bad chunk size {size_str:?}")))?;
-        data = &data[line_end + 2..];
-        if size == 0 {
-            return Ok(out);
-        }
-        if data.len() < size + 2 {
-            return Err(transport("truncated chunk"));
-        }
-        out.extend_from_slice(&data[..size]);
-        data = &data[size + 2..];
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn parses_answers() {
-        let r = parse_response(
-            b"HTTP/1.1 206 Partial Content\r\nContent-Range: bytes 0-1/4\r\n\r\nab",
-            false,
-        )
-        .unwrap();
-        assert_eq!(r.status, 206);
-        assert_eq!(r.header("content-range"), Some("bytes 0-1/4"));
-        assert_eq!(r.body, b"ab");
-        let r = parse_response(
-            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2;x\r\nde\r\n0\r\n\r\n",
-            false,
-        )
-        .unwrap();
-        assert_eq!(r.body, b"abcde");
-        assert!(parse_response(b"HTTP/1.1 200 OK\r\n", false).is_err());
+    fn reads_base_urls() {
         assert_eq!(encode("a b/ç"), "a%20b%2F%C3%A7");
         assert!(ApiClient::new("ftp://x").is_err());
         let c = ApiClient::new("http://127.0.0.1:8080/api").unwrap();
-        assert_eq!((c.host.as_str(), c.port), ("127.0.0.1", 8080));
+        assert_eq!(
+            (c.host.as_str(), c.port, c.tls.is_some()),
+            ("127.0.0.1", 8080, false)
+        );
+        let c = ApiClient::new("https://[::1]").unwrap();
+        assert_eq!(
+            (c.host.as_str(), c.port, c.tls.is_some()),
+            ("::1", 443, true)
+        );
     }
 }

@@ -160,3 +160,42 @@ async fn sdk_upgrade_with_firmware_over_https() {
     )
     .await;
 }
+
+/// The API client over the platform's own `--https` (a private CA): reads,
+/// and with the token, writes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_api_client_speaks_https() {
+    let ca = TestCa::new();
+    let dir = TempDir::new("sdk-api-https");
+    let ca_file = ca.write_ca(dir.path());
+    let (cert, key) = ca.write_server_cert(dir.path());
+    let port = iot_ota_testkit::free_port();
+    let mut config = platform_config(&dir, embedded());
+    config.https_addr = Some(([127, 0, 0, 1], port).into());
+    config.tls_cert = Some(cert);
+    config.tls_key = Some(key);
+    let p = iot_ota_platform::Platform::start(config).await.unwrap();
+    let url = format!("https://localhost:{port}");
+    let api = iot_ota_platform::ApiClient::new(&url)
+        .unwrap()
+        .with_ca_file(&ca_file)
+        .unwrap()
+        .with_token(p.api_token());
+    assert_eq!(api.health().await.unwrap()["ok"], true);
+    let fw = api
+        .add_firmware(
+            PK,
+            "2.0.0",
+            "fw.bin",
+            &iot_ota_testkit::random_bytes(5000, 3),
+        )
+        .await
+        .unwrap();
+    assert_eq!(fw.size, 5000);
+    assert_eq!(api.list_firmware(None).await.unwrap().len(), 1);
+    // Without the CA, the platform's certificate is not trusted.
+    let stranger = iot_ota_platform::ApiClient::new(&url).unwrap();
+    let e = stranger.health().await.unwrap_err();
+    assert!(e.message.contains("TLS"), "{e}");
+    p.shutdown().await;
+}
