@@ -477,11 +477,13 @@ impl Ota {
 
     /// The next action for the driver. Drain it after every call to a
     /// `handle_*` method or a mutator.
+    #[must_use = "the driver must carry out every output"]
     pub fn poll_output(&mut self) -> Option<Output> {
         self.outputs.pop_front()
     }
 
     /// When [`Ota::handle_timeout`] must next be called, if ever.
+    #[must_use = "the driver must carry out every output"]
     pub fn poll_timeout(&self) -> Option<Instant> {
         self.gets.iter().map(|g| g.deadline).min()
     }

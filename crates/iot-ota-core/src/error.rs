@@ -56,6 +56,9 @@ pub enum FetchError {
         message: String,
         /// Whether trying again (resuming) may succeed.
         retryable: bool,
+        /// The HTTP status, when the server answered with one that ended
+        /// the download (404, 403, ...): callers can match on it.
+        http_status: Option<u16>,
     },
     /// Writing the image to storage failed.
     Storage(String),

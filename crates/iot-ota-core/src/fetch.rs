@@ -149,6 +149,7 @@ impl Fetch {
     ///
     /// Checks it against what was received and the expected size, so a server
     /// that disagrees with the command fails before any byte is written.
+    #[must_use = "a report not published is a report lost"]
     pub fn handle_response(
         &mut self,
         offset: u64,
@@ -179,6 +180,7 @@ impl Fetch {
 
     /// Counts and hashes received bytes. Returns a DOWNLOADING report when the
     /// throttle allows one, and always at 100%.
+    #[must_use = "a report not published is a report lost"]
     pub fn handle_data(
         &mut self,
         bytes: &[u8],
@@ -219,6 +221,7 @@ impl Fetch {
     ///
     /// Returns the DOWNLOADED report on success. On failure the error's
     /// [`FetchError::status`] is the status to report (see [`Fetch::failure_report`]).
+    #[must_use = "a report not published is a report lost"]
     pub fn handle_end(&mut self) -> Result<Progress, FetchError> {
         self.ensure_fetching()?;
         if let Some(total) = self.total {
@@ -269,6 +272,7 @@ impl Fetch {
 
     /// The failure report for `error`: its status, the last percent (100 for a
     /// digest mismatch), and the error's text as `desc`.
+    #[must_use = "a report not published is a report lost"]
     pub fn failure_report(&self, error: &FetchError) -> Progress {
         let progress = match error.status() {
             Status::VerifyFailed => 100,

@@ -417,6 +417,7 @@ pub enum StartAction {
 ///
 /// It never tells a device to report SUCCESS for an image it does not run,
 /// nor to inform a version it does not run.
+#[must_use = "persist the journal, then act"]
 pub fn decide_at_start(
     journal: Option<&Journal>,
     running: &str,

@@ -119,9 +119,14 @@ impl From<io::Error> for Error {
 /// How a transport error becomes a download failure.
 impl From<HttpError> for FetchError {
     fn from(e: HttpError) -> Self {
+        let http_status = match &e {
+            HttpError::Status { code, .. } => Some(*code),
+            _ => None,
+        };
         FetchError::Transport {
             retryable: e.is_retryable(),
             message: e.to_string(),
+            http_status,
         }
     }
 }

@@ -773,3 +773,34 @@ async fn endless_or_too_many_response_headers_fail_the_download() {
     }
     server.join().unwrap();
 }
+
+/// A 404 stays matchable: the HTTP status is in the download's error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_file_is_a_matchable_404() {
+    let rig = rig();
+    let (client, mut upgrades) = connect(&rig, "nf").await;
+    let url = rig.files.add("/gone.bin", Route::Status(404));
+    rig.push(
+        "nf",
+        command("1", "2.0", &url, b"0123456789", SignMethod::Md5),
+    );
+    let cmd = tokio::time::timeout(WAIT, upgrades.next())
+        .await
+        .unwrap()
+        .unwrap();
+    let err = client
+        .download(&cmd)
+        .download_to(rig.dir.path().join("nf.bin"))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::Fetch(iot_ota_core::FetchError::Transport {
+                http_status: Some(404),
+                ..
+            })
+        ),
+        "{err:?}"
+    );
+}

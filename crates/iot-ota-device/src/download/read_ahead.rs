@@ -302,6 +302,7 @@ impl ReadAhead {
                             let e = FetchError::Transport {
                                 message: format!("cannot start the download's runtime: {e}"),
                                 retryable: false,
+                                http_status: None,
                             };
                             ahead.outcome = ahead.hasher.step(Some(Msg::Failed(e)));
                         }

@@ -195,5 +195,6 @@ fn too_slow(message: String) -> FetchError {
     FetchError::Transport {
         message,
         retryable: false,
+        http_status: None,
     }
 }
