@@ -106,6 +106,14 @@ async fn demo_exits_0() {
     assert!(out.contains("signed by key"), "the demo signs: {out}");
 }
 
+/// The line of the final table that starts with `name`.
+fn row_of(out: &str, name: &str) -> String {
+    out.lines()
+        .find(|l| l.starts_with(name))
+        .unwrap_or_else(|| panic!("no row for {name}:\n{out}"))
+        .to_owned()
+}
+
 /// `demo --with-reboot`: agents on slot directories, restarted as the
 /// reboot; the healthy ones commit, the unhealthy one rolls back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -113,12 +121,7 @@ async fn demo_with_reboot_commits_after_the_reboot_and_rolls_back_the_unhealthy_
     let o = run(&["demo", "--with-reboot", "--devices", "2", "--size-mib", "1"]).await;
     let (out, err) = text(&o);
     assert_eq!(o.status.code(), Some(1), "{out}\n{err}");
-    let row = |d: &str| {
-        out.lines()
-            .find(|l| l.starts_with(d))
-            .unwrap_or("")
-            .to_owned()
-    };
+    let row = |d: &str| row_of(&out, d);
     for d in ["device-01", "device-02"] {
         let r = row(d);
         assert!(r.contains("success") && r.contains("2.0.0"), "{out}");
@@ -138,12 +141,7 @@ async fn demo_with_faults_shows_the_failed_records() {
     let o = run(&["demo", "--with-faults", "--devices", "2", "--size-mib", "1"]).await;
     let (out, err) = text(&o);
     assert_eq!(o.status.code(), Some(1), "stdout:\n{out}\nstderr:\n{err}");
-    let row = |name: &str| {
-        out.lines()
-            .find(|l| l.starts_with(name))
-            .unwrap_or_else(|| panic!("no row for {name}:\n{out}"))
-            .to_owned()
-    };
+    let row = |name: &str| row_of(&out, name);
     let corrupt = row("device-corrupt");
     assert!(corrupt.contains(" success "), "{corrupt}");
     assert!(corrupt.contains("retried after verify failed"), "{corrupt}");

@@ -136,17 +136,24 @@ async fn sdk_upgrade_through_mosquitto_over_tls() {
     .await;
 }
 
+/// A platform that also serves HTTPS, with a certificate of `ca` for
+/// localhost: its config, the CA file and the HTTPS port.
+fn https_platform(ca: &TestCa, dir: &TempDir) -> (PlatformConfig, std::path::PathBuf, u16) {
+    let ca_file = ca.write_ca(dir.path());
+    let (cert, key) = ca.write_server_cert(dir.path());
+    let port = iot_ota_testkit::free_port();
+    let mut config = platform_config(dir, embedded());
+    config.https_addr = Some(([127, 0, 0, 1], port).into());
+    config.tls_cert = Some(cert);
+    config.tls_key = Some(key);
+    (config, ca_file, port)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sdk_upgrade_with_firmware_over_https() {
     let ca = TestCa::new();
     let dir = TempDir::new("sdk-https");
-    let ca_file = ca.write_ca(dir.path());
-    let (cert, key) = ca.write_server_cert(dir.path());
-    let port = iot_ota_testkit::free_port();
-    let mut config = platform_config(&dir, embedded());
-    config.https_addr = Some(([127, 0, 0, 1], port).into());
-    config.tls_cert = Some(cert);
-    config.tls_key = Some(key);
+    let (mut config, ca_file, port) = https_platform(&ca, &dir);
     // The certificate names localhost.
     config.public_url = Some(format!("https://localhost:{port}"));
     upgrade(
@@ -167,13 +174,7 @@ async fn sdk_upgrade_with_firmware_over_https() {
 async fn the_api_client_speaks_https() {
     let ca = TestCa::new();
     let dir = TempDir::new("sdk-api-https");
-    let ca_file = ca.write_ca(dir.path());
-    let (cert, key) = ca.write_server_cert(dir.path());
-    let port = iot_ota_testkit::free_port();
-    let mut config = platform_config(&dir, embedded());
-    config.https_addr = Some(([127, 0, 0, 1], port).into());
-    config.tls_cert = Some(cert);
-    config.tls_key = Some(key);
+    let (config, ca_file, port) = https_platform(&ca, &dir);
     let p = iot_ota_platform::Platform::start(config).await.unwrap();
     let url = format!("https://localhost:{port}");
     let api = iot_ota_platform::ApiClient::new(&url)
