@@ -125,6 +125,8 @@ impl PlatformConfig {
 pub struct Platform {
     shared: Arc<service::Shared>,
     token_made: bool,
+    /// Held while the platform runs: one platform per data directory.
+    _data_lock: std::fs::File,
     http_addr: SocketAddr,
     https_addr: Option<SocketAddr>,
     broker_url: String,
@@ -209,10 +211,32 @@ async fn serve_tls(
 impl Platform {
     /// Starts everything and waits (up to 10 s) until the MQTT subscriptions are in place.
     pub async fn start(config: PlatformConfig) -> Result<Platform, String> {
+        let data = config.data_dir.display();
         std::fs::create_dir_all(&config.data_dir)
-            .map_err(|e| format!("{}: {e}", config.data_dir.display()))?;
-        let store =
-            store::Store::open(&config.data_dir.join("platform.db")).map_err(|e| e.to_string())?;
+            .map_err(|e| format!("cannot use {data} as the data directory: {e}"))?;
+        // One platform per data directory: a second one would push the same
+        // batches twice. The lock goes with the process (or the Platform).
+        let lock_path = config.data_dir.join("lock");
+        let data_lock = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(|e| format!("cannot use {data} as the data directory: {e}"))?;
+        match data_lock.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                return Err(format!(
+                    "another platform is running on the data directory {data} (it holds {})",
+                    lock_path.display()
+                ))
+            }
+            Err(std::fs::TryLockError::Error(e)) => {
+                return Err(format!("locking the data directory {data}: {e}"))
+            }
+        }
+        let store = store::Store::open(&config.data_dir.join("platform.db"))
+            .map_err(|e| format!("the data directory {data}: {e}"))?;
         let (embedded, broker_url) = match &config.broker {
             BrokerChoice::Embedded(addr) => {
                 let addr = *addr;
@@ -339,6 +363,7 @@ impl Platform {
         Ok(Platform {
             shared,
             token_made,
+            _data_lock: data_lock,
             http_addr,
             https_addr,
             broker_url,

@@ -557,7 +557,17 @@ mod tests {
     use iot_ota_core::protocol::Progress;
     use iot_ota_core::Status;
 
-    fn temp_db(tag: &str) -> std::path::PathBuf {
+    /// A temporary directory, removed when dropped.
+    struct TempDb(std::path::PathBuf);
+
+    impl Drop for TempDb {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    /// A database path in a fresh temporary directory (kept while the guard lives).
+    fn temp_db(tag: &str) -> (TempDb, std::path::PathBuf) {
         let dir = std::env::temp_dir().join(format!(
             "iot-ota-store-{tag}-{}-{}",
             std::process::id(),
@@ -567,7 +577,8 @@ mod tests {
                 .as_nanos()
         ));
         std::fs::create_dir_all(&dir).unwrap();
-        dir.join("platform.db")
+        let db = dir.join("platform.db");
+        (TempDb(dir), db)
     }
 
     fn cfg() -> BatchConfig {
@@ -584,7 +595,7 @@ mod tests {
 
     #[test]
     fn batches_survive_reopen() {
-        let path = temp_db("reopen");
+        let (_dir, path) = temp_db("reopen");
         let mut store = Store::open(&path).unwrap();
         assert_eq!(store.schema_version().unwrap(), SCHEMA_VERSION);
         let mut b = store
@@ -616,7 +627,8 @@ mod tests {
 
     #[test]
     fn firmware_and_devices() {
-        let store = Store::open(&temp_db("fw")).unwrap();
+        let (_dir, path) = temp_db("fw");
+        let store = Store::open(&path).unwrap();
         let row = FirmwareRow {
             product: "pk".into(),
             version: "2.0".into(),
@@ -648,7 +660,7 @@ mod tests {
 
     #[test]
     fn upgrades_a_version_1_file_keeping_its_firmware() {
-        let path = temp_db("v1");
+        let (_dir, path) = temp_db("v1");
         {
             let c = Connection::open(&path).unwrap();
             c.execute_batch(SCHEMA_V1).unwrap();
@@ -667,7 +679,7 @@ mod tests {
 
     #[test]
     fn refuses_a_newer_schema() {
-        let path = temp_db("newer");
+        let (_dir, path) = temp_db("newer");
         {
             let c = Connection::open(&path).unwrap();
             c.pragma_update(None, "user_version", 7).unwrap();

@@ -772,3 +772,36 @@ async fn reports_sent_while_the_platform_is_down_are_not_lost() {
     assert_eq!((r.state.as_str(), r.attempts), ("success", 1), "{r:?}");
     p2.shutdown().await;
 }
+
+/// One platform per data directory: a second one is refused and says why;
+/// once the first has stopped, the directory is free again. A data
+/// directory that cannot be one is named as such.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_data_directory_takes_one_platform() {
+    let dir = TempDir::new("plat-lock");
+    let config = || {
+        let mut c = iot_ota_platform::PlatformConfig::new(dir.path());
+        c.http_addr = any_port();
+        c.broker = embedded();
+        c
+    };
+    let first = iot_ota_platform::Platform::start(config()).await.unwrap();
+    let e = iot_ota_platform::Platform::start(config())
+        .await
+        .err()
+        .unwrap();
+    assert!(
+        e.contains("another platform is running on the data directory"),
+        "{e}"
+    );
+    first.shutdown().await;
+    let again = iot_ota_platform::Platform::start(config()).await.unwrap();
+    again.shutdown().await;
+    let file = dir.join("not-a-dir");
+    std::fs::write(&file, "x").unwrap();
+    let mut bad = iot_ota_platform::PlatformConfig::new(&file);
+    bad.http_addr = any_port();
+    bad.broker = embedded();
+    let e = iot_ota_platform::Platform::start(bad).await.err().unwrap();
+    assert!(e.contains("as the data directory"), "{e}");
+}
