@@ -19,7 +19,7 @@ pub const DEFAULT_MAX_FIRMWARE_SIZE: u64 = 100 * 1024 * 1024;
 /// count first.
 pub fn size_limit_text(max_size: u64) -> String {
     const MIB: u64 = 1024 * 1024;
-    if max_size >= MIB && max_size % MIB == 0 {
+    if max_size >= MIB && max_size.is_multiple_of(MIB) {
         format!("{max_size} bytes ({} MiB)", max_size / MIB)
     } else {
         format!("{max_size} bytes")

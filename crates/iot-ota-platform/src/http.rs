@@ -380,7 +380,7 @@ async fn serve_firmware(
             return Ok(r);
         }
     }
-    let if_range_ok = header_str(header::IF_RANGE).map_or(true, |v| v.trim() == etag);
+    let if_range_ok = header_str(header::IF_RANGE).is_none_or(|v| v.trim() == etag);
     let range = match header_str(header::RANGE) {
         Some(v) if if_range_ok => match parse_range(&v, total) {
             Ok(r) => r,
