@@ -53,8 +53,8 @@ struct ApiOpts {
     /// (default: the file iot-ota-data/api-token, when it is there).
     #[arg(long, global = true, env = "IOT_OTA_API_TOKEN", hide_env_values = true)]
     token: Option<String>,
-    /// CA certificates (PEM) to trust for an https:// --api (default: the
-    /// system's roots).
+    /// CA certificates (PEM) to trust for an https:// --api, besides the
+    /// system's roots.
     #[arg(long, global = true)]
     ca_file: Option<std::path::PathBuf>,
     /// Print JSON instead of tables.
@@ -145,7 +145,7 @@ struct PlatformArgs {
     /// MQTT password for an external broker.
     #[arg(long, env = "IOT_OTA_MQTT_PASSWORD")]
     mqtt_password: Option<String>,
-    /// CA certificates (PEM) for mqtts://.
+    /// CA certificates (PEM) for mqtts://, trusted besides the system's roots.
     #[arg(long)]
     ca_file: Option<PathBuf>,
     /// Topic prefix.

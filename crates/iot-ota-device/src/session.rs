@@ -146,6 +146,23 @@ impl Session {
     /// they are queued, and a failure to queue is logged, never fatal to the
     /// download that made them.
     pub fn publish_progress(&self, report: &Progress) {
+        // The device's own account of its steps (`-v` in the agent).
+        if report.desc.is_empty() {
+            log::info!(
+                "{} {} {}%",
+                report.firmware_version,
+                report.status.name(),
+                report.progress
+            );
+        } else {
+            log::info!(
+                "{} {} {}%: {}",
+                report.firmware_version,
+                report.status.name(),
+                report.progress,
+                report.desc
+            );
+        }
         if let Err(e) = self.with(|ota| ota.publish_progress(report)) {
             log::error!("progress report refused: {e}");
         }

@@ -126,7 +126,7 @@ impl ApiClient {
     }
 
     /// Trusts the CA certificates (PEM) in `path` for an `https://` API
-    /// (a platform with its own certificate), instead of the system's roots.
+    /// (a platform with its own certificate), besides the system's roots.
     pub fn with_ca_file(mut self, path: &Path) -> Result<ApiClient, ClientError> {
         if self.tls.is_some() {
             let config = crate::tls_config(Some(&path.to_path_buf())).map_err(transport)?;

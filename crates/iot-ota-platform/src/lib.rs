@@ -73,7 +73,8 @@ pub struct PlatformConfig {
     pub mqtt_username: Option<String>,
     /// MQTT password for an external broker.
     pub mqtt_password: Option<String>,
-    /// CA certificates (PEM) for `mqtts://`; default: the system's roots.
+    /// CA certificates (PEM) for `mqtts://`, trusted besides the system's
+    /// roots (as the device SDK's `ca_file`).
     pub ca_file: Option<PathBuf>,
     /// MQTT client id (default `iot-ota-platform-<16 hex of the data
     /// directory's SHA-256>`: stable across restarts, for the persistent
@@ -134,21 +135,25 @@ pub struct Platform {
     _broker: Option<EmbeddedBroker>,
 }
 
+/// TLS as a client (to an `mqtts://` broker, to an `https://` API): the
+/// system's roots, plus the certificates of `ca_file` when given (the same
+/// meaning as the device SDK's `ca_file`).
 fn tls_config(ca_file: Option<&PathBuf>) -> Result<rustls::ClientConfig, String> {
     let mut roots = rustls::RootCertStore::empty();
-    match ca_file {
-        Some(path) => {
-            let pem = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
-            for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
-                let cert = cert.map_err(|e| format!("{}: {e}", path.display()))?;
-                roots.add(cert).map_err(|e| e.to_string())?;
-            }
+    for cert in rustls_native_certs::load_native_certs().certs {
+        let _ = roots.add(cert);
+    }
+    if let Some(path) = ca_file {
+        let pem = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
+            let cert = cert.map_err(|e| format!("{}: {e}", path.display()))?;
+            roots
+                .add(cert)
+                .map_err(|e| format!("{}: {e}", path.display()))?;
         }
-        None => {
-            for cert in rustls_native_certs::load_native_certs().certs {
-                let _ = roots.add(cert);
-            }
-        }
+    }
+    if roots.is_empty() {
+        return Err("no trusted certificates: the system has none and no CA file was given".into());
     }
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     Ok(rustls::ClientConfig::builder_with_provider(provider)
