@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use iot_ota_core::protocol::{self, DEFAULT_PREFIX};
-use iot_ota_core::{BrokerUrl, Limits, Throttle, Topics};
+use iot_ota_core::{BrokerUrl, Throttle, Topics};
 
 use iot_ota_core::manifest::{PublicKey, TrustStore};
 
@@ -31,16 +31,14 @@ pub struct Config {
     pub(crate) device_name: String,
     pub(crate) firmware_version: String,
     pub(crate) topic_prefix: String,
-    pub(crate) limits: Limits,
-    pub(crate) throttle: Throttle,
-    pub(crate) get_timeout: Duration,
-    pub(crate) refuse_downgrade: bool,
+    /// The engine's settings (limits, throttle, get timeout, downgrade
+    /// policy, pinned keys), embedded rather than redeclared.
+    pub(crate) core: iot_ota_core::Config,
     pub(crate) idle_timeout: Duration,
     pub(crate) download_retries: u32,
     pub(crate) min_rate: u64,
     pub(crate) rate_window: Duration,
     pub(crate) start_report: Option<iot_ota_core::Progress>,
-    pub(crate) trust: TrustStore,
     pub(crate) security_counter: u64,
     pub(crate) download_dir: Option<PathBuf>,
 }
@@ -65,16 +63,12 @@ impl Config {
             device_name: device_name.to_owned(),
             firmware_version: firmware_version.to_owned(),
             topic_prefix: DEFAULT_PREFIX.to_owned(),
-            limits: Limits::default(),
-            throttle: Throttle::default(),
-            get_timeout: Duration::from_secs(10),
-            refuse_downgrade: false,
+            core: iot_ota_core::Config::new(product_key, device_name),
             idle_timeout: Duration::from_secs(30),
             download_retries: 3,
             min_rate: 1024,
             rate_window: Duration::from_secs(60),
             start_report: None,
-            trust: TrustStore::default(),
             security_counter: 0,
             download_dir: None,
         })
@@ -186,19 +180,19 @@ impl Config {
 
     /// Largest firmware accepted, in bytes; larger commands get 412.
     pub fn max_firmware_size(mut self, bytes: u64) -> Self {
-        self.limits.max_size = bytes;
+        self.core.limits.max_size = bytes;
         self
     }
 
     /// Only accept firmware URLs on these hosts (empty: any host).
     pub fn allowed_hosts(mut self, hosts: Vec<String>) -> Self {
-        self.limits.allowed_hosts = hosts;
+        self.core.limits.allowed_hosts = hosts;
         self
     }
 
     /// Refuse (412) `http://` firmware URLs: only `https://` downloads.
     pub fn require_https(mut self, require: bool) -> Self {
-        self.limits.require_https = require;
+        self.core.limits.require_https = require;
         self
     }
 
@@ -211,7 +205,7 @@ impl Config {
 
     /// Progress reports while downloading: every `step` points and `interval` at most.
     pub fn progress_throttle(mut self, step: u32, interval: Duration) -> Self {
-        self.throttle = Throttle {
+        self.core.throttle = Throttle {
             step: step.max(1),
             interval,
         };
@@ -220,13 +214,13 @@ impl Config {
 
     /// How long a firmware get waits for its reply (default 10 s).
     pub fn get_timeout(mut self, timeout: Duration) -> Self {
-        self.get_timeout = timeout;
+        self.core.get_timeout = timeout;
         self
     }
 
     /// Refuse (412) commands whose version is lower than the running one.
     pub fn refuse_downgrade(mut self, refuse: bool) -> Self {
-        self.refuse_downgrade = refuse;
+        self.core.refuse_downgrade = refuse;
         self
     }
 
@@ -262,7 +256,7 @@ impl Config {
     /// pinned, not revoked key signed is accepted (PROTOCOL.md, "Signed
     /// manifests"); other commands get 412. Several keys may be pinned.
     pub fn trust_key(mut self, key: PublicKey) -> Self {
-        self.trust.keys.push(key);
+        self.core.trust.keys.push(key);
         self
     }
 
@@ -279,7 +273,7 @@ impl Config {
     /// Revokes a key id (the hex SHA-256 of its SubjectPublicKeyInfo): its
     /// signatures no longer count, even when the key is pinned.
     pub fn revoke_key(mut self, key_id: impl Into<String>) -> Self {
-        self.trust.revoked.push(key_id.into().to_ascii_lowercase());
+        self.core.trust.revoked.push(key_id.into().to_ascii_lowercase());
         self
     }
 
@@ -293,19 +287,14 @@ impl Config {
 
     /// The pinned keys and revoked ids.
     pub fn trust(&self) -> &TrustStore {
-        &self.trust
+        &self.core.trust
     }
 
     /// The core engine's configuration.
     pub(crate) fn core(&self) -> iot_ota_core::Config {
         iot_ota_core::Config {
             topics: self.topics(),
-            limits: self.limits.clone(),
-            throttle: self.throttle,
-            get_timeout: self.get_timeout,
-            refuse_downgrade: self.refuse_downgrade,
-            product_key: self.product_key.clone(),
-            trust: self.trust.clone(),
+            ..self.core.clone()
         }
     }
 }
