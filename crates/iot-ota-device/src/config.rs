@@ -273,7 +273,10 @@ impl Config {
     /// Revokes a key id (the hex SHA-256 of its SubjectPublicKeyInfo): its
     /// signatures no longer count, even when the key is pinned.
     pub fn revoke_key(mut self, key_id: impl Into<String>) -> Self {
-        self.core.trust.revoked.push(key_id.into().to_ascii_lowercase());
+        self.core
+            .trust
+            .revoked
+            .push(key_id.into().to_ascii_lowercase());
         self
     }
 
