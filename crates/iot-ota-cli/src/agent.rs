@@ -301,24 +301,6 @@ fn resolve(args: AgentArgs) -> Result<Agent, String> {
         .clone()
         .or(file.state_dir.clone())
         .unwrap_or_else(|| work_dir.clone());
-    // Without a version file, the agent keeps the running version itself,
-    // so that an upgrade installed in place is still known after a restart.
-    let (version_file, remembered) = match args.version_file.or(file.version_file) {
-        Some(f) => (f, false),
-        None => (state_dir.join(RUNNING_VERSION_FILE), true),
-    };
-    let read_file = |f: &Path| {
-        std::fs::read_to_string(f)
-            .map(|v| v.trim().to_owned())
-            .map_err(|e| format!("reading the version from {}: {e}", f.display()))
-    };
-    let version = match (args.version.or(file.version), remembered) {
-        (_, true) if version_file.exists() => read_file(&version_file)?,
-        (Some(v), _) => v,
-        (None, false) => read_file(&version_file)?,
-        (None, true) => return Err("--version or --version-file is required".into()),
-    };
-    let version_file = Some(version_file);
     let install = file.install;
     let backend = match (
         args.install_dir.or(install.dir),
@@ -339,6 +321,29 @@ fn resolve(args: AgentArgs) -> Result<Agent, String> {
             )
         }
         _ => return Err("choose one of install dir, install command and install rauc".into()),
+    };
+    let reboot = args.reboot_command.or(install.reboot.clone());
+    // An install in place (commands with `reboot = ""`): nothing else knows
+    // what runs after it, so without a version file the agent keeps it in
+    // the state directory. With a reboot, the new image says its version
+    // (`version` / `version_file`); slots and RAUC know it themselves.
+    let in_place = matches!(backend, Backend::Command { .. })
+        && reboot.as_deref().is_some_and(|r| r.trim().is_empty());
+    let (version_file, remembered) = match args.version_file.or(file.version_file) {
+        Some(f) => (Some(f), false),
+        None if in_place => (Some(state_dir.join(RUNNING_VERSION_FILE)), true),
+        None => (None, false),
+    };
+    let read_file = |f: &Path| {
+        std::fs::read_to_string(f)
+            .map(|v| v.trim().to_owned())
+            .map_err(|e| format!("reading the version from {}: {e}", f.display()))
+    };
+    let version = match (args.version.or(file.version), &version_file) {
+        (_, Some(f)) if remembered && f.exists() => read_file(f)?,
+        (Some(v), _) => v,
+        (None, Some(f)) if !remembered => read_file(f)?,
+        _ => return Err("--version or --version-file is required".into()),
     };
     let health_timeout = match args.health_timeout.or(install.health_timeout) {
         None => iot_ota_device::install::DEFAULT_HEALTH_TIMEOUT,
@@ -392,7 +397,7 @@ fn resolve(args: AgentArgs) -> Result<Agent, String> {
         work_dir,
         state_dir,
         backend,
-        reboot: args.reboot_command.or(install.reboot),
+        reboot,
         health: args.health_command.or(install.health),
         health_timeout,
         boot_limit: args
@@ -463,7 +468,9 @@ impl Agent {
             } => {
                 let mut hooks = CommandHooks::new(install.clone(), version)
                     .with_commit(commit.clone())
-                    .with_rollback(rollback.clone());
+                    .with_rollback(rollback.clone())
+                    // In place, the file follows the running version at once.
+                    .with_version_file(self.version_file.clone());
                 if let Some(r) = reboot {
                     hooks = hooks.with_reboot(Some(r));
                 }
@@ -558,8 +565,17 @@ impl Agent {
         let download = match job {
             Ok(d) => d,
             Err(e) => {
-                eprintln!("iot-ota device: cannot go on with {version}: {e}");
-                let _ = life.failed(&e.to_string());
+                let desc = format!("cannot go on with {version}: {e}");
+                eprintln!("iot-ota device: {desc}");
+                let _ = life.failed(&desc);
+                // The platform's record hears of it now, not by its timeout.
+                let report = iot_ota_core::Progress {
+                    status: Status::UpgradeFailed,
+                    progress: 0,
+                    desc,
+                    firmware_version: version.clone(),
+                };
+                let _ = client.session().with(|ota| ota.report_at_start(report));
                 return Some(false);
             }
         };
@@ -783,7 +799,7 @@ mod tests {
         let cfg = dir.join("agent.toml");
         std::fs::write(
             &cfg,
-            "broker = \"mqtt://127.0.0.1:1883\"\nproduct_key = \"pk\"\ndevice_name = \"d1\"\nversion = \"1.0\"\n[install]\ncommand = \"true {file}\"\n[silent]\nwindow = \"01:00-02:00\"\n",
+            "broker = \"mqtt://127.0.0.1:1883\"\nproduct_key = \"pk\"\ndevice_name = \"d1\"\nversion = \"1.0\"\n[install]\ncommand = \"true {file}\"\nreboot = \"\"\n[silent]\nwindow = \"01:00-02:00\"\n",
         )
         .unwrap();
         let work = dir.join("work");
@@ -805,8 +821,9 @@ mod tests {
         );
         assert_eq!(a.state_dir, a.work_dir, "state in the work dir by default");
         assert_eq!(a.window, Some((60, 120)));
-        // No version file: the running version is remembered in the state
-        // directory and wins over the factory version at the next start.
+        // Installed in place, no version file: the running version is
+        // remembered in the state directory and wins over the factory
+        // version at the next start.
         assert_eq!(a.version_file, Some(work.join(RUNNING_VERSION_FILE)));
         assert_eq!(a.config.firmware_version(), "1.0");
         std::fs::create_dir_all(&work).unwrap();

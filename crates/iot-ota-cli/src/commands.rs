@@ -113,13 +113,35 @@ pub enum BatchCmd {
     },
 }
 
+/// Whether `url`'s host is this machine (127.0.0.0/8, localhost, ::1).
+fn is_loopback_url(url: &str) -> bool {
+    let rest = url
+        .strip_prefix("http://")
+        .or_else(|| url.strip_prefix("https://"))
+        .unwrap_or("");
+    let authority = rest.split('/').next().unwrap_or("");
+    let host = match authority.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or(""),
+        None => authority.rsplit_once(':').map_or(authority, |(h, _)| h),
+    };
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
 fn client(api: &ApiOpts) -> Result<ApiClient, String> {
     let mut client = ApiClient::new(&api.api).map_err(|e| e.to_string())?;
     if let Some(ca) = &api.ca_file {
         client = client.with_ca_file(ca).map_err(|e| e.to_string())?;
     }
-    // --token (or $IOT_OTA_API_TOKEN); else the local platform's default file.
+    // --token (or $IOT_OTA_API_TOKEN); else, for a platform on this
+    // machine only, the local platform's default file (never sent away).
+    let local = is_loopback_url(&api.api);
     let token = api.token.clone().or_else(|| {
+        if !local {
+            return None;
+        }
         let file = std::path::Path::new("iot-ota-data").join(iot_ota_platform::token::TOKEN_FILE);
         std::fs::read_to_string(file)
             .ok()
@@ -383,4 +405,29 @@ pub async fn devices(api: &ApiOpts, product: Option<String>) -> Result<ExitCode,
         );
     }
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_loopback_url;
+
+    #[test]
+    fn the_local_token_goes_only_to_this_machine() {
+        for url in [
+            "http://127.0.0.1:8080",
+            "https://localhost",
+            "http://[::1]:9/x",
+            "http://127.0.0.9",
+        ] {
+            assert!(is_loopback_url(url), "{url}");
+        }
+        for url in [
+            "http://localhost.example.com",
+            "http://10.0.0.1:8080",
+            "https://[2001:db8::1]",
+            "ftp://127.0.0.1",
+        ] {
+            assert!(!is_loopback_url(url), "{url}");
+        }
+    }
 }

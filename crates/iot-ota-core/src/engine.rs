@@ -258,7 +258,7 @@ impl Ota {
     }
 
     fn handle_upgrade(&mut self, payload: &[u8]) {
-        let cmd = match protocol::parse_upgrade(payload, &self.config.limits) {
+        let cmd = match protocol::parse_upgrade(payload, &self.limits()) {
             Ok(cmd) => cmd,
             // While busy, a bad command gets its reply but no failure report:
             // the platform would take the report as the running upgrade's.
@@ -342,7 +342,7 @@ impl Ota {
     }
 
     fn handle_get_reply(&mut self, payload: &[u8], _now: Instant) {
-        let Some(reply) = protocol::parse_get_reply(payload, &self.config.limits) else {
+        let Some(reply) = protocol::parse_get_reply(payload, &self.limits()) else {
             return;
         };
         // Only replies to our own pending requests count: a stale or foreign
@@ -489,6 +489,14 @@ impl Ota {
     }
 
     // ---- helpers ----
+
+    /// The parsing limits: manifests are read only when a key is pinned.
+    fn limits(&self) -> protocol::Limits {
+        protocol::Limits {
+            signed_manifests: self.config.trust.is_enforced(),
+            ..self.config.limits.clone()
+        }
+    }
 
     fn next_msg_id(&mut self) -> String {
         self.next_id += 1;
@@ -714,6 +722,19 @@ mod tests {
         let out = drain(&mut o);
         assert_eq!(published(&out)[0].1["code"], 200);
         assert!(matches!(&out[1], Output::Event(Event::Upgrade(c)) if c.firmware.signed.is_some()));
+    }
+
+    #[test]
+    fn without_a_pinned_key_manifest_fields_are_ignored() {
+        let mut o = ota();
+        let mut v: Value = serde_json::from_slice(&command("1", "2.0")).unwrap();
+        v["data"]["manifest"] = Value::String("not base64 %%".into());
+        v["data"]["signatures"] = Value::String("nor this".into());
+        let topic = "/sys/pk/dev/ota/firmware/upgrade";
+        assert!(o.handle_publish(topic, v.to_string().as_bytes(), Instant::now()));
+        let out = drain(&mut o);
+        assert_eq!(published(&out)[0].1["code"], 200, "the seed's behaviour");
+        assert!(matches!(&out[1], Output::Event(Event::Upgrade(c)) if c.firmware.signed.is_none()));
     }
 
     #[test]

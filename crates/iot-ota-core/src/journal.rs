@@ -441,12 +441,16 @@ pub fn decide_at_start(
         Phase::Committed | Phase::RolledBack | Phase::Failed => (StartAction::Idle, None),
         Phase::Downloading if on_old => (StartAction::ResumeDownload, None),
         Phase::Downloaded | Phase::Installing if on_old => (StartAction::Install, None),
-        Phase::Installed | Phase::Booted if on_target => {
+        // Installing on the target: the install armed the new slot and a
+        // power cut came before the journal said Installed. The device runs
+        // it now: check it like any other unconfirmed boot.
+        Phase::Installing | Phase::Installed | Phase::Booted if on_target => {
             next.phase = Phase::Booted;
             // Every start counts a boot (a health check that hangs or
             // crashes the device must not get endless tries); the second
             // decision of one start, with the verdict, does not.
-            if j.phase == Phase::Installed || *health == Health::Unknown {
+            if matches!(j.phase, Phase::Installing | Phase::Installed) || *health == Health::Unknown
+            {
                 next.boot_attempts = j.boot_attempts + 1;
             }
             if next.boot_attempts > j.max_boot_attempts {
@@ -650,6 +654,21 @@ mod tests {
         assert!(
             matches!(&action, StartAction::RollBack { reboot: true, desc } if desc.contains("not confirmed after 3 boots")),
             "{action:?}"
+        );
+    }
+
+    #[test]
+    fn a_cut_after_the_slot_was_armed_is_an_unconfirmed_boot() {
+        // The install armed the new slot; the journal still said Installing.
+        let j = journal(Phase::Installing);
+        let (action, next) = decide_at_start(Some(&j), "2.0", &Health::Unknown);
+        assert_eq!(action, StartAction::CheckHealth);
+        let next = next.unwrap();
+        assert_eq!((next.phase, next.boot_attempts), (Phase::Booted, 1));
+        // On the old version it is still "install again".
+        assert_eq!(
+            decide_at_start(Some(&j), "1.0", &Health::Unknown).0,
+            StartAction::Install
         );
     }
 

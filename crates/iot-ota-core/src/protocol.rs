@@ -319,6 +319,10 @@ pub struct Limits {
     pub allowed_hosts: Vec<String>,
     /// Refuse (412) `http://` firmware URLs: only `https://`.
     pub require_https: bool,
+    /// Read `manifest` and `signatures` (a device that pins keys). When
+    /// false they are ignored, as the seed ignores unknown fields: a device
+    /// with no pinned key keeps the seed's behaviour exactly.
+    pub signed_manifests: bool,
 }
 
 impl Default for Limits {
@@ -327,6 +331,7 @@ impl Default for Limits {
             max_size: 4 * 1024 * 1024 * 1024,
             allowed_hosts: Vec::new(),
             require_https: false,
+            signed_manifests: true,
         }
     }
 }
@@ -634,7 +639,11 @@ pub fn parse_firmware(
         Some(_) => return Err(Rejection::bad("field policy must be a string")),
     };
 
-    let signed = crate::manifest::Signed::from_data(data)?.map(Box::new);
+    let signed = if limits.signed_manifests {
+        crate::manifest::Signed::from_data(data)?.map(Box::new)
+    } else {
+        None
+    };
 
     Ok(Firmware {
         version: version.to_owned(),

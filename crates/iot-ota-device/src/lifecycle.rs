@@ -136,11 +136,27 @@ impl<I: Installer> Lifecycle<I> {
     /// The security counter of the committed firmware (signed manifests):
     /// the highest of the journal's and the counter file's, so that a
     /// journal set aside never lowers it.
+    ///
+    /// A counter file that is there but unreadable fails closed: the
+    /// counter is then `u64::MAX`, so no signed firmware passes until a
+    /// person looks (it is written atomically: damage means a bad disk or
+    /// tampering).
     pub fn security_counter(&self) -> u64 {
-        let file = std::fs::read_to_string(self.dir.join(COUNTER_FILE))
-            .ok()
-            .and_then(|s| s.trim().parse().ok())
-            .unwrap_or(0);
+        let path = self.dir.join(COUNTER_FILE);
+        let file = match std::fs::read_to_string(&path) {
+            Ok(s) => s.trim().parse().unwrap_or_else(|_| {
+                log::error!(
+                    "{} is unreadable: refusing every signed firmware",
+                    path.display()
+                );
+                u64::MAX
+            }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0,
+            Err(e) => {
+                log::error!("{}: {e}: refusing every signed firmware", path.display());
+                u64::MAX
+            }
+        };
         self.journal
             .as_ref()
             .map_or(file, |j| j.security_counter.max(file))
@@ -233,11 +249,14 @@ impl<I: Installer> Lifecycle<I> {
                 StartAction::Commit { counter } => {
                     let next = next.expect("a commit changes the journal");
                     self.installer.commit().map_err(Error::Install)?;
+                    let target = next.target_version.clone();
+                    // The journal first: a cut before it repeats the commit
+                    // (and a failed re-check rolls back with the counter
+                    // still where it was); the file only ever follows it.
+                    self.save(next)?;
                     let file = self.dir.join(COUNTER_FILE);
                     fsutil::write_atomic(&file, format!("{counter}\n").as_bytes())
                         .map_err(Error::Io)?;
-                    let target = next.target_version.clone();
-                    self.save(next)?;
                     log::info!("{target} committed");
                     let report = Progress {
                         status: Status::Success,
@@ -355,7 +374,16 @@ impl<I: Installer> Lifecycle<I> {
         }
         self.set_phase(Phase::Installed, None)?;
         if self.installer.needs_reboot() {
-            self.installer.reboot().map_err(Error::Install)?;
+            if let Err(e) = self.installer.reboot() {
+                // No reboot: disarm the new slot, so that a later, unrelated
+                // reboot does not boot it as if this upgrade went on.
+                if let Err(r) = self.installer.roll_back(false) {
+                    log::error!("disarming the new slot after a failed reboot: {r}");
+                }
+                let why = format!("the reboot into {version} failed: {e}");
+                self.failed(&why)?;
+                return Err(Error::Install(why));
+            }
             return Ok(Installed::Rebooting);
         }
         self.settle(health).map(|s| Installed::Settled(Box::new(s)))
@@ -559,6 +587,38 @@ mod tests {
             "{}",
             report.desc
         );
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    /// The real command back-end, in place: an unhealthy new version is
+    /// rolled back at once, and what it reports and records is the old one.
+    #[test]
+    fn commands_in_place_roll_back_to_the_version_that_ran() {
+        use crate::install::CommandHooks;
+        let d = state("hooks");
+        std::fs::create_dir_all(&d).unwrap();
+        let version_file = d.join("running-version");
+        let hooks = CommandHooks::new("true", "1.0")
+            .with_reboot(None)
+            .with_health(Some("exit 1".into()))
+            .with_version_file(Some(version_file.clone()));
+        let mut life = Lifecycle::open(&d, hooks).unwrap();
+        life.begin("1.0", &firmware("2.0"), "m", Some(4)).unwrap();
+        life.downloaded().unwrap();
+        let Installed::Settled(start) = life.install(Path::new("/img"), None, &mut |_| {}).unwrap()
+        else {
+            panic!("settles in place")
+        };
+        assert_eq!(start.running, "1.0");
+        let report = start.report.unwrap();
+        assert_eq!(report.status, Status::UpgradeFailed);
+        assert!(
+            report.desc.starts_with("rolled back: 2.0 -> 1.0"),
+            "{}",
+            report.desc
+        );
+        assert_eq!(std::fs::read_to_string(&version_file).unwrap(), "1.0\n");
+        assert_eq!(life.security_counter(), 0);
         let _ = std::fs::remove_dir_all(&d);
     }
 

@@ -248,7 +248,10 @@ int iot_ota_set_state_dir(void *handle, const char *state_dir);
  * new, unconfirmed image; too many unconfirmed boots roll back too).
  * Returns an iot_ota_boot_t; IOT_OTA_ERR_INVALID_STATE without a state
  * directory; IOT_OTA_ERR_INVALID_PARAM (bad handle or version);
- * IOT_OTA_ERR_GENERAL (the journal cannot be written). An unreadable
+ * IOT_OTA_ERR_STR_TOO_LONG (version over 100 bytes); IOT_OTA_ERR_MQTT_FAILED
+ * (MQTT instance destroyed); IOT_OTA_ERR_GENERAL (the journal cannot be
+ * written). A cut upgrade that is refused now (a key pinned since) is
+ * reported UPGRADE_FAILED and the call returns IOT_OTA_BOOT_IDLE. An unreadable
  * journal is set aside (journal.unreadable-<time>) and never read as a
  * success. */
 int iot_ota_boot_confirm(void *handle, const char *running_version, int healthy);
@@ -259,7 +262,8 @@ int iot_ota_boot_confirm(void *handle, const char *running_version, int healthy)
  * once: committed, SUCCESS 100 reported, returns IOT_OTA_BOOT_COMMITTED:
  * inform the new version. IOT_OTA_ERR_INVALID_STATE without a state
  * directory or a verified download; IOT_OTA_ERR_INVALID_PARAM (bad handle);
- * IOT_OTA_ERR_GENERAL (the journal cannot be written). */
+ * IOT_OTA_ERR_MQTT_FAILED (MQTT instance destroyed); IOT_OTA_ERR_GENERAL
+ * (the journal cannot be written, or is not this download's). */
 int iot_ota_install_done(void *handle, int reboot);
 
 /* ---- extras: signed manifests (PROTOCOL.md) ---- */

@@ -1017,9 +1017,22 @@ pub unsafe extern "C" fn iot_ota_boot_confirm(
                         let _ = life.begin(&j.from_version, &fw, &j.msg_id, j.pending_counter);
                     }
                 }
-                h.session
-                    .with(|ota| ota.accept_firmware(&fw))
-                    .map_err(|_| IOT_OTA_ERR_INVALID_STATE)?;
+                if let Err(e) = h.session.with(|ota| ota.accept_firmware(&fw)) {
+                    // Refused now (a key pinned since, a counter raised):
+                    // the upgrade ends here, and the platform hears of it.
+                    let desc = format!("cannot go on with {}: {e}", fw.version);
+                    if let Some(life) = st.life.as_mut() {
+                        let _ = life.failed(&desc);
+                    }
+                    let report = iot_ota_core::Progress {
+                        status: Status::UpgradeFailed,
+                        progress: 0,
+                        desc,
+                        firmware_version: fw.version.clone(),
+                    };
+                    let _ = h.session.with(|ota| ota.report_at_start(report));
+                    return Ok(IOT_OTA_BOOT_IDLE);
+                }
                 h.start(&mut st, fw);
             }
             Ok(code)
@@ -1110,10 +1123,17 @@ pub unsafe extern "C" fn iot_ota_install_done(handle: *mut c_void, reboot: c_int
             let verified = st
                 .download
                 .as_ref()
-                .is_some_and(|d| matches!(d.outcome(), Some(Ok(_))));
+                .filter(|d| matches!(d.outcome(), Some(Ok(_))))
+                .map(|d| d.firmware().version.clone());
             let life = st.life.as_mut().ok_or(IOT_OTA_ERR_INVALID_STATE)?;
-            if !verified {
+            // The journal must be this download's (not a stale one left by
+            // a journal write that failed).
+            let Some(version) = verified else {
                 return Err(IOT_OTA_ERR_INVALID_STATE);
+            };
+            if life.journal().map(|j| j.target_version.as_str()) != Some(version.as_str()) {
+                log::error!("iot_ota_install_done: the journal is not the upgrade to {version}");
+                return Err(IOT_OTA_ERR_GENERAL);
             }
             let general = |e: iot_ota_device::Error| {
                 log::error!("iot_ota_install_done: {e}");
@@ -1133,7 +1153,7 @@ pub unsafe extern "C" fn iot_ota_install_done(handle: *mut c_void, reboot: c_int
                     if let Some(r) = &start.report {
                         h.session
                             .with(|ota| ota.report_progress(r.status, r.progress, &r.desc))
-                            .map_err(|_| IOT_OTA_ERR_INVALID_PARAM)?;
+                            .map_err(|_| IOT_OTA_ERR_GENERAL)?;
                     }
                     Ok(boot_code(&start))
                 }

@@ -80,7 +80,7 @@ async fn require_token(
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(str::trim);
     match given {
-        Some(t) if crate::token::same(t.as_bytes(), s.api_token.as_bytes()) => {
+        Some(t) if !t.is_empty() && crate::token::same(t.as_bytes(), s.api_token.as_bytes()) => {
             next.run(request).await
         }
         _ => {
@@ -238,13 +238,19 @@ async fn add_firmware(
             .map_err(|e| PlatformError::new(500, format!("storing the upload: {e}")))?;
         Ok((size, to_hex(&md5.finalize()), to_hex(&sha256.finalize())))
     };
-    let (size, md5, sha256) = match streamed.await {
-        Ok(x) => x,
-        Err(e) => {
-            let _ = tokio::fs::remove_file(&tmp).await;
-            return Err(e);
+    // Removes the temporary file unless it was handed over, also when the
+    // client goes away mid-upload (the handler's future is then dropped).
+    struct TmpGuard(Option<std::path::PathBuf>);
+    impl Drop for TmpGuard {
+        fn drop(&mut self) {
+            if let Some(p) = self.0.take() {
+                let _ = std::fs::remove_file(p);
+            }
         }
-    };
+    }
+    let mut guard = TmpGuard(Some(tmp.clone()));
+    let (size, md5, sha256) = streamed.await?;
+    guard.0 = None;
     let shared = s.clone();
     let info = tokio::task::spawn_blocking(move || {
         let r = shared.add_firmware(

@@ -325,6 +325,7 @@ impl Platform {
             );
         }
         let (api_token, token_made) = match config.api_token.clone() {
+            Some(t) if t.trim().is_empty() => return Err("the API token must not be empty".into()),
             Some(t) => (t, false),
             None => token::load_or_create(&config.data_dir)?,
         };

@@ -41,6 +41,10 @@ pub struct CommandHooks {
     commit: Option<String>,
     rollback: Option<String>,
     running: String,
+    /// Installed in place: the version that ran before, for a rollback.
+    previous: Option<String>,
+    /// Where an in-place install records the version that runs now.
+    version_file: Option<std::path::PathBuf>,
 }
 
 impl CommandHooks {
@@ -55,6 +59,25 @@ impl CommandHooks {
             commit: None,
             rollback: None,
             running: running_version.into(),
+            previous: None,
+            version_file: None,
+        }
+    }
+
+    /// With an install in place (no reboot), the file that holds the
+    /// running version: rewritten atomically as soon as the new version
+    /// runs (and again if it is rolled back), before the journal moves on,
+    /// so that a crash never leaves it naming the other version.
+    pub fn with_version_file(mut self, path: Option<std::path::PathBuf>) -> Self {
+        self.version_file = path;
+        self
+    }
+
+    fn record_running(&self) -> Result<(), String> {
+        match &self.version_file {
+            Some(f) => crate::fsutil::write_atomic(f, format!("{}\n", self.running).as_bytes())
+                .map_err(|e| format!("writing {}: {e}", f.display())),
+            None => Ok(()),
         }
     }
 
@@ -184,7 +207,8 @@ impl Installer for CommandHooks {
         run("install", &self.install, Some(image), version)?;
         progress(100);
         if self.reboot.is_none() {
-            self.running = version.to_owned();
+            self.previous = Some(std::mem::replace(&mut self.running, version.to_owned()));
+            self.record_running()?;
         }
         Ok(())
     }
@@ -214,15 +238,22 @@ impl Installer for CommandHooks {
     /// bad image runs (its health check failed), `0` when the old one does.
     fn roll_back(&mut self, new_image_running: bool) -> Result<(), String> {
         let flag = if new_image_running { "1" } else { "0" };
-        match &self.rollback {
-            Some(cmd) => run_with(
+        if let Some(cmd) = &self.rollback {
+            run_with(
                 "rollback",
                 cmd,
                 &self.running,
                 &[("OTA_NEW_IMAGE_RUNNING", flag)],
-            ),
-            None => Ok(()),
+            )?;
         }
+        // In place, the rollback brings the previous version back at once.
+        if self.reboot.is_none() {
+            if let Some(previous) = self.previous.take() {
+                self.running = previous;
+                self.record_running()?;
+            }
+        }
+        Ok(())
     }
 }
 
@@ -371,10 +402,15 @@ mod tests {
             Health::Bad("exited with status 4: sick".into())
         );
         hooks.roll_back(true).unwrap();
+        assert_eq!(
+            hooks.running_version().unwrap(),
+            "1.0",
+            "rolled back in place"
+        );
         hooks.commit().unwrap();
         assert_eq!(
             std::fs::read_to_string(dir.join("log")).unwrap(),
-            "install 2.0\nrollback 2.0\ncommit 2.0\n"
+            "install 2.0\nrollback 2.0\ncommit 1.0\n"
         );
         let slow = health_command("sleep 5", "1.0", std::time::Duration::from_millis(200));
         assert_eq!(
