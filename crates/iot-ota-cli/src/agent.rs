@@ -390,7 +390,9 @@ fn resolve(args: AgentArgs) -> Result<Agent, String> {
     }
     config = config
         .require_https(args.require_https || file.require_https)
-        .download_dir(work_dir.clone());
+        .download_dir(work_dir.clone())
+        // The reply waits for the journal (the agent's upgrade() acks).
+        .ack_after_journal(true);
     Ok(Agent {
         config,
         version_file,
@@ -546,6 +548,10 @@ impl Agent {
             eprintln!("iot-ota device: {desc}");
             let _ = client.report_progress(Status::UpgradeFailed, 0, &desc);
             return Some(false);
+        }
+        // Journaled: a power cut can no longer lose it, so reply now.
+        if let Some(cmd) = command {
+            client.acknowledge(cmd);
         }
         let downloaded = life
             .journal()

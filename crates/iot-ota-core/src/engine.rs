@@ -30,6 +30,10 @@ pub struct Config {
     /// Pinned keys and revoked key ids: with a key pinned, only signed
     /// firmware is accepted (PROTOCOL.md, "Signed manifests").
     pub trust: TrustStore,
+    /// Hold the 200 reply of an accepted command until
+    /// [`Ota::acknowledge`]: a device that journals the command first
+    /// replies only once a power cut can no longer lose it.
+    pub ack_after_journal: bool,
 }
 
 impl Config {
@@ -44,6 +48,7 @@ impl Config {
             refuse_downgrade: false,
             product_key: product_key.to_owned(),
             trust: TrustStore::default(),
+            ack_after_journal: false,
         }
     }
 }
@@ -115,6 +120,8 @@ pub struct Ota {
     security_counter: u64,
     /// Bytes free where downloads go, when the driver measures it.
     free_space: Option<u64>,
+    /// The accepted command whose 200 waits for [`Ota::acknowledge`].
+    pending_ack: Option<String>,
 }
 
 impl Ota {
@@ -141,6 +148,7 @@ impl Ota {
             start_report: None,
             security_counter: 0,
             free_space: None,
+            pending_ack: None,
         }
     }
 
@@ -279,7 +287,11 @@ impl Ota {
             let version = cmd.firmware.version.clone();
             return self.reject(Some(cmd.msg_id), Some(version), rejection);
         }
-        self.publish_reply(&cmd.msg_id, ReplyCode::Accepted, "success");
+        if self.config.ack_after_journal {
+            self.pending_ack = Some(cmd.msg_id.clone());
+        } else {
+            self.publish_reply(&cmd.msg_id, ReplyCode::Accepted, "success");
+        }
         self.job = Some(cmd.firmware.clone());
         self.outputs.push_back(Output::Event(Event::Upgrade(cmd)));
     }
@@ -397,6 +409,18 @@ impl Ota {
         })
     }
 
+    /// Sends the held 200 reply of the accepted command `msg_id`
+    /// ([`Config::ack_after_journal`]), once the device has journaled it.
+    /// False when no reply of that command waits.
+    pub fn acknowledge(&mut self, msg_id: &str) -> bool {
+        if self.pending_ack.as_deref() != Some(msg_id) {
+            return false;
+        }
+        self.pending_ack = None;
+        self.publish_reply(msg_id, ReplyCode::Accepted, "success");
+        true
+    }
+
     /// Reports the outcome of the device's start decision (see
     /// [`crate::journal::decide_at_start`]): SUCCESS (4) 100 of an upgrade
     /// just committed, or the UPGRADE_FAILED (-1) `rolled back: ...` of one
@@ -431,6 +455,9 @@ impl Ota {
         self.queue_progress(report);
         if report.status.is_terminal() {
             self.job = None;
+            // The report says what the reply would have (the platform
+            // takes a report as the ack).
+            self.pending_ack = None;
         }
         Ok(())
     }
@@ -722,6 +749,27 @@ mod tests {
         let out = drain(&mut o);
         assert_eq!(published(&out)[0].1["code"], 200);
         assert!(matches!(&out[1], Output::Event(Event::Upgrade(c)) if c.firmware.signed.is_some()));
+    }
+
+    #[test]
+    fn the_reply_can_wait_for_the_journal() {
+        let mut config = Config::new("pk", "dev");
+        config.ack_after_journal = true;
+        let mut o = Ota::new(config, "1.0").unwrap();
+        let topic = "/sys/pk/dev/ota/firmware/upgrade";
+        assert!(o.handle_publish(topic, &command("5", "2.0"), Instant::now()));
+        let out = drain(&mut o);
+        assert!(published(&out).is_empty(), "no reply before the journal");
+        assert!(matches!(&out[0], Output::Event(Event::Upgrade(_))));
+        assert!(!o.acknowledge("4"), "another command's");
+        assert!(o.acknowledge("5"));
+        let p = published(&drain(&mut o));
+        assert_eq!(
+            (p[0].0.as_str(), p[0].1["code"].as_i64()),
+            ("upgrade_reply", Some(200))
+        );
+        assert_eq!(p[0].1["msgId"], "5");
+        assert!(!o.acknowledge("5"), "once");
     }
 
     #[test]

@@ -203,6 +203,14 @@ impl OtaClient {
         Ok(self.inner.session.with(|ota| ota.report_version(version))?)
     }
 
+    /// Sends the held 200 reply of `command` ([`Config::ack_after_journal`]),
+    /// once it is journaled. False when no reply of it waits.
+    pub fn acknowledge(&self, command: &UpgradeCommand) -> bool {
+        self.inner
+            .session
+            .with(|ota| ota.acknowledge(&command.msg_id))
+    }
+
     /// Reports a status and percent for the upgrade in progress. SUCCESS or a
     /// failure status ends the upgrade; the next command is then accepted.
     pub fn report_progress(&self, status: Status, progress: u32, desc: &str) -> Result<(), Error> {

@@ -190,6 +190,14 @@ impl Config {
         self
     }
 
+    /// Hold the 200 reply of an accepted command until
+    /// [`crate::OtaClient::acknowledge`]: journal the command first, then
+    /// reply, so that a power cut between the two cannot lose it.
+    pub fn ack_after_journal(mut self, hold: bool) -> Self {
+        self.core.ack_after_journal = hold;
+        self
+    }
+
     /// Refuse (412) `http://` firmware URLs: only `https://` downloads.
     pub fn require_https(mut self, require: bool) -> Self {
         self.core.limits.require_https = require;
