@@ -337,6 +337,18 @@ fn api_args<'a>(a: &[&'a str], args: &[&'a str]) -> Vec<&'a str> {
     v
 }
 
+/// A batch of product `pk` to `version`: a 10 s ack timeout, an upgrade
+/// timeout of `timeout_secs`, no retries.
+fn batch_of(version: &str, timeout_secs: f64) -> iot_ota_platform::api::CreateBatch {
+    iot_ota_platform::api::CreateBatch {
+        product: "pk".into(),
+        firmware_version: version.into(),
+        ack_timeout_secs: Some(10.0),
+        timeout_secs: Some(timeout_secs),
+        ..Default::default()
+    }
+}
+
 /// Starts `iot-ota device run --once` with `extra` arguments, for device `name`.
 fn agent(p: &Platform, dir: &TempDir, name: &str, extra: &[&str]) -> tokio::process::Child {
     agent_in(p, dir, name, &dir.join(format!("{name}-work")), extra)
@@ -442,13 +454,7 @@ async fn device_agent_installs_into_slots_and_runs_commands() {
     );
     wait_device(&api, "pk", "slotted").await;
     wait_device(&api, "pk", "scripted").await;
-    let req = iot_ota_platform::api::CreateBatch {
-        product: "pk".into(),
-        firmware_version: "2.0.0".into(),
-        ack_timeout_secs: Some(10.0),
-        timeout_secs: Some(20.0),
-        ..Default::default()
-    };
+    let req = batch_of("2.0.0", 20.0);
     let id = api.create_batch(&req).await.unwrap().batch.id;
     let (code, log) = finish(good).await;
     assert_eq!(code, Some(0), "{log}");
@@ -532,13 +538,7 @@ async fn device_agent_quotes_the_install_command() {
         &["--install-command", &command, "--reboot-command", ""],
     );
     wait_device(&api, "pk", "quoted").await;
-    let req = iot_ota_platform::api::CreateBatch {
-        product: "pk".into(),
-        firmware_version: "2.0.0".into(),
-        ack_timeout_secs: Some(10.0),
-        timeout_secs: Some(20.0),
-        ..Default::default()
-    };
+    let req = batch_of("2.0.0", 20.0);
     let id = api.create_batch(&req).await.unwrap().batch.id;
     let (code, log) = finish(child).await;
     assert_eq!(code, Some(0), "{log}");
@@ -573,12 +573,8 @@ async fn device_agent_defers_silent_upgrades_to_the_trigger() {
     );
     wait_device(&api, "pk", "quiet").await;
     let req = iot_ota_platform::api::CreateBatch {
-        product: "pk".into(),
-        firmware_version: "2.0.0".into(),
         policy: Some("silent".into()),
-        ack_timeout_secs: Some(10.0),
-        timeout_secs: Some(30.0),
-        ..Default::default()
+        ..batch_of("2.0.0", 30.0)
     };
     let id = api.create_batch(&req).await.unwrap().batch.id;
     // Downloaded and verified (status 2), then it waits.
@@ -666,13 +662,7 @@ async fn device_agent_rolls_back_a_bad_image() {
     ];
     wait_device(&api, "pk", "sick").await;
     wait_device(&api, "pk", "crash").await;
-    let req = iot_ota_platform::api::CreateBatch {
-        product: "pk".into(),
-        firmware_version: "2.0.0".into(),
-        ack_timeout_secs: Some(10.0),
-        timeout_secs: Some(60.0),
-        ..Default::default()
-    };
+    let req = batch_of("2.0.0", 60.0);
     let id = api.create_batch(&req).await.unwrap().batch.id;
     for child in first {
         let (code, log) = finish(child).await;
@@ -1052,13 +1042,7 @@ async fn device_agent_installs_with_rauc() {
             .env("RUST_LOG", "info");
         cmd.spawn().unwrap()
     };
-    let batch = |v: &str| iot_ota_platform::api::CreateBatch {
-        product: "pk".into(),
-        firmware_version: v.into(),
-        ack_timeout_secs: Some(10.0),
-        timeout_secs: Some(60.0),
-        ..Default::default()
-    };
+    let batch = |v: &str| batch_of(v, 60.0);
     // 2.0.0: installed into slot B, booted, confirmed.
     let child = run(&rauc, &[]);
     wait_device(&api, "pk", "rauc").await;
