@@ -814,16 +814,7 @@ async fn power_cut_soak_always_ends_committed_or_rolled_back() {
             .unwrap_or_else(|e| panic!("run {run}: {e}"));
         let booted = std::fs::read_to_string(slots.join("booted")).unwrap();
         let topic = |kind: &str| format!("/sys/pk/{name}/ota/firmware/{kind}");
-        let informs: Vec<String> = wire
-            .json_on(&topic("inform"))
-            .iter()
-            .map(|v| {
-                v["data"]["firmwareVersion"]
-                    .as_str()
-                    .unwrap_or("")
-                    .to_owned()
-            })
-            .collect();
+        let informs = wire.versions_on(&topic("inform"));
         let successes = wire
             .progress_on(&topic("progress"))
             .iter()

@@ -429,12 +429,7 @@ impl Ota {
     /// inform (at once when online). It ends no upgrade of this engine: the
     /// upgrade it reports was begun by an earlier boot.
     pub fn report_at_start(&mut self, report: Progress) -> Result<(), Error> {
-        if report.progress > 100 {
-            return Err(Error::InvalidParam(format!(
-                "progress {} is above 100",
-                report.progress
-            )));
-        }
+        check_progress(&report)?;
         if self.online {
             self.queue_progress(&report);
         } else {
@@ -446,12 +441,7 @@ impl Ota {
     /// Publishes a ready-made report (from [`crate::Fetch`]); same rules as
     /// [`Ota::report_progress`].
     pub fn publish_progress(&mut self, report: &Progress) -> Result<(), Error> {
-        if report.progress > 100 {
-            return Err(Error::InvalidParam(format!(
-                "progress {} is above 100",
-                report.progress
-            )));
-        }
+        check_progress(report)?;
         self.queue_progress(report);
         if report.status.is_terminal() {
             self.job = None;
@@ -544,6 +534,17 @@ impl Ota {
         let payload = protocol::encode_progress(&id, report);
         self.publish(self.config.topics.progress.clone(), payload);
     }
+}
+
+/// A report's percent is 0-100.
+fn check_progress(report: &Progress) -> Result<(), Error> {
+    if report.progress > 100 {
+        return Err(Error::InvalidParam(format!(
+            "progress {} is above 100",
+            report.progress
+        )));
+    }
+    Ok(())
 }
 
 /// Compares two versions part by part: runs of digits numerically, other runs

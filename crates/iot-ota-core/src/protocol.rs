@@ -754,6 +754,24 @@ pub struct Progress {
     pub firmware_version: String,
 }
 
+/// `2.0.1 DOWNLOADING 42%`, and `: desc` when there is one: how a report
+/// reads in a log line.
+impl fmt::Display for Progress {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} {} {}%",
+            self.firmware_version,
+            self.status.name(),
+            self.progress
+        )?;
+        if !self.desc.is_empty() {
+            write!(f, ": {}", self.desc)?;
+        }
+        Ok(())
+    }
+}
+
 /// Encodes a progress report (message 4).
 pub fn encode_progress(msg_id: &str, p: &Progress) -> Vec<u8> {
     envelope(

@@ -301,11 +301,9 @@ impl<I: Installer> Lifecycle<I> {
         ))
     }
 
+    /// Journals the upgrade `j` failed and returns its UPGRADE_FAILED report.
     fn fail(&mut self, j: &Journal, why: &str) -> Result<Progress, Error> {
-        let mut next = j.clone();
-        next.phase = Phase::Failed;
-        next.reason = Some(why.to_owned());
-        self.save(next)?;
+        self.set_phase(Phase::Failed, Some(why))?;
         Ok(Progress {
             status: Status::UpgradeFailed,
             progress: 0,

@@ -116,12 +116,17 @@ impl Session {
     /// Feeds a message to the engine. Returns true when it was one of this
     /// device's OTA topics.
     pub fn handle_publish(&self, publish: &Publish) -> bool {
-        let free = self
-            .download_dir
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .as_deref()
-            .and_then(|d| crate::fsutil::free_space(d).ok());
+        // Only an upgrade command needs the free space (a statvfs call).
+        let command = publish.topic.ends_with("/ota/firmware/upgrade");
+        let free = command
+            .then(|| {
+                self.download_dir
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .clone()
+            })
+            .flatten()
+            .and_then(|d| crate::fsutil::free_space(&d).ok());
         self.with(|ota| {
             if free.is_some() {
                 ota.set_free_space(free);
@@ -147,22 +152,7 @@ impl Session {
     /// download that made them.
     pub fn publish_progress(&self, report: &Progress) {
         // The device's own account of its steps (`-v` in the agent).
-        if report.desc.is_empty() {
-            log::info!(
-                "{} {} {}%",
-                report.firmware_version,
-                report.status.name(),
-                report.progress
-            );
-        } else {
-            log::info!(
-                "{} {} {}%: {}",
-                report.firmware_version,
-                report.status.name(),
-                report.progress,
-                report.desc
-            );
-        }
+        log::info!("{report}");
         if let Err(e) = self.with(|ota| ota.publish_progress(report)) {
             log::error!("progress report refused: {e}");
         }

@@ -220,23 +220,18 @@ impl OtaHandle {
 
     /// Journals the end of a failed download, once.
     fn journal_failure(st: &mut OtaState) {
-        let failed = match (&st.download, &st.life) {
-            (Some(job), Some(life)) => {
-                life.journal().is_some_and(|j| {
-                    j.phase == iot_ota_core::journal::Phase::Downloading
-                        && j.target_version == job.firmware().version
-                }) && matches!(job.outcome(), Some(Err(_)))
-            }
-            _ => false,
+        let (Some(job), Some(life)) = (&st.download, st.life.as_mut()) else {
+            return;
         };
-        if failed {
-            if let (Some(job), Some(life)) = (&st.download, st.life.as_mut()) {
-                let why = match job.outcome() {
-                    Some(Err(e)) => e.to_string(),
-                    _ => String::new(),
-                };
-                let _ = life.failed(&why);
-            }
+        let Some(Err(e)) = job.outcome() else {
+            return;
+        };
+        let downloading = life.journal().is_some_and(|j| {
+            j.phase == iot_ota_core::journal::Phase::Downloading
+                && j.target_version == job.firmware().version
+        });
+        if downloading {
+            let _ = life.failed(&e.to_string());
         }
     }
 

@@ -265,6 +265,20 @@ impl WireRecorder {
             .collect()
     }
 
+    /// `data.firmwareVersion` of every message received on `topic` (an
+    /// inform's version, a report's target), in arrival order.
+    pub fn versions_on(&self, topic: &str) -> Vec<String> {
+        self.json_on(topic)
+            .iter()
+            .map(|v| {
+                v["data"]["firmwareVersion"]
+                    .as_str()
+                    .unwrap_or("")
+                    .to_owned()
+            })
+            .collect()
+    }
+
     /// `(status, progress)` of every OTA progress report received on
     /// `topic` (`data.status`, `data.progress`), in arrival order.
     pub fn progress_on(&self, topic: &str) -> Vec<(i64, i64)> {

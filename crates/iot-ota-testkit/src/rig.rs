@@ -130,15 +130,7 @@ impl Rig {
 
     /// Every version `dev` informed, in order.
     pub fn informs(&self, dev: &str) -> Vec<String> {
-        self.all(dev, "inform")
-            .iter()
-            .map(|v| {
-                v["data"]["firmwareVersion"]
-                    .as_str()
-                    .unwrap_or("")
-                    .to_owned()
-            })
-            .collect()
+        self.wire.versions_on(&self.topic(dev, "inform"))
     }
 
     /// Waits until `dev` has sent a progress report matching `pred(status, progress)`.

@@ -68,22 +68,7 @@ impl Shared {
         now: Millis,
     ) -> Result<Vec<Outgoing>, String> {
         let (_, p) = parse_progress(payload).map_err(|r| r.message)?;
-        if p.desc.is_empty() {
-            log::info!(
-                "{product}/{device}: {} {} {}%",
-                p.firmware_version,
-                p.status.name(),
-                p.progress
-            );
-        } else {
-            log::info!(
-                "{product}/{device}: {} {} {}%: {}",
-                p.firmware_version,
-                p.status.name(),
-                p.progress,
-                p.desc
-            );
-        }
+        log::info!("{product}/{device}: {p}");
         bookkeeping(
             product,
             device,
