@@ -102,6 +102,9 @@ fn failing_upgrade(dev: &str, route: Route, body: &[u8]) -> (Rig, Vec<(i64, i64)
     rig.push(dev, command("f1", "2.0.0", &url, body, SignMethod::Md5));
     let (code, log) = wait_exit(child, WAIT);
     assert_eq!(code, 1, "{log}");
+    // The process has exited; its failure report may still be on its way
+    // through the broker to the recorder.
+    rig.wait_status(dev, |s, _| s < 0);
     assert!(
         !rig.out_file(dev, "2.0.0").exists(),
         "unverified bytes reached the final path"
