@@ -2,8 +2,8 @@
 //! on stderr, at the level `RUST_LOG` names (`error`, `warn`, `info`,
 //! `debug`, `trace`, `off`; default `warn`, or `-v` info, `-vv` debug), so the SDK's and the
 //! platform's warnings reach the terminal. Without `RUST_LOG`, only our own
-//! crates' records are shown: the embedded broker (rumqttd) turns its
-//! tracing spans into records of every level, which are noise to a user.
+//! crates' records are shown: other crates' (rumqttc's, hyper's) records
+//! are noise to a user.
 //!
 //! A `module=level` list is accepted too; its last bare level (or `warn`)
 //! applies to everything: the binary needs no per-module filtering yet, and

@@ -1,7 +1,8 @@
 //! The local IoT platform: a console-like OTA service on one machine.
 //!
-//! - MQTT: an embedded rumqttd broker ([`EmbeddedBroker`]) or any external
-//!   broker, reached through an ordinary MQTT client in both cases.
+//! - MQTT: the embedded broker ([`EmbeddedBroker`], MQTT 3.1.1 on the
+//!   platform's runtime, sized for fleets) or any external broker, reached
+//!   through an ordinary MQTT client in both cases.
 //! - A firmware HTTP(S) server with `Range`, `ETag` and `Content-Length` (`/fw/...`).
 //! - State in SQLite ([`store`]): firmware, devices, batches and records.
 //! - Batches and records run on a pure state machine ([`engine`]): every
@@ -39,7 +40,7 @@ use std::time::Duration;
 use rumqttc::{AsyncClient, MqttOptions, Transport};
 use tokio::task::JoinHandle;
 
-pub use broker::EmbeddedBroker;
+pub use broker::{BrokerOptions, BrokerStats, EmbeddedBroker};
 pub use client::ApiClient;
 pub use iot_ota_core::BrokerUrl;
 pub use service::now_ms;
@@ -47,7 +48,8 @@ pub use service::now_ms;
 /// Where the platform's MQTT broker is.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum BrokerChoice {
-    /// Start an embedded rumqttd on this address (port 0: a free port).
+    /// Start the embedded broker on this address (port 0: a free port),
+    /// with [`PlatformConfig::broker_options`].
     Embedded(SocketAddr),
     /// Use this external broker (`mqtt://HOST:PORT` or `mqtts://HOST:PORT`).
     External(String),
@@ -65,6 +67,8 @@ pub struct PlatformConfig {
     pub public_url: Option<String>,
     /// The MQTT broker.
     pub broker: BrokerChoice,
+    /// The embedded broker's limits (with [`BrokerChoice::Embedded`]).
+    pub broker_options: BrokerOptions,
     /// Topic prefix (default `/sys`).
     pub topic_prefix: String,
     /// Largest firmware accepted, bytes (default 100 MiB: 104,857,600 bytes).
@@ -106,6 +110,7 @@ impl PlatformConfig {
             http_addr: SocketAddr::from(([127, 0, 0, 1], 8080)),
             public_url: None,
             broker: BrokerChoice::Embedded(SocketAddr::from(([127, 0, 0, 1], 1883))),
+            broker_options: BrokerOptions::default(),
             topic_prefix: iot_ota_core::protocol::DEFAULT_PREFIX.into(),
             max_firmware_size: api::DEFAULT_MAX_FIRMWARE_SIZE,
             mqtt_username: None,
@@ -122,7 +127,7 @@ impl PlatformConfig {
 }
 
 /// A running platform. Dropping it (or [`Platform::shutdown`]) stops the HTTP
-/// server, the MQTT client and the ticker; an embedded broker keeps running.
+/// server, the MQTT client, the ticker and the embedded broker.
 pub struct Platform {
     shared: Arc<service::Shared>,
     token_made: bool,
@@ -132,7 +137,7 @@ pub struct Platform {
     https_addr: Option<SocketAddr>,
     broker_url: String,
     tasks: Vec<JoinHandle<()>>,
-    _broker: Option<EmbeddedBroker>,
+    broker: Option<EmbeddedBroker>,
 }
 
 /// TLS as a client (to an `mqtts://` broker, to an `https://` API): the
@@ -244,10 +249,7 @@ impl Platform {
             .map_err(|e| format!("the data directory {data}: {e}"))?;
         let (embedded, broker_url) = match &config.broker {
             BrokerChoice::Embedded(addr) => {
-                let addr = *addr;
-                let b = tokio::task::spawn_blocking(move || EmbeddedBroker::start(addr))
-                    .await
-                    .map_err(|e| e.to_string())??;
+                let b = EmbeddedBroker::start(*addr, config.broker_options.clone()).await?;
                 let url = b.url();
                 (Some(b), url)
             }
@@ -374,7 +376,7 @@ impl Platform {
             https_addr,
             broker_url,
             tasks,
-            _broker: embedded,
+            broker: embedded,
         })
     }
 
@@ -419,6 +421,12 @@ impl Platform {
     /// The broker the platform uses (the embedded one's `mqtt://ADDR`, or the external URL).
     pub fn broker_url(&self) -> &str {
         &self.broker_url
+    }
+
+    /// The embedded broker's counters (connections, messages, drops), when
+    /// the platform runs its own broker.
+    pub fn broker_stats(&self) -> Option<BrokerStats> {
+        self.broker.as_ref().map(EmbeddedBroker::stats)
     }
 
     /// True while the MQTT connection is up and subscribed.

@@ -1,4 +1,4 @@
-//! The platform over real MQTT (embedded rumqttd and Mosquitto) and HTTP,
+//! The platform over real MQTT (the embedded broker and Mosquitto) and HTTP,
 //! with scripted devices: every record state, every failure reason.
 
 mod common;
