@@ -167,7 +167,7 @@ async fn supervised_agent(
 }
 
 /// Deterministic-enough filler: splitmix64 seeded by the clock.
-fn random_bytes(len: usize) -> Vec<u8> {
+pub(crate) fn random_bytes(len: usize) -> Vec<u8> {
     let mut state = iot_ota_platform::now_ms() as u64 ^ 0x9e37_79b9_7f4a_7c15;
     let mut out = Vec::with_capacity(len + 8);
     while out.len() < len {

@@ -2,6 +2,7 @@
 //!
 //! ```text
 //! iot-ota demo [--devices N] [--with-faults]        one-command upgrade on loopback
+//! iot-ota fleet --devices N [--api URL --broker URL] N simulated devices through one batch
 //! iot-ota platform [--data-dir D] [--http ADDR] [--broker URL | --mqtt-listen ADDR]
 //! iot-ota firmware add|list|delete ...              over the platform's HTTP API
 //! iot-ota batch create|show|list|terminate ...
@@ -17,6 +18,7 @@
 mod agent;
 mod commands;
 mod demo;
+mod fleet;
 mod logger;
 mod table;
 
@@ -66,6 +68,9 @@ struct ApiOpts {
 enum Command {
     /// Run the whole upgrade on this machine: platform, embedded broker, simulated devices.
     Demo(demo::DemoArgs),
+    /// Run N simulated devices (one MQTT connection each, the SDK's engine
+    /// and download) through one batch, and print what it took.
+    Fleet(fleet::FleetArgs),
     /// Run the platform service (until Ctrl-C).
     Platform(PlatformArgs),
     /// Firmware registry.
@@ -229,11 +234,13 @@ fn main() -> ExitCode {
         Command::Device {
             cmd: DeviceCmd::List { api, .. },
         } => api.json,
+        Command::Fleet(args) => args.json,
         _ => false,
     };
     let result: Result<ExitCode, String> = rt.block_on(async move {
         match cli.command {
             Command::Demo(args) => demo::run(args).await,
+            Command::Fleet(args) => fleet::run(args).await,
             Command::Platform(args) => run_platform(args).await.map(|_| ExitCode::SUCCESS),
             Command::Key {
                 cmd: KeyCmd::Generate { out_dir },

@@ -167,6 +167,9 @@ pub struct RecordView {
     pub version: Option<String>,
     /// First push.
     pub pushed_ms: Option<Millis>,
+    /// When the device acknowledged the last push (its 200 reply).
+    #[serde(default)]
+    pub acked_ms: Option<Millis>,
     /// First progress of the current attempt.
     pub started_ms: Option<Millis>,
     /// Success or failure time.
@@ -222,6 +225,7 @@ impl RecordView {
             last_failure: r.last_failure.map(|x| x.as_str().into()),
             version: r.version.clone(),
             pushed_ms: r.pushed_ms,
+            acked_ms: r.acked_ms,
             started_ms: r.started_ms,
             finished_ms: r.finished_ms,
         }
@@ -507,4 +511,43 @@ mod tests {
         req.policy = Some("now".into());
         assert!(batch_config(&req).unwrap_err().contains("policy"));
     }
+}
+
+/// `GET /api/stats`: how hard the platform works, for fleet runs.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct StatsView {
+    /// Device messages handled since the start.
+    pub mqtt_messages: u64,
+    /// Time spent handling them (engine and database), in milliseconds.
+    pub mqtt_busy_ms: u64,
+    /// Device messages received and not handled yet.
+    pub queued: u64,
+    /// The most there have been at once since the start.
+    pub peak_queued: u64,
+    /// The process's resident memory now, KiB.
+    pub rss_kib: u64,
+    /// The process's peak resident memory, KiB.
+    pub peak_rss_kib: u64,
+    /// CPU time of the process (user + system), in milliseconds.
+    pub cpu_ms: u64,
+    /// The embedded broker's counters (absent with an external broker).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub broker: Option<BrokerStatsView>,
+}
+
+/// The embedded broker's counters in [`StatsView`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BrokerStatsView {
+    /// Clients connected now.
+    pub connections: u64,
+    /// Successful connects since the start.
+    pub connects: u64,
+    /// PUBLISH packets received from clients.
+    pub received: u64,
+    /// Messages queued to subscribers.
+    pub delivered: u64,
+    /// Messages dropped at a full queue.
+    pub dropped: u64,
+    /// The longest any client's queue has been (the platform's, under a fleet's reports).
+    pub peak_queue: u64,
 }

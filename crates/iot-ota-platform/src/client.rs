@@ -229,6 +229,11 @@ impl ApiClient {
         self.json("GET", "/api/health", None, b"").await
     }
 
+    /// `GET /api/stats`.
+    pub async fn stats(&self) -> Result<crate::api::StatsView, ClientError> {
+        self.json("GET", "/api/stats", None, b"").await
+    }
+
     /// `POST /api/firmware`: registers `bytes` as `product` `version`.
     pub async fn add_firmware(
         &self,

@@ -292,6 +292,8 @@ pub struct Record {
     pub version: Option<String>,
     /// When the last command was pushed.
     pub pushed_ms: Option<Millis>,
+    /// When the device acknowledged the last command (its 200 reply).
+    pub acked_ms: Option<Millis>,
     /// First progress report of the current attempt (the timeout clock's start).
     pub started_ms: Option<Millis>,
     /// The pending timer: ack deadline, upgrade deadline or retry time.
@@ -315,6 +317,7 @@ impl Record {
             last_failure: None,
             version: None,
             pushed_ms: None,
+            acked_ms: None,
             started_ms: None,
             deadline_ms: None,
             finished_ms: None,
@@ -471,6 +474,32 @@ impl Batch {
         self.batch_dirty |= batch_row;
     }
 
+    /// The rows changed and not saved yet: what a reload from storage must
+    /// carry over ([`Batch::carry_over`]). Cheap: usually nothing.
+    pub fn unsaved(&self) -> Unsaved {
+        Unsaved {
+            records: self.dirty.iter().map(|d| self.records[d].clone()).collect(),
+            head: self
+                .batch_dirty
+                .then_some((self.state, self.finished_ms, self.validity_cut)),
+        }
+    }
+
+    /// Puts [`Batch::unsaved`]'s rows back (marked changed) into a batch
+    /// reloaded from storage.
+    pub fn carry_over(&mut self, unsaved: Unsaved) {
+        for r in unsaved.records {
+            self.dirty.insert(r.device.clone());
+            self.records.insert(r.device.clone(), r);
+        }
+        if let Some((state, finished, cut)) = unsaved.head {
+            self.state = state;
+            self.finished_ms = finished;
+            self.validity_cut = cut;
+            self.batch_dirty = true;
+        }
+    }
+
     /// When [`Batch::poll`] next has something to do, if ever.
     pub fn next_wakeup(&self) -> Option<Millis> {
         if !self.is_running() {
@@ -591,6 +620,7 @@ impl Batch {
         }
         if code == 200 {
             let rec = self.rec_mut(device);
+            rec.acked_ms = Some(now);
             rec.state = RecordState::Pending;
             rec.reason = None;
             rec.deadline_ms = None;
@@ -729,6 +759,7 @@ impl Batch {
         rec.status = None;
         rec.progress = 0;
         rec.started_ms = None;
+        rec.acked_ms = None;
         rec.pushed_ms = Some(now);
         rec.deadline_ms = Some(now.saturating_add(ack));
         Action::Push {
@@ -777,6 +808,13 @@ impl Batch {
         self.finished_ms = Some(now);
         self.batch_dirty = true;
     }
+}
+
+/// A batch's changed rows not saved yet ([`Batch::unsaved`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Unsaved {
+    records: Vec<Record>,
+    head: Option<(BatchState, Option<Millis>, bool)>,
 }
 
 /// A known device, as eligibility sees it.

@@ -38,6 +38,7 @@ type ApiResult<T> = Result<Json<T>, PlatformError>;
 pub(crate) fn router(shared: Arc<Shared>) -> Router {
     Router::new()
         .route("/api/health", get(health))
+        .route("/api/stats", get(stats))
         .route(
             "/api/firmware",
             // The upload streams its body and enforces the size limit itself.
@@ -143,6 +144,10 @@ async fn health(State(s): State<Arc<Shared>>) -> Json<serde_json::Value> {
         "mqtt_connected": s.mqtt_up.load(Ordering::SeqCst),
         "public_url": s.public_url,
     }))
+}
+
+async fn stats(State(s): State<Arc<Shared>>) -> Json<crate::api::StatsView> {
+    Json(s.stats())
 }
 
 #[derive(Deserialize)]

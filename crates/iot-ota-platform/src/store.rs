@@ -13,11 +13,47 @@ use rusqlite::{params, Connection, OptionalExtension, Row};
 use crate::api::{DeviceView, FirmwareInfo};
 use crate::engine::{Batch, BatchConfig, BatchState, FailReason, Millis, Record, RecordState};
 
+/// A device row to write with a group of messages ([`Store::save_group`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceWrite {
+    /// Product key.
+    pub product: String,
+    /// Device identifier.
+    pub device: String,
+    /// The informed version; `None`: only seen (any other message).
+    pub version: Option<String>,
+}
+
+impl DeviceWrite {
+    /// A version inform.
+    pub fn informed(product: &str, device: &str, version: String) -> Self {
+        DeviceWrite {
+            product: product.into(),
+            device: device.into(),
+            version: Some(version),
+        }
+    }
+
+    /// Any other message: the device was seen.
+    pub fn seen(product: &str, device: &str) -> Self {
+        DeviceWrite {
+            product: product.into(),
+            device: device.into(),
+            version: None,
+        }
+    }
+}
+
 /// The schema version this code writes.
-pub const SCHEMA_VERSION: i64 = 2;
+pub const SCHEMA_VERSION: i64 = 3;
 
 /// Version 2: a firmware's security counter and its signed manifest (the
 /// command's `manifest` and `signatures` fields, as JSON).
+/// Version 3: when each record's command was acknowledged (push → ack latency).
+const SCHEMA_V3: &str = "
+ALTER TABLE records ADD COLUMN acked_ms INTEGER;
+";
+
 const SCHEMA_V2: &str = "
 ALTER TABLE firmware ADD COLUMN counter INTEGER;
 ALTER TABLE firmware ADD COLUMN signed TEXT;
@@ -175,7 +211,13 @@ impl Store {
     pub fn open(path: &Path) -> Result<Store> {
         let conn = Connection::open(path)?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
-        conn.pragma_update(None, "synchronous", "FULL")?;
+        // Reports are committed at once but not each fsynced (a process
+        // crash loses none of them; a power cut may lose the last ones, as
+        // it may lose the broker's unacknowledged messages anyway). What
+        // precedes an action (a push, a new batch) is written with
+        // `synchronous = FULL` ([`Store::save_durable`]), and that fsync
+        // makes everything written before it durable too.
+        conn.pragma_update(None, "synchronous", "NORMAL")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         let mut store = Store { conn };
@@ -202,6 +244,12 @@ impl Store {
             let tx = self.conn.transaction()?;
             tx.execute_batch(SCHEMA_V2)?;
             tx.pragma_update(None, "user_version", 2)?;
+            tx.commit()?;
+        }
+        if version < 3 {
+            let tx = self.conn.transaction()?;
+            tx.execute_batch(SCHEMA_V3)?;
+            tx.pragma_update(None, "user_version", 3)?;
             tx.commit()?;
         }
         Ok(())
@@ -275,6 +323,55 @@ impl Store {
 
     // ---- devices
 
+    /// Writes a group of device messages' changes in one transaction: the
+    /// device rows and every batch's changed rows. When it fails nothing is
+    /// written and the batches' rows stay marked changed.
+    pub fn save_group(
+        &mut self,
+        batches: &mut [&mut Batch],
+        devices: &[DeviceWrite],
+        now: Millis,
+    ) -> Result<()> {
+        let taken: Vec<(Vec<String>, bool)> = batches.iter_mut().map(|b| b.take_dirty()).collect();
+        let result = (|| -> Result<()> {
+            let tx = self.conn.transaction()?;
+            for d in devices {
+                match &d.version {
+                    Some(v) => {
+                        tx.execute(
+                            "INSERT INTO devices (product, device, version, first_seen_ms, last_seen_ms)
+                             VALUES (?1, ?2, ?3, ?4, ?4)
+                             ON CONFLICT (product, device) DO UPDATE SET version = ?3, last_seen_ms = ?4",
+                            params![d.product, d.device, v, now],
+                        )?;
+                    }
+                    None => {
+                        tx.execute(
+                            "UPDATE devices SET last_seen_ms = ?3 WHERE product = ?1 AND device = ?2",
+                            params![d.product, d.device, now],
+                        )?;
+                    }
+                }
+            }
+            for (b, (rows, row)) in batches.iter().zip(&taken) {
+                if *row {
+                    write_batch_row(&tx, b)?;
+                }
+                for d in rows {
+                    write_record(&tx, b.id, &b.records[d])?;
+                }
+            }
+            tx.commit()?;
+            Ok(())
+        })();
+        if result.is_err() {
+            for (b, (rows, row)) in batches.iter_mut().zip(taken) {
+                b.mark_dirty(rows, row);
+            }
+        }
+        result
+    }
+
     /// Records a version inform.
     pub fn device_informed(
         &self,
@@ -331,6 +428,22 @@ impl Store {
         now: Millis,
         make: impl FnOnce(i64) -> Batch,
     ) -> Result<Batch> {
+        self.conn.pragma_update(None, "synchronous", "FULL")?;
+        let created = self.insert_batch(product, firmware_version, config, now, make);
+        let normal = self.conn.pragma_update(None, "synchronous", "NORMAL");
+        let created = created?;
+        normal?;
+        Ok(created)
+    }
+
+    fn insert_batch(
+        &mut self,
+        product: &str,
+        firmware_version: &str,
+        config: &BatchConfig,
+        now: Millis,
+        make: impl FnOnce(i64) -> Batch,
+    ) -> Result<Batch> {
         let tx = self.conn.transaction()?;
         tx.execute(
             "INSERT INTO batches (product, firmware_version, policy, sign_method, validity_ms, timeout_ms,
@@ -373,6 +486,16 @@ impl Store {
             batch.mark_dirty(devices, row);
         }
         result
+    }
+
+    /// [`Store::save`], fsynced before it returns (with every commit before
+    /// it): for rows the caller is about to act on (pushes).
+    pub fn save_durable(&mut self, batch: &mut Batch) -> Result<()> {
+        self.conn.pragma_update(None, "synchronous", "FULL")?;
+        let result = self.save(batch);
+        let normal = self.conn.pragma_update(None, "synchronous", "NORMAL");
+        result?;
+        Ok(normal?)
     }
 
     fn write_rows(&mut self, batch: &Batch, devices: &[String], row: bool) -> Result<()> {
@@ -448,7 +571,7 @@ impl Store {
         let state = BatchState::parse(&state).ok_or_else(|| bad("state", &state))?;
         let mut st = self.conn.prepare(
             "SELECT device, state, status, progress, attempts, msg_id, reason, desc, last_failure, version,
-                    pushed_ms, started_ms, deadline_ms, finished_ms
+                    pushed_ms, started_ms, deadline_ms, finished_ms, acked_ms
              FROM records WHERE batch_id = ?1 ORDER BY device",
         )?;
         let raw = st
@@ -469,6 +592,7 @@ impl Store {
                         r.get(11)?,
                         r.get(12)?,
                         r.get(13)?,
+                        r.get(14)?,
                     ],
                 ))
             })?
@@ -492,6 +616,7 @@ impl Store {
                 last_failure: reason(last)?,
                 version,
                 pushed_ms: t[0],
+                acked_ms: t[4],
                 started_ms: t[1],
                 deadline_ms: t[2],
                 finished_ms: t[3],
@@ -528,8 +653,8 @@ fn write_record(tx: &rusqlite::Transaction<'_>, batch: i64, r: &Record) -> Resul
     tx.execute(
         "INSERT OR REPLACE INTO records (batch_id, device, state, status, progress, attempts, msg_id, reason,
                                          desc, last_failure, version, pushed_ms, started_ms, deadline_ms,
-                                         finished_ms)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
+                                         finished_ms, acked_ms)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)",
         params![
             batch,
             r.device,
@@ -545,7 +670,8 @@ fn write_record(tx: &rusqlite::Transaction<'_>, batch: i64, r: &Record) -> Resul
             r.pushed_ms,
             r.started_ms,
             r.deadline_ms,
-            r.finished_ms
+            r.finished_ms,
+            r.acked_ms
         ],
     )?;
     Ok(())

@@ -90,6 +90,20 @@ pub struct BrokerStats {
     pub delivered: u64,
     /// Messages dropped because a subscriber's queue was full.
     pub dropped: u64,
+    /// The longest any client's queue has been, in messages.
+    pub peak_queue: u64,
+}
+
+/// A handle that reads an [`EmbeddedBroker`]'s counters, for whoever
+/// reports them (the platform's `/api/stats`); it does not keep the broker running.
+#[derive(Clone, Debug)]
+pub struct BrokerStatsHandle(std::sync::Weak<Shared>);
+
+impl BrokerStatsHandle {
+    /// The counters now, or `None` once the broker has stopped.
+    pub fn get(&self) -> Option<BrokerStats> {
+        self.0.upgrade().map(|s| s.counters.snapshot())
+    }
 }
 
 #[derive(Default)]
@@ -99,6 +113,20 @@ struct Counters {
     received: AtomicU64,
     delivered: AtomicU64,
     dropped: AtomicU64,
+    peak_queue: AtomicU64,
+}
+
+impl Counters {
+    fn snapshot(&self) -> BrokerStats {
+        BrokerStats {
+            connections: self.connections.load(Ordering::Relaxed),
+            connects: self.connects.load(Ordering::Relaxed),
+            received: self.received.load(Ordering::Relaxed),
+            delivered: self.delivered.load(Ordering::Relaxed),
+            dropped: self.dropped.load(Ordering::Relaxed),
+            peak_queue: self.peak_queue.load(Ordering::Relaxed),
+        }
+    }
 }
 
 /// An MQTT broker running on the current tokio runtime; it stops (and drops
@@ -145,14 +173,12 @@ impl EmbeddedBroker {
 
     /// Its counters now.
     pub fn stats(&self) -> BrokerStats {
-        let c = &self.shared.counters;
-        BrokerStats {
-            connections: c.connections.load(Ordering::Relaxed),
-            connects: c.connects.load(Ordering::Relaxed),
-            received: c.received.load(Ordering::Relaxed),
-            delivered: c.delivered.load(Ordering::Relaxed),
-            dropped: c.dropped.load(Ordering::Relaxed),
-        }
+        self.shared.counters.snapshot()
+    }
+
+    /// A handle to read the counters from elsewhere.
+    pub fn stats_handle(&self) -> BrokerStatsHandle {
+        BrokerStatsHandle(Arc::downgrade(&self.shared))
     }
 }
 
@@ -299,7 +325,12 @@ impl State {
             out.dup = false;
             out.pkid = 0;
             let queued = match &session.conn {
-                Some(online) => online.tx.try_send(out).is_ok(),
+                Some(online) => {
+                    let sent = online.tx.try_send(out).is_ok();
+                    let depth = (online.tx.max_capacity() - online.tx.capacity()) as u64;
+                    counters.peak_queue.fetch_max(depth, Ordering::Relaxed);
+                    sent
+                }
                 None if session.persistent && out.qos != QoS::AtMostOnce => {
                     if session.parked.len() < options.max_queued {
                         session.parked.push_back(out);

@@ -20,7 +20,7 @@ pub(crate) use mqtt::{mqtt_loop, ticker};
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -102,6 +102,7 @@ pub(crate) struct Settings {
     pub(crate) max_size: u64,
     pub(crate) signing_key: Option<crate::signing::SigningKey>,
     pub(crate) api_token: String,
+    pub(crate) broker_stats: Option<crate::broker::BrokerStatsHandle>,
 }
 
 /// State shared by the HTTP handlers, the MQTT loop and the ticker.
@@ -119,6 +120,13 @@ pub(crate) struct Shared {
     pub(crate) wake: Notify,
     pub(crate) mqtt_up: AtomicBool,
     pub(crate) stopping: AtomicBool,
+    /// Device messages handled, and the microseconds spent on them.
+    pub(crate) messages: AtomicU64,
+    pub(crate) busy_us: AtomicU64,
+    /// Device messages received and not handled yet, now and at most.
+    pub(crate) queued: AtomicU64,
+    pub(crate) peak_queued: AtomicU64,
+    pub(crate) broker_stats: Option<crate::broker::BrokerStatsHandle>,
 }
 
 impl Shared {
@@ -134,6 +142,7 @@ impl Shared {
             max_size,
             signing_key,
             api_token,
+            broker_stats,
         } = settings;
         let mut running = BTreeMap::new();
         for id in store.batch_ids(true)? {
@@ -153,7 +162,36 @@ impl Shared {
             wake: Notify::new(),
             mqtt_up: AtomicBool::new(false),
             stopping: AtomicBool::new(false),
+            messages: AtomicU64::new(0),
+            busy_us: AtomicU64::new(0),
+            queued: AtomicU64::new(0),
+            peak_queued: AtomicU64::new(0),
+            broker_stats,
         })
+    }
+
+    /// What `GET /api/stats` shows.
+    pub(crate) fn stats(&self) -> crate::api::StatsView {
+        let (rss_kib, peak_rss_kib, cpu_ms) = process_usage();
+        crate::api::StatsView {
+            mqtt_messages: self.messages.load(Ordering::Relaxed),
+            mqtt_busy_ms: self.busy_us.load(Ordering::Relaxed) / 1000,
+            queued: self.queued.load(Ordering::Relaxed),
+            peak_queued: self.peak_queued.load(Ordering::Relaxed),
+            rss_kib,
+            peak_rss_kib,
+            cpu_ms,
+            broker: self.broker_stats.as_ref().and_then(|h| h.get()).map(|b| {
+                crate::api::BrokerStatsView {
+                    connections: b.connections,
+                    connects: b.connects,
+                    received: b.received,
+                    delivered: b.delivered,
+                    dropped: b.dropped,
+                    peak_queue: b.peak_queue,
+                }
+            }),
+        }
     }
 
     pub(crate) fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -177,6 +215,34 @@ impl Shared {
     fn topics(&self, product: &str, device: &str) -> Topics {
         Topics::with_prefix(&self.prefix, product, device)
     }
+}
+
+/// This process's resident memory now and at its peak (KiB), and its CPU
+/// time (ms), from `/proc/self`; zeros where that is not readable.
+pub fn process_usage() -> (u64, u64, u64) {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    // utime and stime are fields 14 and 15, in USER_HZ (100 on Linux) ticks;
+    // the command name (field 2) may hold spaces, so count after its ')'.
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let ticks: u64 = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| {
+            rest.split_whitespace()
+                .skip(11)
+                .take(2)
+                .filter_map(|v| v.parse::<u64>().ok())
+                .sum()
+        })
+        .unwrap_or(0);
+    (field("VmRSS:"), field("VmHWM:"), ticks * 10)
 }
 
 #[cfg(test)]
@@ -251,6 +317,7 @@ mod tests {
                 max_size: 1 << 20,
                 signing_key: None,
                 api_token: "t".into(),
+                broker_stats: None,
             },
         )
         .unwrap();

@@ -13,79 +13,121 @@ use rumqttc::{Event, EventLoop, Packet, QoS, SubscribeFilter};
 
 use super::{now_ms, Inner, Outgoing, Shared, SAVE_RETRY_MS};
 use crate::engine::{Action, Batch, Millis};
-use crate::store::{Store, StoreError};
+use crate::store::{DeviceWrite, Store};
 
 impl Shared {
     // ---- MQTT input
 
     /// Handles one message from a device; returns what to publish in answer.
+    #[cfg(test)]
     pub(crate) fn on_message(&self, topic: &str, payload: &[u8], now: Millis) -> Vec<Outgoing> {
-        let Some((product, device, kind)) = Topics::parse(&self.prefix, topic) else {
-            return Vec::new();
-        };
+        self.on_messages(&[(topic.to_owned(), payload.to_vec())], now)
+    }
+
+    /// Handles the messages that arrived together, under one lock and in
+    /// one transaction (group commit: at 10,000 devices the platform gets
+    /// thousands of reports a second, and one commit each was its limit);
+    /// returns what to publish in answer, once that is committed.
+    pub(crate) fn on_messages(&self, messages: &[(String, Vec<u8>)], now: Millis) -> Vec<Outgoing> {
         let mut inner = self.lock();
-        let result = match kind {
-            TopicKind::Inform => self.on_inform(&mut inner, product, device, payload, now),
-            TopicKind::Progress => self.on_progress(&mut inner, product, device, payload, now),
-            TopicKind::UpgradeReply => self.on_reply(&mut inner, product, device, payload, now),
-            TopicKind::Get => self.on_get(&inner, product, device, payload, now),
-            TopicKind::Upgrade | TopicKind::GetReply => Ok(Vec::new()),
-        };
-        match result {
-            Ok(out) => out,
-            Err(e) => {
+        let mut group = Group::default();
+        for (topic, payload) in messages {
+            let Some((product, device, kind)) = Topics::parse(&self.prefix, topic) else {
+                continue;
+            };
+            let result = match kind {
+                TopicKind::Inform => {
+                    self.on_inform(&mut inner, &mut group, product, device, payload, now)
+                }
+                TopicKind::Progress => {
+                    self.on_progress(&mut inner, &mut group, product, device, payload, now)
+                }
+                TopicKind::UpgradeReply => {
+                    self.on_reply(&mut inner, &mut group, product, device, payload, now)
+                }
+                TopicKind::Get => self.on_get(&inner, &mut group, product, device, payload),
+                TopicKind::Upgrade | TopicKind::GetReply => Ok(()),
+            };
+            if let Err(e) = result {
                 log::warn!("{topic}: {e}");
-                Vec::new()
             }
+        }
+        self.commit_group(&mut inner, &mut group, now);
+        group.out
+    }
+
+    /// Writes what a group of messages changed in one transaction and
+    /// retires the batches they finished. A failed write keeps the changes
+    /// in memory with their rows still marked changed: the ticker's next
+    /// save writes them (within a second), and anything acted on later is
+    /// decided by a tick whose save commits these rows first.
+    fn commit_group(&self, inner: &mut Inner, group: &mut Group, now: Millis) {
+        let Inner { store, running } = inner;
+        let mut batches: Vec<&mut Batch> = running
+            .values_mut()
+            .filter(|b| group.touched.contains(&b.id))
+            .collect();
+        if let Err(e) = store.save_group(&mut batches, &group.devices, now) {
+            log::error!("saving {} device messages: {e}", group.devices.len());
+            return;
+        }
+        let done: Vec<i64> = batches
+            .iter()
+            .filter(|b| !b.is_running())
+            .map(|b| b.id)
+            .collect();
+        for id in done {
+            running.remove(&id);
         }
     }
 
     fn on_inform(
         &self,
         inner: &mut Inner,
+        group: &mut Group,
         product: &str,
         device: &str,
         payload: &[u8],
         now: Millis,
-    ) -> Result<Vec<Outgoing>, String> {
+    ) -> Result<(), String> {
         let (_, version) = parse_version_message(payload).map_err(|r| r.message)?;
         log::info!("{product}/{device}: runs {version}");
-        bookkeeping(
-            product,
-            device,
-            inner.store.device_informed(product, device, &version, now),
-        );
-        self.for_batches(inner, product, |b| b.handle_inform(device, &version, now))?;
-        Ok(Vec::new())
+        for_batches(inner, group, product, |b| {
+            b.handle_inform(device, &version, now)
+        });
+        group
+            .devices
+            .push(DeviceWrite::informed(product, device, version));
+        Ok(())
     }
 
     fn on_progress(
         &self,
         inner: &mut Inner,
+        group: &mut Group,
         product: &str,
         device: &str,
         payload: &[u8],
         now: Millis,
-    ) -> Result<Vec<Outgoing>, String> {
+    ) -> Result<(), String> {
         let (_, p) = parse_progress(payload).map_err(|r| r.message)?;
         log::info!("{product}/{device}: {p}");
-        bookkeeping(
-            product,
-            device,
-            inner.store.device_seen(product, device, now),
-        );
-        self.for_batches(inner, product, |b| b.handle_progress(device, &p, now))?;
-        Ok(Vec::new())
+        group.devices.push(DeviceWrite::seen(product, device));
+        for_batches(inner, group, product, |b| {
+            b.handle_progress(device, &p, now)
+        });
+        Ok(())
     }
 
     fn on_reply(
         &self,
         inner: &mut Inner,
+        group: &mut Group,
         product: &str,
         device: &str,
         payload: &[u8],
         now: Millis,
-    ) -> Result<Vec<Outgoing>, String> {
+    ) -> Result<(), String> {
         let r = parse_upgrade_reply(payload).map_err(|r| r.message)?;
         log::info!(
             "{product}/{device}: reply {} to {}: {}",
@@ -93,30 +135,24 @@ impl Shared {
             r.msg_id,
             r.message
         );
-        bookkeeping(
-            product,
-            device,
-            inner.store.device_seen(product, device, now),
-        );
-        self.for_batches(inner, product, |b| {
+        group.devices.push(DeviceWrite::seen(product, device));
+        for_batches(inner, group, product, |b| {
             b.handle_reply(device, &r.msg_id, r.code, &r.message, now)
-        })?;
-        Ok(Vec::new())
+        });
+        Ok(())
     }
 
     fn on_get(
         &self,
         inner: &Inner,
+        group: &mut Group,
         product: &str,
         device: &str,
         payload: &[u8],
-        now: Millis,
-    ) -> Result<Vec<Outgoing>, String> {
+    ) -> Result<(), String> {
         let (msg_id, version) = parse_version_message(payload).map_err(|r| r.message)?;
         let store = &inner.store;
-        store
-            .device_seen(product, device, now)
-            .map_err(|e| e.to_string())?;
+        group.devices.push(DeviceWrite::seen(product, device));
         let topic = self.topics(product, device).get_reply;
         let payload = match store
             .firmware(product, &version)
@@ -136,43 +172,8 @@ impl Shared {
             ),
             None => encode_get_not_found(&msg_id, &version),
         };
-        Ok(vec![(topic, payload)])
-    }
-
-    /// Feeds every running batch of `product`, saves what changed, retires finished batches.
-    ///
-    /// A batch whose save fails keeps the change in memory with its rows still
-    /// marked changed ([`Store::save`]), and stays running: the ticker's next
-    /// save writes them (within a second), and anything acted on later is
-    /// decided by a tick whose save commits these rows first.
-    fn for_batches(
-        &self,
-        inner: &mut Inner,
-        product: &str,
-        mut f: impl FnMut(&mut Batch) -> bool,
-    ) -> Result<(), String> {
-        let Inner { store, running } = inner;
-        let mut done = Vec::new();
-        let mut errors = Vec::new();
-        for b in running.values_mut().filter(|b| b.product == product) {
-            if f(b) {
-                if let Err(e) = store.save(b) {
-                    errors.push(format!("saving batch {}: {e}", b.id));
-                    continue;
-                }
-                if !b.is_running() {
-                    done.push(b.id);
-                }
-            }
-        }
-        for id in done {
-            running.remove(&id);
-        }
-        if errors.is_empty() {
-            Ok(())
-        } else {
-            Err(errors.join("; "))
-        }
+        group.out.push((topic, payload));
+        Ok(())
     }
 
     // ---- timers
@@ -186,17 +187,28 @@ impl Shared {
         let mut done = Vec::new();
         let mut next: Option<Millis> = None;
         for b in running.values_mut() {
-            // A poll that is due may decide pushes: keep the batch as it was, so
-            // that a failed save can undo the poll and the next tick decides again.
-            let before = b.next_wakeup().is_some_and(|w| w <= now).then(|| b.clone());
+            let unsaved = b.unsaved();
             let actions = b.poll(now);
-            if let Err(e) = store.save(b) {
-                // Not committed: do not act on it. Undo the poll (a poll that was
-                // not due decided nothing, and `save` kept its rows marked
-                // changed), and try again shortly.
+            // Fsynced when it pushes: a push is acted on only once it is durable.
+            let saved = if actions.is_empty() {
+                store.save(b)
+            } else {
+                store.save_durable(b)
+            };
+            if let Err(e) = saved {
+                // Not committed: do not act on it. Undo the poll: go back to
+                // what is committed plus what was changed and not saved
+                // before the poll, and try again shortly (the next tick
+                // decides again). If even that cannot be read, the records
+                // marked pushed fail their ack timeout and are retried.
                 log::error!("saving batch {}: {e}", b.id);
-                if let Some(before) = before {
-                    *b = before;
+                match store.load_batch(b.id) {
+                    Ok(Some(mut committed)) => {
+                        committed.carry_over(unsaved);
+                        *b = committed;
+                    }
+                    Ok(None) => {}
+                    Err(e) => log::error!("reloading batch {}: {e}", b.id),
                 }
                 let retry = now.saturating_add(SAVE_RETRY_MS);
                 next = Some(next.map_or(retry, |n| n.min(retry)));
@@ -260,7 +272,9 @@ impl Shared {
     }
 }
 
-/// Drives the MQTT connection: re-subscribes on every ConnAck, feeds messages in.
+/// Drives the MQTT connection: re-subscribes on every ConnAck, and hands
+/// the messages to [`handle_messages`] through a queue, so that reading
+/// the socket never waits for the database.
 pub(crate) async fn mqtt_loop(shared: Arc<Shared>, mut eventloop: EventLoop) {
     let filters: Vec<SubscribeFilter> = ["upgrade_reply", "inform", "progress", "get"]
         .iter()
@@ -274,10 +288,13 @@ pub(crate) async fn mqtt_loop(shared: Arc<Shared>, mut eventloop: EventLoop) {
             )
         })
         .collect();
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let handler = tokio::spawn(handle_messages(shared.clone(), rx));
+    let _stop_handler = AbortOnDrop(handler);
     loop {
         match eventloop.poll().await {
             Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                // Clean session: the broker forgot our subscriptions.
+                // A broker that lost our session (restarted) forgot the subscriptions.
                 if let Err(e) = shared.mqtt.try_subscribe_many(filters.clone()) {
                     log::error!("subscribe: {e}");
                 }
@@ -286,15 +303,10 @@ pub(crate) async fn mqtt_loop(shared: Arc<Shared>, mut eventloop: EventLoop) {
                 shared.mqtt_up.store(true, Ordering::SeqCst);
             }
             Ok(Event::Incoming(Packet::Publish(p))) => {
-                let out = shared.on_message(&p.topic, &p.payload, now_ms());
-                for (topic, payload) in out {
-                    // try_publish: awaiting here could block the loop that drains the queue.
-                    if let Err(e) = shared
-                        .mqtt
-                        .try_publish(topic, QoS::AtLeastOnce, false, payload)
-                    {
-                        log::warn!("reply: {e}");
-                    }
+                let depth = shared.queued.fetch_add(1, Ordering::Relaxed) + 1;
+                shared.peak_queued.fetch_max(depth, Ordering::Relaxed);
+                if tx.send((p.topic, p.payload.to_vec())).is_err() {
+                    return;
                 }
             }
             Ok(_) => {}
@@ -305,6 +317,53 @@ pub(crate) async fn mqtt_loop(shared: Arc<Shared>, mut eventloop: EventLoop) {
                     log::warn!("MQTT connection lost: {e}; reconnecting");
                 }
                 tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+        }
+    }
+}
+
+/// Aborts a task when dropped (the MQTT loop's handler ends with the loop).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Messages handled in one group at most.
+const GROUP: usize = 512;
+
+/// Takes the queued messages in groups (whatever has arrived, up to
+/// [`GROUP`]) and handles each group in one transaction, off the runtime's
+/// event threads.
+async fn handle_messages(
+    shared: Arc<Shared>,
+    mut rx: tokio::sync::mpsc::UnboundedReceiver<(String, Vec<u8>)>,
+) {
+    let mut group = Vec::with_capacity(GROUP);
+    while rx.recv_many(&mut group, GROUP).await > 0 {
+        let messages = std::mem::take(&mut group);
+        let n = messages.len() as u64;
+        let s = shared.clone();
+        let out = tokio::task::spawn_blocking(move || {
+            let started = std::time::Instant::now();
+            let out = s.on_messages(&messages, now_ms());
+            s.busy_us
+                .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+            out
+        })
+        .await
+        .unwrap_or_default();
+        shared.messages.fetch_add(n, Ordering::Relaxed);
+        shared.queued.fetch_sub(n, Ordering::Relaxed);
+        for (topic, payload) in out {
+            // try_publish: awaiting here could block the loop that drains the queue.
+            if let Err(e) = shared
+                .mqtt
+                .try_publish(topic, QoS::AtLeastOnce, false, payload)
+            {
+                log::warn!("reply: {e}");
             }
         }
     }
@@ -328,10 +387,27 @@ pub(crate) async fn ticker(shared: Arc<Shared>) {
     }
 }
 
-/// The device row is bookkeeping: failing to write it is logged, and must
-/// not drop the message for the batches.
-fn bookkeeping(product: &str, device: &str, written: Result<(), StoreError>) {
-    if let Err(e) = written {
-        log::warn!("{product}/{device}: {e}");
+/// What a group of device messages changed, written together.
+#[derive(Default)]
+struct Group {
+    /// Ids of the batches fed.
+    touched: std::collections::BTreeSet<i64>,
+    /// Device rows to write.
+    devices: Vec<DeviceWrite>,
+    /// Replies to publish once committed.
+    out: Vec<Outgoing>,
+}
+
+/// Feeds every running batch of `product`; the group remembers which.
+fn for_batches(
+    inner: &mut Inner,
+    group: &mut Group,
+    product: &str,
+    mut f: impl FnMut(&mut Batch) -> bool,
+) {
+    for b in inner.running.values_mut().filter(|b| b.product == product) {
+        if f(b) {
+            group.touched.insert(b.id);
+        }
     }
 }
