@@ -95,6 +95,8 @@ pub enum BatchCmd {
         /// Override: how long a push waits for the device's reply, seconds (default 10).
         #[arg(long)]
         ack_timeout_secs: Option<f64>,
+        #[command(flatten)]
+        rollout: RolloutArgs,
     },
     /// A batch and every record: state, progress bar, version, reason.
     Show {
@@ -111,6 +113,45 @@ pub enum BatchCmd {
         /// Batch id.
         id: i64,
     },
+    /// Pause a batch: nothing new is pushed; records already pushed go on.
+    Pause {
+        /// Batch id.
+        id: i64,
+    },
+    /// Resume a paused batch (one its error threshold paused, too).
+    Resume {
+        /// Batch id.
+        id: i64,
+    },
+}
+
+/// A batch's rollout rules (`batch create`, `fleet`).
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct RolloutArgs {
+    /// Rollout groups, in order: counts (100) or percentages of the batch's
+    /// devices (10%), comma-separated; the rest form one last group.
+    #[arg(long, value_delimiter = ',')]
+    pub groups: Option<Vec<String>>,
+    /// Percentage of a group in success that starts the next group (1-100, default 100).
+    #[arg(long)]
+    pub success_threshold: Option<u32>,
+    /// Failed records in a group that pause the batch: a count (5) or a
+    /// percentage of the group (10%).
+    #[arg(long)]
+    pub error_threshold: Option<String>,
+    /// Pushes per minute at most, jittered.
+    #[arg(long)]
+    pub push_rate: Option<u32>,
+}
+
+impl RolloutArgs {
+    /// Puts the rules into a batch request.
+    pub fn apply(self, req: &mut CreateBatch) {
+        req.groups = self.groups;
+        req.success_threshold = self.success_threshold;
+        req.error_threshold = self.error_threshold;
+        req.push_rate = self.push_rate;
+    }
 }
 
 /// Whether `url`'s host is this machine (127.0.0.0/8, localhost, ::1).
@@ -248,7 +289,46 @@ pub async fn firmware(api: &ApiOpts, cmd: FirmwareCmd) -> Result<ExitCode, Strin
 }
 
 fn show(b: &BatchView) -> String {
-    format!("{}\n{}", totals_line(b), records_table(b, true))
+    format!(
+        "{}\n{}{}",
+        totals_line(b),
+        rollout_lines(b),
+        records_table(b, true)
+    )
+}
+
+/// The rollout's groups and pause reason, when the batch has rules.
+pub fn rollout_lines(b: &BatchView) -> String {
+    let mut out = String::new();
+    if let Some(why) = &b.paused {
+        out.push_str(&format!("PAUSED: {why} (iot-ota batch resume {})\n", b.id));
+    }
+    let r = &b.rollout;
+    if b.groups.len() > 1 || r.push_rate.is_some() || r.error_threshold.is_some() {
+        let mut rules = vec![format!("next group at {}% success", r.success_threshold)];
+        if let Some(t) = &r.error_threshold {
+            rules.push(format!("pause at {t} failed"));
+        }
+        if let Some(p) = r.push_rate {
+            rules.push(format!("{p} pushes/min"));
+        }
+        out.push_str(&format!("rollout: {}\n", rules.join(", ")));
+        for (i, g) in b.groups.iter().enumerate() {
+            let mark = if i + 1 == b.group as usize {
+                " <- pushing"
+            } else {
+                ""
+            };
+            out.push_str(&format!(
+                "  group {}: {} devices, {} success, {} failed{mark}\n",
+                i + 1,
+                g.total,
+                g.success,
+                g.failed
+            ));
+        }
+    }
+    out
 }
 
 /// `iot-ota batch ...`
@@ -269,8 +349,9 @@ pub async fn batch(api: &ApiOpts, cmd: BatchCmd) -> Result<ExitCode, String> {
             timeout_secs,
             retry_interval_secs,
             ack_timeout_secs,
+            rollout,
         } => {
-            let req = CreateBatch {
+            let mut req = CreateBatch {
                 product,
                 firmware_version: version,
                 devices,
@@ -284,7 +365,9 @@ pub async fn batch(api: &ApiOpts, cmd: BatchCmd) -> Result<ExitCode, String> {
                 timeout_secs,
                 retry_interval_secs,
                 ack_timeout_secs,
+                ..CreateBatch::default()
             };
+            rollout.apply(&mut req);
             let created = c.create_batch(&req).await.map_err(|e| e.to_string())?;
             if api.json {
                 print_json(&created)?;
@@ -365,8 +448,13 @@ pub async fn batch(api: &ApiOpts, cmd: BatchCmd) -> Result<ExitCode, String> {
                 );
             }
         }
-        BatchCmd::Terminate { id } => {
-            let b = c.terminate_batch(id).await.map_err(|e| e.to_string())?;
+        BatchCmd::Terminate { id } | BatchCmd::Pause { id } | BatchCmd::Resume { id } => {
+            let b = match cmd {
+                BatchCmd::Pause { .. } => c.pause_batch(id).await,
+                BatchCmd::Resume { .. } => c.resume_batch(id).await,
+                _ => c.terminate_batch(id).await,
+            }
+            .map_err(|e| e.to_string())?;
             if api.json {
                 print_json(&b)?;
             } else {

@@ -99,6 +99,10 @@ pub struct FleetArgs {
     /// UPGRADE_FAILED: to watch an error threshold stop a rollout.
     #[arg(long, default_value_t = 0)]
     pub fail_percent: u32,
+    /// When the batch pauses itself (its error threshold), terminate it and
+    /// end, instead of waiting for a `batch resume`.
+    #[arg(long)]
+    pub stop_when_paused: bool,
     /// Retries of the batch after a failure (0-5).
     #[arg(long, default_value_t = 0)]
     pub retries: u32,
@@ -108,6 +112,8 @@ pub struct FleetArgs {
     /// Print the summary as JSON.
     #[arg(long)]
     pub json: bool,
+    #[command(flatten)]
+    pub rollout: crate::commands::RolloutArgs,
 }
 
 /// Shared by the device tasks.
@@ -172,6 +178,10 @@ struct Summary {
     devices: usize,
     batch: i64,
     batch_state: String,
+    /// Why the batch paused itself, if it did.
+    paused: Option<String>,
+    /// Records per rollout group: (total, success, failed).
+    groups: Vec<(usize, usize, usize)>,
     success: usize,
     failed: usize,
     unfinished: usize,
@@ -356,7 +366,7 @@ async fn run_with(
 
     let stats_before = api.stats().await.unwrap_or_default();
     let batch_id = if creates {
-        let req = CreateBatch {
+        let mut req = CreateBatch {
             product: args.product.clone(),
             firmware_version: args.version.clone(),
             devices: match args.fleet_size {
@@ -367,6 +377,7 @@ async fn run_with(
             retry_interval_secs: Some(2.0),
             ..CreateBatch::default()
         };
+        args.rollout.clone().apply(&mut req);
         let created = api.create_batch(&req).await.map_err(|e| e.to_string())?;
         if !created.excluded.is_empty() {
             eprintln!(
@@ -408,8 +419,22 @@ async fn run_with(
             break api.show_batch(batch_id).await.map_err(|e| e.to_string())?;
         }
         if last_line.elapsed() > Duration::from_secs(2) {
-            eprintln!("fleet: {}", state_counts(&mine));
+            let paused = b
+                .paused
+                .as_ref()
+                .map_or(String::new(), |p| format!(" - PAUSED: {p}"));
+            eprintln!("fleet: {}{paused}", state_counts(&mine));
             last_line = Instant::now();
+        }
+        if b.paused.is_some() && args.stop_when_paused {
+            eprintln!(
+                "fleet: the batch paused itself: {}",
+                b.paused.as_deref().unwrap_or("")
+            );
+            if creates {
+                let _ = api.terminate_batch(batch_id).await;
+            }
+            break api.show_batch(batch_id).await.map_err(|e| e.to_string())?;
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     };
@@ -621,6 +646,12 @@ fn summarize(
         devices: args.devices,
         batch: b.id,
         batch_state: b.state.clone(),
+        paused: b.paused.clone(),
+        groups: b
+            .groups
+            .iter()
+            .map(|g| (g.total, g.success, g.failed))
+            .collect(),
         connect_ms,
         connect_retries,
         platform_in_process: in_process,
@@ -685,6 +716,14 @@ fn print_summary(s: &Summary) {
     );
     for (why, n) in &s.failures {
         println!("  failed: {why}: {n}");
+    }
+    if let Some(p) = &s.paused {
+        println!("  paused itself: {p}");
+    }
+    if s.groups.len() > 1 {
+        for (i, (t, ok, bad)) in s.groups.iter().enumerate() {
+            println!("  group {}: {t} devices, {ok} success, {bad} failed", i + 1);
+        }
     }
     println!(
         "  connected in {} ({} connection attempts repeated)",

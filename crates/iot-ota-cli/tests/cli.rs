@@ -1154,3 +1154,62 @@ async fn platform_subcommand_serves_until_stopped() {
     );
     assert!(dir.join("data").join("platform.db").exists());
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn fleet_upgrades_every_device_and_reports_its_figures() {
+    let o = run(&["fleet", "--devices", "40", "--push-rate", "6000", "--json"]).await;
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{out}\n{err}");
+    let s: serde_json::Value = serde_json::from_str(&out).expect(&out);
+    assert_eq!(s["success"], 40, "{out}");
+    assert_eq!(s["failed"], 0, "{out}");
+    assert!(
+        s["all_success_ms"].as_i64().is_some_and(|ms| ms > 0),
+        "{out}"
+    );
+    // 40 pushes at 6000/min (10 ms apart, jittered): they took at least 200 ms.
+    assert!(s["batch_ms"].as_i64().unwrap() >= 200, "{out}");
+    assert!(s["push_to_ack_ms"]["p99"].as_i64().is_some(), "{out}");
+    assert!(
+        s["platform_messages_per_sec"].as_f64().unwrap() > 0.0,
+        "{out}"
+    );
+    assert!(s["fleet_peak_rss_kib"].as_u64().unwrap() > 0, "{out}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_fleet_rollout_pauses_itself_at_its_error_threshold() {
+    // Half the devices fail their install; groups of 10; two failures in a
+    // group pause the batch, which the fleet then terminates.
+    let o = run(&[
+        "fleet",
+        "--devices",
+        "40",
+        "--fail-percent",
+        "50",
+        "--groups",
+        "10,10",
+        "--error-threshold",
+        "2",
+        "--stop-when-paused",
+        "--json",
+    ])
+    .await;
+    let (out, err) = text(&o);
+    assert!(
+        !o.status.success(),
+        "not every device succeeded: {out}\n{err}"
+    );
+    let s: serde_json::Value = serde_json::from_str(&out).expect(&out);
+    let why = s["paused"].as_str().expect(&out);
+    assert!(why.contains("group 1 of 3"), "{why}");
+    assert!(why.contains("at the error threshold (2)"), "{why}");
+    let groups = s["groups"].as_array().unwrap();
+    assert_eq!(groups.len(), 3, "{out}");
+    // Groups 2 and 3 were never pushed: their records ended "batch terminated".
+    assert_eq!(groups[1][1], 0, "no success outside group 1: {out}");
+    assert!(
+        s["failures"]["batch_terminated"].as_u64().unwrap() >= 20,
+        "{out}"
+    );
+}

@@ -111,6 +111,20 @@ pub struct CreateBatch {
     /// How long a push waits for the device's reply, seconds (default 10).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ack_timeout_secs: Option<f64>,
+    /// Rollout groups, in order: counts (`"100"`) or percentages of the
+    /// batch's devices (`"10%"`); the rest form one last group.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub groups: Option<Vec<String>>,
+    /// Percentage of a group in success that starts the next (1-100, default 100).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub success_threshold: Option<u32>,
+    /// Failures in a group that pause the batch: a count (`"5"`) or a
+    /// percentage of the group (`"10%"`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error_threshold: Option<String>,
+    /// Pushes per minute at most (jittered).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub push_rate: Option<u32>,
 }
 
 /// A device left out of a new batch.
@@ -170,6 +184,9 @@ pub struct RecordView {
     /// When the device acknowledged the last push (its 200 reply).
     #[serde(default)]
     pub acked_ms: Option<Millis>,
+    /// Its rollout group (1-based).
+    #[serde(default)]
+    pub group: u32,
     /// First progress of the current attempt.
     pub started_ms: Option<Millis>,
     /// Success or failure time.
@@ -197,6 +214,18 @@ pub struct BatchView {
     pub expires_ms: Millis,
     /// Completion or termination time.
     pub finished_ms: Option<Millis>,
+    /// Why the batch is paused, while it is (`state` stays `in_progress`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub paused: Option<String>,
+    /// The rollout group being pushed (1-based).
+    #[serde(default)]
+    pub group: u32,
+    /// The rollout's groups and their counts (one group without rules).
+    #[serde(default)]
+    pub groups: Vec<GroupView>,
+    /// The rollout rules, as given (empty without).
+    #[serde(default)]
+    pub rollout: RolloutView,
     /// Upgrade timeout, ms.
     pub timeout_ms: Millis,
     /// Retries.
@@ -226,6 +255,7 @@ impl RecordView {
             version: r.version.clone(),
             pushed_ms: r.pushed_ms,
             acked_ms: r.acked_ms,
+            group: r.group + 1,
             started_ms: r.started_ms,
             finished_ms: r.finished_ms,
         }
@@ -246,6 +276,23 @@ impl BatchView {
             created_ms: b.created_ms,
             expires_ms: b.expires_ms(),
             finished_ms: b.finished_ms,
+            paused: b.progress.paused.clone(),
+            group: b.progress.group + 1,
+            groups: b
+                .group_counts()
+                .iter()
+                .map(|g| GroupView {
+                    total: g.total,
+                    success: g.success,
+                    failed: g.failed,
+                })
+                .collect(),
+            rollout: RolloutView {
+                groups: b.rollout.groups.iter().map(|g| g.to_string()).collect(),
+                success_threshold: b.rollout.success_pct(),
+                error_threshold: b.rollout.error_threshold.map(|t| t.to_string()),
+                push_rate: b.rollout.push_rate,
+            },
             timeout_ms: b.config.timeout_ms,
             retries: b.config.retries,
             retry_interval_ms: b.config.retry_interval_ms,
@@ -511,6 +558,62 @@ mod tests {
         req.policy = Some("now".into());
         assert!(batch_config(&req).unwrap_err().contains("policy"));
     }
+}
+
+/// One rollout group's counts in a [`BatchView`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupView {
+    /// Records.
+    pub total: usize,
+    /// In success.
+    pub success: usize,
+    /// Failed.
+    pub failed: usize,
+}
+
+/// A batch's rollout rules in a [`BatchView`].
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RolloutView {
+    /// Group sizes as given.
+    pub groups: Vec<String>,
+    /// Success percentage that starts the next group.
+    pub success_threshold: u32,
+    /// Failures that pause the batch.
+    pub error_threshold: Option<String>,
+    /// Pushes per minute at most.
+    pub push_rate: Option<u32>,
+}
+
+/// The rollout rules of a request, checked.
+pub(crate) fn rollout(req: &CreateBatch) -> Result<crate::engine::Rollout, String> {
+    use crate::engine::Share;
+    let groups = req
+        .groups
+        .iter()
+        .flatten()
+        .map(|g| Share::parse(g).map_err(|e| format!("groups: {e}")))
+        .collect::<Result<Vec<_>, _>>()?;
+    if let Some(t) = req.success_threshold {
+        if !(1..=100).contains(&t) {
+            return Err(format!(
+                "success_threshold must be 1-100 (percent), not {t}"
+            ));
+        }
+    }
+    let error_threshold = req
+        .error_threshold
+        .as_deref()
+        .map(|t| Share::parse(t).map_err(|e| format!("error_threshold: {e}")))
+        .transpose()?;
+    if req.push_rate == Some(0) {
+        return Err("push_rate must be at least 1 (pushes per minute)".into());
+    }
+    Ok(crate::engine::Rollout {
+        groups,
+        success_threshold: req.success_threshold,
+        error_threshold,
+        push_rate: req.push_rate,
+    })
 }
 
 /// `GET /api/stats`: how hard the platform works, for fleet runs.

@@ -330,6 +330,18 @@ impl ApiClient {
             .await
     }
 
+    /// `POST /api/batches/{id}/pause`.
+    pub async fn pause_batch(&self, id: i64) -> Result<BatchView, ClientError> {
+        self.json("POST", &format!("/api/batches/{id}/pause"), None, b"")
+            .await
+    }
+
+    /// `POST /api/batches/{id}/resume`.
+    pub async fn resume_batch(&self, id: i64) -> Result<BatchView, ClientError> {
+        self.json("POST", &format!("/api/batches/{id}/resume"), None, b"")
+            .await
+    }
+
     /// `POST /api/batches/{id}/terminate`.
     pub async fn terminate_batch(&self, id: i64) -> Result<BatchView, ClientError> {
         self.json("POST", &format!("/api/batches/{id}/terminate"), None, b"")

@@ -267,6 +267,113 @@ pub struct BatchConfig {
     pub ack_timeout_ms: Millis,
 }
 
+/// A size in a rollout: a count of devices, or a percentage of the batch's
+/// (or, for an error threshold, of the group's) records, rounded up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Share {
+    /// This many.
+    Count(u32),
+    /// This percentage (1-100).
+    Percent(u32),
+}
+
+impl Share {
+    /// Parses `"25"` (a count) or `"10%"`.
+    pub fn parse(s: &str) -> Result<Share, String> {
+        let t = s.trim();
+        let (num, pct) = match t.strip_suffix('%') {
+            Some(n) => (n.trim(), true),
+            None => (t, false),
+        };
+        let n: u32 = num
+            .parse()
+            .map_err(|_| format!("{s:?} is neither a count (25) nor a percentage (10%)"))?;
+        match (pct, n) {
+            (_, 0) => Err(format!("{s:?}: must be at least 1")),
+            (true, n) if n > 100 => Err(format!("{s:?}: a percentage is at most 100%")),
+            (true, n) => Ok(Share::Percent(n)),
+            (false, n) => Ok(Share::Count(n)),
+        }
+    }
+
+    /// How many of `of` this is (at least 1 when `of` is not 0).
+    pub fn of(self, of: usize) -> usize {
+        match self {
+            Share::Count(n) => (n as usize).min(of),
+            Share::Percent(p) => (of * p as usize).div_ceil(100).min(of),
+        }
+    }
+}
+
+impl fmt::Display for Share {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Share::Count(n) => write!(f, "{n}"),
+            Share::Percent(p) => write!(f, "{p}%"),
+        }
+    }
+}
+
+/// How a batch rolls out (hawkBit's rollout groups, AWS IoT Jobs' rates
+/// and abort rules); the default pushes every record at once, as the
+/// console does.
+///
+/// - `groups`: cascading cohorts, in the batch's device order: group 1 is
+///   pushed first; the next group starts once the current one has
+///   `success_threshold` percent of its records in success. Devices left
+///   after the listed sizes form one last group.
+/// - `error_threshold`: failed records in the current group (a count, or a
+///   percentage of the group) that pause the batch by themselves, with the
+///   reason; records already running go on, nothing new is pushed until
+///   [`Batch::resume`]. A group that ends below its success threshold
+///   pauses the batch too.
+/// - `push_rate`: pushes per minute at most, each spaced by the interval
+///   times a jitter between 0.5 and 1.5 (seeded by the device), so that a
+///   fleet does not download in lockstep.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Rollout {
+    /// Group sizes, in order.
+    pub groups: Vec<Share>,
+    /// Success percentage of a group that starts the next (default 100).
+    pub success_threshold: Option<u32>,
+    /// Failures that pause the batch.
+    pub error_threshold: Option<Share>,
+    /// Pushes per minute at most.
+    pub push_rate: Option<u32>,
+}
+
+impl Rollout {
+    /// The success threshold in percent.
+    pub fn success_pct(&self) -> u32 {
+        self.success_threshold.unwrap_or(100).clamp(1, 100)
+    }
+}
+
+/// Where a rollout is ([`Batch::progress`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RolloutState {
+    /// Index of the group being pushed (0-based).
+    pub group: u32,
+    /// Why the batch is paused, while it is.
+    pub paused: Option<String>,
+    /// When the next push may go (push rate).
+    pub next_push_ms: Millis,
+    /// Failures of the current group already seen at the last resume (the
+    /// error threshold counts new ones).
+    pub error_base: u32,
+}
+
+/// Counts of one rollout group.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct GroupCounts {
+    /// Records in the group.
+    pub total: usize,
+    /// In success.
+    pub success: usize,
+    /// Failed.
+    pub failed: usize,
+}
+
 /// One device's record in a batch.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Record {
@@ -300,6 +407,8 @@ pub struct Record {
     pub deadline_ms: Option<Millis>,
     /// When the record succeeded or failed.
     pub finished_ms: Option<Millis>,
+    /// Its rollout group (0-based).
+    pub group: u32,
 }
 
 impl Record {
@@ -321,6 +430,7 @@ impl Record {
             started_ms: None,
             deadline_ms: None,
             finished_ms: None,
+            group: 0,
         }
     }
 }
@@ -373,6 +483,11 @@ pub struct Batch {
     pub records: BTreeMap<String, Record>,
     /// True once the validity period ended with some record unfinished and cut short.
     pub validity_cut: bool,
+    /// The rollout rules.
+    pub rollout: Rollout,
+    /// Where the rollout is.
+    pub progress: RolloutState,
+    groups: Vec<GroupCounts>,
     dirty: BTreeSet<String>,
     batch_dirty: bool,
 }
@@ -402,9 +517,188 @@ impl Batch {
             finished_ms: None,
             records,
             validity_cut: false,
+            rollout: Rollout::default(),
+            progress: RolloutState::default(),
+            groups: Vec::new(),
             dirty,
             batch_dirty: true,
         }
+        .counted()
+    }
+
+    /// With these rollout rules: assigns the records to their groups, in
+    /// device order. For a new batch, before its first poll.
+    pub fn with_rollout(mut self, rollout: Rollout) -> Self {
+        let total = self.records.len();
+        let mut sizes: Vec<usize> = Vec::new();
+        let mut left = total;
+        for share in &rollout.groups {
+            if left == 0 {
+                break;
+            }
+            let n = share.of(total).clamp(1, left);
+            sizes.push(n);
+            left -= n;
+        }
+        if left > 0 {
+            sizes.push(left);
+        }
+        let mut group = 0u32;
+        let mut in_group = 0usize;
+        for r in self.records.values_mut() {
+            if in_group == sizes[group as usize] {
+                group += 1;
+                in_group = 0;
+            }
+            r.group = group;
+            in_group += 1;
+        }
+        self.rollout = rollout;
+        self.dirty = self.records.keys().cloned().collect();
+        self.batch_dirty = true;
+        self.counted()
+    }
+
+    fn counted(mut self) -> Self {
+        self.recount();
+        self
+    }
+
+    /// Counts the groups' records from scratch.
+    fn recount(&mut self) {
+        let n = self
+            .records
+            .values()
+            .map(|r| r.group + 1)
+            .max()
+            .unwrap_or(1);
+        self.groups = vec![GroupCounts::default(); n as usize];
+        for r in self.records.values() {
+            let g = &mut self.groups[r.group as usize];
+            g.total += 1;
+            match r.state {
+                RecordState::Success => g.success += 1,
+                RecordState::Failed => g.failed += 1,
+                _ => {}
+            }
+        }
+    }
+
+    /// Counts per rollout group (one group without rollout rules).
+    pub fn group_counts(&self) -> &[GroupCounts] {
+        &self.groups
+    }
+
+    /// True while the rollout is paused.
+    pub fn is_paused(&self) -> bool {
+        self.progress.paused.is_some()
+    }
+
+    /// Pauses the batch: nothing new is pushed (retries included) until
+    /// [`Batch::resume`]; records already pushed go on. False when it is not
+    /// running or already paused.
+    pub fn pause(&mut self, reason: impl Into<String>) -> bool {
+        if !self.is_running() || self.is_paused() {
+            return false;
+        }
+        self.progress.paused = Some(reason.into());
+        self.batch_dirty = true;
+        true
+    }
+
+    /// Resumes a paused batch. The error threshold then counts failures from
+    /// here; a group that had ended below its success threshold is passed,
+    /// and the next one starts.
+    pub fn resume(&mut self, now: Millis) -> bool {
+        if !self.is_running() || !self.is_paused() {
+            return false;
+        }
+        self.progress.paused = None;
+        let g = self.progress.group as usize;
+        if let Some(c) = self.groups.get(g).copied() {
+            self.progress.error_base = c.failed as u32;
+            if c.success + c.failed == c.total && g + 1 < self.groups.len() {
+                self.progress.group += 1;
+                self.progress.error_base = 0;
+            }
+        }
+        self.progress.next_push_ms = self.progress.next_push_ms.max(now);
+        self.batch_dirty = true;
+        self.check_done(now);
+        true
+    }
+
+    /// Advances the rollout after a change: the next group when the current
+    /// one reached its success threshold, a pause when it crossed its error
+    /// threshold or ended below the success threshold.
+    fn step_rollout(&mut self) {
+        if !self.is_running() || self.is_paused() {
+            return;
+        }
+        loop {
+            let g = self.progress.group as usize;
+            let Some(c) = self.groups.get(g).copied() else {
+                return;
+            };
+            if let Some(limit) = self.rollout.error_threshold {
+                let new_failures = c.failed.saturating_sub(self.progress.error_base as usize);
+                let limit = limit.of(c.total).max(1);
+                if new_failures >= limit {
+                    self.progress.paused = Some(format!(
+                        "group {} of {}: {new_failures} failed, at the error threshold ({})",
+                        g + 1,
+                        self.groups.len(),
+                        self.rollout
+                            .error_threshold
+                            .map_or(String::new(), |t| t.to_string())
+                    ));
+                    self.batch_dirty = true;
+                    return;
+                }
+            }
+            if g + 1 >= self.groups.len() {
+                return;
+            }
+            let pct = self.rollout.success_pct() as usize;
+            if c.success * 100 >= pct * c.total {
+                self.progress.group += 1;
+                self.progress.error_base = 0;
+                self.batch_dirty = true;
+                continue;
+            }
+            if c.success + c.failed == c.total {
+                self.progress.paused = Some(format!(
+                    "group {} of {} ended with {} of {} in success, below the {pct}% success threshold",
+                    g + 1,
+                    self.groups.len(),
+                    c.success,
+                    c.total
+                ));
+                self.batch_dirty = true;
+            }
+            return;
+        }
+    }
+
+    /// The gap after a push to `device` under the push rate (jittered 0.5x-1.5x).
+    fn push_gap(&self, device: &str) -> Millis {
+        let Some(rate) = self.rollout.push_rate.filter(|r| *r > 0) else {
+            return 0;
+        };
+        let interval = 60_000.0 / f64::from(rate);
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        for b in device.bytes() {
+            h = (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3);
+        }
+        let jitter = 0.5 + (h % 1000) as f64 / 1000.0;
+        (interval * jitter).round() as Millis
+    }
+
+    /// Whether `device`'s record may be pushed now (group started, not paused, rate).
+    fn may_push(&self, rec: &Record, now: Millis) -> bool {
+        !self.is_paused()
+            && rec.group <= self.progress.group
+            && (self.rollout.push_rate.is_none() || now >= self.progress.next_push_ms)
     }
 
     /// A batch as loaded from storage: nothing dirty.
@@ -430,9 +724,20 @@ impl Batch {
             finished_ms,
             records: records.into_iter().map(|r| (r.device.clone(), r)).collect(),
             validity_cut,
+            rollout: Rollout::default(),
+            progress: RolloutState::default(),
+            groups: Vec::new(),
             dirty: BTreeSet::new(),
             batch_dirty: false,
         }
+        .counted()
+    }
+
+    /// A restored batch's rollout rules and where it was.
+    pub fn restore_rollout(mut self, rollout: Rollout, progress: RolloutState) -> Self {
+        self.rollout = rollout;
+        self.progress = progress;
+        self
     }
 
     /// End of the validity period.
@@ -479,9 +784,14 @@ impl Batch {
     pub fn unsaved(&self) -> Unsaved {
         Unsaved {
             records: self.dirty.iter().map(|d| self.records[d].clone()).collect(),
-            head: self
-                .batch_dirty
-                .then_some((self.state, self.finished_ms, self.validity_cut)),
+            head: self.batch_dirty.then(|| {
+                (
+                    self.state,
+                    self.finished_ms,
+                    self.validity_cut,
+                    self.progress.clone(),
+                )
+            }),
         }
     }
 
@@ -492,12 +802,14 @@ impl Batch {
             self.dirty.insert(r.device.clone());
             self.records.insert(r.device.clone(), r);
         }
-        if let Some((state, finished, cut)) = unsaved.head {
+        if let Some((state, finished, cut, progress)) = unsaved.head {
             self.state = state;
             self.finished_ms = finished;
             self.validity_cut = cut;
+            self.progress = progress;
             self.batch_dirty = true;
         }
+        self.recount();
     }
 
     /// When [`Batch::poll`] next has something to do, if ever.
@@ -507,16 +819,18 @@ impl Batch {
         }
         let mut next: Option<Millis> = None;
         let mut min = |t: Millis| next = Some(next.map_or(t, |n| n.min(t)));
+        let push_at = self.progress.next_push_ms.max(self.created_ms);
         for r in self.records.values() {
             match r.state {
-                RecordState::ToPush => min(self.created_ms),
+                RecordState::ToPush if self.may_push(r, Millis::MAX) => min(push_at),
+                RecordState::ToPush => min(self.expires_ms()),
                 RecordState::Pushed | RecordState::Upgrading => {
                     if let Some(d) = r.deadline_ms {
                         min(d)
                     }
                 }
                 RecordState::AwaitingRetry => {
-                    if let Some(d) = r.deadline_ms {
+                    if let (Some(d), false) = (r.deadline_ms, self.is_paused()) {
                         min(d)
                     }
                     min(self.expires_ms())
@@ -550,7 +864,15 @@ impl Batch {
                         now,
                     )
                 }
-                RecordState::ToPush => actions.push(self.push(&device, now)),
+                RecordState::ToPush if self.may_push(rec, now) => {
+                    let gap = self.push_gap(&device);
+                    if gap > 0 {
+                        // Counted from now: a late poll does not burst (the rate is a maximum).
+                        self.progress.next_push_ms = now + gap;
+                        self.batch_dirty = true;
+                    }
+                    actions.push(self.push(&device, now))
+                }
                 RecordState::Pushed if due => {
                     let secs = self.config.ack_timeout_ms as f64 / 1000.0;
                     self.fail(
@@ -586,7 +908,9 @@ impl Batch {
                     self.cut();
                     self.finish_failed(&device, reason, desc, now)
                 }
-                RecordState::AwaitingRetry if due => actions.push(self.push(&device, now)),
+                RecordState::AwaitingRetry if due && !self.is_paused() => {
+                    actions.push(self.push(&device, now))
+                }
                 _ => {}
             }
         }
@@ -704,6 +1028,8 @@ impl Batch {
             rec.reason = None;
             rec.deadline_ms = None;
             rec.finished_ms = Some(now);
+            let g = rec.group as usize;
+            self.groups[g].success += 1;
         }
         self.check_done(now);
         true
@@ -787,15 +1113,18 @@ impl Batch {
 
     fn finish_failed(&mut self, device: &str, reason: FailReason, desc: String, now: Millis) {
         let rec = self.rec_mut(device);
+        let g = rec.group as usize;
         rec.state = RecordState::Failed;
         rec.reason = Some(reason);
         rec.last_failure = Some(reason);
         rec.desc = desc;
         rec.deadline_ms = None;
         rec.finished_ms = Some(now);
+        self.groups[g].failed += 1;
     }
 
     fn check_done(&mut self, now: Millis) {
+        self.step_rollout();
         if !self.is_running() || self.records.values().any(|r| !r.state.is_final()) {
             return;
         }
@@ -814,7 +1143,7 @@ impl Batch {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Unsaved {
     records: Vec<Record>,
-    head: Option<(BatchState, Option<Millis>, bool)>,
+    head: Option<(BatchState, Option<Millis>, bool, RolloutState)>,
 }
 
 /// A known device, as eligibility sees it.
@@ -920,6 +1249,146 @@ mod tests {
 
     fn state(b: &Batch, d: &str) -> RecordState {
         b.records[d].state
+    }
+
+    fn pushed(actions: &[Action]) -> Vec<String> {
+        actions
+            .iter()
+            .map(|Action::Push { device, .. }| device.clone())
+            .collect()
+    }
+
+    /// Acks and succeeds `device` (reply 200, inform of the target).
+    fn succeed(b: &mut Batch, device: &str, now: Millis) {
+        let msg = b.records[device].msg_id.clone().unwrap();
+        b.handle_reply(device, &msg, 200, "ok", now);
+        b.handle_inform(device, "2.0.0", now);
+    }
+
+    fn fail(b: &mut Batch, device: &str, now: Millis) {
+        let msg = b.records[device].msg_id.clone().unwrap();
+        b.handle_reply(device, &msg, 200, "ok", now);
+        b.handle_progress(device, &progress(Status::UpgradeFailed, 0), now);
+    }
+
+    const TEN: [&str; 10] = ["d0", "d1", "d2", "d3", "d4", "d5", "d6", "d7", "d8", "d9"];
+
+    #[test]
+    fn shares_parse_and_round_up() {
+        assert_eq!(Share::parse("25"), Ok(Share::Count(25)));
+        assert_eq!(Share::parse(" 10% "), Ok(Share::Percent(10)));
+        for bad in ["0", "0%", "101%", "x", "-1", "5.5%"] {
+            assert!(Share::parse(bad).is_err(), "{bad}");
+        }
+        assert_eq!(Share::Percent(10).of(15), 2);
+        assert_eq!(Share::Percent(100).of(15), 15);
+        assert_eq!(Share::Count(40).of(15), 15);
+        assert_eq!(Share::Percent(1).of(10_000), 100);
+    }
+
+    #[test]
+    fn groups_cascade_when_the_current_one_reaches_its_success_threshold() {
+        let rollout = Rollout {
+            groups: vec![Share::Count(2), Share::Percent(30)],
+            success_threshold: Some(50),
+            ..Rollout::default()
+        };
+        let mut b = batch(config(), &TEN).with_rollout(rollout);
+        let sizes: Vec<usize> = b.group_counts().iter().map(|g| g.total).collect();
+        assert_eq!(sizes, [2, 3, 5], "2, 30% of 10, the rest");
+        assert_eq!(pushed(&b.poll(T0)), ["d0", "d1"], "group 1 only");
+        assert!(b.poll(T0 + 1).is_empty());
+        succeed(&mut b, "d0", T0 + 10);
+        assert_eq!(b.progress.group, 1, "1 of 2 is 50%: the next group starts");
+        assert_eq!(pushed(&b.poll(T0 + 20)), ["d2", "d3", "d4"]);
+        succeed(&mut b, "d2", T0 + 30);
+        assert_eq!(b.progress.group, 1, "1 of 3 is below 50%");
+        succeed(&mut b, "d3", T0 + 40);
+        assert_eq!(pushed(&b.poll(T0 + 50)).len(), 5, "the last group");
+    }
+
+    #[test]
+    fn the_error_threshold_pauses_and_resume_counts_failures_anew() {
+        let rollout = Rollout {
+            groups: vec![Share::Count(5)],
+            error_threshold: Some(Share::Count(2)),
+            success_threshold: Some(60),
+            ..Rollout::default()
+        };
+        let mut b = batch(config(), &TEN).with_rollout(rollout);
+        assert_eq!(b.poll(T0).len(), 5);
+        fail(&mut b, "d0", T0 + 10);
+        assert!(!b.is_paused());
+        fail(&mut b, "d1", T0 + 20);
+        let why = b.progress.paused.clone().expect("paused by itself");
+        assert!(
+            why.contains("2 failed, at the error threshold (2)"),
+            "{why}"
+        );
+        // Running records go on; nothing new is pushed while paused.
+        succeed(&mut b, "d2", T0 + 30);
+        succeed(&mut b, "d3", T0 + 40);
+        succeed(&mut b, "d4", T0 + 50);
+        assert_eq!(b.progress.group, 0, "no cascade while paused");
+        assert!(b.poll(T0 + 60).is_empty());
+        assert!(b.next_wakeup().is_some_and(|w| w >= b.expires_ms()));
+        assert!(!b.pause("again"), "already paused");
+        assert!(b.resume(T0 + 70));
+        assert_eq!(
+            b.progress.group, 1,
+            "group 1 ended at 60%: the next one starts"
+        );
+        assert_eq!(pushed(&b.poll(T0 + 80)).len(), 5);
+        fail(&mut b, "d5", T0 + 90);
+        assert!(!b.is_paused(), "group 2 counts its own failures");
+    }
+
+    #[test]
+    fn a_group_that_ends_below_its_success_threshold_pauses_the_batch() {
+        let rollout = Rollout {
+            groups: vec![Share::Count(2)],
+            success_threshold: Some(100),
+            ..Rollout::default()
+        };
+        let mut b = batch(config(), &TEN[..4]).with_rollout(rollout);
+        b.poll(T0);
+        succeed(&mut b, "d0", T0 + 1);
+        fail(&mut b, "d1", T0 + 2);
+        let why = b.progress.paused.clone().expect("paused");
+        assert!(why.contains("1 of 2 in success, below the 100%"), "{why}");
+        assert!(b.resume(T0 + 3));
+        assert_eq!(pushed(&b.poll(T0 + 4)), ["d2", "d3"]);
+    }
+
+    #[test]
+    fn the_push_rate_spaces_pushes_with_jitter_and_does_not_burst_after_a_late_poll() {
+        let rollout = Rollout {
+            push_rate: Some(600), // one per 100 ms on average
+            ..Rollout::default()
+        };
+        let mut b = batch(config(), &TEN).with_rollout(rollout);
+        let mut times = Vec::new();
+        let mut t = T0;
+        loop {
+            for _ in b.poll(t) {
+                times.push(t);
+            }
+            if times.len() == 10 {
+                break;
+            }
+            t = b.next_wakeup().unwrap().max(t + 1);
+            assert!(t < T0 + 5_000, "stuck at {t} after {times:?}");
+        }
+        let gaps: Vec<Millis> = times.windows(2).map(|w| w[1] - w[0]).collect();
+        assert!(gaps.iter().all(|g| (50..=150).contains(g)), "{gaps:?}");
+        assert!(gaps.iter().any(|g| *g != gaps[0]), "jittered: {gaps:?}");
+        // One push per poll at most, even when the poll comes late.
+        let mut b = batch(config(), &TEN).with_rollout(Rollout {
+            push_rate: Some(600),
+            ..Rollout::default()
+        });
+        assert_eq!(b.poll(T0).len(), 1);
+        assert_eq!(b.poll(T0 + 10_000).len(), 1);
     }
 
     #[test]

@@ -51,6 +51,8 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
         .route("/api/batches", get(list_batches).post(create_batch))
         .route("/api/batches/:id", get(show_batch))
         .route("/api/batches/:id/terminate", post(terminate_batch))
+        .route("/api/batches/:id/pause", post(pause_batch))
+        .route("/api/batches/:id/resume", post(resume_batch))
         .route("/fw/:product/:version/:name", get(serve_firmware))
         .fallback(no_route)
         .layer(axum::middleware::from_fn_with_state(
@@ -330,6 +332,28 @@ async fn terminate_batch(
 ) -> ApiResult<crate::api::BatchView> {
     Ok(Json(s.terminate_batch(
         batch_id(&id)?,
+        crate::service::now_ms(),
+    )?))
+}
+
+async fn pause_batch(
+    State(s): State<Arc<Shared>>,
+    Path(id): Path<String>,
+) -> ApiResult<crate::api::BatchView> {
+    Ok(Json(s.pause_batch(
+        batch_id(&id)?,
+        true,
+        crate::service::now_ms(),
+    )?))
+}
+
+async fn resume_batch(
+    State(s): State<Arc<Shared>>,
+    Path(id): Path<String>,
+) -> ApiResult<crate::api::BatchView> {
+    Ok(Json(s.pause_batch(
+        batch_id(&id)?,
+        false,
         crate::service::now_ms(),
     )?))
 }

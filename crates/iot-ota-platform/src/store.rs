@@ -11,7 +11,10 @@ use iot_ota_core::{Policy, SignMethod};
 use rusqlite::{params, Connection, OptionalExtension, Row};
 
 use crate::api::{DeviceView, FirmwareInfo};
-use crate::engine::{Batch, BatchConfig, BatchState, FailReason, Millis, Record, RecordState};
+use crate::engine::{
+    Batch, BatchConfig, BatchState, FailReason, Millis, Record, RecordState, Rollout, RolloutState,
+    Share,
+};
 
 /// A device row to write with a group of messages ([`Store::save_group`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -49,9 +52,17 @@ pub const SCHEMA_VERSION: i64 = 3;
 
 /// Version 2: a firmware's security counter and its signed manifest (the
 /// command's `manifest` and `signatures` fields, as JSON).
-/// Version 3: when each record's command was acknowledged (push → ack latency).
+/// Version 3: when each record's command was acknowledged (push → ack
+/// latency), and rollouts: each record's group, the batch's rules (JSON)
+/// and where it is (group, pause reason, next push, error base).
 const SCHEMA_V3: &str = "
 ALTER TABLE records ADD COLUMN acked_ms INTEGER;
+ALTER TABLE records ADD COLUMN grp INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE batches ADD COLUMN rollout TEXT;
+ALTER TABLE batches ADD COLUMN rollout_group INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE batches ADD COLUMN paused TEXT;
+ALTER TABLE batches ADD COLUMN next_push_ms INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE batches ADD COLUMN error_base INTEGER NOT NULL DEFAULT 0;
 ";
 
 const SCHEMA_V2: &str = "
@@ -532,7 +543,8 @@ impl Store {
             .conn
             .query_row(
                 "SELECT product, firmware_version, policy, sign_method, validity_ms, timeout_ms, retries,
-                        retry_interval_ms, ack_timeout_ms, state, created_ms, finished_ms, validity_cut
+                        retry_interval_ms, ack_timeout_ms, state, created_ms, finished_ms, validity_cut,
+                        rollout, rollout_group, paused, next_push_ms, error_base
                  FROM batches WHERE id = ?1",
                 params![id],
                 |r| {
@@ -546,11 +558,21 @@ impl Store {
                         r.get::<_, i64>(10)?,
                         r.get::<_, Option<i64>>(11)?,
                         r.get::<_, bool>(12)?,
+                        (
+                            r.get::<_, Option<String>>(13)?,
+                            RolloutState {
+                                group: r.get(14)?,
+                                paused: r.get(15)?,
+                                next_push_ms: r.get(16)?,
+                                error_base: r.get(17)?,
+                            },
+                        ),
                     ))
                 },
             )
             .optional()?;
-        let Some((product, version, policy, sign, nums, state, created, finished, cut)) = head
+        let Some((product, version, policy, sign, nums, state, created, finished, cut, roll)) =
+            head
         else {
             return Ok(None);
         };
@@ -571,7 +593,7 @@ impl Store {
         let state = BatchState::parse(&state).ok_or_else(|| bad("state", &state))?;
         let mut st = self.conn.prepare(
             "SELECT device, state, status, progress, attempts, msg_id, reason, desc, last_failure, version,
-                    pushed_ms, started_ms, deadline_ms, finished_ms, acked_ms
+                    pushed_ms, started_ms, deadline_ms, finished_ms, acked_ms, grp
              FROM records WHERE batch_id = ?1 ORDER BY device",
         )?;
         let raw = st
@@ -593,6 +615,7 @@ impl Store {
                         r.get(12)?,
                         r.get(13)?,
                         r.get(14)?,
+                        r.get(15)?,
                     ],
                 ))
             })?
@@ -617,14 +640,20 @@ impl Store {
                 version,
                 pushed_ms: t[0],
                 acked_ms: t[4],
+                group: t[5].unwrap_or(0) as u32,
                 started_ms: t[1],
                 deadline_ms: t[2],
                 finished_ms: t[3],
             });
         }
-        Ok(Some(Batch::restore(
-            id, product, version, config, state, created, finished, cut, records,
-        )))
+        let (rollout, progress) = roll;
+        let rollout = rollout_from_json(id, rollout)?;
+        Ok(Some(
+            Batch::restore(
+                id, product, version, config, state, created, finished, cut, records,
+            )
+            .restore_rollout(rollout, progress),
+        ))
     }
 
     /// True when a running batch targets this firmware.
@@ -642,19 +671,77 @@ impl Store {
 }
 
 fn write_batch_row(tx: &rusqlite::Transaction<'_>, b: &Batch) -> Result<()> {
+    let p = &b.progress;
     tx.execute(
-        "UPDATE batches SET state = ?2, finished_ms = ?3, validity_cut = ?4 WHERE id = ?1",
-        params![b.id, b.state.as_str(), b.finished_ms, b.validity_cut],
+        "UPDATE batches SET state = ?2, finished_ms = ?3, validity_cut = ?4, rollout = ?5,
+                            rollout_group = ?6, paused = ?7, next_push_ms = ?8, error_base = ?9
+         WHERE id = ?1",
+        params![
+            b.id,
+            b.state.as_str(),
+            b.finished_ms,
+            b.validity_cut,
+            rollout_json(&b.rollout),
+            p.group,
+            p.paused,
+            p.next_push_ms,
+            p.error_base
+        ],
     )?;
     Ok(())
+}
+
+/// A batch's rollout rules as stored (`None` for none).
+fn rollout_json(r: &Rollout) -> Option<String> {
+    if *r == Rollout::default() {
+        return None;
+    }
+    let shares = |v: &[Share]| v.iter().map(Share::to_string).collect::<Vec<_>>();
+    Some(
+        serde_json::json!({
+            "groups": shares(&r.groups),
+            "success_threshold": r.success_threshold,
+            "error_threshold": r.error_threshold.map(|s| s.to_string()),
+            "push_rate": r.push_rate,
+        })
+        .to_string(),
+    )
+}
+
+fn rollout_from_json(id: i64, text: Option<String>) -> Result<Rollout> {
+    let Some(text) = text else {
+        return Ok(Rollout::default());
+    };
+    let bad = |e: String| StoreError(format!("batch {id}: bad rollout {text:?}: {e}"));
+    let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
+    let groups = v["groups"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|g| Share::parse(g.as_str().unwrap_or("")))
+                .collect::<std::result::Result<Vec<_>, _>>()
+        })
+        .transpose()
+        .map_err(bad)?
+        .unwrap_or_default();
+    Ok(Rollout {
+        groups,
+        success_threshold: v["success_threshold"].as_u64().map(|n| n as u32),
+        error_threshold: v["error_threshold"]
+            .as_str()
+            .map(Share::parse)
+            .transpose()
+            .map_err(bad)?,
+        push_rate: v["push_rate"].as_u64().map(|n| n as u32),
+    })
 }
 
 fn write_record(tx: &rusqlite::Transaction<'_>, batch: i64, r: &Record) -> Result<()> {
     tx.execute(
         "INSERT OR REPLACE INTO records (batch_id, device, state, status, progress, attempts, msg_id, reason,
                                          desc, last_failure, version, pushed_ms, started_ms, deadline_ms,
-                                         finished_ms, acked_ms)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)",
+                                         finished_ms, acked_ms, grp)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)",
         params![
             batch,
             r.device,
@@ -671,7 +758,8 @@ fn write_record(tx: &rusqlite::Transaction<'_>, batch: i64, r: &Record) -> Resul
             r.started_ms,
             r.deadline_ms,
             r.finished_ms,
-            r.acked_ms
+            r.acked_ms,
+            r.group
         ],
     )?;
     Ok(())

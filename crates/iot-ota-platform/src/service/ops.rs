@@ -26,6 +26,7 @@ impl Shared {
         check_product(&req.product).map_err(bad)?;
         check_version("firmware_version", &req.firmware_version).map_err(bad)?;
         let config = batch_config(req).map_err(bad)?;
+        let rollout = crate::api::rollout(req).map_err(bad)?;
         let mut inner = self.lock();
         if inner
             .store
@@ -93,6 +94,7 @@ impl Shared {
                         eligible,
                         now,
                     )
+                    .with_rollout(rollout)
                 })?;
         let view = BatchView::of(&batch, true);
         inner.running.insert(batch.id, batch);
@@ -147,6 +149,54 @@ impl Shared {
         }
         let view = BatchView::of(b, true);
         running.remove(&id);
+        Ok(view)
+    }
+
+    /// Pauses (`pause`) or resumes a running batch.
+    pub(crate) fn pause_batch(
+        &self,
+        id: i64,
+        pause: bool,
+        now: Millis,
+    ) -> Result<BatchView, PlatformError> {
+        let mut inner = self.lock();
+        let Inner { store, running } = &mut *inner;
+        let Some(b) = running.get_mut(&id) else {
+            return match store.load_batch(id)? {
+                Some(b) => Err(PlatformError::new(
+                    409,
+                    format!("batch {id} is already {}", b.state),
+                )),
+                None => Err(PlatformError::new(404, format!("no batch {id}"))),
+            };
+        };
+        let unsaved = b.unsaved();
+        let changed = if pause {
+            b.pause("paused by hand")
+        } else {
+            b.resume(now)
+        };
+        if !changed {
+            let state = if b.is_paused() {
+                "paused"
+            } else {
+                "not paused"
+            };
+            return Err(PlatformError::new(409, format!("batch {id} is {state}")));
+        }
+        if let Err(e) = store.save(b) {
+            if let Some(mut committed) = store.load_batch(id)? {
+                committed.carry_over(unsaved);
+                *b = committed;
+            }
+            return Err(e.into());
+        }
+        let view = BatchView::of(b, true);
+        if !b.is_running() {
+            running.remove(&id);
+        }
+        drop(inner);
+        self.wake.notify_one();
         Ok(view)
     }
 }
