@@ -1213,3 +1213,18 @@ async fn a_fleet_rollout_pauses_itself_at_its_error_threshold() {
         "{out}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn fleet_runs_through_an_external_mosquitto() {
+    let broker = iot_ota_testkit::Mosquitto::start();
+    let url = broker.url();
+    let o = run(&["fleet", "--devices", "30", "--broker", &url, "--json"]).await;
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{out}\n{err}");
+    let s: serde_json::Value = serde_json::from_str(&out).expect(&out);
+    assert_eq!(s["success"], 30, "{out}");
+    assert!(
+        s["broker_peak_queue"].is_null(),
+        "no embedded broker: {out}"
+    );
+}

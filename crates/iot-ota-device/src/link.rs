@@ -138,6 +138,9 @@ pub fn client(settings: &LinkSettings) -> Result<(AsyncClient, EventLoop), Error
     let (client, mut eventloop) = AsyncClient::new(opts, REQUEST_CAPACITY);
     let mut net = rumqttc::NetworkOptions::new();
     net.set_connection_timeout(settings.connect_timeout.as_secs().max(1));
+    // Small packets at once: with Nagle, a reply written behind a report
+    // still unacknowledged waited for the broker's delayed ACK (about 40 ms).
+    net.set_tcp_nodelay(true);
     eventloop.set_network_options(net);
     Ok((client, eventloop))
 }

@@ -518,7 +518,10 @@ impl Batch {
             records,
             validity_cut: false,
             rollout: Rollout::default(),
-            progress: RolloutState::default(),
+            progress: RolloutState {
+                next_push_ms: now,
+                ..RolloutState::default()
+            },
             groups: Vec::new(),
             dirty,
             batch_dirty: true,
@@ -867,8 +870,11 @@ impl Batch {
                 RecordState::ToPush if self.may_push(rec, now) => {
                     let gap = self.push_gap(&device);
                     if gap > 0 {
-                        // Counted from now: a late poll does not burst (the rate is a maximum).
-                        self.progress.next_push_ms = now + gap;
+                        // Slot after slot, so late ticks catch up with the
+                        // rate; but never more than a second's worth behind:
+                        // a long-late poll (a pause, a restart) does not burst.
+                        let next = self.progress.next_push_ms.max(now - 1_000);
+                        self.progress.next_push_ms = next + gap;
                         self.batch_dirty = true;
                     }
                     actions.push(self.push(&device, now))
@@ -1382,13 +1388,24 @@ mod tests {
         let gaps: Vec<Millis> = times.windows(2).map(|w| w[1] - w[0]).collect();
         assert!(gaps.iter().all(|g| (50..=150).contains(g)), "{gaps:?}");
         assert!(gaps.iter().any(|g| *g != gaps[0]), "jittered: {gaps:?}");
-        // One push per poll at most, even when the poll comes late.
-        let mut b = batch(config(), &TEN).with_rollout(Rollout {
+        // A late tick catches up with the rate, but a poll long late (a
+        // pause, a restart) pushes at most a second's worth at once.
+        let hundred: Vec<String> = (0..100).map(|i| format!("d{i:03}")).collect();
+        let names: Vec<&str> = hundred.iter().map(String::as_str).collect();
+        let mut cfg = config();
+        cfg.validity_ms = 1_000_000;
+        let mut b = batch(cfg, &names).with_rollout(Rollout {
             push_rate: Some(600),
             ..Rollout::default()
         });
         assert_eq!(b.poll(T0).len(), 1);
-        assert_eq!(b.poll(T0 + 10_000).len(), 1);
+        let late = b.poll(T0 + 300).len();
+        assert!((1..=5).contains(&late), "caught up 300 ms of slots: {late}");
+        let long_late = b.poll(T0 + 60_000).len();
+        assert!(
+            (5..=20).contains(&long_late),
+            "a second's worth at 10/s, not the 60 s missed: {long_late}"
+        );
     }
 
     #[test]

@@ -291,7 +291,11 @@ impl Platform {
                 rumqttc::TlsConfiguration::Rustls(Arc::new(tls)),
             ));
         }
-        let (mqtt, eventloop) = AsyncClient::new(opts, 1024);
+        let (mqtt, mut eventloop) = AsyncClient::new(opts, 1024);
+        let mut net = rumqttc::NetworkOptions::new();
+        // Pushes go out at once (no Nagle wait behind an unacknowledged one).
+        net.set_tcp_nodelay(true);
+        eventloop.set_network_options(net);
 
         let listener = tokio::net::TcpListener::bind(config.http_addr)
             .await
