@@ -179,7 +179,7 @@ pub struct RecordView {
     pub last_failure: Option<String>,
     /// Last version the device informed during the batch.
     pub version: Option<String>,
-    /// First push.
+    /// When the last command was pushed (the current attempt's push).
     pub pushed_ms: Option<Millis>,
     /// When the device acknowledged the last push (its 200 reply).
     #[serde(default)]
