@@ -66,6 +66,25 @@ pub struct DeviceView {
     pub first_seen_ms: Millis,
     /// Last message of any kind.
     pub last_seen_ms: Millis,
+    /// Connected to the embedded broker now (its MQTT session, pings
+    /// included); absent with an external broker, where `last_seen_ms` tells.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub online: Option<bool>,
+    /// The running batch with an unfinished record of this device, and the
+    /// record's state.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub record: Option<DeviceRecord>,
+}
+
+/// A device's current record, in [`DeviceView`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceRecord {
+    /// Batch id.
+    pub batch: i64,
+    /// Record state.
+    pub state: String,
+    /// Overall percent, as the record shows it.
+    pub progress: u32,
 }
 
 /// `POST /api/batches`: a batch upgrade.

@@ -39,6 +39,7 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
     Router::new()
         .route("/api/health", get(health))
         .route("/api/stats", get(stats))
+        .route("/api/login", post(login))
         .route(
             "/api/firmware",
             // The upload streams its body and enforces the size limit itself.
@@ -52,6 +53,10 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
         .route("/api/batches/:id", get(show_batch))
         .route("/api/batches/:id/terminate", post(terminate_batch))
         .route("/api/batches/:id/pause", post(pause_batch))
+        .route("/api/batches/:id/events", get(batch_events))
+        .route("/", get(console_page))
+        .route("/console.js", get(console_js))
+        .route("/console.css", get(console_css))
         .route("/api/batches/:id/resume", post(resume_batch))
         .route("/fw/:product/:version/:name", get(serve_firmware))
         .fallback(no_route)
@@ -146,6 +151,13 @@ async fn health(State(s): State<Arc<Shared>>) -> Json<serde_json::Value> {
         "mqtt_connected": s.mqtt_up.load(Ordering::SeqCst),
         "public_url": s.public_url,
     }))
+}
+
+/// `POST /api/login`: 200 when the request carries the right token (the
+/// token check in front of every POST answers 401 otherwise); the console
+/// checks a token with it.
+async fn login() -> Json<serde_json::Value> {
+    Json(serde_json::json!({ "ok": true }))
 }
 
 async fn stats(State(s): State<Arc<Shared>>) -> Json<crate::api::StatsView> {
@@ -334,6 +346,92 @@ async fn terminate_batch(
         batch_id(&id)?,
         crate::service::now_ms(),
     )?))
+}
+
+/// The web console: one page, its script and its style, in the binary.
+const CONSOLE_HTML: &str = include_str!("../console/index.html");
+const CONSOLE_JS: &str = include_str!("../console/console.js");
+const CONSOLE_CSS: &str = include_str!("../console/console.css");
+
+fn asset(content_type: &'static str, body: &'static str) -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, content_type),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        body,
+    )
+        .into_response()
+}
+
+async fn console_page() -> Response {
+    asset("text/html; charset=utf-8", CONSOLE_HTML)
+}
+
+async fn console_js() -> Response {
+    asset("text/javascript; charset=utf-8", CONSOLE_JS)
+}
+
+async fn console_css() -> Response {
+    asset("text/css; charset=utf-8", CONSOLE_CSS)
+}
+
+/// `GET /api/batches/{id}/events`: server-sent events, one `batch` event
+/// (the batch with its records, as `GET /api/batches/{id}`) at once and
+/// after every change, at most every 300 ms, until the batch has ended and
+/// that was sent; a comment every 15 s keeps proxies from closing it.
+async fn batch_events(
+    State(s): State<Arc<Shared>>,
+    Path(id): Path<String>,
+) -> Result<Response, PlatformError> {
+    let id = batch_id(&id)?;
+    let first = s.show_batch(id)?;
+    let (mut tx, rx) = tokio::io::duplex(64 * 1024);
+    let mut changes = s.changes.subscribe();
+    tokio::spawn(async move {
+        use tokio::io::AsyncWriteExt;
+        let mut view = first;
+        loop {
+            let frame = match serde_json::to_string(&view) {
+                Ok(json) => format!("event: batch\ndata: {json}\n\n"),
+                Err(_) => return,
+            };
+            if tx.write_all(frame.as_bytes()).await.is_err() {
+                return; // the page went away
+            }
+            if view.state != "in_progress" {
+                return;
+            }
+            loop {
+                tokio::select! {
+                    c = changes.changed() => {
+                        if c.is_err() {
+                            return;
+                        }
+                        break;
+                    }
+                    _ = tokio::time::sleep(std::time::Duration::from_secs(15)) => {
+                        if tx.write_all(b": keep-alive\n\n").await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+            view = match s.show_batch(id) {
+                Ok(v) => v,
+                Err(_) => return,
+            };
+        }
+    });
+    Ok((
+        [
+            (header::CONTENT_TYPE, "text/event-stream"),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        Body::from_stream(ReaderStream::new(rx)),
+    )
+        .into_response())
 }
 
 async fn pause_batch(

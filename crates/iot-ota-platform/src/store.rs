@@ -422,6 +422,8 @@ impl Store {
                 version: r.get(2)?,
                 first_seen_ms: r.get(3)?,
                 last_seen_ms: r.get(4)?,
+                online: None,
+                record: None,
             })
         })?;
         Ok(rows.collect::<rusqlite::Result<_>>()?)

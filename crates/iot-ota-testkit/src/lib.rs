@@ -51,6 +51,7 @@ mod signal;
 mod signing;
 mod tempdir;
 mod util;
+mod webdriver;
 
 pub use ca::{ClientCert, TestCa};
 pub use child::{wait_child, ChildExit};
@@ -61,3 +62,4 @@ pub use rig::{assert_success_statuses, Rig, RIG_WAIT};
 pub use signing::TestKey;
 pub use tempdir::TempDir;
 pub use util::{free_port, random_bytes, upgrade_command, write_random_file};
+pub use webdriver::{Browser, ChromeDriver, Element};

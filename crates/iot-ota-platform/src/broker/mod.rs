@@ -104,6 +104,19 @@ impl BrokerStatsHandle {
     pub fn get(&self) -> Option<BrokerStats> {
         self.0.upgrade().map(|s| s.counters.snapshot())
     }
+
+    /// Whether a client with this id is connected now (`None` once the
+    /// broker has stopped).
+    pub fn is_connected(&self, client_id: &str) -> Option<bool> {
+        let shared = self.0.upgrade()?;
+        let state = shared.state();
+        Some(
+            state
+                .sessions
+                .get(client_id)
+                .is_some_and(|s| s.conn.is_some()),
+        )
+    }
 }
 
 #[derive(Default)]

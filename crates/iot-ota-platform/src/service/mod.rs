@@ -123,6 +123,9 @@ pub(crate) struct Shared {
     /// Device messages handled, and the microseconds spent on them.
     pub(crate) messages: AtomicU64,
     pub(crate) busy_us: AtomicU64,
+    /// Bumped by every change of a batch or a device (what the console's
+    /// live pages wait for).
+    pub(crate) changes: tokio::sync::watch::Sender<u64>,
     /// Device messages received and not handled yet, now and at most.
     pub(crate) queued: AtomicU64,
     pub(crate) peak_queued: AtomicU64,
@@ -166,6 +169,7 @@ impl Shared {
             busy_us: AtomicU64::new(0),
             queued: AtomicU64::new(0),
             peak_queued: AtomicU64::new(0),
+            changes: tokio::sync::watch::Sender::new(0),
             broker_stats,
         })
     }
@@ -192,6 +196,11 @@ impl Shared {
                 }
             }),
         }
+    }
+
+    /// Tells the live pages something changed.
+    pub(crate) fn changed(&self) {
+        self.changes.send_modify(|n| *n += 1);
     }
 
     pub(crate) fn lock(&self) -> MutexGuard<'_, Inner> {

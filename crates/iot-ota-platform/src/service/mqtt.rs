@@ -53,6 +53,8 @@ impl Shared {
             }
         }
         self.commit_group(&mut inner, &mut group, now);
+        drop(inner);
+        self.changed();
         group.out
     }
 
@@ -186,8 +188,10 @@ impl Shared {
         let mut out = Vec::new();
         let mut done = Vec::new();
         let mut next: Option<Millis> = None;
+        let mut changed = false;
         for b in running.values_mut() {
             let unsaved = b.unsaved();
+            changed |= b.next_wakeup().is_some_and(|w| w <= now);
             let actions = b.poll(now);
             // Fsynced when it pushes: a push is acted on only once it is durable.
             let saved = if actions.is_empty() {
@@ -237,6 +241,10 @@ impl Shared {
         }
         for id in done {
             running.remove(&id);
+        }
+        drop(inner);
+        if !out.is_empty() || changed {
+            self.changed();
         }
         (out, next)
     }

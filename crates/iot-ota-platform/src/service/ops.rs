@@ -14,7 +14,29 @@ impl Shared {
         &self,
         product: Option<&str>,
     ) -> Result<Vec<DeviceView>, PlatformError> {
-        Ok(self.lock().store.list_devices(product)?)
+        let inner = self.lock();
+        let mut devices = inner.store.list_devices(product)?;
+        let mut current = std::collections::HashMap::new();
+        for b in inner.running.values() {
+            for r in b.records.values().filter(|r| !r.state.is_final()) {
+                current.insert(
+                    (b.product.as_str(), r.device.as_str()),
+                    crate::api::DeviceRecord {
+                        batch: b.id,
+                        state: r.state.as_str().into(),
+                        progress: r.progress,
+                    },
+                );
+            }
+        }
+        for d in &mut devices {
+            d.record = current.remove(&(d.product.as_str(), d.device.as_str()));
+            d.online = self
+                .broker_stats
+                .as_ref()
+                .and_then(|h| h.is_connected(&format!("{}.{}", d.product, d.device)));
+        }
+        Ok(devices)
     }
 
     pub(crate) fn create_batch(
@@ -100,6 +122,7 @@ impl Shared {
         inner.running.insert(batch.id, batch);
         drop(inner);
         self.wake.notify_one();
+        self.changed();
         Ok(CreatedBatch {
             batch: view,
             excluded,
@@ -149,6 +172,8 @@ impl Shared {
         }
         let view = BatchView::of(b, true);
         running.remove(&id);
+        drop(inner);
+        self.changed();
         Ok(view)
     }
 
@@ -197,6 +222,7 @@ impl Shared {
         }
         drop(inner);
         self.wake.notify_one();
+        self.changed();
         Ok(view)
     }
 }

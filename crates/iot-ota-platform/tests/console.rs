@@ -1,0 +1,204 @@
+//! The web console in a real headless Chromium over WebDriver: log in,
+//! upload a firmware, start a batch on SDK devices and watch its records go
+//! to success live (server-sent events, no reload), terminate a batch, list
+//! the devices. It writes a screenshot of the batch page to
+//! `target/console-batch.png` (docs/console-batch.png is one such).
+//!
+//! Needs Debian's `chromium` and `chromium-driver` (scripts/test installs
+//! them); without them the test is skipped, unless `IOT_OTA_REQUIRE_CHROMIUM`
+//! is set (CI), where it fails.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use iot_ota_device::{Config, OtaClient, Status};
+use iot_ota_testkit::{ChromeDriver, TempDir};
+
+/// An SDK device that takes every command, "installs" it slowly enough to
+/// be watched (progress 50%, then 100%) and informs the new version; or,
+/// `stuck`, acknowledges and then never reports.
+async fn device(broker: &str, name: &str, dir: &std::path::Path, stuck: bool) {
+    let config = Config::new(broker, PK, name, "1.0.0").unwrap();
+    let (client, mut upgrades) = OtaClient::connect(config).await.expect("device connects");
+    let dir = dir.to_owned();
+    tokio::spawn(async move {
+        while let Some(cmd) = upgrades.next().await {
+            if stuck {
+                continue;
+            }
+            let path = dir.join(format!(
+                "{}-{}.bin",
+                client.config().device_name(),
+                cmd.firmware.version
+            ));
+            if client.download(&cmd).download_to(&path).await.is_err() {
+                continue;
+            }
+            client.report_progress(Status::Upgrading, 50, "").unwrap();
+            tokio::time::sleep(Duration::from_millis(1500)).await;
+            client.report_progress(Status::Success, 100, "").unwrap();
+            client.report_version(&cmd.firmware.version).unwrap();
+        }
+    });
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_console_uploads_runs_a_batch_live_and_terminates_one() {
+    let driver = match ChromeDriver::start() {
+        Ok(d) => d,
+        Err(e) if std::env::var_os("IOT_OTA_REQUIRE_CHROMIUM").is_none() => {
+            eprintln!("skipped: {e}");
+            return;
+        }
+        Err(e) => panic!("{e} (IOT_OTA_REQUIRE_CHROMIUM is set)"),
+    };
+    let dir = TempDir::new("console");
+    let p = platform(&dir.join("platform"), embedded(), any_port()).await;
+    let base = p.api_url();
+    let token = p.api_token().to_owned();
+    let broker = p.broker_url().to_owned();
+    for name in ["dev-a", "dev-b", "dev-c"] {
+        device(&broker, name, dir.path(), false).await;
+    }
+    device(&broker, "dev-stuck", dir.path(), true).await;
+    let api = api(&p);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while api.list_devices(Some(PK)).await.unwrap().len() < 4 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "devices never informed"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let image = dir.join("firmware-2.0.0.bin");
+    let bytes = iot_ota_testkit::random_bytes(300_000, 7);
+    std::fs::write(&image, &bytes).unwrap();
+    let md5 = iot_ota_core::digest::digest_hex(iot_ota_core::SignMethod::Md5, &bytes);
+    // A firmware for the batch to terminate later, added over the API.
+    api.add_firmware(PK, "3.0.0", "fw3.bin", b"three")
+        .await
+        .unwrap();
+
+    let image_path = image.to_string_lossy().into_owned();
+    let wait = Duration::from_secs(30);
+    // WebDriver calls block: run the browser on a thread of its own.
+    let shot =
+        tokio::task::spawn_blocking(move || -> std::io::Result<Vec<u8>> {
+            let b = driver.browser()?;
+            // Without a token, nothing can be changed.
+            b.goto(&format!("{base}/#/firmware"))?;
+            b.wait_text("main", wait, |t| {
+                t.contains("Log in with the platform's API token")
+            })?;
+            // A wrong token is refused, the right one accepted.
+            b.goto(&format!("{base}/#/login"))?;
+            let input = b.wait_for("#token", wait)?;
+            b.send_keys(&input, "not-the-token")?;
+            b.click(&b.wait_for("#login-form button", wait)?)?;
+            b.wait_text("#error", wait, |t| t.contains("API token"))?;
+            b.goto(&format!("{base}/#/devices"))?;
+            b.wait_for("#devices", wait)?;
+            b.goto(&format!("{base}/#/login"))?;
+            let input = b.wait_for("#token", wait)?;
+            b.send_keys(&input, &token)?;
+            b.click(&b.wait_for("#login-form button", wait)?)?;
+            b.wait_for("#batch-form", wait)?;
+
+            // Upload: size, MD5, SHA-256, signed or not.
+            b.goto(&format!("{base}/#/firmware"))?;
+            b.send_keys(&b.wait_for("#upload-form input[name=product]", wait)?, PK)?;
+            b.send_keys(
+                &b.wait_for("#upload-form input[name=version]", wait)?,
+                "2.0.0",
+            )?;
+            b.send_keys(
+                &b.wait_for("#upload-form input[type=file]", wait)?,
+                &image_path,
+            )?;
+            b.click(&b.wait_for("#upload-form button", wait)?)?;
+            let added = b.wait_text("#upload-result", wait, |t| t.contains("Added"))?;
+            assert!(added.contains("300,000 bytes"), "{added}");
+            assert!(added.contains(&md5), "{added}");
+            assert!(added.contains("not signed"), "{added}");
+            let row =
+                b.wait_text("tr[data-version='2.0.0']", wait, |t| t.contains(&md5))
+                    .map_err(|e| {
+                        std::io::Error::other(format!("{e}; page: {}; js: {:?}", b.page_text(),
+                b.execute("return document.querySelector(\"tr[data-version='2.0.0']\").innerText")))
+                    })?;
+            assert!(row.contains("firmware-2.0.0.bin"), "{row}");
+
+            // A batch of the three devices that install.
+            b.goto(&format!("{base}/#/batches"))?;
+            b.wait_for("#batch-form", wait)?;
+            b.execute(
+                "const s = document.querySelector('#batch-form select[name=firmware]');\
+             s.value = [...s.options].find(o => o.text.endsWith(' 2.0.0')).value;",
+            )?;
+            b.send_keys(
+                &b.wait_for("#batch-form input[name=devices]", wait)?,
+                "dev-a,dev-b,dev-c",
+            )?;
+            b.click(&b.wait_for("#batch-form button[type=submit]", wait)?)?;
+            // Live: the page shows the batch running, then every record in
+            // success, without a reload (the devices take 1.5 s to install).
+            let running = b.wait_text("#counts", wait, |t| {
+                t.contains("success: 0") || t.contains("upgrading")
+            })?;
+            assert!(!running.contains("success: 3"), "{running}");
+            b.execute("window.__same_page = true;")?;
+            b.wait_text("#batch-state", wait, |t| t == "completed")?;
+            let counts = b.wait_text("#counts", wait, |t| t.contains("success: 3"))?;
+            assert!(counts.contains("failed: 0"), "{counts}");
+            assert_eq!(
+                b.execute("return window.__same_page === true;")?,
+                serde_json::json!(true),
+                "no reload"
+            );
+            assert_eq!(b.find_all("#records tr.success").len(), 3);
+            assert!(b.find("#chart polyline").is_some(), "the chart of states");
+            let png = b.screenshot()?;
+            // The failed-only filter hides them all.
+            b.click(&b.wait_for("#failed-only", wait)?)?;
+            b.wait_text("#records", wait, |t| !t.contains("dev-a"))?;
+
+            // A batch on the device that never reports: terminated from its page.
+            b.goto(&format!("{base}/#/batches"))?;
+            b.wait_for("#batch-form", wait)?;
+            b.execute(
+                "const s = document.querySelector('#batch-form select[name=firmware]');\
+             s.value = [...s.options].find(o => o.text.endsWith(' 3.0.0')).value;",
+            )?;
+            b.send_keys(
+                &b.wait_for("#batch-form input[name=devices]", wait)?,
+                "dev-stuck",
+            )?;
+            b.click(&b.wait_for("#batch-form button[type=submit]", wait)?)?;
+            b.wait_text("#counts", wait, |t| t.contains("pending: 1"))?;
+            b.click(&b.wait_for("button.terminate", wait)?)?;
+            b.accept_dialog()?;
+            b.wait_text("#batch-state", wait, |t| t == "terminated")?;
+            b.wait_text("#records", wait, |t| t.contains("batch_terminated"))?;
+
+            // The batch list, and the devices with their versions and presence.
+            b.goto(&format!("{base}/#/batches"))?;
+            b.wait_text("#batches", wait, |t| {
+                t.contains("terminated") && t.contains("completed")
+            })?;
+            b.goto(&format!("{base}/#/devices"))?;
+            let a = b.wait_text("#devices tr[data-device='dev-a']", wait, |t| {
+                t.contains("2.0.0")
+            })?;
+            assert!(a.contains("online"), "{a}");
+            Ok(png)
+        })
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(shot.starts_with(b"\x89PNG"), "a PNG screenshot");
+    let target =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/console-batch.png");
+    std::fs::write(&target, &shot).unwrap();
+}
