@@ -335,17 +335,36 @@ function chart(samples) {
   return svg;
 }
 
+/**
+ * The states over time, rebuilt from the records' times (so a page opened
+ * late still shows the batch from its start): at each of 80 instants from
+ * the creation to now (or the end), a record is success or failed once
+ * finished, running once pushed, waiting before.
+ */
+function history(b) {
+  const end = b.finished_ms || Date.now();
+  const start = b.created_ms;
+  const out = [];
+  for (let i = 0; i <= 80; i++) {
+    const t = start + ((end - start) * i) / 80;
+    const s = { t, total: b.records.length, success: 0, failed: 0, running: 0, waiting: 0 };
+    for (const r of b.records) {
+      if (r.finished_ms && r.finished_ms <= t) s[r.state === "success" ? "success" : "failed"]++;
+      else if (r.pushed_ms && r.pushed_ms <= t) s.running++;
+      else s.waiting++;
+    }
+    out.push(s);
+  }
+  return out;
+}
+
 function batchPage(id) {
-  const samples = [];
   let failedOnly = false;
   let last = null;
   const draw = (b) => {
     last = b;
     const c = countStates(b);
-    samples.push({
-      t: Date.now(), total: b.records.length, success: c.success, failed: c.failed,
-      running: c.pushed + c.pending + c.upgrading, waiting: c.to_push + c.awaiting_retry,
-    });
+    const samples = history(b);
     const rows = b.records.filter((r) => !failedOnly || r.state === "failed");
     const groups = b.groups.length > 1 ? el("p", { id: "groups" }, b.groups.map((g, i) =>
       el("span", {}, "group " + (i + 1) + (i + 1 === b.group ? " (pushing)" : "") + ": " +
