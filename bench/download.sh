@@ -15,6 +15,7 @@
 # and the stripped size of the C example.
 # Each figure is the best of 5 runs (RUNS=N to change), baselines and SDKs interleaved.
 # Needs mosquitto, curl, openssl, make, a C compiler and /usr/bin/time.
+# BENCH_DIR=/dev/shm puts the image and the downloads on tmpfs (no disk).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -35,7 +36,8 @@ RUST_EXAMPLE=$TARGET/release/examples/ota_example
 C_EXAMPLE=$PWD/build/$(uname -m)/bin/ota_example
 HELPER=$TARGET/release/ota-bench-helper
 
-WORK=$(mktemp -d /tmp/ota-bench.XXXXXX)
+# BENCH_DIR: where the files go (default /tmp; /dev/shm measures without the disk).
+WORK=$(mktemp -d "${BENCH_DIR:-/tmp}/ota-bench.XXXXXX")
 pids=()
 cleanup() {
   for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
