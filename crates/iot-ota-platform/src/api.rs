@@ -654,22 +654,5 @@ pub struct StatsView {
     pub cpu_ms: u64,
     /// The embedded broker's counters (absent with an external broker).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub broker: Option<BrokerStatsView>,
-}
-
-/// The embedded broker's counters in [`StatsView`].
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct BrokerStatsView {
-    /// Clients connected now.
-    pub connections: u64,
-    /// Successful connects since the start.
-    pub connects: u64,
-    /// PUBLISH packets received from clients.
-    pub received: u64,
-    /// Messages queued to subscribers.
-    pub delivered: u64,
-    /// Messages dropped at a full queue.
-    pub dropped: u64,
-    /// The longest any client's queue has been (the platform's, under a fleet's reports).
-    pub peak_queue: u64,
+    pub broker: Option<crate::broker::BrokerStats>,
 }

@@ -441,12 +441,18 @@ impl Store {
         now: Millis,
         make: impl FnOnce(i64) -> Batch,
     ) -> Result<Batch> {
+        self.durably(|s| s.insert_batch(product, firmware_version, config, now, make))
+    }
+
+    /// Runs `write` with `synchronous = FULL`: its commit is fsynced, and
+    /// with it every commit before.
+    fn durably<T>(&mut self, write: impl FnOnce(&mut Self) -> Result<T>) -> Result<T> {
         self.conn.pragma_update(None, "synchronous", "FULL")?;
-        let created = self.insert_batch(product, firmware_version, config, now, make);
+        let result = write(self);
         let normal = self.conn.pragma_update(None, "synchronous", "NORMAL");
-        let created = created?;
+        let value = result?;
         normal?;
-        Ok(created)
+        Ok(value)
     }
 
     fn insert_batch(
@@ -504,11 +510,7 @@ impl Store {
     /// [`Store::save`], fsynced before it returns (with every commit before
     /// it): for rows the caller is about to act on (pushes).
     pub fn save_durable(&mut self, batch: &mut Batch) -> Result<()> {
-        self.conn.pragma_update(None, "synchronous", "FULL")?;
-        let result = self.save(batch);
-        let normal = self.conn.pragma_update(None, "synchronous", "NORMAL");
-        result?;
-        Ok(normal?)
+        self.durably(|s| s.save(batch))
     }
 
     fn write_rows(&mut self, batch: &Batch, devices: &[String], row: bool) -> Result<()> {

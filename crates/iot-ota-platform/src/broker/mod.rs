@@ -77,8 +77,9 @@ impl Default for BrokerOptions {
     }
 }
 
-/// Counters of an [`EmbeddedBroker`], since it started.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+/// Counters of an [`EmbeddedBroker`], since it started (also the
+/// `broker` object of `GET /api/stats`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct BrokerStats {
     /// Clients connected now.
     pub connections: u64,

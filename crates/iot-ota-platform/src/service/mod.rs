@@ -185,16 +185,7 @@ impl Shared {
             rss_kib,
             peak_rss_kib,
             cpu_ms,
-            broker: self.broker_stats.as_ref().and_then(|h| h.get()).map(|b| {
-                crate::api::BrokerStatsView {
-                    connections: b.connections,
-                    connects: b.connects,
-                    received: b.received,
-                    delivered: b.delivered,
-                    dropped: b.dropped,
-                    peak_queue: b.peak_queue,
-                }
-            }),
+            broker: self.broker_stats.as_ref().and_then(|h| h.get()),
         }
     }
 

@@ -155,19 +155,13 @@ impl Shared {
         let mut inner = self.lock();
         let Inner { store, running } = &mut *inner;
         let Some(b) = running.get_mut(&id) else {
-            return match store.load_batch(id)? {
-                Some(b) => Err(PlatformError::new(
-                    409,
-                    format!("batch {id} is already {}", b.state),
-                )),
-                None => Err(PlatformError::new(404, format!("no batch {id}"))),
-            };
+            return Err(not_running(store, id));
         };
-        let before = b.clone();
+        let unsaved = b.unsaved();
         b.terminate(now);
         if let Err(e) = store.save(b) {
             // Not terminated after all: the batch runs on as it was.
-            *b = before;
+            undo(store, b, unsaved)?;
             return Err(e.into());
         }
         let view = BatchView::of(b, true);
@@ -187,13 +181,7 @@ impl Shared {
         let mut inner = self.lock();
         let Inner { store, running } = &mut *inner;
         let Some(b) = running.get_mut(&id) else {
-            return match store.load_batch(id)? {
-                Some(b) => Err(PlatformError::new(
-                    409,
-                    format!("batch {id} is already {}", b.state),
-                )),
-                None => Err(PlatformError::new(404, format!("no batch {id}"))),
-            };
+            return Err(not_running(store, id));
         };
         let unsaved = b.unsaved();
         let changed = if pause {
@@ -210,10 +198,7 @@ impl Shared {
             return Err(PlatformError::new(409, format!("batch {id} is {state}")));
         }
         if let Err(e) = store.save(b) {
-            if let Some(mut committed) = store.load_batch(id)? {
-                committed.carry_over(unsaved);
-                *b = committed;
-            }
+            undo(store, b, unsaved)?;
             return Err(e.into());
         }
         let view = BatchView::of(b, true);
@@ -225,4 +210,27 @@ impl Shared {
         self.changed();
         Ok(view)
     }
+}
+
+/// Why batch `id` cannot be changed: it has ended (409) or never was (404).
+fn not_running(store: &crate::store::Store, id: i64) -> PlatformError {
+    match store.load_batch(id) {
+        Ok(Some(b)) => PlatformError::new(409, format!("batch {id} is already {}", b.state)),
+        Ok(None) => PlatformError::new(404, format!("no batch {id}")),
+        Err(e) => e.into(),
+    }
+}
+
+/// Undoes a change whose save failed: back to what is committed, plus what
+/// was changed and not saved before it (`unsaved`).
+fn undo(
+    store: &crate::store::Store,
+    b: &mut crate::engine::Batch,
+    unsaved: crate::engine::Unsaved,
+) -> Result<(), PlatformError> {
+    if let Some(mut committed) = store.load_batch(b.id)? {
+        committed.carry_over(unsaved);
+        *b = committed;
+    }
+    Ok(())
 }
