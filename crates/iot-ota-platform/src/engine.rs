@@ -697,6 +697,19 @@ impl Batch {
         (interval * jitter).round() as Millis
     }
 
+    /// Uses the push rate's next slot for a push to `device` now.
+    fn take_push_slot(&mut self, device: &str, now: Millis) {
+        let gap = self.push_gap(device);
+        if gap > 0 {
+            // Slot after slot, so late ticks catch up with the rate; but
+            // never more than a second's worth behind: a long-late poll (a
+            // pause, a restart) does not burst.
+            let next = self.progress.next_push_ms.max(now - 1_000);
+            self.progress.next_push_ms = next + gap;
+            self.batch_dirty = true;
+        }
+    }
+
     /// Whether `device`'s record may be pushed now (group started, not paused, rate).
     fn may_push(&self, rec: &Record, now: Millis) -> bool {
         !self.is_paused()
@@ -834,7 +847,10 @@ impl Batch {
                 }
                 RecordState::AwaitingRetry => {
                     if let (Some(d), false) = (r.deadline_ms, self.is_paused()) {
-                        min(d)
+                        min(match self.rollout.push_rate {
+                            Some(_) => d.max(push_at),
+                            None => d,
+                        })
                     }
                     min(self.expires_ms())
                 }
@@ -868,15 +884,7 @@ impl Batch {
                     )
                 }
                 RecordState::ToPush if self.may_push(rec, now) => {
-                    let gap = self.push_gap(&device);
-                    if gap > 0 {
-                        // Slot after slot, so late ticks catch up with the
-                        // rate; but never more than a second's worth behind:
-                        // a long-late poll (a pause, a restart) does not burst.
-                        let next = self.progress.next_push_ms.max(now - 1_000);
-                        self.progress.next_push_ms = next + gap;
-                        self.batch_dirty = true;
-                    }
+                    self.take_push_slot(&device, now);
                     actions.push(self.push(&device, now))
                 }
                 RecordState::Pushed if due => {
@@ -914,7 +922,10 @@ impl Batch {
                     self.cut();
                     self.finish_failed(&device, reason, desc, now)
                 }
-                RecordState::AwaitingRetry if due && !self.is_paused() => {
+                // Retries take push slots too: retries due during a pause
+                // or a restart do not all go at once.
+                RecordState::AwaitingRetry if due && self.may_push(rec, now) => {
+                    self.take_push_slot(&device, now);
                     actions.push(self.push(&device, now))
                 }
                 _ => {}

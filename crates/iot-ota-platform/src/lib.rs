@@ -140,6 +140,10 @@ pub struct Platform {
     https_addr: Option<SocketAddr>,
     broker_url: String,
     tasks: Vec<JoinHandle<()>>,
+    /// The MQTT reader, and the handler of what it queued (stopped in that
+    /// order, the handler after draining the queue).
+    mqtt_task: Option<JoinHandle<()>>,
+    handler: Option<JoinHandle<()>>,
     broker: Option<EmbeddedBroker>,
 }
 
@@ -368,7 +372,9 @@ impl Platform {
                 eprintln!("platform: HTTP server stopped: {e}");
             }
         }));
-        tasks.push(tokio::spawn(service::mqtt_loop(shared.clone(), eventloop)));
+        let (queue_tx, queue_rx) = tokio::sync::mpsc::unbounded_channel();
+        let mqtt_task = tokio::spawn(service::mqtt_loop(shared.clone(), eventloop, queue_tx));
+        let handler = tokio::spawn(service::handle_messages(shared.clone(), queue_rx));
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
         while !shared.mqtt_up.load(Ordering::SeqCst) {
             if tokio::time::Instant::now() > deadline {
@@ -381,6 +387,8 @@ impl Platform {
         }
         tasks.push(tokio::spawn(service::ticker(shared.clone())));
         Ok(Platform {
+            mqtt_task: Some(mqtt_task),
+            handler: Some(handler),
             shared,
             token_made,
             _data_lock: data_lock,
@@ -451,6 +459,21 @@ impl Platform {
         self.shared.stopping.store(true, Ordering::SeqCst);
         let _ = self.shared.mqtt.disconnect().await;
         tokio::time::sleep(Duration::from_millis(50)).await;
+        // The reader first: then the handler takes what the reader queued
+        // (acknowledged to the broker already, so not to be lost) and ends.
+        if let Some(t) = self.mqtt_task.take() {
+            t.abort();
+            let _ = t.await;
+        }
+        if let Some(mut h) = self.handler.take() {
+            if tokio::time::timeout(Duration::from_secs(10), &mut h)
+                .await
+                .is_err()
+            {
+                log::warn!("stopping: device messages still queued after 10 s were dropped");
+                h.abort();
+            }
+        }
         // Wait for the aborted tasks, so the listeners are closed (and their
         // ports free for a restart) when this returns.
         let tasks: Vec<JoinHandle<()>> = self.tasks.drain(..).collect();
@@ -463,7 +486,9 @@ impl Platform {
     }
 
     fn stop_tasks(&mut self) {
-        for t in self.tasks.drain(..) {
+        let reader = self.mqtt_task.take().into_iter();
+        let handler = self.handler.take().into_iter();
+        for t in self.tasks.drain(..).chain(reader).chain(handler) {
             t.abort();
         }
     }

@@ -449,10 +449,12 @@ impl Store {
     fn durably<T>(&mut self, write: impl FnOnce(&mut Self) -> Result<T>) -> Result<T> {
         self.conn.pragma_update(None, "synchronous", "FULL")?;
         let result = write(self);
-        let normal = self.conn.pragma_update(None, "synchronous", "NORMAL");
-        let value = result?;
-        normal?;
-        Ok(value)
+        // The write's own result counts: it is committed (or not) whatever
+        // becomes of the setting after it.
+        if let Err(e) = self.conn.pragma_update(None, "synchronous", "NORMAL") {
+            log::warn!("database: cannot set synchronous = NORMAL again: {e}");
+        }
+        result
     }
 
     fn insert_batch(

@@ -322,8 +322,8 @@ fn request(port: u16, method: &str, path: &str, body: Option<Value>) -> io::Resu
         }
         body.extend_from_slice(&buf[..n]);
     }
-    let body = String::from_utf8_lossy(&body).into_owned();
     let body = if chunked { dechunk(&body) } else { body };
+    let body = String::from_utf8_lossy(&body).into_owned();
     let v = if body.trim().is_empty() {
         Value::Null
     } else {
@@ -332,15 +332,18 @@ fn request(port: u16, method: &str, path: &str, body: Option<Value>) -> io::Resu
     Ok((status, v))
 }
 
-fn dechunk(mut s: &str) -> String {
-    let mut out = String::new();
-    while let Some((size, rest)) = s.split_once("\r\n") {
+/// The body of a chunked answer, as bytes (decoded to text only after).
+fn dechunk(mut s: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    while let Some(i) = s.windows(2).position(|w| w == b"\r\n") {
+        let size = String::from_utf8_lossy(&s[..i]);
         let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
+        let rest = &s[i + 2..];
         if n == 0 || rest.len() < n {
             break;
         }
-        out.push_str(&rest[..n]);
-        s = rest[n..].trim_start_matches("\r\n");
+        out.extend_from_slice(&rest[..n]);
+        s = rest[n..].strip_prefix(b"\r\n").unwrap_or(&rest[n..]);
     }
     out
 }

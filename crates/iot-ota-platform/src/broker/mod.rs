@@ -464,6 +464,13 @@ async fn connection(
         let _ = stream.write_all(&wr).await;
         return;
     }
+    if let Some(w) = &connect.last_will {
+        if !topic::valid_topic(&w.topic) {
+            // Spec 3.1.2.9 / 4.7: an invalid will topic closes the connection.
+            log::debug!("embedded broker: {peer}: invalid will topic {:?}", w.topic);
+            return;
+        }
+    }
     let (client, persistent) = if connect.client_id.is_empty() {
         if !connect.clean_session {
             refuse(ConnectReturnCode::BadClientId, &mut wr);
@@ -520,7 +527,9 @@ async fn connection(
             kick: kick.clone(),
         });
         for p in parked {
-            let _ = tx.try_send(p);
+            if tx.try_send(p).is_err() {
+                shared.counters.dropped.fetch_add(1, Ordering::Relaxed);
+            }
         }
         state.online += 1;
         Some((id, present))
@@ -534,7 +543,6 @@ async fn connection(
         );
         return;
     };
-    drop(tx);
     shared.counters.connects.fetch_add(1, Ordering::Relaxed);
     shared.counters.connections.fetch_add(1, Ordering::Relaxed);
     log::debug!("embedded broker: {client} connected from {peer}");
@@ -543,12 +551,16 @@ async fn connection(
     let mut conn = Conn {
         client: client.clone(),
         shared: shared.clone(),
+        own: tx,
         inflight: VecDeque::new(),
         next_pkid: 0,
         qos2_in: Vec::new(),
     };
+    // Packet ids are 16 bits: never more in flight than there are ids.
+    let max_inflight = shared.options.max_inflight.min(usize::from(u16::MAX) - 1);
     let keep_alive = Duration::from_secs(u64::from(connect.keep_alive));
     let grace = keep_alive + keep_alive / 2;
+    let write_timeout = grace.max(Duration::from_secs(30));
     let mut deadline = Instant::now() + grace;
     // Packets sent right behind the CONNECT (pipelined) are already read.
     let end = match conn.take_packets(&mut rd, &mut wr) {
@@ -561,12 +573,16 @@ async fn connection(
     } else {
         loop {
             if !wr.is_empty() {
-                if let Err(e) = stream.write_all(&wr).await {
-                    break End::Lost(format!("write: {e}"));
+                // A client that stops reading cannot hold this task (and
+                // the broker's stop, a take-over) forever.
+                match tokio::time::timeout(write_timeout, stream.write_all(&wr)).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => break End::Lost(format!("write: {e}")),
+                    Err(_) => break End::Lost("not reading: a write timed out".into()),
                 }
                 wr.clear();
             }
-            let can_send = conn.inflight.len() < shared.options.max_inflight;
+            let can_send = conn.inflight.len() < max_inflight;
             tokio::select! {
                 read = stream.read_buf(&mut rd) => match read {
                     Ok(0) => break End::Lost("closed by the client".into()),
@@ -583,7 +599,7 @@ async fn connection(
                 Some(p) = rx.recv(), if can_send => {
                     conn.send(p, &mut wr);
                     // Batch what is already queued into one write.
-                    while wr.len() < 64 * 1024 && conn.inflight.len() < shared.options.max_inflight {
+                    while wr.len() < 64 * 1024 && conn.inflight.len() < max_inflight {
                         match rx.try_recv() {
                             Ok(p) => conn.send(p, &mut wr),
                             Err(_) => break,
@@ -608,8 +624,10 @@ async fn connection(
             .get(&client)
             .and_then(|s| s.conn.as_ref())
             .is_some_and(|o| o.id == conn_id);
+        let mut dropped = 0u64;
         if mine {
             state.online -= 1;
+            let max_queued = shared.options.max_queued;
             let session = state.sessions.get_mut(&client).expect("mine");
             session.conn = None;
             if session.persistent {
@@ -623,25 +641,38 @@ async fn connection(
                 for p in parked.into_iter().rev() {
                     session.parked.push_front(p);
                 }
+                while session.parked.len() > max_queued {
+                    session.parked.pop_back();
+                    dropped += 1;
+                }
             } else {
                 state.remove_session(&client);
             }
-        } else if matches!(end, End::TakenOver) {
-            // A persistent session taken over: the new connection gets what
-            // this one had in flight or queued.
-            if let Some(session) = state.sessions.get_mut(&client) {
-                if let (true, Some(online)) = (session.persistent, &session.conn) {
-                    for (_, p) in conn.inflight.drain(..) {
-                        let _ = online.tx.try_send(p);
-                    }
-                    while let Ok(p) = rx.try_recv() {
-                        let _ = online.tx.try_send(p);
+        } else if let Some(session) = state.sessions.get_mut(&client) {
+            // Taken over, whatever ended this connection first: a persistent
+            // session's new connection gets what this one had in flight or
+            // queued.
+            if let (true, Some(online)) = (session.persistent, &session.conn) {
+                let pending: Vec<Publish> = conn
+                    .inflight
+                    .drain(..)
+                    .map(|(_, p)| p)
+                    .chain(std::iter::from_fn(|| rx.try_recv().ok()))
+                    .collect();
+                for p in pending {
+                    if online.tx.try_send(p).is_err() {
+                        dropped += 1;
                     }
                 }
             }
         }
+        shared
+            .counters
+            .dropped
+            .fetch_add(dropped, Ordering::Relaxed);
+        // The will is for a connection lost, not for one another took over.
         match &end {
-            End::Lost(_) => connect.last_will.clone(),
+            End::Lost(_) if mine => connect.last_will.clone(),
             _ => None,
         }
     };
@@ -698,6 +729,9 @@ async fn read_packet(
 struct Conn {
     client: Arc<str>,
     shared: Arc<Shared>,
+    /// This connection's own queue (retained messages for a new
+    /// subscription go through it, under the in-flight limit like the rest).
+    own: mpsc::Sender<Publish>,
     /// QoS 1 messages sent and not acknowledged, oldest first.
     inflight: VecDeque<(u16, Publish)>,
     next_pkid: u16,
@@ -716,6 +750,8 @@ impl Conn {
         let _ = p.write(wr);
     }
 
+    /// A free packet id. Terminates: fewer than 65,535 are ever in flight
+    /// (the in-flight limit is clamped below that).
     fn pkid(&mut self) -> u16 {
         loop {
             self.next_pkid = self.next_pkid.wrapping_add(1).max(1);
@@ -770,7 +806,9 @@ impl Conn {
                     }
                     let _ = SubAck::new(s.pkid, codes).write(wr);
                     for p in retained {
-                        self.send(p, wr);
+                        if self.own.try_send(p).is_err() {
+                            self.shared.counters.dropped.fetch_add(1, Ordering::Relaxed);
+                        }
                     }
                 }
                 Packet::Unsubscribe(u) => {
@@ -1016,6 +1054,50 @@ mod tests {
             ("will/dev", &b"gone"[..])
         );
         assert_eq!(b.stats().connections, 1);
+    }
+
+    #[tokio::test]
+    async fn retained_messages_for_a_client_that_never_acks_stay_within_its_limits() {
+        let b = EmbeddedBroker::start(
+            "127.0.0.1:0".parse().unwrap(),
+            BrokerOptions {
+                max_queued: 10,
+                max_inflight: 5,
+                ..BrokerOptions::default()
+            },
+        )
+        .await
+        .unwrap();
+        let (p, mut pel) = client(&b, "pub", true);
+        p.publish("cfg/x", QoS::AtLeastOnce, true, "kept")
+            .await
+            .unwrap();
+        until(&mut pel, |p| matches!(p, Packet::PubAck(_))).await;
+        tokio::spawn(async move { while pel.poll().await.is_ok() {} });
+        // A raw client subscribes 200 times and never acknowledges: each
+        // SUBSCRIBE is owed the retained message again.
+        let mut raw = TcpStream::connect(b.addr()).await.unwrap();
+        let mut out = BytesMut::new();
+        rumqttc::mqttbytes::v4::Connect::new("greedy")
+            .write(&mut out)
+            .unwrap();
+        for i in 1..=200u16 {
+            let mut sub = rumqttc::mqttbytes::v4::Subscribe::new("cfg/#", QoS::AtLeastOnce);
+            sub.pkid = i;
+            sub.write(&mut out).unwrap();
+        }
+        raw.write_all(&out).await.unwrap();
+        // The broker still serves others, and kept at most 5 + 10 for it.
+        let (s, mut sel) = client(&b, "other", true);
+        s.subscribe("cfg/x", QoS::AtLeastOnce).await.unwrap();
+        let m = next_publish(&mut sel).await.expect("served");
+        assert_eq!(&m.payload[..], b"kept");
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while b.stats().dropped < 185 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(b.stats().dropped >= 185, "{:?}", b.stats());
+        drop(raw);
     }
 
     #[tokio::test]

@@ -16,7 +16,7 @@ mod firmware;
 mod mqtt;
 mod ops;
 
-pub(crate) use mqtt::{mqtt_loop, ticker};
+pub(crate) use mqtt::{handle_messages, mqtt_loop, ticker};
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;

@@ -283,7 +283,11 @@ impl Shared {
 /// Drives the MQTT connection: re-subscribes on every ConnAck, and hands
 /// the messages to [`handle_messages`] through a queue, so that reading
 /// the socket never waits for the database.
-pub(crate) async fn mqtt_loop(shared: Arc<Shared>, mut eventloop: EventLoop) {
+pub(crate) async fn mqtt_loop(
+    shared: Arc<Shared>,
+    mut eventloop: EventLoop,
+    tx: tokio::sync::mpsc::UnboundedSender<(String, Vec<u8>)>,
+) {
     let filters: Vec<SubscribeFilter> = ["upgrade_reply", "inform", "progress", "get"]
         .iter()
         .map(|k| {
@@ -296,9 +300,6 @@ pub(crate) async fn mqtt_loop(shared: Arc<Shared>, mut eventloop: EventLoop) {
             )
         })
         .collect();
-    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-    let handler = tokio::spawn(handle_messages(shared.clone(), rx));
-    let _stop_handler = AbortOnDrop(handler);
     loop {
         match eventloop.poll().await {
             Ok(Event::Incoming(Packet::ConnAck(_))) => {
@@ -330,22 +331,15 @@ pub(crate) async fn mqtt_loop(shared: Arc<Shared>, mut eventloop: EventLoop) {
     }
 }
 
-/// Aborts a task when dropped (the MQTT loop's handler ends with the loop).
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
-
 /// Messages handled in one group at most.
 const GROUP: usize = 512;
 
 /// Takes the queued messages in groups (whatever has arrived, up to
 /// [`GROUP`]) and handles each group in one transaction, off the runtime's
-/// event threads.
-async fn handle_messages(
+/// event threads. Ends once the MQTT loop is gone and the queue is empty
+/// (the platform's shutdown waits for that: those messages were
+/// acknowledged to the broker already).
+pub(crate) async fn handle_messages(
     shared: Arc<Shared>,
     mut rx: tokio::sync::mpsc::UnboundedReceiver<(String, Vec<u8>)>,
 ) {
