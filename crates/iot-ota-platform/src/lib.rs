@@ -285,7 +285,11 @@ impl Platform {
             // rumqttc's default of 100 unacknowledged QoS 1 publishes made a
             // batch's pushes wait for the broker's round trips: 10,000 pushes
             // took 25 s to leave, and 1 in 9 missed its ack timeout.
-            .set_inflight(MQTT_INFLIGHT);
+            .set_inflight(MQTT_INFLIGHT)
+            // A device message is acknowledged once it is handled and
+            // committed, not when it is read: a crash in between loses
+            // nothing (the broker delivers it again).
+            .set_manual_acks(true);
         if let Some(user) = &config.mqtt_username {
             opts.set_credentials(user, config.mqtt_password.clone().unwrap_or_default());
         }

@@ -744,7 +744,15 @@ impl Conn {
     fn send(&mut self, mut p: Publish, wr: &mut BytesMut) {
         if p.qos != QoS::AtMostOnce {
             p.qos = QoS::AtLeastOnce;
-            p.pkid = self.pkid();
+            // A message sent before (kept by a persistent session) goes
+            // again with its packet id and DUP, as the spec wants: a late
+            // PUBACK for that id then acknowledges this very message.
+            let again = p.pkid != 0 && !self.inflight.iter().any(|(i, _)| *i == p.pkid);
+            if again {
+                p.dup = true;
+            } else {
+                p.pkid = self.pkid();
+            }
             self.inflight.push_back((p.pkid, p.clone()));
         }
         let _ = p.write(wr);
@@ -991,6 +999,49 @@ mod tests {
         .map(|p| String::from_utf8_lossy(&p.payload).into_owned())
         .collect();
         assert_eq!(got, ["1", "2"], "QoS 1 kept in order, QoS 0 not kept");
+    }
+
+    #[tokio::test]
+    async fn an_unacknowledged_message_is_sent_again_with_its_id_after_a_reconnect() {
+        let b = broker().await;
+        let manual = |b: &EmbeddedBroker| {
+            let mut opts = MqttOptions::new("platform", "127.0.0.1", b.addr().port());
+            opts.set_clean_session(false)
+                .set_manual_acks(true)
+                .set_keep_alive(Duration::from_secs(5));
+            AsyncClient::new(opts, 64)
+        };
+        let first = {
+            let (c, mut el) = manual(&b);
+            c.subscribe("up/#", QoS::AtLeastOnce).await.unwrap();
+            until(&mut el, is_suback).await;
+            let (p, mut pel) = client(&b, "dev", true);
+            p.publish("up/a", QoS::AtLeastOnce, false, "report")
+                .await
+                .unwrap();
+            tokio::spawn(async move { while pel.poll().await.is_ok() {} });
+            // Read, never acknowledged (the platform crashed before its commit).
+            next_publish(&mut el).await.expect("delivered")
+        };
+        let (c, mut el) = manual(&b);
+        let again = next_publish(&mut el).await.expect("delivered again");
+        assert_eq!(
+            (&again.payload[..], again.pkid, again.dup),
+            (&b"report"[..], first.pkid, true)
+        );
+        c.ack(&again).await.unwrap();
+        loop {
+            match tokio::time::timeout(Duration::from_secs(5), el.poll()).await {
+                Ok(Ok(Event::Outgoing(rumqttc::Outgoing::PubAck(_)))) => break,
+                Ok(Ok(_)) => {}
+                other => panic!("{other:?}"),
+            }
+        }
+        // Acknowledged now: a third connection gets nothing.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        drop((c, el));
+        let (_c, mut el) = manual(&b);
+        assert!(nothing_more(&mut el).await);
     }
 
     #[tokio::test]

@@ -21,14 +21,18 @@ impl Shared {
     /// Handles one message from a device; returns what to publish in answer.
     #[cfg(test)]
     pub(crate) fn on_message(&self, topic: &str, payload: &[u8], now: Millis) -> Vec<Outgoing> {
-        self.on_messages(&[(topic.to_owned(), payload.to_vec())], now)
+        self.on_messages([(topic, payload)], now)
     }
 
     /// Handles the messages that arrived together, under one lock and in
     /// one transaction (group commit: at 10,000 devices the platform gets
     /// thousands of reports a second, and one commit each was its limit);
     /// returns what to publish in answer, once that is committed.
-    pub(crate) fn on_messages(&self, messages: &[(String, Vec<u8>)], now: Millis) -> Vec<Outgoing> {
+    pub(crate) fn on_messages<'a>(
+        &self,
+        messages: impl IntoIterator<Item = (&'a str, &'a [u8])>,
+        now: Millis,
+    ) -> Vec<Outgoing> {
         let mut inner = self.lock();
         let mut group = Group::default();
         for (topic, payload) in messages {
@@ -286,7 +290,7 @@ impl Shared {
 pub(crate) async fn mqtt_loop(
     shared: Arc<Shared>,
     mut eventloop: EventLoop,
-    tx: tokio::sync::mpsc::UnboundedSender<(String, Vec<u8>)>,
+    tx: tokio::sync::mpsc::UnboundedSender<rumqttc::Publish>,
 ) {
     let filters: Vec<SubscribeFilter> = ["upgrade_reply", "inform", "progress", "get"]
         .iter()
@@ -314,7 +318,7 @@ pub(crate) async fn mqtt_loop(
             Ok(Event::Incoming(Packet::Publish(p))) => {
                 let depth = shared.queued.fetch_add(1, Ordering::Relaxed) + 1;
                 shared.peak_queued.fetch_max(depth, Ordering::Relaxed);
-                if tx.send((p.topic, p.payload.to_vec())).is_err() {
+                if tx.send(p).is_err() {
                     return;
                 }
             }
@@ -341,24 +345,35 @@ const GROUP: usize = 512;
 /// acknowledged to the broker already).
 pub(crate) async fn handle_messages(
     shared: Arc<Shared>,
-    mut rx: tokio::sync::mpsc::UnboundedReceiver<(String, Vec<u8>)>,
+    mut rx: tokio::sync::mpsc::UnboundedReceiver<rumqttc::Publish>,
 ) {
     let mut group = Vec::with_capacity(GROUP);
     while rx.recv_many(&mut group, GROUP).await > 0 {
         let messages = std::mem::take(&mut group);
         let n = messages.len() as u64;
         let s = shared.clone();
-        let out = tokio::task::spawn_blocking(move || {
+        let (out, messages) = tokio::task::spawn_blocking(move || {
             let started = std::time::Instant::now();
-            let out = s.on_messages(&messages, now_ms());
+            let out = s.on_messages(
+                messages.iter().map(|p| (p.topic.as_str(), &p.payload[..])),
+                now_ms(),
+            );
             s.busy_us
                 .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
-            out
+            (out, messages)
         })
         .await
         .unwrap_or_default();
         shared.messages.fetch_add(n, Ordering::Relaxed);
         shared.queued.fetch_sub(n, Ordering::Relaxed);
+        // Acknowledged only now that they are handled (manual acks): a
+        // crash before this leaves them unacknowledged, and the broker
+        // delivers them again to the persistent session.
+        for p in &messages {
+            if let Err(e) = shared.mqtt.ack(p).await {
+                log::warn!("acknowledging a device message: {e}");
+            }
+        }
         for (topic, payload) in out {
             // try_publish: awaiting here could block the loop that drains the queue.
             if let Err(e) = shared
