@@ -63,6 +63,11 @@ pub struct BrokerOptions {
     pub max_inflight: usize,
     /// How long a new connection may take to send its CONNECT.
     pub connect_timeout: Duration,
+    /// Subscriptions one client may hold; more are refused (SUBACK failure).
+    pub max_subscriptions: usize,
+    /// Retained topics kept at most; a retained message on a new topic
+    /// beyond that is delivered but not kept.
+    pub max_retained: usize,
 }
 
 impl Default for BrokerOptions {
@@ -73,6 +78,8 @@ impl Default for BrokerOptions {
             max_queued: 100_000,
             max_inflight: 1_000,
             connect_timeout: Duration::from_secs(10),
+            max_subscriptions: 1_000,
+            max_retained: 100_000,
         }
     }
 }
@@ -688,15 +695,20 @@ async fn connection(
         shared.counters.received.fetch_add(1, Ordering::Relaxed);
         let mut state = shared.state();
         if p.retain {
-            retain(&mut state, &p);
+            retain(&mut state, &p, shared.options.max_retained);
         }
         state.route(&p, &shared.options, &shared.counters);
     }
 }
 
-fn retain(state: &mut State, p: &Publish) {
+fn retain(state: &mut State, p: &Publish, max: usize) {
     if p.payload.is_empty() {
         state.retained.remove(&p.topic);
+    } else if state.retained.len() >= max && !state.retained.contains_key(&p.topic) {
+        log::warn!(
+            "embedded broker: {max} retained topics already: {} is not kept",
+            p.topic
+        );
     } else {
         let mut kept = p.clone();
         kept.pkid = 0;
@@ -796,7 +808,14 @@ impl Conn {
                     {
                         let mut state = self.shared.state();
                         for f in &s.filters {
-                            if !topic::valid_filter(&f.path) || f.path.starts_with("$share/") {
+                            let held = state.sessions.get(&self.client).map_or(0, |ses| {
+                                let has = ses.filters.iter().any(|(x, _)| *x == f.path);
+                                ses.filters.len() + usize::from(!has)
+                            });
+                            if !topic::valid_filter(&f.path)
+                                || f.path.starts_with("$share/")
+                                || held > self.shared.options.max_subscriptions
+                            {
                                 codes.push(SubscribeReasonCode::Failure);
                                 continue;
                             }
@@ -868,7 +887,7 @@ impl Conn {
         if fresh {
             let mut state = self.shared.state();
             if p.retain {
-                retain(&mut state, &p);
+                retain(&mut state, &p, self.shared.options.max_retained);
             }
             state.route(&p, &self.shared.options, counters);
         }
@@ -1149,6 +1168,57 @@ mod tests {
         }
         assert!(b.stats().dropped >= 185, "{:?}", b.stats());
         drop(raw);
+    }
+
+    #[tokio::test]
+    async fn subscriptions_and_retained_topics_are_bounded() {
+        let b = EmbeddedBroker::start(
+            "127.0.0.1:0".parse().unwrap(),
+            BrokerOptions {
+                max_subscriptions: 2,
+                max_retained: 1,
+                ..BrokerOptions::default()
+            },
+        )
+        .await
+        .unwrap();
+        let (c, mut el) = client(&b, "many", true);
+        for f in ["a", "b", "a", "c"] {
+            c.subscribe(f, QoS::AtLeastOnce).await.unwrap();
+        }
+        let mut codes = Vec::new();
+        while codes.len() < 4 {
+            match tokio::time::timeout(Duration::from_secs(5), el.poll()).await {
+                Ok(Ok(Event::Incoming(Packet::SubAck(a)))) => codes.extend(a.return_codes),
+                Ok(Ok(_)) => {}
+                other => panic!("{other:?}"),
+            }
+        }
+        let ok = SubscribeReasonCode::Success(QoS::AtLeastOnce);
+        assert_eq!(
+            codes,
+            [ok, ok, ok, SubscribeReasonCode::Failure],
+            "a again is no new one"
+        );
+        let (p, mut pel) = client(&b, "pub", true);
+        p.publish("r/1", QoS::AtLeastOnce, true, "one")
+            .await
+            .unwrap();
+        p.publish("r/2", QoS::AtLeastOnce, true, "two")
+            .await
+            .unwrap();
+        p.publish("r/1", QoS::AtLeastOnce, true, "one again")
+            .await
+            .unwrap();
+        until(&mut pel, |p| matches!(p, Packet::PubAck(a) if a.pkid == 3)).await;
+        let (s, mut sel) = client(&b, "late", true);
+        s.subscribe("r/+", QoS::AtLeastOnce).await.unwrap();
+        let m = next_publish(&mut sel).await.unwrap();
+        assert_eq!(
+            (m.topic.as_str(), &m.payload[..]),
+            ("r/1", &b"one again"[..])
+        );
+        assert!(nothing_more(&mut sel).await, "r/2 was not kept");
     }
 
     #[tokio::test]
