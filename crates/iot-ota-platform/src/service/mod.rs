@@ -76,6 +76,8 @@ impl std::fmt::Display for PlatformError {
 pub(crate) struct Inner {
     pub(crate) store: Store,
     running: BTreeMap<i64, Batch>,
+    /// Device rows of a group whose commit failed, written with the next group.
+    unsaved_devices: Vec<crate::store::DeviceWrite>,
 }
 
 /// An MQTT message to publish with QoS 1.
@@ -154,7 +156,11 @@ impl Shared {
             }
         }
         Ok(Shared {
-            inner: Mutex::new(Inner { store, running }),
+            inner: Mutex::new(Inner {
+                store,
+                running,
+                unsaved_devices: Vec::new(),
+            }),
             mqtt,
             prefix,
             public_url,
@@ -360,6 +366,17 @@ mod tests {
         lock.unlock();
         assert!(shared.tick(now + 1_300).0.is_empty());
         assert_eq!(stored(&shared, id).state, RecordState::Pending);
+
+        // A device row whose commit fails goes with the next group: the
+        // version informed is not lost behind a later "seen".
+        let lock = Locker::lock(&db);
+        let inform = iot_ota_core::protocol::encode_inform("9", "1.5.0");
+        shared.on_message("/sys/pk/d1/ota/firmware/inform", &inform, now_ms());
+        shared.on_message("/sys/pk/d1/ota/firmware/upgrade_reply", &reply, now_ms());
+        lock.unlock();
+        shared.on_message("/sys/pk/d1/ota/firmware/upgrade_reply", &reply, now_ms());
+        let d = shared.list_devices(Some("pk")).unwrap();
+        assert_eq!(d[0].version, "1.5.0", "{d:?}");
 
         // Terminating fails as a whole when its commit fails.
         let lock = Locker::lock(&db);

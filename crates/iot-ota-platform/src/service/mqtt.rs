@@ -68,13 +68,21 @@ impl Shared {
     /// save writes them (within a second), and anything acted on later is
     /// decided by a tick whose save commits these rows first.
     fn commit_group(&self, inner: &mut Inner, group: &mut Group, now: Millis) {
-        let Inner { store, running } = inner;
+        let Inner {
+            store,
+            running,
+            unsaved_devices,
+        } = inner;
         let mut batches: Vec<&mut Batch> = running
             .values_mut()
             .filter(|b| group.touched.contains(&b.id))
             .collect();
-        if let Err(e) = store.save_group(&mut batches, &group.devices, now) {
-            log::error!("saving {} device messages: {e}", group.devices.len());
+        // Rows a failed commit left behind go first; the newer ones after.
+        let mut devices = std::mem::take(unsaved_devices);
+        devices.append(&mut group.devices);
+        if let Err(e) = store.save_group(&mut batches, &devices, now) {
+            log::error!("saving {} device messages: {e}", devices.len());
+            *unsaved_devices = merge_device_writes(devices);
             return;
         }
         let done: Vec<i64> = batches
@@ -188,7 +196,7 @@ impl Shared {
     /// when to poll next.
     pub(crate) fn tick(&self, now: Millis) -> (Vec<Outgoing>, Option<Millis>) {
         let mut inner = self.lock();
-        let Inner { store, running } = &mut *inner;
+        let Inner { store, running, .. } = &mut *inner;
         let mut out = Vec::new();
         let mut done = Vec::new();
         let mut next: Option<Millis> = None;
@@ -402,6 +410,33 @@ pub(crate) async fn ticker(shared: Arc<Shared>) {
             _ = shared.wake.notified() => {}
         }
     }
+}
+
+/// Device rows kept across failed commits at most.
+const UNSAVED_DEVICES_MAX: usize = 100_000;
+
+/// One row per device, for the next commit: the newest informed version
+/// (a later "seen" does not hide it), in first-seen order, bounded (so a
+/// broken disk cannot grow it).
+fn merge_device_writes(devices: Vec<DeviceWrite>) -> Vec<DeviceWrite> {
+    let mut index: std::collections::HashMap<(String, String), usize> = Default::default();
+    let mut out: Vec<DeviceWrite> = Vec::new();
+    for d in devices {
+        let key = (d.product.clone(), d.device.clone());
+        match index.get(&key) {
+            Some(&i) => {
+                if d.version.is_some() {
+                    out[i].version = d.version;
+                }
+            }
+            None if out.len() < UNSAVED_DEVICES_MAX => {
+                index.insert(key, out.len());
+                out.push(d);
+            }
+            None => {}
+        }
+    }
+    out
 }
 
 /// What a group of device messages changed, written together.

@@ -153,7 +153,7 @@ impl Shared {
 
     pub(crate) fn terminate_batch(&self, id: i64, now: Millis) -> Result<BatchView, PlatformError> {
         let mut inner = self.lock();
-        let Inner { store, running } = &mut *inner;
+        let Inner { store, running, .. } = &mut *inner;
         let Some(b) = running.get_mut(&id) else {
             return Err(not_running(store, id));
         };
@@ -179,7 +179,7 @@ impl Shared {
         now: Millis,
     ) -> Result<BatchView, PlatformError> {
         let mut inner = self.lock();
-        let Inner { store, running } = &mut *inner;
+        let Inner { store, running, .. } = &mut *inner;
         let Some(b) = running.get_mut(&id) else {
             return Err(not_running(store, id));
         };
