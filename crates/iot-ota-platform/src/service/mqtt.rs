@@ -424,11 +424,8 @@ fn merge_device_writes(devices: Vec<DeviceWrite>) -> Vec<DeviceWrite> {
     for d in devices {
         let key = (d.product.clone(), d.device.clone());
         match index.get(&key) {
-            Some(&i) => {
-                if d.version.is_some() {
-                    out[i].version = d.version;
-                }
-            }
+            Some(&i) if d.version.is_some() => out[i].version = d.version,
+            Some(_) => {}
             None if out.len() < UNSAVED_DEVICES_MAX => {
                 index.insert(key, out.len());
                 out.push(d);
