@@ -406,6 +406,13 @@ pub fn is_valid_identity(value: &str) -> bool {
         && value != ".."
 }
 
+/// The MQTT client id a device uses unless told otherwise:
+/// `{product_key}.{device_name}` (the Rust SDK's default; the platform's
+/// console finds a device's connection on the embedded broker by it).
+pub fn default_client_id(product_key: &str, device_name: &str) -> String {
+    format!("{product_key}.{device_name}")
+}
+
 /// Checks a product key or device name (`what` names which, for the
 /// message): 1-128 bytes, none of MQTT's topic separators and wildcards
 /// (`/`, `+`, `#`), no white space or control characters, and not `.` or

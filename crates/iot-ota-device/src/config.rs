@@ -58,7 +58,10 @@ impl Config {
         protocol::validate_version(firmware_version)
             .map_err(|r| Error::Config(format!("firmware version: {}", r.message)))?;
         Ok(Config {
-            link: LinkSettings::for_broker(broker, &format!("{product_key}.{device_name}")),
+            link: LinkSettings::for_broker(
+                broker,
+                &protocol::default_client_id(product_key, device_name),
+            ),
             product_key: product_key.to_owned(),
             device_name: device_name.to_owned(),
             firmware_version: firmware_version.to_owned(),

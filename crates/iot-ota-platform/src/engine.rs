@@ -269,7 +269,9 @@ pub struct BatchConfig {
 
 /// A size in a rollout: a count of devices, or a percentage of the batch's
 /// (or, for an error threshold, of the group's) records, rounded up.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Written as `"25"` or `"10%"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(try_from = "String", into = "String")]
 pub enum Share {
     /// This many.
     Count(u32),
@@ -305,6 +307,19 @@ impl Share {
     }
 }
 
+impl TryFrom<String> for Share {
+    type Error = String;
+    fn try_from(s: String) -> Result<Share, String> {
+        Share::parse(&s)
+    }
+}
+
+impl From<Share> for String {
+    fn from(s: Share) -> String {
+        s.to_string()
+    }
+}
+
 impl fmt::Display for Share {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
@@ -330,7 +345,7 @@ impl fmt::Display for Share {
 /// - `push_rate`: pushes per minute at most, each spaced by the interval
 ///   times a jitter between 0.5 and 1.5 (seeded by the device), so that a
 ///   fleet does not download in lockstep.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Rollout {
     /// Group sizes, in order.
     pub groups: Vec<Share>,

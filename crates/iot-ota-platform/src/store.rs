@@ -13,7 +13,6 @@ use rusqlite::{params, Connection, OptionalExtension, Row};
 use crate::api::{DeviceView, FirmwareInfo};
 use crate::engine::{
     Batch, BatchConfig, BatchState, FailReason, Millis, Record, RecordState, Rollout, RolloutState,
-    Share,
 };
 
 /// A device row to write with a group of messages ([`Store::save_group`]).
@@ -441,7 +440,35 @@ impl Store {
         now: Millis,
         make: impl FnOnce(i64) -> Batch,
     ) -> Result<Batch> {
-        self.durably(|s| s.insert_batch(product, firmware_version, config, now, make))
+        self.durably(|s| {
+            let tx = s.conn.transaction()?;
+            tx.execute(
+                "INSERT INTO batches (product, firmware_version, policy, sign_method, validity_ms, timeout_ms,
+                                      retries, retry_interval_ms, ack_timeout_ms, state, created_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, 'in_progress', ?10)",
+                params![
+                    product,
+                    firmware_version,
+                    config.policy.as_str(),
+                    config.sign_method.wire_name(),
+                    config.validity_ms,
+                    config.timeout_ms,
+                    config.retries,
+                    config.retry_interval_ms,
+                    config.ack_timeout_ms,
+                    now
+                ],
+            )?;
+            let id = tx.last_insert_rowid();
+            let mut batch = make(id);
+            let (devices, _) = batch.take_dirty();
+            write_batch_row(&tx, &batch)?;
+            for d in devices {
+                write_record(&tx, id, &batch.records[&d])?;
+            }
+            tx.commit()?;
+            Ok(batch)
+        })
     }
 
     /// Runs `write` with `synchronous = FULL`: its commit is fsynced, and
@@ -455,43 +482,6 @@ impl Store {
             log::warn!("database: cannot set synchronous = NORMAL again: {e}");
         }
         result
-    }
-
-    fn insert_batch(
-        &mut self,
-        product: &str,
-        firmware_version: &str,
-        config: &BatchConfig,
-        now: Millis,
-        make: impl FnOnce(i64) -> Batch,
-    ) -> Result<Batch> {
-        let tx = self.conn.transaction()?;
-        tx.execute(
-            "INSERT INTO batches (product, firmware_version, policy, sign_method, validity_ms, timeout_ms,
-                                  retries, retry_interval_ms, ack_timeout_ms, state, created_ms)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, 'in_progress', ?10)",
-            params![
-                product,
-                firmware_version,
-                config.policy.as_str(),
-                config.sign_method.wire_name(),
-                config.validity_ms,
-                config.timeout_ms,
-                config.retries,
-                config.retry_interval_ms,
-                config.ack_timeout_ms,
-                now
-            ],
-        )?;
-        let id = tx.last_insert_rowid();
-        let mut batch = make(id);
-        let (devices, _) = batch.take_dirty();
-        write_batch_row(&tx, &batch)?;
-        for d in devices {
-            write_record(&tx, id, &batch.records[&d])?;
-        }
-        tx.commit()?;
-        Ok(batch)
     }
 
     /// Writes the batch's changed rows (see [`Batch::take_dirty`]) in one
@@ -697,49 +687,17 @@ fn write_batch_row(tx: &rusqlite::Transaction<'_>, b: &Batch) -> Result<()> {
     Ok(())
 }
 
-/// A batch's rollout rules as stored (`None` for none).
+/// A batch's rollout rules as stored: JSON (`None` for none).
 fn rollout_json(r: &Rollout) -> Option<String> {
-    if *r == Rollout::default() {
-        return None;
-    }
-    let shares = |v: &[Share]| v.iter().map(Share::to_string).collect::<Vec<_>>();
-    Some(
-        serde_json::json!({
-            "groups": shares(&r.groups),
-            "success_threshold": r.success_threshold,
-            "error_threshold": r.error_threshold.map(|s| s.to_string()),
-            "push_rate": r.push_rate,
-        })
-        .to_string(),
-    )
+    (*r != Rollout::default()).then(|| serde_json::to_string(r).unwrap_or_default())
 }
 
 fn rollout_from_json(id: i64, text: Option<String>) -> Result<Rollout> {
-    let Some(text) = text else {
-        return Ok(Rollout::default());
-    };
-    let bad = |e: String| StoreError(format!("batch {id}: bad rollout {text:?}: {e}"));
-    let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
-    let groups = v["groups"]
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .map(|g| Share::parse(g.as_str().unwrap_or("")))
-                .collect::<std::result::Result<Vec<_>, _>>()
-        })
-        .transpose()
-        .map_err(bad)?
-        .unwrap_or_default();
-    Ok(Rollout {
-        groups,
-        success_threshold: v["success_threshold"].as_u64().map(|n| n as u32),
-        error_threshold: v["error_threshold"]
-            .as_str()
-            .map(Share::parse)
-            .transpose()
-            .map_err(bad)?,
-        push_rate: v["push_rate"].as_u64().map(|n| n as u32),
-    })
+    match text {
+        None => Ok(Rollout::default()),
+        Some(t) => serde_json::from_str(&t)
+            .map_err(|e| StoreError(format!("batch {id}: bad rollout {t:?}: {e}"))),
+    }
 }
 
 fn write_record(tx: &rusqlite::Transaction<'_>, batch: i64, r: &Record) -> Result<()> {

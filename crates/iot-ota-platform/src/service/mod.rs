@@ -251,6 +251,21 @@ pub fn process_usage() -> (u64, u64, u64) {
     (field("VmRSS:"), field("VmHWM:"), ticks * 10)
 }
 
+/// Undoes a change whose save failed (a tick's poll, a terminate, a
+/// pause): back to what is committed, plus what was changed and not saved
+/// before it (`unsaved`).
+pub(crate) fn undo(
+    store: &Store,
+    b: &mut Batch,
+    unsaved: crate::engine::Unsaved,
+) -> Result<(), StoreError> {
+    if let Some(mut committed) = store.load_batch(b.id)? {
+        committed.carry_over(unsaved);
+        *b = committed;
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -218,13 +218,8 @@ impl Shared {
                 // decides again). If even that cannot be read, the records
                 // marked pushed fail their ack timeout and are retried.
                 log::error!("saving batch {}: {e}", b.id);
-                match store.load_batch(b.id) {
-                    Ok(Some(mut committed)) => {
-                        committed.carry_over(unsaved);
-                        *b = committed;
-                    }
-                    Ok(None) => {}
-                    Err(e) => log::error!("reloading batch {}: {e}", b.id),
+                if let Err(e) = super::undo(store, b, unsaved) {
+                    log::error!("reloading batch {}: {e}", b.id);
                 }
                 let retry = now.saturating_add(SAVE_RETRY_MS);
                 next = Some(next.map_or(retry, |n| n.min(retry)));

@@ -31,10 +31,11 @@ impl Shared {
         }
         for d in &mut devices {
             d.record = current.remove(&(d.product.as_str(), d.device.as_str()));
-            d.online = self
-                .broker_stats
-                .as_ref()
-                .and_then(|h| h.is_connected(&format!("{}.{}", d.product, d.device)));
+            d.online = self.broker_stats.as_ref().and_then(|h| {
+                h.is_connected(&iot_ota_core::protocol::default_client_id(
+                    &d.product, &d.device,
+                ))
+            });
         }
         Ok(devices)
     }
@@ -161,7 +162,7 @@ impl Shared {
         b.terminate(now);
         if let Err(e) = store.save(b) {
             // Not terminated after all: the batch runs on as it was.
-            undo(store, b, unsaved)?;
+            super::undo(store, b, unsaved)?;
             return Err(e.into());
         }
         let view = BatchView::of(b, true);
@@ -198,7 +199,7 @@ impl Shared {
             return Err(PlatformError::new(409, format!("batch {id} is {state}")));
         }
         if let Err(e) = store.save(b) {
-            undo(store, b, unsaved)?;
+            super::undo(store, b, unsaved)?;
             return Err(e.into());
         }
         let view = BatchView::of(b, true);
@@ -219,18 +220,4 @@ fn not_running(store: &crate::store::Store, id: i64) -> PlatformError {
         Ok(None) => PlatformError::new(404, format!("no batch {id}")),
         Err(e) => e.into(),
     }
-}
-
-/// Undoes a change whose save failed: back to what is committed, plus what
-/// was changed and not saved before it (`unsaved`).
-fn undo(
-    store: &crate::store::Store,
-    b: &mut crate::engine::Batch,
-    unsaved: crate::engine::Unsaved,
-) -> Result<(), PlatformError> {
-    if let Some(mut committed) = store.load_batch(b.id)? {
-        committed.carry_over(unsaved);
-        *b = committed;
-    }
-    Ok(())
 }
