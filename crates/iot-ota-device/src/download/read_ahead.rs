@@ -13,7 +13,14 @@
 //! Why one thread for receiving and hashing, where `download_to` has two:
 //! receiving costs a fifth of hashing, and on a two-core device the
 //! caller's own writing takes the other core; a second thread bought no
-//! speed there, and cost memory and code.
+//! speed there (with SHA-256 it lost some: each hand-over between threads
+//! costs more than the hashing of a block), and cost memory and code.
+//!
+//! What a hand-over costs is what limits the speed, so there are few of
+//! them: blocks of 64 KiB, and the caller is woken only when it waits, and
+//! then first by an `unpark` on its own thread (a futex), not through the
+//! MQTT runtime; only a caller that has waited a while (a slow server) is
+//! woken through the runtime, which keeps its connection serviced.
 //!
 //! The bytes handed out are always hashed already, and the last block is
 //! held back until the whole image is verified: the call that returns the
@@ -23,18 +30,23 @@ use std::collections::VecDeque;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
-use std::thread::JoinHandle;
+use std::thread::{JoinHandle, Thread};
+use std::time::{Duration, Instant};
 
 use iot_ota_core::{Fetch, FetchError, FetchState, Firmware, Verified};
 use tokio::sync::Notify;
 
-use super::pipeline::{self, read_blocks, Block, Blocks, Fill, Hasher, Msg, Sink, BUFFERS};
+use super::pipeline::{self, read_blocks, Block, Blocks, Fill, Hasher, Msg, Sink};
 use super::source::Source;
 use crate::session::Session;
 
 /// A partly filled block goes to the hasher at the latest this long after
 /// its first byte: a slow download still shows up in small steps.
-const HANDOVER: std::time::Duration = std::time::Duration::from_millis(50);
+const HANDOVER: Duration = Duration::from_millis(50);
+
+/// Blocks in flight: one being filled and hashed, one being copied out, one
+/// ready in between.
+const READ_AHEAD_BLOCKS: usize = 3;
 
 /// What [`ReadAhead::poll_read`] found.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -54,6 +66,35 @@ pub enum ReadAheadPoll {
 struct Ready {
     blocks: VecDeque<(Block, usize)>,
     end: Option<Result<Verified, FetchError>>,
+    /// How the caller waits, if it does.
+    waits: Waits,
+}
+
+/// How the caller waits for the next block.
+#[derive(Default)]
+enum Waits {
+    /// It does not: it finds what is ready on its next call.
+    #[default]
+    No,
+    /// Parked in [`ReadAhead::wait`]: unpark it.
+    Parked(Thread),
+    /// Waiting for the `wake` given at the start.
+    Woken,
+}
+
+impl Ready {
+    /// Wakes a waiting caller: unparks it, or returns true if `wake` must
+    /// be called (after the lock is let go).
+    fn wake_caller(&mut self) -> bool {
+        match std::mem::take(&mut self.waits) {
+            Waits::No => false,
+            Waits::Parked(t) => {
+                t.unpark();
+                false
+            }
+            Waits::Woken => true,
+        }
+    }
 }
 
 /// What the download's thread and the caller share.
@@ -69,6 +110,9 @@ struct Queue {
     wake: Arc<dyn Fn() + Send + Sync>,
     /// The application reported the upgrade's end itself: report nothing.
     quiet: AtomicBool,
+    /// `Ready::end` is set: the API's calls of a download loop look here
+    /// first, without the lock the fetch thread takes for every block.
+    ended: AtomicBool,
     /// The image's size as the hasher knows it ([`UNKNOWN`] if not), so
     /// that asking for it never waits for the fetch's lock, which the hasher
     /// holds while it hashes a block.
@@ -139,16 +183,20 @@ struct QueueSink {
 
 impl QueueSink {
     fn push(&mut self, block: Option<(Block, usize)>, end: Option<Result<Verified, FetchError>>) {
-        {
+        let wake = {
             let mut ready = self.queue.lock();
             if let Some(b) = block {
                 ready.blocks.push_back(b);
             }
             if end.is_some() {
                 ready.end = end;
+                self.queue.ended.store(true, Ordering::Release);
             }
+            ready.wake_caller()
+        };
+        if wake {
+            (self.queue.wake)();
         }
-        (self.queue.wake)();
     }
 }
 
@@ -232,8 +280,8 @@ impl std::fmt::Debug for ReadAhead {
 }
 
 impl ReadAhead {
-    /// Starts the download's thread. The fetch has begun (DOWNLOADING 0 is
-    /// reported).
+    /// Starts the download's thread, with [`READ_AHEAD_BLOCKS`] blocks of
+    /// `block_size` bytes. The fetch has begun (DOWNLOADING 0 is reported).
     pub(super) fn start(
         session: Arc<Session>,
         fetch: Fetch,
@@ -252,12 +300,13 @@ impl ReadAhead {
         let size = block_size.max(pipeline::DIRECT_ALIGN);
         let queue = Arc::new(Queue {
             ready: Mutex::new(Ready::default()),
-            free: Mutex::new((0..BUFFERS).map(|_| Block::new(size)).collect()),
+            free: Mutex::new((0..READ_AHEAD_BLOCKS).map(|_| Block::new(size)).collect()),
             freed: Condvar::new(),
             cancelled: AtomicBool::new(false),
             cancel: Notify::new(),
             wake,
             quiet: AtomicBool::new(false),
+            ended: AtomicBool::new(false),
             total: AtomicU64::new(total),
         });
         let thread = {
@@ -356,7 +405,13 @@ impl ReadAhead {
                             self.ended(end);
                             self.poll_read(buf)
                         }
-                        None => ReadAheadPoll::Pending,
+                        None => {
+                            // Woken by the next block (or the end).
+                            if matches!(ready.waits, Waits::No) {
+                                ready.waits = Waits::Woken;
+                            }
+                            ReadAheadPoll::Pending
+                        }
                     };
                 }
             }
@@ -374,6 +429,33 @@ impl ReadAhead {
             }
         }
         ReadAheadPoll::Data(n)
+    }
+
+    /// After [`ReadAheadPoll::Pending`]: parks the calling thread until the
+    /// next block (or the end) is ready, for at most `quick`. True when
+    /// woken; false when `quick` passed, and from then on the caller is
+    /// woken by the `wake` given at the start (so that it can wait on
+    /// other things too, as the C API waits on its MQTT connection).
+    ///
+    /// A fast download's next block is a moment away: waiting for it here
+    /// costs a futex, where a wait through a runtime costs an eventfd and a
+    /// poll on each side.
+    pub fn wait(&mut self, quick: Duration) -> bool {
+        let until = Instant::now() + quick;
+        loop {
+            let mut ready = self.queue.lock();
+            if matches!(ready.waits, Waits::No) {
+                return true; // woken (or never waited)
+            }
+            let now = Instant::now();
+            if now >= until {
+                ready.waits = Waits::Woken;
+                return false;
+            }
+            ready.waits = Waits::Parked(std::thread::current());
+            drop(ready);
+            std::thread::park_timeout(until - now);
+        }
     }
 
     /// The caller has seen the end: the meta file of a part file goes,
@@ -412,6 +494,9 @@ impl ReadAhead {
     pub fn outcome(&self) -> Option<Result<Verified, FetchError>> {
         if let Some(o) = &self.outcome {
             return Some(o.clone());
+        }
+        if !self.queue.ended.load(Ordering::Acquire) {
+            return None;
         }
         let ready = self.queue.lock();
         match &ready.end {
@@ -490,8 +575,12 @@ impl Drop for EndGuard<'_> {
         let mut ready = self.queue.lock();
         if ready.end.is_none() {
             ready.end = Some(Err(FetchError::Cancelled));
+            self.queue.ended.store(true, Ordering::Release);
+            let wake = ready.wake_caller();
             drop(ready);
-            (self.queue.wake)();
+            if wake {
+                (self.queue.wake)();
+            }
         }
     }
 }
