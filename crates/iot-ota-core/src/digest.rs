@@ -1,7 +1,7 @@
 //! Firmware digests: the sign methods and a streaming hasher.
 
-use md5::{Digest as _, Md5};
-use sha2::Sha256;
+use iot_ota_md5::Md5;
+use sha2::{Digest as _, Sha256};
 use std::fmt;
 
 /// Digest algorithm named by a command's `signMethod`.
