@@ -34,6 +34,10 @@
 #include "iot_ota.h"
 
 #define BUF_SIZE 5000
+/* The part file's stdio buffer: one write(2) per 32 KiB rather than one per
+ * chunk. (Given NULL, glibc's setvbuf ignores the size and keeps a 4 KiB
+ * buffer: 65,536 writes for 256 MiB, and the download a tenth slower.) */
+#define FILE_BUF_SIZE (32 * 1024)
 #define FETCH_TIMEOUT_S 1
 
 struct args {
@@ -163,9 +167,10 @@ static int upgrade(void *ota, const char *dir, const char *state_dir, char *vers
     char *path = malloc(path_len);
     char *part = malloc(path_len);
     char *buf = malloc(BUF_SIZE);
+    char *file_buf = malloc(FILE_BUF_SIZE);
     FILE *out = NULL;
     int ok = 0;
-    if (!path || !part || !buf) {
+    if (!path || !part || !buf || !file_buf) {
         fprintf(stderr, "out of memory\n");
         iot_ota_report_progress(ota, IOT_OTA_STATUS_UPGRADE_FAILED, 0);
         goto done;
@@ -185,9 +190,7 @@ static int upgrade(void *ota, const char *dir, const char *state_dir, char *vers
         goto done;
     }
     if (keep > 0) fprintf(stderr, "resuming %s from byte %lld\n", part, (long long)keep);
-    /* A 64 KiB stdio buffer: one write(2) per 64 KiB rather than one per
-     * 5000-byte chunk (the syscalls would cost more than the copy). */
-    setvbuf(out, NULL, _IOFBF, 64 * 1024);
+    setvbuf(out, file_buf, _IOFBF, FILE_BUF_SIZE);
 
     fprintf(stderr, "downloading %s\n", fw.version);
     int last_pct = -1;
@@ -267,6 +270,7 @@ done:
     free(path);
     free(part);
     free(buf);
+    free(file_buf); /* after fclose: the stream used it */
     return ok ? 0 : -1;
 }
 

@@ -149,7 +149,7 @@ int iot_ota_fetch_finish(void *handle);
  * (connect and response head 10 s, 30 s without a byte, 3 resumes) end it
  * with IOT_OTA_ERR_FETCH_FAILED. The first call starts the download on a
  * thread of the library's (receive, then hash), which reads ahead into three
- * 64 KiB buffers: a call that finds bytes already hashed returns at once. */
+ * 48 KiB buffers: a call that finds bytes already hashed returns at once. */
 int iot_ota_fetch_yield(void *handle, char *buf, uint32_t buf_len, uint32_t timeout_s);
 
 /* 8. Asks the platform for firmware `version` of this device's product. The

@@ -17,7 +17,7 @@
 //! costs more than the hashing of a block), and cost memory and code.
 //!
 //! What a hand-over costs is what limits the speed, so there are few of
-//! them: blocks of 64 KiB, and the caller is woken only when it waits, and
+//! them: blocks of 48 KiB (the C API's), and the caller is woken only when it waits, and
 //! then first by an `unpark` on its own thread (a futex), not through the
 //! MQTT runtime; only a caller that has waited a while (a slow server) is
 //! woken through the runtime, which keeps its connection serviced.
