@@ -18,7 +18,7 @@
 //! let mut h = iot_ota_md5::Md5::new();
 //! h.update(b"message ");
 //! h.update(b"digest");
-//! assert_eq!(iot_ota_md5::hex(&h.finalize()), "f96b697d7cb7938d525a2f31aaf161d0");
+//! assert_eq!(h.finalize(), iot_ota_md5::digest(b"message digest"));
 //! ```
 
 /// A streaming MD5 state.
@@ -93,11 +93,6 @@ pub fn digest(bytes: &[u8]) -> [u8; 16] {
     let mut h = Md5::new();
     h.update(bytes);
     h.finalize()
-}
-
-/// Lowercase hex of a digest.
-pub fn hex(digest: &[u8; 16]) -> String {
-    digest.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Shift amounts per round (RFC 1321, 3.4).
@@ -267,7 +262,11 @@ mod tests {
             ),
         ];
         for (input, want) in cases {
-            assert_eq!(hex(&digest(input.as_bytes())), want, "MD5({input:?})");
+            let hex: String = digest(input.as_bytes())
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect();
+            assert_eq!(hex, want, "MD5({input:?})");
         }
     }
 

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use common::*;
 use iot_ota_device::{Config, OtaClient, Status};
-use iot_ota_testkit::{ChromeDriver, TempDir};
+use iot_ota_testkit::{Browser, ChromeDriver, TempDir};
 
 /// An SDK device that takes every command, "installs" it slowly enough to
 /// be watched (progress 50%, then 100%) and informs the new version; or,
@@ -44,6 +44,36 @@ async fn device(broker: &str, name: &str, dir: &std::path::Path, stuck: bool) {
     });
 }
 
+/// Logs in on the console's login page with `token`.
+fn log_in(b: &Browser, base: &str, token: &str, wait: Duration) -> std::io::Result<()> {
+    b.goto(&format!("{base}/#/login"))?;
+    let input = b.wait_for("#token", wait)?;
+    b.send_keys(&input, token)?;
+    b.click(&b.wait_for("#login-form button", wait)?)
+}
+
+/// Creates a batch from the batch form: firmware `version` for `devices`
+/// (comma-separated).
+fn create_batch(
+    b: &Browser,
+    base: &str,
+    version: &str,
+    devices: &str,
+    wait: Duration,
+) -> std::io::Result<()> {
+    b.goto(&format!("{base}/#/batches"))?;
+    b.wait_for("#batch-form", wait)?;
+    b.execute(&format!(
+        "const s = document.querySelector('#batch-form select[name=firmware]');\
+         s.value = [...s.options].find(o => o.text.endsWith(' {version}')).value;"
+    ))?;
+    b.send_keys(
+        &b.wait_for("#batch-form input[name=devices]", wait)?,
+        devices,
+    )?;
+    b.click(&b.wait_for("#batch-form button[type=submit]", wait)?)
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn the_console_uploads_runs_a_batch_live_and_terminates_one() {
     let driver = match ChromeDriver::start() {
@@ -64,14 +94,7 @@ async fn the_console_uploads_runs_a_batch_live_and_terminates_one() {
     }
     device(&broker, "dev-stuck", dir.path(), true).await;
     let api = api(&p);
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while api.list_devices(Some(PK)).await.unwrap().len() < 4 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "devices never informed"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    listed(&api, 4).await;
     let image = dir.join("firmware-2.0.0.bin");
     let bytes = iot_ota_testkit::random_bytes(300_000, 7);
     std::fs::write(&image, &bytes).unwrap();
@@ -93,17 +116,11 @@ async fn the_console_uploads_runs_a_batch_live_and_terminates_one() {
                 t.contains("Log in with the platform's API token")
             })?;
             // A wrong token is refused, the right one accepted.
-            b.goto(&format!("{base}/#/login"))?;
-            let input = b.wait_for("#token", wait)?;
-            b.send_keys(&input, "not-the-token")?;
-            b.click(&b.wait_for("#login-form button", wait)?)?;
+            log_in(&b, &base, "not-the-token", wait)?;
             b.wait_text("#error", wait, |t| t.contains("API token"))?;
             b.goto(&format!("{base}/#/devices"))?;
             b.wait_for("#devices", wait)?;
-            b.goto(&format!("{base}/#/login"))?;
-            let input = b.wait_for("#token", wait)?;
-            b.send_keys(&input, &token)?;
-            b.click(&b.wait_for("#login-form button", wait)?)?;
+            log_in(&b, &base, &token, wait)?;
             b.wait_for("#batch-form", wait)?;
 
             // Upload: size, MD5, SHA-256, signed or not.
@@ -131,17 +148,7 @@ async fn the_console_uploads_runs_a_batch_live_and_terminates_one() {
             assert!(row.contains("firmware-2.0.0.bin"), "{row}");
 
             // A batch of the three devices that install.
-            b.goto(&format!("{base}/#/batches"))?;
-            b.wait_for("#batch-form", wait)?;
-            b.execute(
-                "const s = document.querySelector('#batch-form select[name=firmware]');\
-             s.value = [...s.options].find(o => o.text.endsWith(' 2.0.0')).value;",
-            )?;
-            b.send_keys(
-                &b.wait_for("#batch-form input[name=devices]", wait)?,
-                "dev-a,dev-b,dev-c",
-            )?;
-            b.click(&b.wait_for("#batch-form button[type=submit]", wait)?)?;
+            create_batch(&b, &base, "2.0.0", "dev-a,dev-b,dev-c", wait)?;
             // Live: the page shows the batch running, then every record in
             // success, without a reload (the devices take 1.5 s to install).
             let running = b.wait_text("#counts", wait, |t| {
@@ -165,17 +172,7 @@ async fn the_console_uploads_runs_a_batch_live_and_terminates_one() {
             b.wait_text("#records", wait, |t| !t.contains("dev-a"))?;
 
             // A batch on the device that never reports: terminated from its page.
-            b.goto(&format!("{base}/#/batches"))?;
-            b.wait_for("#batch-form", wait)?;
-            b.execute(
-                "const s = document.querySelector('#batch-form select[name=firmware]');\
-             s.value = [...s.options].find(o => o.text.endsWith(' 3.0.0')).value;",
-            )?;
-            b.send_keys(
-                &b.wait_for("#batch-form input[name=devices]", wait)?,
-                "dev-stuck",
-            )?;
-            b.click(&b.wait_for("#batch-form button[type=submit]", wait)?)?;
+            create_batch(&b, &base, "3.0.0", "dev-stuck", wait)?;
             b.wait_text("#counts", wait, |t| t.contains("pending: 1"))?;
             b.click(&b.wait_for("button.terminate", wait)?)?;
             b.accept_dialog()?;

@@ -51,14 +51,7 @@ async fn upgrade(
         tasks.push(device(device_config(&broker, name), &out).await);
     }
     // Both informed 1.0.0 on connecting.
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while api.list_devices(Some(PK)).await.unwrap().len() < 2 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "devices never informed"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    listed(&api, 2).await;
     let mut req = quick_batch(None);
     req.sign_method = Some("sha256".into());
     let id = api.create_batch(&req).await.unwrap().batch.id;

@@ -942,6 +942,30 @@ mod tests {
         }
     }
 
+    /// Until the broker acknowledges QoS 1 publish `pkid`.
+    async fn acked(el: &mut EventLoop, pkid: u16) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            match tokio::time::timeout_at(deadline, el.poll()).await {
+                Ok(Ok(Event::Incoming(Packet::PubAck(a)))) if a.pkid == pkid => return,
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => panic!("{e}"),
+                Err(_) => panic!("timed out"),
+            }
+        }
+    }
+
+    /// Publishes retained QoS 1 messages, in order, and waits until the
+    /// broker has acknowledged them all (the client's first publishes).
+    async fn retain(p: &AsyncClient, el: &mut EventLoop, messages: &[(&str, &str)]) {
+        for (topic, payload) in messages {
+            p.publish(*topic, QoS::AtLeastOnce, true, *payload)
+                .await
+                .unwrap();
+        }
+        acked(el, messages.len() as u16).await;
+    }
+
     fn is_suback(p: &Packet) -> bool {
         matches!(p, Packet::SubAck(_))
     }
@@ -1003,7 +1027,7 @@ mod tests {
         p.publish("up/c", QoS::AtLeastOnce, false, "2")
             .await
             .unwrap();
-        until(&mut pel, |p| matches!(p, Packet::PubAck(a) if a.pkid == 2)).await;
+        acked(&mut pel, 2).await;
         let (_c, mut el) = client(&b, "platform", false);
         until(
             &mut el,
@@ -1067,16 +1091,12 @@ mod tests {
     async fn retained_messages_reach_later_subscribers_and_are_cleared_by_empty_ones() {
         let b = broker().await;
         let (p, mut pel) = client(&b, "pub", true);
-        p.publish("cfg/a", QoS::AtLeastOnce, true, "kept")
-            .await
-            .unwrap();
-        p.publish("cfg/b", QoS::AtLeastOnce, true, "gone")
-            .await
-            .unwrap();
-        p.publish("cfg/b", QoS::AtLeastOnce, true, "")
-            .await
-            .unwrap();
-        until(&mut pel, |p| matches!(p, Packet::PubAck(a) if a.pkid == 3)).await;
+        retain(
+            &p,
+            &mut pel,
+            &[("cfg/a", "kept"), ("cfg/b", "gone"), ("cfg/b", "")],
+        )
+        .await;
         let (s, mut sel) = client(&b, "sub", true);
         s.subscribe("cfg/+", QoS::AtLeastOnce).await.unwrap();
         let m = next_publish(&mut sel).await.unwrap();
@@ -1139,10 +1159,7 @@ mod tests {
         .await
         .unwrap();
         let (p, mut pel) = client(&b, "pub", true);
-        p.publish("cfg/x", QoS::AtLeastOnce, true, "kept")
-            .await
-            .unwrap();
-        until(&mut pel, |p| matches!(p, Packet::PubAck(_))).await;
+        retain(&p, &mut pel, &[("cfg/x", "kept")]).await;
         tokio::spawn(async move { while pel.poll().await.is_ok() {} });
         // A raw client subscribes 200 times and never acknowledges: each
         // SUBSCRIBE is owed the retained message again.
@@ -1201,16 +1218,12 @@ mod tests {
             "a again is no new one"
         );
         let (p, mut pel) = client(&b, "pub", true);
-        p.publish("r/1", QoS::AtLeastOnce, true, "one")
-            .await
-            .unwrap();
-        p.publish("r/2", QoS::AtLeastOnce, true, "two")
-            .await
-            .unwrap();
-        p.publish("r/1", QoS::AtLeastOnce, true, "one again")
-            .await
-            .unwrap();
-        until(&mut pel, |p| matches!(p, Packet::PubAck(a) if a.pkid == 3)).await;
+        retain(
+            &p,
+            &mut pel,
+            &[("r/1", "one"), ("r/2", "two"), ("r/1", "one again")],
+        )
+        .await;
         let (s, mut sel) = client(&b, "late", true);
         s.subscribe("r/+", QoS::AtLeastOnce).await.unwrap();
         let m = next_publish(&mut sel).await.unwrap();
@@ -1272,7 +1285,7 @@ mod tests {
                 .await
                 .unwrap();
         }
-        until(&mut pel, |p| matches!(p, Packet::PubAck(a) if a.pkid == 6)).await;
+        acked(&mut pel, 6).await;
         // Nothing may be in flight: two queued, four dropped.
         let s = b.stats();
         assert_eq!((s.received, s.delivered, s.dropped), (6, 2, 4), "{s:?}");

@@ -87,6 +87,16 @@ pub async fn command(w: &WireRecorder, dev: &str, n: usize, timeout: Duration) -
     got[n - 1].clone()
 }
 
+/// Waits until the platform lists `n` devices of `PK` (SDK devices inform on
+/// connecting).
+pub async fn listed(api: &ApiClient, n: usize) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while api.list_devices(Some(PK)).await.unwrap().len() < n {
+        assert!(Instant::now() < deadline, "devices never informed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// Makes devices known at `version` and waits until the platform lists them.
 pub async fn known(w: &WireRecorder, api: &ApiClient, devs: &[&str], version: &str) {
     for d in devs {
