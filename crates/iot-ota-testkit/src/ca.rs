@@ -166,6 +166,22 @@ impl TestCa {
         Arc::new(config)
     }
 
+    /// Like [`TestCa::server_config`], limited to one cipher suite (and
+    /// the protocol version it belongs to).
+    pub fn server_config_for(&self, suite: rustls::SupportedCipherSuite) -> Arc<ServerConfig> {
+        let provider = rustls::crypto::CryptoProvider {
+            cipher_suites: vec![suite],
+            ..rustls::crypto::ring::default_provider()
+        };
+        let config = ServerConfig::builder_with_provider(Arc::new(provider))
+            .with_protocol_versions(&[suite.version()])
+            .expect("protocol version")
+            .with_no_client_auth()
+            .with_single_cert(vec![self.server_cert.der().clone()], self.server_key_der())
+            .expect("server cert and key");
+        Arc::new(config)
+    }
+
     /// Like [`TestCa::server_config`], but every client must present a
     /// certificate signed by this CA (mutual TLS).
     pub fn server_config_mtls(&self) -> Arc<ServerConfig> {

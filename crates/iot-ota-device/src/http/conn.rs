@@ -10,12 +10,11 @@ use std::time::Duration;
 use iot_ota_core::protocol::parse_url;
 use rustls::pki_types::ServerName;
 use rustls::ClientConfig;
-use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::{timeout, timeout_at, Instant};
-use tokio_rustls::client::TlsStream;
-use tokio_rustls::TlsConnector;
 
+use super::records::{self, TlsStream};
 use super::wire::{parse_head, request_head, Head, MAX_HEAD};
 use super::{HttpError, HttpOptions};
 use crate::tls::{client_config, TlsOptions};
@@ -34,30 +33,27 @@ pub(super) async fn exchange(
     let tcp = before(deadline, "connect", tcp_connect(parts.host, parts.port)).await?;
     // The request is one write; no reason to let Nagle hold any of it.
     let _ = tcp.set_nodelay(true);
+    let request = request_head(&parts, offset, &opts.user_agent);
     let stream = if parts.https {
         let config = tls_config(opts)?;
         let name = ServerName::try_from(parts.host.to_owned())
             .map_err(|e| HttpError::BadUrl(format!("{}: {e}", parts.host)))?;
-        let handshake = async {
-            TlsConnector::from(config)
-                .connect(name, BufReader::with_capacity(TLS_READ_BUFFER, tcp))
-                .await
-                .map_err(HttpError::from_io)
-        };
+        // rustls encrypts the request before it hands the keys over.
+        let handshake = records::connect(tcp, config, name, request.as_bytes());
         Stream::Tls(Box::new(
             before(deadline, "TLS handshake", handshake).await?,
         ))
     } else {
+        let mut tcp = tcp;
+        let sent = async {
+            tcp.write_all(request.as_bytes())
+                .await
+                .map_err(HttpError::Io)
+        };
+        before(deadline, "request", sent).await?;
         Stream::Plain(tcp)
     };
     let mut conn = Conn::new(stream, opts.idle_timeout);
-    let request = request_head(&parts, offset, &opts.user_agent);
-    before(
-        deadline,
-        "request",
-        conn.stream.write_all(request.as_bytes()),
-    )
-    .await?;
     let head = before(deadline, "response head", read_head(&mut conn)).await?;
     Ok((conn, head))
 }
@@ -80,18 +76,32 @@ pub(super) async fn tcp_connect(host: &str, port: u16) -> Result<TcpStream, Http
     })))
 }
 
+/// The TLS configuration of a download: the options' own, or the system
+/// roots'. Secret extraction is on: [`records`] opens the records itself.
 pub(super) fn tls_config(opts: &HttpOptions) -> Result<Arc<ClientConfig>, HttpError> {
     // Loading the system roots parses every file in the system store: do it
     // once per process, and not at all for plain-HTTP devices.
     static DEFAULT: OnceLock<Arc<ClientConfig>> = OnceLock::new();
     if let Some(config) = &opts.tls {
-        return Ok(config.clone());
+        return Ok(with_secret_extraction(config.clone()));
     }
     if let Some(config) = DEFAULT.get() {
         return Ok(config.clone());
     }
     let config = client_config(&TlsOptions::default()).map_err(HttpError::TlsConfig)?;
-    Ok(DEFAULT.get_or_init(|| config).clone())
+    Ok(DEFAULT
+        .get_or_init(|| with_secret_extraction(config))
+        .clone())
+}
+
+/// `config`, or (if it does not let rustls hand its keys over) a copy that does.
+fn with_secret_extraction(config: Arc<ClientConfig>) -> Arc<ClientConfig> {
+    if config.enable_secret_extraction {
+        return config;
+    }
+    let mut own = (*config).clone();
+    own.enable_secret_extraction = true;
+    Arc::new(own)
 }
 
 /// Reads response heads until a final one (1xx heads are skipped).
@@ -126,16 +136,11 @@ pub(super) async fn before<T>(
         .unwrap_or(Err(HttpError::Timeout { during }))
 }
 
-/// How much of the socket a TLS connection reads at once. rustls asks its
-/// transport for about 4 KiB a time; served from this buffer, a 256 MiB
-/// download takes 4096 socket reads instead of 65536, for one extra memcpy.
-const TLS_READ_BUFFER: usize = 64 * 1024;
-
 /// The socket, plain or TLS. An enum rather than a generic keeps `Body` one
 /// type, compiled once.
 pub(super) enum Stream {
     Plain(TcpStream),
-    Tls(Box<TlsStream<BufReader<TcpStream>>>),
+    Tls(Box<TlsStream>),
 }
 
 impl Stream {
@@ -144,18 +149,6 @@ impl Stream {
             Self::Plain(s) => s.read(buf).await,
             Self::Tls(s) => s.read(buf).await,
         }
-    }
-
-    pub(super) async fn write_all(&mut self, data: &[u8]) -> Result<(), HttpError> {
-        let written = match self {
-            Self::Plain(s) => s.write_all(data).await,
-            // rustls buffers records until flushed.
-            Self::Tls(s) => match s.write_all(data).await {
-                Ok(()) => s.flush().await,
-                Err(e) => Err(e),
-            },
-        };
-        written.map_err(HttpError::from_io)
     }
 }
 

@@ -23,6 +23,7 @@
 #![deny(missing_docs)]
 
 mod conn;
+mod records;
 mod wire;
 
 #[doc(hidden)]

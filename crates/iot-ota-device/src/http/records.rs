@@ -1,0 +1,820 @@
+//! HTTPS with one copy of each byte: rustls makes the connection (the
+//! handshake, the certificate checks) and keeps what it needs later (new
+//! keys on a TLS 1.3 key update, session tickets); the server's records are
+//! then opened in place, in one receive buffer, with ring's AEAD, and each
+//! byte of plaintext is copied once, into the caller's buffer.
+//!
+//! Why: rustls's own reader hands plaintext over through three more copies
+//! (from a read buffer into its deframer, from there into a `Vec` per
+//! record, from that into the caller's buffer). On a download those copies
+//! cost more than the decryption itself, and a device's download thread
+//! also hashes every byte. Handing the record layer over is what rustls's
+//! kernel-connection API ([`rustls::kernel`]) exists for (kTLS does the
+//! same in the kernel).
+//!
+//! Only the server's direction is ours: the one thing a download sends is
+//! its request, and rustls encrypts that before it hands the keys over.
+//!
+//! ```text
+//!   socket ──read──► buf: [record][record][rec…]     (ciphertext)
+//!                          │ open in place (AEAD)
+//!                          ▼
+//!                    [hdr|plaintext|tag]  ──copy──► caller's buffer
+//! ```
+
+use std::io;
+use std::ops::Range;
+use std::sync::Arc;
+
+use ring::aead::{
+    Aad, LessSafeKey, Nonce, UnboundKey, AES_128_GCM, AES_256_GCM, CHACHA20_POLY1305,
+};
+use rustls::client::{ClientConnectionData, UnbufferedClientConnection};
+use rustls::crypto::cipher::Iv;
+use rustls::kernel::KernelConnection;
+use rustls::pki_types::ServerName;
+use rustls::unbuffered::{ConnectionState, EncodeError, EncryptError, UnbufferedStatus};
+use rustls::{
+    AlertDescription, ClientConfig, ConnectionTrafficSecrets, ContentType, Error, HandshakeType,
+    InvalidMessage, PeerMisbehaved, ProtocolVersion,
+};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use super::HttpError;
+
+/// A record's header: content type, version, payload length.
+const HEADER: usize = 5;
+/// The AEAD tag after each record's ciphertext.
+const TAG: usize = 16;
+/// TLS 1.2's explicit nonce before an AES-GCM record's ciphertext.
+const EXPLICIT_NONCE: usize = 8;
+/// The most plaintext a record may carry (RFC 8446 5.1, RFC 5246 6.2.1).
+const MAX_PLAINTEXT: usize = 1 << 14;
+/// The longest record payload: 2^14 plus the expansion TLS 1.2 allows
+/// (RFC 5246 6.2.3); TLS 1.3 allows 256 (RFC 8446 5.2), checked per record.
+const MAX_PAYLOAD: usize = MAX_PLAINTEXT + 2048;
+/// How much one socket read may bring. With room for one more record after
+/// it, a record never has to wait for space: the buffer moves its unread
+/// tail to the front only when that tail starts past this point.
+const READ_SIZE: usize = 64 * 1024;
+/// The receive buffer.
+const BUFFER: usize = READ_SIZE + HEADER + MAX_PAYLOAD;
+/// The longest handshake message taken after the handshake: a session
+/// ticket (its ticket is at most 2^16 − 1 bytes, RFC 8446 4.6.1).
+const MAX_HANDSHAKE_MESSAGE: usize = 1 << 17;
+
+/// A TLS connection whose records this module opens; see the module docs.
+pub(super) struct TlsStream {
+    tcp: TcpStream,
+    /// Keeps the connection's secrets for key updates, and takes session
+    /// tickets.
+    kernel: KernelConnection<ClientConnectionData>,
+    version: ProtocolVersion,
+    rx: Opener,
+    /// Received bytes: `buf[start..end]` is not opened yet.
+    buf: Box<[u8]>,
+    start: usize,
+    end: usize,
+    /// Opened plaintext (in `buf`, before `start`) not yet handed out.
+    plain: Range<usize>,
+    /// A handshake message after the handshake, while its records come in.
+    handshake: Vec<u8>,
+    /// The server sent close_notify: every byte it sent has been read.
+    closed: bool,
+}
+
+impl std::fmt::Debug for TlsStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TlsStream")
+            .field("version", &self.version)
+            .field("seq", &self.rx.seq)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Makes a TLS connection over `tcp` and sends `request` on it.
+///
+/// rustls runs the handshake over our own buffers (its unbuffered API), so
+/// whatever the server sent after the handshake stays in the buffer the
+/// records are then read from.
+pub(super) async fn connect(
+    mut tcp: TcpStream,
+    config: Arc<ClientConfig>,
+    name: ServerName<'static>,
+    request: &[u8],
+) -> Result<TlsStream, HttpError> {
+    let mut conn = UnbufferedClientConnection::new(config, name).map_err(HttpError::Tls)?;
+    let mut buf = vec![0u8; BUFFER].into_boxed_slice();
+    let mut end = 0;
+    let mut send = Vec::new();
+    loop {
+        let UnbufferedStatus { discard, state } = conn.process_tls_records(&mut buf[..end]);
+        let mut read = false;
+        let mut sent = false;
+        match state.map_err(HttpError::Tls)? {
+            ConnectionState::EncodeTlsData(mut data) => {
+                encode(&mut send, |out| match data.encode(out) {
+                    Ok(n) => Ok(n),
+                    Err(EncodeError::InsufficientSize(s)) => Err(Some(s.required_size)),
+                    Err(_) => Err(None),
+                })?;
+            }
+            ConnectionState::TransmitTlsData(data) => {
+                tcp.write_all(&send).await.map_err(HttpError::Io)?;
+                send.clear();
+                data.done();
+            }
+            ConnectionState::BlockedHandshake => read = true,
+            ConnectionState::WriteTraffic(mut traffic) => {
+                send.clear();
+                encode(&mut send, |out| match traffic.encrypt(request, out) {
+                    Ok(n) => Ok(n),
+                    Err(EncryptError::InsufficientSize(s)) => Err(Some(s.required_size)),
+                    Err(_) => Err(None),
+                })?;
+                tcp.write_all(&send).await.map_err(HttpError::Io)?;
+                sent = true;
+            }
+            ConnectionState::ReadTraffic(_) => {
+                return Err(HttpError::BadResponse(
+                    "the server sent data before the request".into(),
+                ))
+            }
+            ConnectionState::PeerClosed | ConnectionState::Closed => {
+                return Err(HttpError::Io(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "the server closed the connection during the TLS handshake",
+                )))
+            }
+            other => {
+                return Err(HttpError::Tls(Error::General(format!(
+                    "unexpected TLS state {other:?}"
+                ))))
+            }
+        }
+        buf.copy_within(discard..end, 0);
+        end -= discard;
+        if sent {
+            break;
+        }
+        if read {
+            if end == buf.len() {
+                return Err(HttpError::Tls(Error::InvalidMessage(
+                    InvalidMessage::MessageTooLarge,
+                )));
+            }
+            match tcp.read(&mut buf[end..]).await.map_err(HttpError::Io)? {
+                0 => {
+                    return Err(HttpError::Io(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "the server closed the connection during the TLS handshake",
+                    )))
+                }
+                n => end += n,
+            }
+        }
+    }
+    let (secrets, kernel) = conn
+        .dangerous_into_kernel_connection()
+        .map_err(HttpError::Tls)?;
+    let version = kernel.protocol_version();
+    let (seq, secrets) = secrets.rx;
+    let rx = Opener::new(version, secrets, seq).map_err(HttpError::Tls)?;
+    Ok(TlsStream {
+        tcp,
+        kernel,
+        version,
+        rx,
+        buf,
+        start: 0,
+        end,
+        plain: 0..0,
+        handshake: Vec::new(),
+        closed: false,
+    })
+}
+
+/// Appends what `write` encodes to `send`, growing it as asked.
+fn encode(
+    send: &mut Vec<u8>,
+    mut write: impl FnMut(&mut [u8]) -> Result<usize, Option<usize>>,
+) -> Result<(), HttpError> {
+    let at = send.len();
+    let mut room = 4096;
+    loop {
+        send.resize(at + room, 0);
+        match write(&mut send[at..]) {
+            Ok(n) => {
+                send.truncate(at + n);
+                return Ok(());
+            }
+            Err(Some(required)) if required > room => room = required,
+            Err(_) => {
+                return Err(HttpError::Tls(Error::General(
+                    "TLS record encoding failed".into(),
+                )))
+            }
+        }
+    }
+}
+
+impl TlsStream {
+    /// Reads plaintext into `out` (not empty): Ok(0) once the server has
+    /// closed the connection with close_notify; an `UnexpectedEof` error
+    /// if it closed without (whether that cut the body short is for the
+    /// body's framing to say). Cancel-safe: it waits only for the socket,
+    /// and only when nothing was copied yet.
+    pub(super) async fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        let mut n = 0;
+        loop {
+            n += self.take_plain(&mut out[n..]);
+            if n == out.len() || self.closed {
+                return Ok(n);
+            }
+            if self.open_record().map_err(invalid)? {
+                continue;
+            }
+            if n > 0 {
+                return Ok(n);
+            }
+            self.fill().await?;
+        }
+    }
+
+    /// Copies opened plaintext out.
+    fn take_plain(&mut self, out: &mut [u8]) -> usize {
+        let n = out.len().min(self.plain.len());
+        if n > 0 {
+            let from = self.plain.start;
+            out[..n].copy_from_slice(&self.buf[from..from + n]);
+            self.plain.start += n;
+        }
+        n
+    }
+
+    /// One socket read into the buffer (first moving an unread record's
+    /// start to the front, if too little room is left after it).
+    async fn fill(&mut self) -> io::Result<()> {
+        if self.start == self.end {
+            self.start = 0;
+            self.end = 0;
+        } else if self.start > READ_SIZE {
+            self.buf.copy_within(self.start..self.end, 0);
+            self.end -= self.start;
+            self.start = 0;
+        }
+        match self.tcp.read(&mut self.buf[self.end..]).await? {
+            0 => Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                if self.start == self.end {
+                    "the server closed the connection without a TLS close_notify"
+                } else {
+                    "the server closed the connection in the middle of a TLS record"
+                },
+            )),
+            n => {
+                self.end += n;
+                Ok(())
+            }
+        }
+    }
+
+    /// Opens the next record if the buffer holds all of it: true if it did
+    /// (its plaintext, if application data, is then in `plain`).
+    fn open_record(&mut self) -> Result<bool, Error> {
+        let unread = &self.buf[self.start..self.end];
+        let Some(header) = unread.first_chunk::<HEADER>().copied() else {
+            return Ok(false);
+        };
+        let len = usize::from(u16::from_be_bytes([header[3], header[4]]));
+        let limit = match self.version {
+            ProtocolVersion::TLSv1_3 => MAX_PLAINTEXT + 256,
+            _ => MAX_PAYLOAD,
+        };
+        if len > limit {
+            return Err(Error::InvalidMessage(InvalidMessage::MessageTooLarge));
+        }
+        if unread.len() < HEADER + len {
+            return Ok(false);
+        }
+        let at = self.start + HEADER;
+        self.start = at + len;
+        let (kind, range) = self
+            .rx
+            .open(self.version, header, &mut self.buf[at..at + len])?;
+        let range = at + range.start..at + range.end;
+        if range.len() > MAX_PLAINTEXT {
+            return Err(PeerMisbehaved::IllegalTlsInnerPlaintext.into());
+        }
+        if kind != ContentType::Handshake && !self.handshake.is_empty() {
+            return Err(PeerMisbehaved::MessageInterleavedWithHandshakeMessage.into());
+        }
+        match kind {
+            ContentType::ApplicationData => self.plain = range,
+            ContentType::Alert => self.alert(range)?,
+            ContentType::Handshake => self.handshake_record(range)?,
+            other => {
+                return Err(Error::InappropriateMessage {
+                    expect_types: vec![ContentType::ApplicationData],
+                    got_type: other,
+                })
+            }
+        }
+        Ok(true)
+    }
+
+    /// close_notify ends the stream; a warning is let pass; anything else
+    /// is the server's error.
+    fn alert(&mut self, range: Range<usize>) -> Result<(), Error> {
+        let &[level, description] = &self.buf[range] else {
+            return Err(Error::InvalidMessage(InvalidMessage::MessageTooShort));
+        };
+        match AlertDescription::from(description) {
+            AlertDescription::CloseNotify => self.closed = true,
+            // A warning (TLS 1.2's level 1) or user_canceled, which a
+            // close_notify follows: nothing to do.
+            AlertDescription::UserCanceled => {}
+            _ if level == 1 && self.version != ProtocolVersion::TLSv1_3 => {}
+            other => return Err(Error::AlertReceived(other)),
+        }
+        Ok(())
+    }
+
+    /// Handshake messages after the handshake: TLS 1.3's session tickets
+    /// and key updates (rustls takes both), TLS 1.2's request to
+    /// renegotiate (ignored, as RFC 5246 7.4.1.1 allows).
+    fn handshake_record(&mut self, range: Range<usize>) -> Result<(), Error> {
+        if self.handshake.len() + range.len() > MAX_HANDSHAKE_MESSAGE + 4 {
+            return Err(Error::InvalidMessage(
+                InvalidMessage::HandshakePayloadTooLarge,
+            ));
+        }
+        self.handshake.extend_from_slice(&self.buf[range]);
+        let mut at = 0;
+        while let Some(&[kind, a, b, c]) = self.handshake[at..].first_chunk::<4>() {
+            let len = u32::from_be_bytes([0, a, b, c]) as usize;
+            if len > MAX_HANDSHAKE_MESSAGE {
+                return Err(Error::InvalidMessage(
+                    InvalidMessage::HandshakePayloadTooLarge,
+                ));
+            }
+            let Some(body) = self.handshake.get(at + 4..at + 4 + len) else {
+                break; // the rest comes in the next record
+            };
+            match (self.version, HandshakeType::from(kind)) {
+                (ProtocolVersion::TLSv1_3, HandshakeType::NewSessionTicket) => {
+                    self.kernel.handle_new_session_ticket(body)?;
+                }
+                (ProtocolVersion::TLSv1_3, HandshakeType::KeyUpdate) => {
+                    // Either request is fine: a download sends nothing more,
+                    // so it never owes the server a key update of its own.
+                    if !matches!(body, [0] | [1]) {
+                        return Err(Error::InvalidMessage(InvalidMessage::InvalidKeyUpdate));
+                    }
+                    // New keys start at a record boundary (RFC 8446 5.1).
+                    if at + 4 + len != self.handshake.len() {
+                        return Err(PeerMisbehaved::KeyEpochWithPendingFragment.into());
+                    }
+                    let (seq, secrets) = self.kernel.update_rx_secret()?;
+                    self.rx = Opener::new(self.version, secrets, seq)?;
+                }
+                (ProtocolVersion::TLSv1_2, HandshakeType::HelloRequest) if len == 0 => {}
+                (_, other) => {
+                    return Err(Error::InappropriateHandshakeMessage {
+                        expect_types: vec![HandshakeType::NewSessionTicket],
+                        got_type: other,
+                    })
+                }
+            }
+            at += 4 + len;
+        }
+        self.handshake.drain(..at);
+        Ok(())
+    }
+}
+
+/// A TLS error as the `io::Error` a read returns (the HTTP client finds the
+/// TLS error inside again: `HttpError::Tls`).
+fn invalid(e: Error) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, e)
+}
+
+/// Opens the server's records: its key and IV, and the next record's
+/// sequence number.
+struct Opener {
+    key: LessSafeKey,
+    iv: Iv,
+    seq: u64,
+    /// TLS 1.2 AES-GCM: each record carries the nonce's last 8 bytes.
+    explicit_nonce: bool,
+}
+
+impl Opener {
+    fn new(
+        version: ProtocolVersion,
+        secrets: ConnectionTrafficSecrets,
+        seq: u64,
+    ) -> Result<Self, Error> {
+        let (algorithm, key, iv, gcm) = match secrets {
+            ConnectionTrafficSecrets::Aes128Gcm { key, iv } => (&AES_128_GCM, key, iv, true),
+            ConnectionTrafficSecrets::Aes256Gcm { key, iv } => (&AES_256_GCM, key, iv, true),
+            ConnectionTrafficSecrets::Chacha20Poly1305 { key, iv } => {
+                (&CHACHA20_POLY1305, key, iv, false)
+            }
+            _ => return Err(Error::General("unsupported TLS cipher suite".into())),
+        };
+        let key = UnboundKey::new(algorithm, key.as_ref())
+            .map_err(|_| Error::General("bad TLS traffic key".into()))?;
+        Ok(Opener {
+            key: LessSafeKey::new(key),
+            iv,
+            seq,
+            explicit_nonce: gcm && version == ProtocolVersion::TLSv1_2,
+        })
+    }
+
+    /// Decrypts and authenticates one record's payload in place. Returns
+    /// the content type and where the content is within `payload`.
+    fn open(
+        &mut self,
+        version: ProtocolVersion,
+        header: [u8; HEADER],
+        payload: &mut [u8],
+    ) -> Result<(ContentType, Range<usize>), Error> {
+        let seq = self.seq;
+        self.seq = seq.checked_add(1).ok_or(Error::DecryptError)?;
+        if version == ProtocolVersion::TLSv1_3 {
+            // RFC 8446 5.2: the outer type is always application_data, the
+            // header is the additional data, the real type ends the content.
+            if header[0] != u8::from(ContentType::ApplicationData) {
+                return Err(Error::InappropriateMessage {
+                    expect_types: vec![ContentType::ApplicationData],
+                    got_type: ContentType::from(header[0]),
+                });
+            }
+            let nonce =
+                Nonce::assume_unique_for_key(rustls::crypto::cipher::Nonce::new(&self.iv, seq).0);
+            let inner = self
+                .key
+                .open_in_place(nonce, Aad::from(header), payload)
+                .map_err(|_| Error::DecryptError)?;
+            // Zero padding, then the type (RFC 8446 5.4).
+            let Some(last) = inner.iter().rposition(|&b| b != 0) else {
+                return Err(PeerMisbehaved::IllegalTlsInnerPlaintext.into());
+            };
+            return Ok((ContentType::from(inner[last]), 0..last));
+        }
+        // TLS 1.2 (RFC 5246 6.2.3.3): the additional data is the sequence
+        // number, the type, the version and the plaintext's length.
+        let (skip, nonce) = if self.explicit_nonce {
+            // RFC 5288 3: a 4-byte salt from the key block, 8 bytes sent.
+            let Some(explicit) = payload.first_chunk::<EXPLICIT_NONCE>() else {
+                return Err(Error::DecryptError);
+            };
+            let mut nonce = [0u8; 12];
+            nonce[..4].copy_from_slice(&self.iv.as_ref()[..4]);
+            nonce[4..].copy_from_slice(explicit);
+            (EXPLICIT_NONCE, nonce)
+        } else {
+            (0, rustls::crypto::cipher::Nonce::new(&self.iv, seq).0)
+        };
+        let Some(len) = payload.len().checked_sub(skip + TAG) else {
+            return Err(Error::DecryptError);
+        };
+        let mut aad = [0u8; 13];
+        aad[..8].copy_from_slice(&seq.to_be_bytes());
+        aad[8..11].copy_from_slice(&header[..3]);
+        aad[11..].copy_from_slice(&(len as u16).to_be_bytes());
+        self.key
+            .open_in_place(
+                Nonce::assume_unique_for_key(nonce),
+                Aad::from(aad),
+                &mut payload[skip..],
+            )
+            .map_err(|_| Error::DecryptError)?;
+        Ok((ContentType::from(header[0]), skip..skip + len))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use iot_ota_testkit::TestCa;
+    use rustls::crypto::ring::cipher_suite as suites;
+    use rustls::server::ServerConnection;
+    use rustls::{ServerConfig, SupportedCipherSuite};
+    use std::net::SocketAddr;
+    use tokio::net::TcpListener;
+    use tokio_rustls::server::TlsStream as ServerStream;
+    use tokio_rustls::TlsAcceptor;
+
+    /// A body whose every byte says where it is.
+    fn body(len: usize) -> Vec<u8> {
+        (0..len).map(|i| (i * 7 + i / 251) as u8).collect()
+    }
+
+    /// What the test server does with its connection.
+    #[derive(Clone, Copy)]
+    enum End {
+        /// close_notify, then the TCP close.
+        Clean,
+        /// A TCP close without close_notify.
+        Cut,
+    }
+
+    /// Serves one TLS connection: reads the request, writes `body` in
+    /// writes of `pieces` bytes (cycled), calling `between` after each.
+    async fn serve(
+        config: Arc<ServerConfig>,
+        body: Vec<u8>,
+        pieces: &'static [usize],
+        between: fn(usize, &mut ServerConnection),
+        end: End,
+    ) -> (SocketAddr, tokio::task::JoinHandle<ServerStream<TcpStream>>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let task = tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let mut s = TlsAcceptor::from(config).accept(tcp).await.unwrap();
+            let mut head = Vec::new();
+            let mut b = [0u8; 512];
+            while !head.ends_with(b"\r\n\r\n") {
+                let n = s.read(&mut b).await.unwrap();
+                assert!(n > 0, "no request");
+                head.extend_from_slice(&b[..n]);
+            }
+            assert_eq!(head, b"GET / HTTP/1.1\r\n\r\n");
+            let (mut at, mut i) = (0, 0);
+            while at < body.len() {
+                let n = pieces[i % pieces.len()].min(body.len() - at);
+                s.write_all(&body[at..at + n]).await.unwrap();
+                s.flush().await.unwrap();
+                between(i, s.get_mut().1);
+                at += n;
+                i += 1;
+            }
+            if let End::Clean = end {
+                s.shutdown().await.unwrap();
+            } else {
+                s.get_mut().0.shutdown().await.unwrap();
+            }
+            s
+        });
+        (addr, task)
+    }
+
+    fn client_config(ca: &TestCa) -> Arc<ClientConfig> {
+        let mut config = (*ca.client_config()).clone();
+        config.enable_secret_extraction = true;
+        Arc::new(config)
+    }
+
+    async fn open(addr: SocketAddr, config: Arc<ClientConfig>) -> TlsStream {
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        let name = ServerName::try_from("localhost").unwrap();
+        connect(tcp, config, name, b"GET / HTTP/1.1\r\n\r\n")
+            .await
+            .unwrap()
+    }
+
+    /// Reads until the end or an error, with reads of `sizes` bytes (cycled).
+    async fn read_all(s: &mut TlsStream, sizes: &[usize]) -> (Vec<u8>, io::Result<()>) {
+        let mut got = Vec::new();
+        let mut buf = vec![0u8; 1 << 17];
+        for i in 0.. {
+            match s.read(&mut buf[..sizes[i % sizes.len()]]).await {
+                Ok(0) => return (got, Ok(())),
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+                Err(e) => return (got, Err(e)),
+            }
+        }
+        unreachable!()
+    }
+
+    fn tls_error(e: &io::Error) -> Option<&Error> {
+        e.get_ref()?.downcast_ref::<Error>()
+    }
+
+    const SUITES: [SupportedCipherSuite; 6] = [
+        suites::TLS13_AES_128_GCM_SHA256,
+        suites::TLS13_AES_256_GCM_SHA384,
+        suites::TLS13_CHACHA20_POLY1305_SHA256,
+        suites::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256,
+        suites::TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384,
+        suites::TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256,
+    ];
+
+    #[tokio::test]
+    async fn every_cipher_suite_of_both_versions_reads_the_same_bytes() {
+        let ca = TestCa::new();
+        let expected = body(300_000);
+        for suite in SUITES {
+            // Records of every size, from 1 byte to full; reads of every
+            // size too, smaller and larger than a record.
+            let pieces = &[1, 16_384, 5, 40_000, 0x3fff, 777, 70_000];
+            let (addr, server) = serve(
+                ca.server_config_for(suite),
+                expected.clone(),
+                pieces,
+                |_, _| {},
+                End::Clean,
+            )
+            .await;
+            let mut s = open(addr, client_config(&ca)).await;
+            let (got, end) = read_all(&mut s, &[3, 5000, 1 << 17, 16_384, 1]).await;
+            end.unwrap_or_else(|e| panic!("{suite:?}: {e}"));
+            assert!(got == expected, "{suite:?}: the bytes differ");
+            // The end stays the end.
+            assert_eq!(s.read(&mut [0u8; 10]).await.unwrap(), 0);
+            server.await.unwrap();
+        }
+    }
+
+    #[tokio::test]
+    async fn key_updates_mid_stream_switch_the_keys() {
+        let ca = TestCa::new();
+        let expected = body(200_000);
+        let (addr, server) = serve(
+            ca.server_config_for(suites::TLS13_AES_128_GCM_SHA256),
+            expected.clone(),
+            &[10_000],
+            |i, conn| {
+                if i % 4 == 1 {
+                    conn.refresh_traffic_keys().unwrap();
+                }
+            },
+            End::Clean,
+        )
+        .await;
+        let mut s = open(addr, client_config(&ca)).await;
+        let (got, end) = read_all(&mut s, &[4096]).await;
+        end.unwrap();
+        assert!(got == expected);
+        // The key updates came: the record counter restarted.
+        assert!(s.rx.seq < 20, "seq {}", s.rx.seq);
+        server.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn session_tickets_are_kept_and_resume_the_next_connection() {
+        let ca = TestCa::new();
+        let config = client_config(&ca);
+        let server_config = ca.server_config_for(suites::TLS13_AES_128_GCM_SHA256);
+        let mut kinds = Vec::new();
+        for _ in 0..2 {
+            let (addr, server) = serve(
+                server_config.clone(),
+                body(1000),
+                &[1000],
+                |_, _| {},
+                End::Clean,
+            )
+            .await;
+            let mut s = open(addr, config.clone()).await;
+            let (got, end) = read_all(&mut s, &[4096]).await;
+            end.unwrap();
+            assert_eq!(got, body(1000));
+            kinds.push(server.await.unwrap().get_ref().1.handshake_kind());
+        }
+        assert_eq!(
+            kinds,
+            [
+                Some(rustls::HandshakeKind::Full),
+                Some(rustls::HandshakeKind::Resumed)
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_close_without_close_notify_is_an_unexpected_eof() {
+        let ca = TestCa::new();
+        for suite in [SUITES[0], SUITES[3]] {
+            let (addr, server) = serve(
+                ca.server_config_for(suite),
+                body(50_000),
+                &[16_384],
+                |_, _| {},
+                End::Cut,
+            )
+            .await;
+            let mut s = open(addr, client_config(&ca)).await;
+            let (got, end) = read_all(&mut s, &[5000]).await;
+            assert_eq!(got, body(50_000), "{suite:?}");
+            let e = end.unwrap_err();
+            assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof, "{suite:?}: {e}");
+            server.await.unwrap();
+        }
+    }
+
+    /// What the man in the middle does to the server's n-th application
+    /// data record (counting from 0, handshake records included).
+    #[derive(Clone, Copy, Debug)]
+    enum Tamper {
+        /// Flips one bit of its payload.
+        Flip,
+        /// Claims a length no record may have.
+        Oversize,
+        /// Sends half of it, then closes the connection.
+        CutInside,
+        /// Sends its header and the payload of a record encrypted under a
+        /// different sequence number: the one before it, again.
+        Replay,
+    }
+
+    /// A TCP proxy for one connection, passing the client's bytes as they
+    /// are and the server's record by record, tampering with record `nth`.
+    async fn proxy(upstream: SocketAddr, nth: usize, tamper: Tamper) -> SocketAddr {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (client, _) = listener.accept().await.unwrap();
+            let server = TcpStream::connect(upstream).await.unwrap();
+            let (mut cr, mut cw) = client.into_split();
+            let (mut sr, mut sw) = server.into_split();
+            tokio::spawn(async move { tokio::io::copy(&mut cr, &mut sw).await });
+            let (mut count, mut previous) = (0, Vec::new());
+            loop {
+                let mut header = [0u8; HEADER];
+                if sr.read_exact(&mut header).await.is_err() {
+                    return;
+                }
+                let len = usize::from(u16::from_be_bytes([header[3], header[4]]));
+                let mut payload = vec![0u8; len];
+                sr.read_exact(&mut payload).await.unwrap();
+                if header[0] == 23 && count == nth {
+                    match tamper {
+                        Tamper::Flip => payload[len / 2] ^= 0x10,
+                        Tamper::Oversize => header[3..].copy_from_slice(&0xffffu16.to_be_bytes()),
+                        Tamper::CutInside => {
+                            let _ = cw.write_all(&header).await;
+                            let _ = cw.write_all(&payload[..len / 2]).await;
+                            return;
+                        }
+                        Tamper::Replay => payload = previous.clone(),
+                    }
+                    header[3..].copy_from_slice(&(payload.len() as u16).to_be_bytes());
+                    if let Tamper::Oversize = tamper {
+                        header[3..].copy_from_slice(&0xffffu16.to_be_bytes());
+                    }
+                }
+                if header[0] == 23 {
+                    count += 1;
+                    previous = payload.clone();
+                }
+                if cw.write_all(&header).await.is_err() || cw.write_all(&payload).await.is_err() {
+                    return;
+                }
+            }
+        });
+        addr
+    }
+
+    #[tokio::test]
+    async fn tampered_records_fail_and_only_true_bytes_come_before() {
+        let ca = TestCa::new();
+        let expected = body(400_000);
+        for suite in [SUITES[0], SUITES[2], SUITES[3], SUITES[5]] {
+            for tamper in [
+                Tamper::Flip,
+                Tamper::Oversize,
+                Tamper::CutInside,
+                Tamper::Replay,
+            ] {
+                let (upstream, server) = serve(
+                    ca.server_config_for(suite),
+                    expected.clone(),
+                    &[16_384],
+                    |_, _| {},
+                    End::Clean,
+                )
+                .await;
+                let addr = proxy(upstream, 12, tamper).await;
+                let mut s = open(addr, client_config(&ca)).await;
+                let (got, end) = read_all(&mut s, &[5000]).await;
+                let e = end.expect_err("a tampered stream must fail");
+                let what = format!("{suite:?} {tamper:?}: {e}");
+                assert!(
+                    got.len() < expected.len() && expected.starts_with(&got),
+                    "{what}"
+                );
+                match tamper {
+                    Tamper::Flip | Tamper::Replay => {
+                        assert_eq!(tls_error(&e), Some(&Error::DecryptError), "{what}")
+                    }
+                    Tamper::Oversize => assert_eq!(
+                        tls_error(&e),
+                        Some(&Error::InvalidMessage(InvalidMessage::MessageTooLarge)),
+                        "{what}"
+                    ),
+                    Tamper::CutInside => {
+                        assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof, "{what}");
+                        assert!(e.to_string().contains("middle of a TLS record"), "{what}");
+                    }
+                }
+                drop(s);
+                server.abort();
+            }
+        }
+    }
+}
