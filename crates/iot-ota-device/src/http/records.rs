@@ -60,9 +60,9 @@ const MAX_PAYLOAD: usize = MAX_PLAINTEXT + 2048;
 const READ_SIZE: usize = 64 * 1024;
 /// The receive buffer.
 const BUFFER: usize = READ_SIZE + HEADER + MAX_PAYLOAD;
-/// The longest handshake message taken after the handshake: a session
-/// ticket (its ticket is at most 2^16 − 1 bytes, RFC 8446 4.6.1).
-const MAX_HANDSHAKE_MESSAGE: usize = 1 << 17;
+/// The longest handshake message taken after the handshake (a session
+/// ticket), as rustls bounds its own.
+const MAX_HANDSHAKE_MESSAGE: usize = 0xffff;
 
 /// A TLS connection whose records this module opens; see the module docs.
 pub(super) struct TlsStream {
@@ -720,6 +720,9 @@ mod tests {
         /// Sends its header and the payload of a record encrypted under a
         /// different sequence number: the one before it, again.
         Replay,
+        /// Sends a record of random bytes (from this seed) instead: any
+        /// type, version and length, then goes on as before.
+        Garbage(u64),
     }
 
     /// A TCP proxy for one connection, passing the client's bytes as they
@@ -752,10 +755,22 @@ mod tests {
                             return;
                         }
                         Tamper::Replay => payload = previous.clone(),
+                        Tamper::Garbage(seed) => {
+                            let mut x = seed | 1;
+                            let mut next = move || {
+                                x ^= x << 13;
+                                x ^= x >> 7;
+                                x ^= x << 17;
+                                x
+                            };
+                            header = next().to_be_bytes()[..HEADER].try_into().unwrap();
+                            let len = next() as usize % 20_000;
+                            header[3..].copy_from_slice(&(len as u16).to_be_bytes());
+                            payload = (0..len).map(|_| next() as u8).collect();
+                        }
                     }
-                    header[3..].copy_from_slice(&(payload.len() as u16).to_be_bytes());
-                    if let Tamper::Oversize = tamper {
-                        header[3..].copy_from_slice(&0xffffu16.to_be_bytes());
+                    if let Tamper::Flip | Tamper::Replay = tamper {
+                        header[3..].copy_from_slice(&(payload.len() as u16).to_be_bytes());
                     }
                 }
                 if header[0] == 23 {
@@ -811,10 +826,43 @@ mod tests {
                         assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof, "{what}");
                         assert!(e.to_string().contains("middle of a TLS record"), "{what}");
                     }
+                    Tamper::Garbage(_) => unreachable!(),
                 }
                 drop(s);
                 server.abort();
             }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_record_of_random_bytes_is_an_error_never_a_panic_or_data() {
+        let ca = TestCa::new();
+        let expected = body(200_000);
+        for (i, suite) in SUITES.into_iter().cycle().take(60).enumerate() {
+            let (upstream, server) = serve(
+                ca.server_config_for(suite),
+                expected.clone(),
+                &[16_384],
+                |_, _| {},
+                End::Clean,
+            )
+            .await;
+            let seed = 0x9e37_79b9_7f4a_7c15u64.wrapping_mul(i as u64 + 1);
+            let addr = proxy(upstream, 6, Tamper::Garbage(seed)).await;
+            let mut s = open(addr, client_config(&ca)).await;
+            let (got, end) = read_all(&mut s, &[5000]).await;
+            let what = format!("{suite:?} seed {seed:#x}");
+            let e = end.expect_err(&what);
+            assert!(
+                tls_error(&e).is_some() || e.kind() == io::ErrorKind::UnexpectedEof,
+                "{what}: {e}"
+            );
+            assert!(
+                got.len() < expected.len() && expected.starts_with(&got),
+                "{what}"
+            );
+            drop(s);
+            server.abort();
         }
     }
 }
