@@ -63,6 +63,12 @@ pub struct HttpOptions {
     pub max_redirects: u8,
     /// TLS configuration for `https` URLs; `None` uses the system roots
     /// ([`crate::tls::TlsOptions::default`]), built once per process on first use.
+    ///
+    /// rustls runs the handshake with this configuration (its provider,
+    /// roots, client certificate, versions and suites); the server's
+    /// records are then opened by this client, with ring, whatever the
+    /// provider. `enable_secret_extraction` need not be set: a
+    /// configuration without it is copied with it on, per connection.
     pub tls: Option<Arc<ClientConfig>>,
     /// The `User-Agent` header's value.
     pub user_agent: String,

@@ -54,9 +54,9 @@ const MAX_PLAINTEXT: usize = 1 << 14;
 /// The longest record payload: 2^14 plus the expansion TLS 1.2 allows
 /// (RFC 5246 6.2.3); TLS 1.3 allows 256 (RFC 8446 5.2), checked per record.
 const MAX_PAYLOAD: usize = MAX_PLAINTEXT + 2048;
-/// How much one socket read may bring. With room for one more record after
-/// it, a record never has to wait for space: the buffer moves its unread
-/// tail to the front only when that tail starts past this point.
+/// Where the unread bytes must start for a read to go on at the end of the
+/// buffer: after this point, they move to the front first. The buffer
+/// holds this much and one more record, so a record never waits for room.
 const READ_SIZE: usize = 64 * 1024;
 /// The receive buffer.
 const BUFFER: usize = READ_SIZE + HEADER + MAX_PAYLOAD;
@@ -82,6 +82,45 @@ pub(super) struct TlsStream {
     handshake: Vec<u8>,
     /// The server sent close_notify: every byte it sent has been read.
     closed: bool,
+    /// The first TLS error: every read after it fails with it too, so a
+    /// record that failed is never skipped.
+    error: Option<Error>,
+    /// What is left of the server's allowances (rustls's own).
+    limits: Limits,
+}
+
+/// Records that bring no data cost a read nothing but CPU: a server may
+/// send only so many of them (rustls's and BoringSSL's limits).
+#[derive(Debug)]
+struct Limits {
+    /// Warning alerts, in all.
+    warning_alerts: u8,
+    /// TLS 1.2 requests to renegotiate, in all.
+    hello_requests: u8,
+    /// Key updates since the last data.
+    key_updates: u8,
+    /// Empty data records in a row.
+    empty_records: u8,
+}
+
+impl Limits {
+    const KEY_UPDATES: u8 = 32;
+    const EMPTY_RECORDS: u8 = 32;
+
+    fn new() -> Limits {
+        Limits {
+            warning_alerts: 4,
+            hello_requests: 1,
+            key_updates: Self::KEY_UPDATES,
+            empty_records: Self::EMPTY_RECORDS,
+        }
+    }
+
+    /// Takes one of `allowance`, or fails with `error`.
+    fn spend(allowance: &mut u8, error: PeerMisbehaved) -> Result<(), Error> {
+        *allowance = allowance.checked_sub(1).ok_or(error)?;
+        Ok(())
+    }
 }
 
 impl std::fmt::Debug for TlsStream {
@@ -112,7 +151,14 @@ pub(super) async fn connect(
         let UnbufferedStatus { discard, state } = conn.process_tls_records(&mut buf[..end]);
         let mut read = false;
         let mut sent = false;
-        match state.map_err(HttpError::Tls)? {
+        let state = match state {
+            Ok(state) => state,
+            Err(e) => {
+                send_alert(&mut conn, &mut tcp).await;
+                return Err(HttpError::Tls(e));
+            }
+        };
+        match state {
             ConnectionState::EncodeTlsData(mut data) => {
                 encode(&mut send, |out| match data.encode(out) {
                     Ok(n) => Ok(n),
@@ -175,6 +221,17 @@ pub(super) async fn connect(
             }
         }
     }
+    // rustls opens every whole record before it lets the request out; a
+    // whole one left means it holds part of a handshake message (already
+    // opened, in place) that straddles the handover: a server breaking RFC
+    // 8446 4.6.1 (a ticket before the client's Finished).
+    if let Some(header) = buf[..end].first_chunk::<HEADER>() {
+        if end >= HEADER + usize::from(u16::from_be_bytes([header[3], header[4]])) {
+            return Err(HttpError::Tls(Error::PeerMisbehaved(
+                PeerMisbehaved::KeyEpochWithPendingFragment,
+            )));
+        }
+    }
     let (secrets, kernel) = conn
         .dangerous_into_kernel_connection()
         .map_err(HttpError::Tls)?;
@@ -192,7 +249,22 @@ pub(super) async fn connect(
         plain: 0..0,
         handshake: Vec::new(),
         closed: false,
+        error: None,
+        limits: Limits::new(),
     })
+}
+
+/// Sends the alert rustls queued when the handshake failed (best effort:
+/// the handshake's error is what counts).
+async fn send_alert(conn: &mut UnbufferedClientConnection, tcp: &mut TcpStream) {
+    let mut alert = [0u8; 64];
+    let n = match conn.process_tls_records(&mut []).state {
+        Ok(ConnectionState::EncodeTlsData(mut data)) => data.encode(&mut alert).unwrap_or(0),
+        _ => 0,
+    };
+    if n > 0 {
+        let _ = tcp.write_all(&alert[..n]).await;
+    }
 }
 
 /// Appends what `write` encodes to `send`, growing it as asked.
@@ -232,11 +304,19 @@ impl TlsStream {
             if n == out.len() || self.closed {
                 return Ok(n);
             }
-            if self.open_record().map_err(invalid)? {
-                continue;
+            if self.error.is_none() {
+                match self.open_record() {
+                    Ok(true) => continue,
+                    Ok(false) => {}
+                    Err(e) => self.error = Some(e),
+                }
             }
+            // The bytes before an error are good: they go out first.
             if n > 0 {
                 return Ok(n);
+            }
+            if let Some(e) = &self.error {
+                return Err(invalid(e.clone()));
             }
             self.fill().await?;
         }
@@ -304,14 +384,19 @@ impl TlsStream {
             .rx
             .open(self.version, header, &mut self.buf[at..at + len])?;
         let range = at + range.start..at + range.end;
-        if range.len() > MAX_PLAINTEXT {
-            return Err(PeerMisbehaved::IllegalTlsInnerPlaintext.into());
-        }
         if kind != ContentType::Handshake && !self.handshake.is_empty() {
             return Err(PeerMisbehaved::MessageInterleavedWithHandshakeMessage.into());
         }
         match kind {
-            ContentType::ApplicationData => self.plain = range,
+            ContentType::ApplicationData if range.is_empty() => Limits::spend(
+                &mut self.limits.empty_records,
+                PeerMisbehaved::TooManyEmptyFragments,
+            )?,
+            ContentType::ApplicationData => {
+                self.limits.empty_records = Limits::EMPTY_RECORDS;
+                self.limits.key_updates = Limits::KEY_UPDATES;
+                self.plain = range;
+            }
             ContentType::Alert => self.alert(range)?,
             ContentType::Handshake => self.handshake_record(range)?,
             other => {
@@ -324,18 +409,33 @@ impl TlsStream {
         Ok(true)
     }
 
-    /// close_notify ends the stream; a warning is let pass; anything else
-    /// is the server's error.
+    /// close_notify ends the stream; a few warnings are let pass (TLS 1.2's,
+    /// and user_canceled, which a close_notify follows); anything else is
+    /// the server's error.
     fn alert(&mut self, range: Range<usize>) -> Result<(), Error> {
-        let &[level, description] = &self.buf[range] else {
-            return Err(Error::InvalidMessage(InvalidMessage::MessageTooShort));
+        let (level, description) = match self.buf[range] {
+            [level, description] => (level, AlertDescription::from(description)),
+            [] | [_] => return Err(Error::InvalidMessage(InvalidMessage::MessageTooShort)),
+            _ => return Err(Error::InvalidMessage(InvalidMessage::TrailingData("alert"))),
         };
-        match AlertDescription::from(description) {
+        let warning = match level {
+            1 => true,
+            2 => false,
+            _ => {
+                return Err(Error::InvalidMessage(InvalidMessage::UnexpectedMessage(
+                    "alert level",
+                )))
+            }
+        };
+        let tolerated = warning
+            && (description == AlertDescription::UserCanceled
+                || self.version != ProtocolVersion::TLSv1_3);
+        match description {
             AlertDescription::CloseNotify => self.closed = true,
-            // A warning (TLS 1.2's level 1) or user_canceled, which a
-            // close_notify follows: nothing to do.
-            AlertDescription::UserCanceled => {}
-            _ if level == 1 && self.version != ProtocolVersion::TLSv1_3 => {}
+            _ if tolerated => Limits::spend(
+                &mut self.limits.warning_alerts,
+                PeerMisbehaved::TooManyWarningAlertsReceived,
+            )?,
             other => return Err(Error::AlertReceived(other)),
         }
         Ok(())
@@ -345,10 +445,11 @@ impl TlsStream {
     /// and key updates (rustls takes both), TLS 1.2's request to
     /// renegotiate (ignored, as RFC 5246 7.4.1.1 allows).
     fn handshake_record(&mut self, range: Range<usize>) -> Result<(), Error> {
-        if self.handshake.len() + range.len() > MAX_HANDSHAKE_MESSAGE + 4 {
-            return Err(Error::InvalidMessage(
-                InvalidMessage::HandshakePayloadTooLarge,
-            ));
+        // RFC 8446 5.1: handshake records are never empty. (What is kept
+        // stays bounded: each message's length is checked as soon as its
+        // header is in, and whole messages go at once.)
+        if range.is_empty() {
+            return Err(Error::InvalidMessage(InvalidMessage::InvalidEmptyPayload));
         }
         self.handshake.extend_from_slice(&self.buf[range]);
         let mut at = 0;
@@ -376,10 +477,19 @@ impl TlsStream {
                     if at + 4 + len != self.handshake.len() {
                         return Err(PeerMisbehaved::KeyEpochWithPendingFragment.into());
                     }
+                    Limits::spend(
+                        &mut self.limits.key_updates,
+                        PeerMisbehaved::TooManyKeyUpdateRequests,
+                    )?;
                     let (seq, secrets) = self.kernel.update_rx_secret()?;
                     self.rx = Opener::new(self.version, secrets, seq)?;
                 }
-                (ProtocolVersion::TLSv1_2, HandshakeType::HelloRequest) if len == 0 => {}
+                (ProtocolVersion::TLSv1_2, HandshakeType::HelloRequest) if len == 0 => {
+                    Limits::spend(
+                        &mut self.limits.hello_requests,
+                        PeerMisbehaved::TooManyRenegotiationRequests,
+                    )?
+                }
                 (_, other) => {
                     return Err(Error::InappropriateHandshakeMessage {
                         expect_types: vec![HandshakeType::NewSessionTicket],
@@ -459,7 +569,10 @@ impl Opener {
                 .key
                 .open_in_place(nonce, Aad::from(header), payload)
                 .map_err(|_| Error::DecryptError)?;
-            // Zero padding, then the type (RFC 8446 5.4).
+            // Zero padding, then the type (RFC 8446 5.4); 2^14 + 1 at most.
+            if inner.len() > MAX_PLAINTEXT + 1 {
+                return Err(Error::PeerSentOversizedRecord);
+            }
             let Some(last) = inner.iter().rposition(|&b| b != 0) else {
                 return Err(PeerMisbehaved::IllegalTlsInnerPlaintext.into());
             };
@@ -482,6 +595,9 @@ impl Opener {
         let Some(len) = payload.len().checked_sub(skip + TAG) else {
             return Err(Error::DecryptError);
         };
+        if len > MAX_PLAINTEXT {
+            return Err(Error::PeerSentOversizedRecord);
+        }
         let mut aad = [0u8; 13];
         aad[..8].copy_from_slice(&seq.to_be_bytes());
         aad[8..11].copy_from_slice(&header[..3]);
@@ -707,8 +823,9 @@ mod tests {
         }
     }
 
-    /// What the man in the middle does to the server's n-th application
-    /// data record (counting from 0, handshake records included).
+    /// What the man in the middle does to the server's n-th record of type
+    /// application data (counting from 0; in TLS 1.3 that type is every
+    /// encrypted record's, handshake records included).
     #[derive(Clone, Copy, Debug)]
     enum Tamper {
         /// Flips one bit of its payload.
@@ -764,6 +881,11 @@ mod tests {
                                 x
                             };
                             header = next().to_be_bytes()[..HEADER].try_into().unwrap();
+                            // Mostly a well-formed header, so that the
+                            // record gets as far as its decryption.
+                            if seed % 4 != 0 {
+                                header[..3].copy_from_slice(&[23, 3, 3]);
+                            }
                             let len = next() as usize % 20_000;
                             header[3..].copy_from_slice(&(len as u16).to_be_bytes());
                             payload = (0..len).map(|_| next() as u8).collect();
@@ -789,7 +911,7 @@ mod tests {
     async fn tampered_records_fail_and_only_true_bytes_come_before() {
         let ca = TestCa::new();
         let expected = body(400_000);
-        for suite in [SUITES[0], SUITES[2], SUITES[3], SUITES[5]] {
+        for suite in SUITES {
             for tamper in [
                 Tamper::Flip,
                 Tamper::Oversize,
@@ -853,16 +975,215 @@ mod tests {
             let (got, end) = read_all(&mut s, &[5000]).await;
             let what = format!("{suite:?} seed {seed:#x}");
             let e = end.expect_err(&what);
-            assert!(
-                tls_error(&e).is_some() || e.kind() == io::ErrorKind::UnexpectedEof,
-                "{what}: {e}"
-            );
+            assert!(tls_error(&e).is_some(), "{what}: {e}");
             assert!(
                 got.len() < expected.len() && expected.starts_with(&got),
                 "{what}"
             );
             drop(s);
             server.abort();
+        }
+    }
+
+    /// One record the crafted server seals itself: its inner type, content
+    /// and zero padding; `corrupt` flips a bit of its ciphertext.
+    struct Rec {
+        kind: ContentType,
+        content: Vec<u8>,
+        padding: usize,
+        corrupt: bool,
+    }
+
+    fn data(content: &[u8]) -> Rec {
+        Rec {
+            kind: ContentType::ApplicationData,
+            content: content.to_vec(),
+            padding: 0,
+            corrupt: false,
+        }
+    }
+
+    fn handshake(content: &[u8]) -> Rec {
+        Rec {
+            kind: ContentType::Handshake,
+            ..data(content)
+        }
+    }
+
+    fn alert(level: u8, description: u8) -> Rec {
+        Rec {
+            kind: ContentType::Alert,
+            ..data(&[level, description])
+        }
+    }
+
+    /// A TLS 1.3 server whose handshake is rustls's, and whose records
+    /// after the request it seals itself (with the keys rustls hands over),
+    /// to send what a rustls server never would. Ends with a TCP close.
+    async fn crafted(ca: &TestCa, records: Vec<Rec>) -> SocketAddr {
+        let mut config = (*ca.server_config_for(suites::TLS13_AES_128_GCM_SHA256)).clone();
+        config.enable_secret_extraction = true;
+        config.send_tls13_tickets = 0;
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let mut s = TlsAcceptor::from(Arc::new(config))
+                .accept(tcp)
+                .await
+                .unwrap();
+            let mut head = Vec::new();
+            let mut b = [0u8; 512];
+            while !head.ends_with(b"\r\n\r\n") {
+                let n = s.read(&mut b).await.unwrap();
+                head.extend_from_slice(&b[..n]);
+            }
+            let (mut tcp, conn) = s.into_inner();
+            #[allow(deprecated)] // no key updates or tickets needed here
+            let secrets = conn.dangerous_extract_secrets().unwrap();
+            let (mut seq, ConnectionTrafficSecrets::Aes128Gcm { key, iv }) = secrets.tx else {
+                panic!("not AES-128-GCM");
+            };
+            let key = LessSafeKey::new(UnboundKey::new(&AES_128_GCM, key.as_ref()).unwrap());
+            for rec in records {
+                let mut inner = rec.content;
+                inner.push(u8::from(rec.kind));
+                inner.resize(inner.len() + rec.padding, 0);
+                let len = (inner.len() + TAG) as u16;
+                let [hi, lo] = len.to_be_bytes();
+                let header = [23, 3, 3, hi, lo];
+                let nonce = rustls::crypto::cipher::Nonce::new(&iv, seq).0;
+                key.seal_in_place_append_tag(
+                    Nonce::assume_unique_for_key(nonce),
+                    Aad::from(header),
+                    &mut inner,
+                )
+                .unwrap();
+                if rec.corrupt {
+                    inner[0] ^= 1;
+                }
+                seq += 1;
+                if tcp.write_all(&header).await.is_err() || tcp.write_all(&inner).await.is_err() {
+                    return;
+                }
+            }
+        });
+        addr
+    }
+
+    /// A valid NewSessionTicket message (RFC 8446 4.6.1), header included.
+    fn ticket() -> Vec<u8> {
+        let body = [0, 0, 0x0e, 0x10, 1, 2, 3, 4, 1, 9, 0, 4, 1, 2, 3, 4, 0, 0];
+        let mut m = vec![4, 0, 0, body.len() as u8];
+        m.extend_from_slice(&body);
+        m
+    }
+
+    #[tokio::test]
+    async fn what_rustls_never_sends_is_read_as_rfc_8446_says() {
+        let ca = TestCa::new();
+        let full = vec![b'x'; MAX_PLAINTEXT];
+        let t = ticket();
+        let mut records = vec![
+            Rec {
+                padding: 100,
+                ..data(b"hello")
+            },
+            // A ticket split across two records, then one coalesced with
+            // a second ticket.
+            handshake(&t[..3]),
+            handshake(&t[3..]),
+            handshake(&[t.clone(), t.clone()].concat()),
+            data(b" world"),
+            alert(1, 90), // user_canceled, a warning
+            data(&full),  // the largest record: 2^14 + 1 inner bytes
+        ];
+        // As many empty records in a row as allowed, then data.
+        records.extend((0..32).map(|_| data(b"")));
+        records.push(data(b"!"));
+        records.push(alert(1, 0)); // close_notify
+        records.push(data(b"after the end: never read"));
+        let addr = crafted(&ca, records).await;
+        let mut s = open(addr, client_config(&ca)).await;
+        let (got, end) = read_all(&mut s, &[7, 5000]).await;
+        end.unwrap();
+        assert!(got == [&b"hello world"[..], &full, b"!"].concat());
+    }
+
+    #[tokio::test]
+    async fn what_rfc_8446_forbids_is_an_error_after_the_good_bytes() {
+        let ca = TestCa::new();
+        let oversized = vec![b'x'; MAX_PLAINTEXT + 1];
+        let cases: Vec<(Vec<Rec>, Error)> = vec![
+            (
+                // A key update with more of a message after it.
+                vec![handshake(&[24, 0, 0, 1, 0, 4, 0])],
+                PeerMisbehaved::KeyEpochWithPendingFragment.into(),
+            ),
+            (
+                vec![alert(2, 40)],
+                Error::AlertReceived(AlertDescription::HandshakeFailure),
+            ),
+            (
+                vec![alert(3, 0)],
+                Error::InvalidMessage(InvalidMessage::UnexpectedMessage("alert level")),
+            ),
+            (
+                vec![alert(1, 40)], // TLS 1.3 has no warnings but user_canceled
+                Error::AlertReceived(AlertDescription::HandshakeFailure),
+            ),
+            (
+                (0..5).map(|_| alert(1, 90)).collect(),
+                PeerMisbehaved::TooManyWarningAlertsReceived.into(),
+            ),
+            (
+                (0..33).map(|_| data(b"")).collect(),
+                PeerMisbehaved::TooManyEmptyFragments.into(),
+            ),
+            (vec![data(&oversized)], Error::PeerSentOversizedRecord),
+            (
+                vec![handshake(b"")],
+                Error::InvalidMessage(InvalidMessage::InvalidEmptyPayload),
+            ),
+            (
+                vec![Rec {
+                    padding: 3,
+                    ..data(b"")
+                }
+                .with_kind_zero()],
+                PeerMisbehaved::IllegalTlsInnerPlaintext.into(),
+            ),
+            (
+                vec![Rec {
+                    corrupt: true,
+                    ..data(b"forged")
+                }],
+                Error::DecryptError,
+            ),
+        ];
+        for (i, (bad, expected)) in cases.into_iter().enumerate() {
+            let mut records = vec![data(b"good ")];
+            records.extend(bad);
+            records.push(data(b"never"));
+            let addr = crafted(&ca, records).await;
+            let mut s = open(addr, client_config(&ca)).await;
+            let (got, end) = read_all(&mut s, &[5000]).await;
+            let e = end.expect_err("must fail");
+            assert_eq!(got, b"good ", "case {i}");
+            assert_eq!(tls_error(&e), Some(&expected), "case {i}: {e}");
+            // The error stays: the record after it is never read.
+            let again = s.read(&mut [0u8; 100]).await.unwrap_err();
+            assert_eq!(tls_error(&again), Some(&expected), "case {i}: {again}");
+        }
+    }
+
+    impl Rec {
+        /// All zeros inside: no content type at all.
+        fn with_kind_zero(self) -> Rec {
+            Rec {
+                kind: ContentType::from(0),
+                ..self
+            }
         }
     }
 }
