@@ -11,7 +11,8 @@
 #     download + MD5 + write (HTTP), end to end from the command to the verified file
 #   - curl --cacert CA URL | openssl dgst -sha256   (HTTPS baseline)
 #   - both examples: download + SHA-256 + write  (HTTPS, plain MQTT)
-# and the ratios; then the peak RSS of each example upgrading a 1 GiB and a 1 MiB image,
+# and the ratios; then the peak RSS of each example upgrading a 1 GiB and a 1 MiB image
+# (and the 1 GiB one over HTTPS),
 # and the stripped size of the C example.
 # Each figure is the best of 5 runs (RUNS=N to change), baselines and SDKs interleaved.
 # Needs mosquitto, curl, openssl, make, a C compiler and /usr/bin/time.
@@ -145,21 +146,25 @@ printf '%-56s %8s   %s vs curl|openssl (target >= 1.2x)\n' "C ota_example fetch_
 
 # Peak RSS: a 1 GiB image against a 1 MiB image.
 RSS_KIB=0
-rss() { # EXAMPLE FILE -> sets RSS_KIB: the peak RSS of the example upgrading it (runs in this shell, so its server is cleaned up)
-  local example=$1 file=$2
+rss() { # EXAMPLE FILE [https] -> sets RSS_KIB: the peak RSS of the example upgrading it (runs in this shell, so its server is cleaned up)
+  local example=$1 file=$2 https=${3:-}
   n=$((n + 1))
-  "$HELPER" serve "$file" "$WORK/ca2.pem" < "$WORK/server.in" > "$WORK/server$n.out" &
+  "$HELPER" serve "$file" "$WORK/ca$n.pem" < "$WORK/server.in" > "$WORK/server$n.out" &
   pids+=($!)
   for _ in $(seq 100); do [ -s "$WORK/server$n.out" ] && break; sleep 0.05; done
-  local url; read -r url _ < "$WORK/server$n.out"
-  local size md5 dev=rss$n out=$WORK/out$n
-  size=$(stat -c %s "$file"); md5=$(md5sum "$file" | cut -d' ' -f1)
+  local url tls_url; read -r url tls_url < "$WORK/server$n.out"
+  local size sign method=Md5 tls=() dev=rss$n out=$WORK/out$n
+  size=$(stat -c %s "$file"); sign=$(md5sum "$file" | cut -d' ' -f1)
+  if [ -n "$https" ]; then
+    url=$tls_url method=Sha256 tls=(--ca-file "$WORK/ca$n.pem")
+    sign=$(sha256sum "$file" | cut -d' ' -f1)
+  fi
   /usr/bin/time -f %M -o "$WORK/rss$n" "$example" --broker "$BROKER" --product-key bench --device-name "$dev" \
-    --firmware-version 1.0 --output-dir "$out" --once 2>"$WORK/example$n.log" &
+    --firmware-version 1.0 --output-dir "$out" --once "${tls[@]}" 2>"$WORK/example$n.log" &
   local pid=$!
   for _ in $(seq 200); do grep -q "waiting for upgrade commands" "$WORK/example$n.log" && break; sleep 0.02; done
   "$HELPER" publish "$BROKER" "/sys/bench/$dev/ota/firmware/upgrade" \
-    "{\"msgId\":\"$n\",\"data\":{\"size\":$size,\"firmwareVersion\":\"2.0\",\"url\":\"$url\",\"sign\":\"$md5\",\"signMethod\":\"Md5\"}}"
+    "{\"msgId\":\"$n\",\"data\":{\"size\":$size,\"firmwareVersion\":\"2.0\",\"url\":\"$url\",\"sign\":\"$sign\",\"signMethod\":\"$method\"}}"
   wait "$pid" || { echo "$example failed:" >&2; cat "$WORK/example$n.log" >&2; exit 1; }
   rm -rf "$out"
   RSS_KIB=$(cat "$WORK/rss$n")
@@ -167,6 +172,8 @@ rss() { # EXAMPLE FILE -> sets RSS_KIB: the peak RSS of the example upgrading it
 head -c $((1 << 30)) /dev/urandom > "$WORK/big.bin"
 rss "$RUST_EXAMPLE" "$WORK/big.bin"; rust_big=$RSS_KIB
 rss "$C_EXAMPLE" "$WORK/big.bin"; c_big=$RSS_KIB
+rss "$RUST_EXAMPLE" "$WORK/big.bin" https; rust_big_tls=$RSS_KIB
+rss "$C_EXAMPLE" "$WORK/big.bin" https; c_big_tls=$RSS_KIB
 rm -f "$WORK/big.bin"
 rss "$RUST_EXAMPLE" "$WORK/small.bin"; rust_small=$RSS_KIB
 rss "$C_EXAMPLE" "$WORK/small.bin"; c_small=$RSS_KIB
@@ -174,6 +181,8 @@ printf 'peak RSS of the Rust ota_example: 1 GiB image %s KiB, 1 MiB image %s KiB
   "$rust_big" "$rust_small" "$((rust_big - rust_small))"
 printf 'peak RSS of the C ota_example:    1 GiB image %s KiB, 1 MiB image %s KiB, difference %s KiB (targets: <= 3277 KiB (3.2 MiB), difference <= 1024 KiB)\n' \
   "$c_big" "$c_small" "$((c_big - c_small))"
+printf 'peak RSS over HTTPS (SHA-256), 1 GiB image: Rust %s KiB, C %s KiB (targets: <= 8192 KiB, <= 3277 KiB)\n' \
+  "$rust_big_tls" "$c_big_tls"
 stripped=$WORK/ota_example.stripped
 cp "$C_EXAMPLE" "$stripped" && strip "$stripped"
 printf 'C ota_example stripped: %s bytes (target < 2097152)\n' "$(stat -c %s "$stripped")"
