@@ -621,6 +621,7 @@ mod tests {
     use rustls::server::ServerConnection;
     use rustls::{ServerConfig, SupportedCipherSuite};
     use std::net::SocketAddr;
+    use std::time::Duration;
     use tokio::net::TcpListener;
     use tokio_rustls::server::TlsStream as ServerStream;
     use tokio_rustls::TlsAcceptor;
@@ -640,12 +641,13 @@ mod tests {
     }
 
     /// Serves one TLS connection: reads the request, writes `body` in
-    /// writes of `pieces` bytes (cycled), calling `between` after each.
+    /// writes of `pieces` bytes (cycled), calling `between` after each and
+    /// pausing as long as it says.
     async fn serve(
         config: Arc<ServerConfig>,
         body: Vec<u8>,
         pieces: &'static [usize],
-        between: fn(usize, &mut ServerConnection),
+        between: fn(usize, &mut ServerConnection) -> Duration,
         end: End,
     ) -> (SocketAddr, tokio::task::JoinHandle<ServerStream<TcpStream>>) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -666,7 +668,10 @@ mod tests {
                 let n = pieces[i % pieces.len()].min(body.len() - at);
                 s.write_all(&body[at..at + n]).await.unwrap();
                 s.flush().await.unwrap();
-                between(i, s.get_mut().1);
+                let pause = between(i, s.get_mut().1);
+                if !pause.is_zero() {
+                    tokio::time::sleep(pause).await;
+                }
                 at += n;
                 i += 1;
             }
@@ -733,7 +738,7 @@ mod tests {
                 ca.server_config_for(suite),
                 expected.clone(),
                 pieces,
-                |_, _| {},
+                |_, _| Duration::ZERO,
                 End::Clean,
             )
             .await;
@@ -759,6 +764,7 @@ mod tests {
                 if i % 4 == 1 {
                     conn.refresh_traffic_keys().unwrap();
                 }
+                Duration::ZERO
             },
             End::Clean,
         )
@@ -783,7 +789,7 @@ mod tests {
                 server_config.clone(),
                 body(1000),
                 &[1000],
-                |_, _| {},
+                |_, _| Duration::ZERO,
                 End::Clean,
             )
             .await;
@@ -810,7 +816,7 @@ mod tests {
                 ca.server_config_for(suite),
                 body(50_000),
                 &[16_384],
-                |_, _| {},
+                |_, _| Duration::ZERO,
                 End::Cut,
             )
             .await;
@@ -821,6 +827,49 @@ mod tests {
             assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof, "{suite:?}: {e}");
             server.await.unwrap();
         }
+    }
+
+    #[tokio::test]
+    async fn a_read_dropped_while_it_waits_loses_nothing() {
+        let ca = TestCa::new();
+        let expected = body(100_000);
+        // The server pauses after its first 30,000 bytes.
+        let (addr, server) = serve(
+            ca.server_config_for(suites::TLS13_AES_128_GCM_SHA256),
+            expected.clone(),
+            &[30_000, 70_000],
+            |i, _| match i {
+                0 => Duration::from_millis(400),
+                _ => Duration::ZERO,
+            },
+            End::Clean,
+        )
+        .await;
+        let mut s = open(addr, client_config(&ca)).await;
+        let mut got = Vec::new();
+        let mut buf = vec![0u8; 4096];
+        while got.len() < 30_000 {
+            let n = s.read(&mut buf).await.unwrap();
+            got.extend_from_slice(&buf[..n]);
+        }
+        // Reads that time out while the server is silent are dropped
+        // mid-wait, as the HTTP layer's timeouts drop them.
+        let mut dropped = 0;
+        let n = loop {
+            match tokio::time::timeout(Duration::from_millis(20), s.read(&mut buf)).await {
+                Ok(n) => break n.unwrap(),
+                Err(_elapsed) => dropped += 1,
+            }
+            assert!(dropped < 100, "the server never went on");
+        };
+        assert!(dropped > 0, "no read was dropped while waiting");
+        got.extend_from_slice(&buf[..n]);
+        // Nothing was lost to the dropped reads.
+        let (rest, end) = read_all(&mut s, &[4096]).await;
+        end.unwrap();
+        got.extend_from_slice(&rest);
+        assert!(got == expected, "{} bytes of {}", got.len(), expected.len());
+        server.await.unwrap();
     }
 
     /// What the man in the middle does to the server's n-th record of type
@@ -922,7 +971,7 @@ mod tests {
                     ca.server_config_for(suite),
                     expected.clone(),
                     &[16_384],
-                    |_, _| {},
+                    |_, _| Duration::ZERO,
                     End::Clean,
                 )
                 .await;
@@ -965,7 +1014,7 @@ mod tests {
                 ca.server_config_for(suite),
                 expected.clone(),
                 &[16_384],
-                |_, _| {},
+                |_, _| Duration::ZERO,
                 End::Clean,
             )
             .await;
