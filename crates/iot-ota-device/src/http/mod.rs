@@ -57,7 +57,9 @@ pub struct HttpOptions {
     /// Bound on name resolution, TCP connect, TLS handshake, sending the
     /// request and receiving the response head, together, per redirect hop.
     pub connect_timeout: Duration,
-    /// Bound on every single read of the socket.
+    /// Bound on every single read of the socket. Over TLS a read ends
+    /// with a whole record, so a server must send one (up to 16 KiB)
+    /// within it, as it had to with rustls's own reader.
     pub idle_timeout: Duration,
     /// Redirects followed before [`HttpError::TooManyRedirects`].
     pub max_redirects: u8,
