@@ -199,8 +199,10 @@ pub(super) async fn connect(
                 ))))
             }
         }
-        buf.copy_within(discard..end, 0);
-        end -= discard;
+        if discard > 0 {
+            buf.copy_within(discard..end, 0);
+            end -= discard;
+        }
         if sent {
             break;
         }
