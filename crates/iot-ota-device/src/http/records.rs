@@ -228,7 +228,7 @@ pub(super) async fn connect(
     // opened, in place) that straddles the handover: a server breaking RFC
     // 8446 4.6.1 (a ticket before the client's Finished).
     if let Some(header) = buf[..end].first_chunk::<HEADER>() {
-        if end >= HEADER + usize::from(u16::from_be_bytes([header[3], header[4]])) {
+        if end >= HEADER + payload_len(header) {
             return Err(HttpError::Tls(Error::PeerMisbehaved(
                 PeerMisbehaved::KeyEpochWithPendingFragment,
             )));
@@ -369,7 +369,7 @@ impl TlsStream {
         let Some(header) = unread.first_chunk::<HEADER>().copied() else {
             return Ok(false);
         };
-        let len = usize::from(u16::from_be_bytes([header[3], header[4]]));
+        let len = payload_len(&header);
         let limit = match self.version {
             ProtocolVersion::TLSv1_3 => MAX_PLAINTEXT + 256,
             _ => MAX_PAYLOAD,
@@ -504,6 +504,11 @@ impl TlsStream {
         self.handshake.drain(..at);
         Ok(())
     }
+}
+
+/// The payload length a record's header announces.
+fn payload_len(header: &[u8; HEADER]) -> usize {
+    usize::from(u16::from_be_bytes([header[3], header[4]]))
 }
 
 /// A TLS error as the `io::Error` a read returns (the HTTP client finds the
@@ -655,15 +660,7 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let task = tokio::spawn(async move {
-            let (tcp, _) = listener.accept().await.unwrap();
-            let mut s = TlsAcceptor::from(config).accept(tcp).await.unwrap();
-            let mut head = Vec::new();
-            let mut b = [0u8; 512];
-            while !head.ends_with(b"\r\n\r\n") {
-                let n = s.read(&mut b).await.unwrap();
-                assert!(n > 0, "no request");
-                head.extend_from_slice(&b[..n]);
-            }
+            let (mut s, head) = accept(listener, config).await;
             assert_eq!(head, b"GET / HTTP/1.1\r\n\r\n");
             let (mut at, mut i) = (0, 0);
             while at < body.len() {
@@ -685,6 +682,41 @@ mod tests {
             s
         });
         (addr, task)
+    }
+
+    /// Accepts one TLS connection and reads its request head.
+    async fn accept(
+        listener: TcpListener,
+        config: Arc<ServerConfig>,
+    ) -> (ServerStream<TcpStream>, Vec<u8>) {
+        let (tcp, _) = listener.accept().await.unwrap();
+        let mut s = TlsAcceptor::from(config).accept(tcp).await.unwrap();
+        let mut head = Vec::new();
+        let mut b = [0u8; 512];
+        while !head.ends_with(b"\r\n\r\n") {
+            let n = s.read(&mut b).await.unwrap();
+            assert!(n > 0, "no request");
+            head.extend_from_slice(&b[..n]);
+        }
+        (s, head)
+    }
+
+    /// For `serve`: no pause, nothing done between writes.
+    fn no_pause(_: usize, _: &mut ServerConnection) -> Duration {
+        Duration::ZERO
+    }
+
+    /// A server for `suite` (see `serve`) and a client connected to it.
+    async fn session(
+        ca: &TestCa,
+        suite: SupportedCipherSuite,
+        body: Vec<u8>,
+        pieces: &'static [usize],
+        between: fn(usize, &mut ServerConnection) -> Duration,
+        end: End,
+    ) -> (TlsStream, tokio::task::JoinHandle<ServerStream<TcpStream>>) {
+        let (addr, server) = serve(ca.server_config_for(suite), body, pieces, between, end).await;
+        (open(addr, client_config(ca)).await, server)
     }
 
     fn client_config(ca: &TestCa) -> Arc<ClientConfig> {
@@ -736,15 +768,8 @@ mod tests {
             // Records of every size, from 1 byte to full; reads of every
             // size too, smaller and larger than a record.
             let pieces = &[1, 16_384, 5, 40_000, 0x3fff, 777, 70_000];
-            let (addr, server) = serve(
-                ca.server_config_for(suite),
-                expected.clone(),
-                pieces,
-                |_, _| Duration::ZERO,
-                End::Clean,
-            )
-            .await;
-            let mut s = open(addr, client_config(&ca)).await;
+            let (mut s, server) =
+                session(&ca, suite, expected.clone(), pieces, no_pause, End::Clean).await;
             let (got, end) = read_all(&mut s, &[3, 5000, 1 << 17, 16_384, 1]).await;
             end.unwrap_or_else(|e| panic!("{suite:?}: {e}"));
             assert!(got == expected, "{suite:?}: the bytes differ");
@@ -758,8 +783,9 @@ mod tests {
     async fn key_updates_mid_stream_switch_the_keys() {
         let ca = TestCa::new();
         let expected = body(200_000);
-        let (addr, server) = serve(
-            ca.server_config_for(suites::TLS13_AES_128_GCM_SHA256),
+        let (mut s, server) = session(
+            &ca,
+            suites::TLS13_AES_128_GCM_SHA256,
             expected.clone(),
             &[10_000],
             |i, conn| {
@@ -771,7 +797,6 @@ mod tests {
             End::Clean,
         )
         .await;
-        let mut s = open(addr, client_config(&ca)).await;
         let (got, end) = read_all(&mut s, &[4096]).await;
         end.unwrap();
         assert!(got == expected);
@@ -791,7 +816,7 @@ mod tests {
                 server_config.clone(),
                 body(1000),
                 &[1000],
-                |_, _| Duration::ZERO,
+                no_pause,
                 End::Clean,
             )
             .await;
@@ -814,15 +839,8 @@ mod tests {
     async fn a_close_without_close_notify_is_an_unexpected_eof() {
         let ca = TestCa::new();
         for suite in [SUITES[0], SUITES[3]] {
-            let (addr, server) = serve(
-                ca.server_config_for(suite),
-                body(50_000),
-                &[16_384],
-                |_, _| Duration::ZERO,
-                End::Cut,
-            )
-            .await;
-            let mut s = open(addr, client_config(&ca)).await;
+            let (mut s, server) =
+                session(&ca, suite, body(50_000), &[16_384], no_pause, End::Cut).await;
             let (got, end) = read_all(&mut s, &[5000]).await;
             assert_eq!(got, body(50_000), "{suite:?}");
             let e = end.unwrap_err();
@@ -836,8 +854,9 @@ mod tests {
         let ca = TestCa::new();
         let expected = body(100_000);
         // The server pauses after its first 30,000 bytes.
-        let (addr, server) = serve(
-            ca.server_config_for(suites::TLS13_AES_128_GCM_SHA256),
+        let (mut s, server) = session(
+            &ca,
+            suites::TLS13_AES_128_GCM_SHA256,
             expected.clone(),
             &[30_000, 70_000],
             |i, _| match i {
@@ -847,7 +866,6 @@ mod tests {
             End::Clean,
         )
         .await;
-        let mut s = open(addr, client_config(&ca)).await;
         let mut got = Vec::new();
         let mut buf = vec![0u8; 4096];
         while got.len() < 30_000 {
@@ -910,7 +928,7 @@ mod tests {
                 if sr.read_exact(&mut header).await.is_err() {
                     return;
                 }
-                let len = usize::from(u16::from_be_bytes([header[3], header[4]]));
+                let len = payload_len(&header);
                 let mut payload = vec![0u8; len];
                 sr.read_exact(&mut payload).await.unwrap();
                 if header[0] == 23 && count == nth {
@@ -958,6 +976,25 @@ mod tests {
         addr
     }
 
+    /// Reads `body` from a server for `suite` through `proxy`, tampering
+    /// with record `nth`: what came before the end, and how it ended.
+    async fn through_proxy(
+        ca: &TestCa,
+        suite: SupportedCipherSuite,
+        body: &[u8],
+        nth: usize,
+        tamper: Tamper,
+    ) -> (Vec<u8>, io::Result<()>) {
+        let config = ca.server_config_for(suite);
+        let (upstream, server) =
+            serve(config, body.to_vec(), &[16_384], no_pause, End::Clean).await;
+        let addr = proxy(upstream, nth, tamper).await;
+        let mut s = open(addr, client_config(ca)).await;
+        let read = read_all(&mut s, &[5000]).await;
+        server.abort();
+        read
+    }
+
     #[tokio::test]
     async fn tampered_records_fail_and_only_true_bytes_come_before() {
         let ca = TestCa::new();
@@ -969,17 +1006,7 @@ mod tests {
                 Tamper::CutInside,
                 Tamper::Replay,
             ] {
-                let (upstream, server) = serve(
-                    ca.server_config_for(suite),
-                    expected.clone(),
-                    &[16_384],
-                    |_, _| Duration::ZERO,
-                    End::Clean,
-                )
-                .await;
-                let addr = proxy(upstream, 12, tamper).await;
-                let mut s = open(addr, client_config(&ca)).await;
-                let (got, end) = read_all(&mut s, &[5000]).await;
+                let (got, end) = through_proxy(&ca, suite, &expected, 12, tamper).await;
                 let e = end.expect_err("a tampered stream must fail");
                 let what = format!("{suite:?} {tamper:?}: {e}");
                 assert!(
@@ -1001,8 +1028,6 @@ mod tests {
                     }
                     Tamper::Garbage(_) => unreachable!(),
                 }
-                drop(s);
-                server.abort();
             }
         }
     }
@@ -1012,18 +1037,8 @@ mod tests {
         let ca = TestCa::new();
         let expected = body(200_000);
         for (i, suite) in SUITES.into_iter().cycle().take(60).enumerate() {
-            let (upstream, server) = serve(
-                ca.server_config_for(suite),
-                expected.clone(),
-                &[16_384],
-                |_, _| Duration::ZERO,
-                End::Clean,
-            )
-            .await;
             let seed = 0x9e37_79b9_7f4a_7c15u64.wrapping_mul(i as u64 + 1);
-            let addr = proxy(upstream, 6, Tamper::Garbage(seed)).await;
-            let mut s = open(addr, client_config(&ca)).await;
-            let (got, end) = read_all(&mut s, &[5000]).await;
+            let (got, end) = through_proxy(&ca, suite, &expected, 6, Tamper::Garbage(seed)).await;
             let what = format!("{suite:?} seed {seed:#x}");
             let e = end.expect_err(&what);
             assert!(tls_error(&e).is_some(), "{what}: {e}");
@@ -1031,8 +1046,6 @@ mod tests {
                 got.len() < expected.len() && expected.starts_with(&got),
                 "{what}"
             );
-            drop(s);
-            server.abort();
         }
     }
 
@@ -1078,17 +1091,7 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         tokio::spawn(async move {
-            let (tcp, _) = listener.accept().await.unwrap();
-            let mut s = TlsAcceptor::from(Arc::new(config))
-                .accept(tcp)
-                .await
-                .unwrap();
-            let mut head = Vec::new();
-            let mut b = [0u8; 512];
-            while !head.ends_with(b"\r\n\r\n") {
-                let n = s.read(&mut b).await.unwrap();
-                head.extend_from_slice(&b[..n]);
-            }
+            let (s, _) = accept(listener, Arc::new(config)).await;
             let (mut tcp, conn) = s.into_inner();
             #[allow(deprecated)] // no key updates or tickets needed here
             let secrets = conn.dangerous_extract_secrets().unwrap();
