@@ -97,11 +97,19 @@ impl Ready {
     }
 }
 
+/// Blocks emptied by the caller, and whether the thread waits for one.
+struct Free {
+    blocks: Vec<Block>,
+    /// The thread waits on `freed`: only then does a give-back notify it
+    /// (a notify is a futex call even when nobody waits, once per block).
+    waiting: bool,
+}
+
 /// What the download's thread and the caller share.
 struct Queue {
     ready: Mutex<Ready>,
     /// Blocks the caller has emptied, for the thread to fill again.
-    free: Mutex<Vec<Block>>,
+    free: Mutex<Free>,
     freed: Condvar,
     /// Set by the drop: stop at the next chance.
     cancelled: AtomicBool,
@@ -127,14 +135,17 @@ impl Queue {
         self.ready.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn free(&self) -> MutexGuard<'_, Vec<Block>> {
+    fn free(&self) -> MutexGuard<'_, Free> {
         self.free.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// A block back from the caller.
     fn give_back(&self, block: Block) {
-        self.free().push(block);
-        self.freed.notify_one();
+        let mut free = self.free();
+        free.blocks.push(block);
+        if free.waiting {
+            self.freed.notify_one();
+        }
     }
 }
 
@@ -154,9 +165,11 @@ impl Blocks for Ahead<'_> {
             if self.queue.cancelled.load(Ordering::SeqCst) {
                 return None;
             }
-            if let Some(block) = free.pop() {
+            if let Some(block) = free.blocks.pop() {
+                free.waiting = false;
                 return Some(block);
             }
+            free.waiting = true;
             free = self
                 .queue
                 .freed
@@ -300,7 +313,10 @@ impl ReadAhead {
         let size = block_size.max(pipeline::DIRECT_ALIGN);
         let queue = Arc::new(Queue {
             ready: Mutex::new(Ready::default()),
-            free: Mutex::new((0..READ_AHEAD_BLOCKS).map(|_| Block::new(size)).collect()),
+            free: Mutex::new(Free {
+                blocks: (0..READ_AHEAD_BLOCKS).map(|_| Block::new(size)).collect(),
+                waiting: false,
+            }),
             freed: Condvar::new(),
             cancelled: AtomicBool::new(false),
             cancel: Notify::new(),
