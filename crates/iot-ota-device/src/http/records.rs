@@ -1050,8 +1050,11 @@ mod tests {
     }
 
     /// One record the crafted server seals itself: its inner type, content
-    /// and zero padding; `corrupt` flips a bit of its ciphertext.
+    /// and zero padding; `corrupt` flips a bit of its ciphertext; after a
+    /// record with `rotate` (a KeyUpdate), the server seals with its next
+    /// traffic secret's keys.
     struct Rec {
+        rotate: bool,
         kind: ContentType,
         content: Vec<u8>,
         padding: usize,
@@ -1064,7 +1067,50 @@ mod tests {
             content: content.to_vec(),
             padding: 0,
             corrupt: false,
+            rotate: false,
         }
+    }
+
+    /// A KeyUpdate (RFC 8446 4.6.3), `requested` or not; the server's
+    /// records after it use its next keys.
+    fn key_update(requested: bool) -> Rec {
+        Rec {
+            rotate: true,
+            ..handshake(&[24, 0, 0, 1, u8::from(requested)])
+        }
+    }
+
+    /// The server's traffic secret, as rustls logs it.
+    #[derive(Debug, Default)]
+    struct ServerSecret(std::sync::Mutex<Vec<u8>>);
+
+    impl rustls::KeyLog for ServerSecret {
+        fn log(&self, label: &str, _client_random: &[u8], secret: &[u8]) {
+            if label == "SERVER_TRAFFIC_SECRET_0" {
+                *self.0.lock().unwrap() = secret.to_vec();
+            }
+        }
+    }
+
+    /// HKDF-Expand-Label of TLS 1.3 (RFC 8446 7.1), SHA-256, empty context.
+    fn expand_label(secret: &[u8], label: &str, len: usize) -> Vec<u8> {
+        struct Len(usize);
+        impl ring::hkdf::KeyType for Len {
+            fn len(&self) -> usize {
+                self.0
+            }
+        }
+        let full = format!("tls13 {label}");
+        let info = [
+            &(len as u16).to_be_bytes()[..],
+            &[full.len() as u8],
+            full.as_bytes(),
+            &[0],
+        ];
+        let prk = ring::hkdf::Prk::new_less_safe(ring::hkdf::HKDF_SHA256, secret);
+        let mut out = vec![0; len];
+        prk.expand(&info, Len(len)).unwrap().fill(&mut out).unwrap();
+        out
     }
 
     fn handshake(content: &[u8]) -> Rec {
@@ -1088,6 +1134,8 @@ mod tests {
         let mut config = (*ca.server_config_for(suites::TLS13_AES_128_GCM_SHA256)).clone();
         config.enable_secret_extraction = true;
         config.send_tls13_tickets = 0;
+        let logged = Arc::new(ServerSecret::default());
+        config.key_log = logged.clone();
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         tokio::spawn(async move {
@@ -1098,8 +1146,11 @@ mod tests {
             let (mut seq, ConnectionTrafficSecrets::Aes128Gcm { key, iv }) = secrets.tx else {
                 panic!("not AES-128-GCM");
             };
-            let key = LessSafeKey::new(UnboundKey::new(&AES_128_GCM, key.as_ref()).unwrap());
+            let mut key = LessSafeKey::new(UnboundKey::new(&AES_128_GCM, key.as_ref()).unwrap());
+            let mut iv = iv;
+            let mut secret = logged.0.lock().unwrap().clone();
             for rec in records {
+                let rotate = rec.rotate;
                 let mut inner = rec.content;
                 inner.push(u8::from(rec.kind));
                 inner.resize(inner.len() + rec.padding, 0);
@@ -1119,6 +1170,13 @@ mod tests {
                 seq += 1;
                 if tcp.write_all(&header).await.is_err() || tcp.write_all(&inner).await.is_err() {
                     return;
+                }
+                if rotate {
+                    secret = expand_label(&secret, "traffic upd", secret.len());
+                    let k = expand_label(&secret, "key", 16);
+                    key = LessSafeKey::new(UnboundKey::new(&AES_128_GCM, &k).unwrap());
+                    iv = Iv::copy(&expand_label(&secret, "iv", 12));
+                    seq = 0;
                 }
             }
         });
@@ -1143,6 +1201,10 @@ mod tests {
                 padding: 100,
                 ..data(b"hello")
             },
+            // Both kinds of key update (rustls itself sends only
+            // update_requested): the client's keys follow the server's.
+            key_update(false),
+            key_update(true),
             // A ticket split across two records, then one coalesced with
             // a second ticket.
             handshake(&t[..3]),
