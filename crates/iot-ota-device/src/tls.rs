@@ -167,10 +167,7 @@ pub fn client_config(opts: &TlsOptions) -> Result<Arc<ClientConfig>, TlsError> {
 
 fn root_store(ca_file: Option<&Path>) -> Result<RootCertStore, TlsError> {
     let mut roots = RootCertStore::empty();
-    // Errors here are per-file or per-certificate problems of the system
-    // store; whatever loaded is still worth trusting.
-    let native = rustls_native_certs::load_native_certs();
-    roots.add_parsable_certificates(native.certs);
+    add_system_roots(&mut roots);
     if let Some(path) = ca_file {
         for cert in read_certs(path)? {
             roots.add(cert).map_err(|e| TlsError::Malformed {
@@ -183,6 +180,111 @@ fn root_store(ca_file: Option<&Path>) -> Result<RootCertStore, TlsError> {
         return Err(TlsError::NoRoots);
     }
     Ok(roots)
+}
+
+/// Adds the system's root certificates, where OpenSSL (and
+/// rustls-native-certs) would look: `SSL_CERT_FILE` and `SSL_CERT_DIR` when
+/// either is set, else the distribution's bundle and certificate
+/// directories. A bad file or certificate is skipped: one broken file in
+/// `/etc/ssl` must not take the device offline; whatever loaded is still
+/// worth trusting.
+///
+/// One certificate at a time goes from the file into the store, rather
+/// than every file read whole and every certificate collected first, as
+/// `rustls_native_certs::load_native_certs` does: on Debian that is the
+/// 216 KB bundle plus the same 145 certificates again from `/etc/ssl/certs`,
+/// about 0.3 MiB of heap at once on a device that keeps only the trust
+/// anchors. A certificate seen before (the bundle and the directory hold
+/// the same ones) is added once: its SHA-256 is remembered, not its bytes.
+fn add_system_roots(roots: &mut RootCertStore) {
+    let (file, dirs) = system_root_paths();
+    add_roots_from(file.as_deref(), &dirs, roots);
+}
+
+/// Where the system's roots are: `SSL_CERT_FILE` and `SSL_CERT_DIR` when
+/// either is set, else what `openssl_probe` finds (rustls-native-certs's
+/// rule).
+fn system_root_paths() -> (Option<PathBuf>, Vec<PathBuf>) {
+    let file = std::env::var_os("SSL_CERT_FILE").map(PathBuf::from);
+    let dirs: Vec<PathBuf> = std::env::var_os("SSL_CERT_DIR")
+        .map(|dirs| {
+            std::env::split_paths(&dirs)
+                .filter(|p| !p.as_os_str().is_empty())
+                .collect()
+        })
+        .unwrap_or_default();
+    if file.is_some() || !dirs.is_empty() {
+        return (file, dirs);
+    }
+    let probed = openssl_probe::probe();
+    (probed.cert_file, probed.cert_dir)
+}
+
+/// Adds every certificate of `file` and of the files in `dirs`, each file
+/// and each certificate once.
+fn add_roots_from(file: Option<&Path>, dirs: &[PathBuf], roots: &mut RootCertStore) {
+    let mut seen = SeenRoots::default();
+    if let Some(file) = file {
+        if let Ok(meta) = std::fs::metadata(file) {
+            seen.first_visit(&meta);
+        }
+        seen.load(file, roots);
+    }
+    for dir in dirs {
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            // Follows the directory's symlinks to the certificates.
+            match std::fs::metadata(&path) {
+                Ok(meta) if meta.is_file() && seen.first_visit(&meta) => seen.load(&path, roots),
+                _ => {}
+            }
+        }
+    }
+}
+
+/// The files and certificates [`add_system_roots`] has taken.
+#[derive(Default)]
+struct SeenRoots {
+    /// Device and inode of each file read.
+    files: std::collections::HashSet<(u64, u64)>,
+    /// SHA-256 of each certificate added.
+    certs: std::collections::HashSet<[u8; 32]>,
+}
+
+impl SeenRoots {
+    /// True the first time this file is met.
+    fn first_visit(&mut self, meta: &std::fs::Metadata) -> bool {
+        use std::os::unix::fs::MetadataExt;
+        self.files.insert((meta.dev(), meta.ino()))
+    }
+
+    /// Adds each certificate of the PEM file at `path` not added before.
+    fn load(&mut self, path: &Path, roots: &mut RootCertStore) {
+        use rustls::pki_types::pem::{self, PemObject};
+        let Ok(certs) = CertificateDer::pem_file_iter(path) else {
+            return;
+        };
+        for cert in certs {
+            match cert {
+                Ok(cert) => {
+                    let digest = ring::digest::digest(&ring::digest::SHA256, &cert);
+                    let mut id = [0u8; 32];
+                    id.copy_from_slice(digest.as_ref());
+                    if self.certs.insert(id) {
+                        // Not a usable trust anchor: skipped, as above.
+                        let _ = roots.add(cert);
+                    }
+                }
+                // A read error would come again: the rest of this file is lost.
+                Err(pem::Error::Io(_)) => return,
+                // A bad section is passed over; the next one may be fine.
+                Err(_) => {}
+            }
+        }
+    }
 }
 
 fn read_file(path: &Path) -> Result<Vec<u8>, TlsError> {
@@ -224,6 +326,7 @@ fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+    use rustls::pki_types::pem::PemObject;
     use std::sync::atomic::{AtomicU32, Ordering};
 
     /// A file in the temp directory, removed on drop.
@@ -247,6 +350,64 @@ pub(crate) mod tests {
         fn drop(&mut self) {
             let _ = std::fs::remove_file(&self.0);
         }
+    }
+
+    /// The anchors of a store, in an order of their own, to compare.
+    fn anchors(roots: &RootCertStore) -> Vec<(Vec<u8>, Vec<u8>)> {
+        let mut v: Vec<_> = roots
+            .roots
+            .iter()
+            .map(|ta| (ta.subject.to_vec(), ta.subject_public_key_info.to_vec()))
+            .collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn system_roots_are_the_ones_rustls_native_certs_finds() {
+        let mut ours = RootCertStore::empty();
+        add_system_roots(&mut ours);
+        let mut theirs = RootCertStore::empty();
+        theirs.add_parsable_certificates(rustls_native_certs::load_native_certs().certs);
+        assert_eq!(anchors(&ours), anchors(&theirs));
+    }
+
+    #[test]
+    fn roots_come_once_each_and_bad_parts_are_skipped() {
+        let dir = iot_ota_testkit::TempDir::new("tls-roots");
+        let certs: Vec<String> = (0..4).map(|_| ca().0).collect();
+        let garbage = "-----BEGIN CERTIFICATE-----\n!!not base64!!\n-----END CERTIFICATE-----\n";
+        let bundle = dir.join("bundle.pem");
+        std::fs::write(
+            &bundle,
+            [&*certs[0], &certs[1], garbage, &certs[2]].concat(),
+        )
+        .unwrap();
+        let certs_dir = dir.join("certs");
+        std::fs::create_dir(&certs_dir).unwrap();
+        // The bundle again through a symlink, as /etc/ssl/certs has it.
+        std::os::unix::fs::symlink(&bundle, certs_dir.join("link.pem")).unwrap();
+        // A certificate the bundle has, and one it has not.
+        std::fs::write(certs_dir.join("more.pem"), [&*certs[1], &certs[3]].concat()).unwrap();
+        std::fs::write(certs_dir.join("notes.txt"), "not PEM at all").unwrap();
+        std::fs::write(certs_dir.join("bad.pem"), garbage).unwrap();
+        std::fs::create_dir(certs_dir.join("subdir")).unwrap();
+        let dirs = [certs_dir, dir.join("missing")];
+
+        let mut roots = RootCertStore::empty();
+        add_roots_from(Some(&bundle), &dirs, &mut roots);
+        let mut expected = RootCertStore::empty();
+        for pem in &certs {
+            let der = CertificateDer::from_pem_slice(pem.as_bytes()).unwrap();
+            expected.add(der).unwrap();
+        }
+        assert_eq!(roots.len(), 4);
+        assert_eq!(anchors(&roots), anchors(&expected));
+
+        // Nothing there: no roots, no panic.
+        let mut none = RootCertStore::empty();
+        add_roots_from(Some(&dir.join("absent.pem")), &dirs[1..], &mut none);
+        assert!(none.is_empty());
     }
 
     fn ca() -> (String, String) {
