@@ -181,7 +181,7 @@ printf 'peak RSS of the Rust ota_example: 1 GiB image %s KiB, 1 MiB image %s KiB
   "$rust_big" "$rust_small" "$((rust_big - rust_small))"
 printf 'peak RSS of the C ota_example:    1 GiB image %s KiB, 1 MiB image %s KiB, difference %s KiB (targets: <= 3277 KiB (3.2 MiB), difference <= 1024 KiB)\n' \
   "$c_big" "$c_small" "$((c_big - c_small))"
-printf 'peak RSS over HTTPS (SHA-256), 1 GiB image: Rust %s KiB, C %s KiB (the TLS code and the system roots come on top of the HTTP figures; README)\n' \
+printf 'peak RSS over HTTPS (SHA-256), 1 GiB image: Rust %s KiB, C %s KiB (the TLS code, its buffer and the trust anchors come on top of the HTTP figures; README)\n' \
   "$rust_big_tls" "$c_big_tls"
 stripped=$WORK/ota_example.stripped
 cp "$C_EXAMPLE" "$stripped" && strip "$stripped"
