@@ -374,7 +374,7 @@ fn no_system_roots_is_fine_for_plain_http() {
     .args(["--firmware-version", "1.0.0", "--output-dir"])
     .arg(rig.dir.path().join("nr"))
     .arg("--once")
-    // rustls-native-certs reads these instead of the system store.
+    // The SDK reads these instead of the system store (tls.rs).
     .env("SSL_CERT_FILE", rig.dir.path().join("none.pem"))
     .env("SSL_CERT_DIR", rig.dir.path().join("none"))
     .stderr(std::process::Stdio::piped());

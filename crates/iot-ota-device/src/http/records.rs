@@ -1141,7 +1141,7 @@ mod tests {
         tokio::spawn(async move {
             let (s, _) = accept(listener, Arc::new(config)).await;
             let (mut tcp, conn) = s.into_inner();
-            #[allow(deprecated)] // no key updates or tickets needed here
+            #[allow(deprecated)] // rustls's own key updates and tickets are not needed
             let secrets = conn.dangerous_extract_secrets().unwrap();
             let (mut seq, ConnectionTrafficSecrets::Aes128Gcm { key, iv }) = secrets.tx else {
                 panic!("not AES-128-GCM");

@@ -115,11 +115,10 @@ static void flush(iot_mqtt_t *m)
 }
 
 /* Fetches the whole current upgrade into `path` (unless NULL), checking the
- * state functions and counters on the way; returns the bytes fetched. */
-/* Fetches the whole image into PATH (or nowhere). The first SLOW_CHUNKS
- * chunks are taken 5 ms apart: a reader slower than the download, so that
- * the library's read-ahead fills its blocks and waits for the reader to
- * give them back. */
+ * state functions and counters on the way; returns the bytes fetched. The
+ * first `slow_chunks` chunks are taken 5 ms apart: a reader slower than the
+ * download, so that the library's read-ahead fills its blocks and waits for
+ * the reader to give them back. */
 static long long fetch_all(void *ota, const char *path, int slow_chunks)
 {
     static char buf[BUF_SIZE];
