@@ -538,20 +538,13 @@ impl Agent {
                 return Some(false);
             }
         };
-        let pending = firmware.signed.as_ref().map(|s| s.manifest.counter);
-        let journaled = match msg_id {
-            Some(id) => life.begin(&client.version(), firmware, id, pending),
-            None => Ok(()),
-        };
-        if let Err(e) = journaled {
-            let desc = format!("cannot journal the upgrade: {e}");
-            eprintln!("iot-ota device: {desc}");
-            let _ = client.report_progress(Status::UpgradeFailed, 0, &desc);
-            return Some(false);
-        }
-        // Journaled: a power cut can no longer lose it, so reply now.
-        if let Some(cmd) = command {
-            client.acknowledge(cmd);
+        // Journaled, then acknowledged: a power cut can never lose a
+        // command the platform was told was accepted.
+        if let Some(id) = msg_id {
+            if let Err(desc) = life.accept(client.session(), firmware, id) {
+                eprintln!("iot-ota device: {desc}");
+                return Some(false);
+            }
         }
         let downloaded = life
             .journal()
@@ -613,13 +606,7 @@ impl Agent {
                 None
             }
             Ok(Installed::Settled(start)) => {
-                let counter = life.security_counter();
-                client
-                    .session()
-                    .with(|ota| ota.set_security_counter(counter));
-                if let Some(report) = &start.report {
-                    let _ = client.report_progress(report.status, report.progress, &report.desc);
-                }
+                life.report_settled(client.session(), &start);
                 let _ = client.report_version(&start.running);
                 self.settled(&start)
             }

@@ -1228,3 +1228,40 @@ async fn fleet_runs_through_an_external_mosquitto() {
         "no embedded broker: {out}"
     );
 }
+
+// ---- the acceptance table shared with the Rust and C examples ----
+
+/// The agent, installing in place (no reboot): the install is the commit.
+fn agent_frontend() -> iot_ota_testkit::acceptance::Frontend {
+    let mut fe = iot_ota_testkit::acceptance::Frontend::new(BIN);
+    fe.leading = vec!["device".into(), "run".into()];
+    fe.trailing = ["--install-command", "true {file}", "--reboot-command", ""]
+        .map(String::from)
+        .to_vec();
+    fe
+}
+
+fn table_rig() -> iot_ota_testkit::Rig {
+    iot_ota_testkit::Rig::new("pk", "agent-table")
+}
+
+#[test]
+fn agent_journals_before_it_acknowledges() {
+    iot_ota_testkit::acceptance::journal_before_ack(&agent_frontend(), &table_rig(), "aack");
+}
+
+#[test]
+fn agent_resumes_after_kill_9() {
+    iot_ota_testkit::acceptance::resume_after_kill(&agent_frontend(), &table_rig(), "akill");
+}
+
+#[test]
+fn agent_progress_only_goes_forward() {
+    iot_ota_testkit::acceptance::progress_goes_forward(&agent_frontend(), &table_rig(), "afwd");
+}
+
+#[cfg(target_os = "linux")]
+#[test]
+fn agent_on_a_full_disk_says_why_and_leaves_nothing() {
+    iot_ota_testkit::acceptance::full_disk(&agent_frontend(), &table_rig(), "afull");
+}

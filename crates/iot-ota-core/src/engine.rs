@@ -122,6 +122,11 @@ pub struct Ota {
     free_space: Option<u64>,
     /// The accepted command whose 200 waits for [`Ota::acknowledge`].
     pending_ack: Option<String>,
+    /// The last report of the current job. The platform never sees an
+    /// upgrade's status or percent go back, however many reporters there
+    /// are (the SDK's own and the application's): see
+    /// [`Ota::publish_progress`].
+    last_report: Option<Progress>,
 }
 
 impl Ota {
@@ -149,6 +154,7 @@ impl Ota {
             security_counter: 0,
             free_space: None,
             pending_ack: None,
+            last_report: None,
         }
     }
 
@@ -199,6 +205,13 @@ impl Ota {
     /// `iot_ota_init`).
     pub fn set_trust(&mut self, trust: TrustStore) {
         self.config.trust = trust;
+    }
+
+    /// Holds (true) or sends at once (false) the 200 reply of an accepted
+    /// command ([`Config::ack_after_journal`]). The C API turns it on once
+    /// `iot_ota_set_state_dir` gives it a journal.
+    pub fn set_ack_after_journal(&mut self, hold: bool) {
+        self.config.ack_after_journal = hold;
     }
 
     // ---- handle_*: events from outside ----
@@ -292,7 +305,7 @@ impl Ota {
         } else {
             self.publish_reply(&cmd.msg_id, ReplyCode::Accepted, "success");
         }
-        self.job = Some(cmd.firmware.clone());
+        self.start_job(cmd.firmware.clone());
         self.outputs.push_back(Output::Event(Event::Upgrade(cmd)));
     }
 
@@ -440,8 +453,33 @@ impl Ota {
 
     /// Publishes a ready-made report (from [`crate::Fetch`]); same rules as
     /// [`Ota::report_progress`].
+    ///
+    /// An upgrade only moves forward: DOWNLOADING, DOWNLOADED, UPGRADING,
+    /// then SUCCESS or a failure. So during an upgrade a non-terminal
+    /// report is not sent (`Ok`, nothing published) when its status is
+    /// before the last one's, when it has the last one's status and a lower
+    /// percent, or when it repeats the last report exactly. The SDK's
+    /// automatic DOWNLOADING reports and an application's own (the vendor
+    /// guide reports after every chunk) may then interleave freely, and
+    /// the platform sees each percent once, never going back. Once an
+    /// upgrade has ended (SUCCESS or a failure), non-terminal reports are
+    /// not sent until the next upgrade begins: an application still in its
+    /// download loop must not make an ended upgrade look alive again.
     pub fn publish_progress(&mut self, report: &Progress) -> Result<(), Error> {
         check_progress(report)?;
+        if !report.status.is_terminal() {
+            if let Some(last) = &self.last_report {
+                let (before, now) = (last.status as i32, report.status as i32);
+                let ended = last.status.is_terminal();
+                let back = now < before || (now == before && report.progress < last.progress);
+                if ended || back || last == report {
+                    return Ok(());
+                }
+            }
+        }
+        if self.job.is_some() {
+            self.last_report = Some(report.clone());
+        }
         self.queue_progress(report);
         if report.status.is_terminal() {
             self.job = None;
@@ -477,7 +515,7 @@ impl Ota {
             });
         }
         self.check_policy(firmware).map_err(Error::Rejected)?;
-        self.job = Some(firmware.clone());
+        self.start_job(firmware.clone());
         Ok(())
     }
 
@@ -513,6 +551,12 @@ impl Ota {
             signed_manifests: self.config.trust.is_enforced(),
             ..self.config.limits.clone()
         }
+    }
+
+    /// A new job: fresh report bookkeeping.
+    fn start_job(&mut self, firmware: Firmware) {
+        self.job = Some(firmware);
+        self.last_report = None;
     }
 
     fn next_msg_id(&mut self) -> String {
@@ -750,6 +794,64 @@ mod tests {
         let out = drain(&mut o);
         assert_eq!(published(&out)[0].1["code"], 200);
         assert!(matches!(&out[1], Output::Event(Event::Upgrade(c)) if c.firmware.signed.is_some()));
+    }
+
+    #[test]
+    fn progress_never_goes_back_with_two_reporters() {
+        let mut o = ota();
+        let topic = "/sys/pk/dev/ota/firmware/upgrade";
+        assert!(o.handle_publish(topic, &command("1", "2.0"), Instant::now()));
+        drain(&mut o);
+        // The SDK's automatic reports and the application's own, as the
+        // vendor guide's loop sends them, interleaved out of order.
+        let sent = [
+            (Status::Downloading, 0),
+            (Status::Downloading, 40),
+            (Status::Downloading, 38),
+            (Status::Downloading, 40),
+            (Status::Downloading, 100),
+            (Status::Downloading, 4),
+            (Status::Downloaded, 100),
+            (Status::Downloading, 100),
+            (Status::Upgrading, 50),
+            (Status::Downloaded, 100),
+            (Status::Upgrading, 10),
+            (Status::Upgrading, 100),
+            (Status::Success, 100),
+        ];
+        for (status, pct) in sent {
+            o.report_progress(status, pct, "").unwrap();
+        }
+        let seen: Vec<(i64, i64)> = published(&drain(&mut o))
+            .iter()
+            .map(|(_, v)| {
+                let d = &v["data"];
+                (
+                    d["status"].as_i64().unwrap(),
+                    d["progress"].as_i64().unwrap(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            seen,
+            [
+                (1, 0),
+                (1, 40),
+                (1, 100),
+                (2, 100),
+                (3, 50),
+                (3, 100),
+                (4, 100)
+            ]
+        );
+        // Ended: the application's late reports are not sent.
+        o.report_progress(Status::Downloading, 70, "").unwrap();
+        assert!(published(&drain(&mut o)).is_empty());
+        // A new job starts afresh: its DOWNLOADING 0 goes out.
+        assert!(o.handle_publish(topic, &command("2", "3.0"), Instant::now()));
+        drain(&mut o);
+        o.report_progress(Status::Downloading, 0, "").unwrap();
+        assert_eq!(published(&drain(&mut o))[0].1["data"]["progress"], 0);
     }
 
     #[test]

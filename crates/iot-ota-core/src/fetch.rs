@@ -44,6 +44,59 @@ impl Default for Throttle {
     }
 }
 
+/// When a download's next DOWNLOADING report is due: the [`Throttle`] and
+/// the last report sent. [`Fetch`] keeps one for the bytes it receives; a
+/// driver that hands bytes to an application later than it receives them
+/// (the C API's read-ahead) keeps its own, for the bytes handed over, so
+/// the platform's percent is the application's.
+#[derive(Debug, Clone)]
+pub struct ProgressMeter {
+    throttle: Throttle,
+    last: Option<(u32, Instant)>,
+}
+
+impl ProgressMeter {
+    /// A meter with nothing reported yet.
+    pub fn new(throttle: Throttle) -> ProgressMeter {
+        ProgressMeter {
+            throttle,
+            last: None,
+        }
+    }
+
+    /// DOWNLOADING 0 was reported at `now` (the first report of a download).
+    pub fn begin(&mut self, now: Instant) {
+        self.last = Some((0, now));
+    }
+
+    /// Whether a report of `pct` is due at `now`: the first one; 100 once;
+    /// otherwise at least `step` points and `interval` after the last. A
+    /// due report counts as sent.
+    pub fn due(&mut self, pct: u32, now: Instant) -> bool {
+        let due = match self.last {
+            None => true,
+            Some((last_pct, last_at)) => {
+                (pct == 100 && last_pct < 100)
+                    || (pct >= last_pct + self.throttle.step
+                        && now.saturating_duration_since(last_at) >= self.throttle.interval)
+            }
+        };
+        if due {
+            self.last = Some((pct, now));
+        }
+        due
+    }
+}
+
+/// `done` of `total` bytes as a percent, in 64-bit arithmetic (0 when the
+/// size is unknown or 0; never above 100).
+pub fn percent_of(done: u64, total: Option<u64>) -> u32 {
+    match total {
+        Some(0) | None => 0,
+        Some(t) => (done.min(t) * 100 / t) as u32,
+    }
+}
+
 /// The outcome of a finished download, once verified.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Verified {
@@ -57,7 +110,6 @@ pub struct Verified {
 #[derive(Debug, Clone)]
 pub struct Fetch {
     firmware: Firmware,
-    throttle: Throttle,
     hasher: Hasher,
     /// A signed manifest's SHA-256 and, when the command's method is not
     /// SHA-256 already, a second hasher for it.
@@ -65,7 +117,7 @@ pub struct Fetch {
     received: u64,
     /// Total size when known: the command's `size`, else the server's.
     total: Option<u64>,
-    last_report: Option<(u32, Instant)>,
+    meter: ProgressMeter,
     state: FetchState,
     outcome: Option<Result<Verified, FetchError>>,
 }
@@ -83,9 +135,8 @@ impl Fetch {
             manifest_sha256,
             total: firmware.size,
             firmware,
-            throttle,
             received: 0,
-            last_report: None,
+            meter: ProgressMeter::new(throttle),
             state: FetchState::Fetching,
             outcome: None,
         }
@@ -113,10 +164,7 @@ impl Fetch {
 
     /// Percent received, computed in 64-bit arithmetic (0 when the size is unknown).
     pub fn percent(&self) -> u32 {
-        match self.total {
-            Some(0) | None => 0,
-            Some(t) => (self.received.min(t) * 100 / t) as u32,
-        }
+        percent_of(self.received, self.total)
     }
 
     /// The outcome once the download has ended.
@@ -140,7 +188,7 @@ impl Fetch {
 
     /// The first report of a download: DOWNLOADING at 0%, sent at once.
     pub fn begin(&mut self, now: Instant) -> Progress {
-        self.last_report = Some((0, now));
+        self.meter.begin(now);
         self.report(Status::Downloading, 0, String::new())
     }
 
@@ -202,16 +250,7 @@ impl Fetch {
         }
         self.received = after;
         let pct = self.percent();
-        let due = match self.last_report {
-            None => true,
-            Some((last_pct, last_at)) => {
-                (pct == 100 && last_pct < 100)
-                    || (pct >= last_pct + self.throttle.step
-                        && now.saturating_duration_since(last_at) >= self.throttle.interval)
-            }
-        };
-        if due && !bytes.is_empty() {
-            self.last_report = Some((pct, now));
+        if !bytes.is_empty() && self.meter.due(pct, now) {
             return Ok(Some(self.report(Status::Downloading, pct, String::new())));
         }
         Ok(None)

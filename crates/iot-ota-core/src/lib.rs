@@ -132,7 +132,7 @@ pub use broker::BrokerUrl;
 pub use digest::{Hasher, SignMethod};
 pub use engine::{compare_versions, Config, Event, Ota, Output};
 pub use error::{Error, FetchError};
-pub use fetch::{Fetch, FetchState, Throttle, Verified};
+pub use fetch::{percent_of, Fetch, FetchState, ProgressMeter, Throttle, Verified};
 pub use protocol::{
     Firmware, GetError, GetReply, Limits, Policy, Progress, Rejection, ReplyCode, Status, Topics,
     UpgradeCommand,

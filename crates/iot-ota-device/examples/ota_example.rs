@@ -174,7 +174,9 @@ async fn run(args: Args) -> Result<u8, Error> {
     }
     config = config
         .security_counter(life.security_counter())
-        .download_dir(&state_dir);
+        .download_dir(&state_dir)
+        // The 200 waits for the journal (`Lifecycle::accept`).
+        .ack_after_journal(true);
     let (client, mut upgrades) = OtaClient::connect(config).await?;
     eprintln!(
         "connected to {}; reported version {}",
@@ -273,9 +275,10 @@ async fn upgrade(
     let firmware = download.firmware().clone();
     let version = firmware.version.clone();
     if let Some(id) = msg_id {
-        let pending = firmware.signed.as_ref().map(|s| s.manifest.counter);
-        if let Err(e) = life.begin(&client.version(), &firmware, id, pending) {
-            eprintln!("cannot journal the upgrade: {e}");
+        // Journaled, then acknowledged (a get reply has nothing to ack).
+        if let Err(desc) = life.accept(client.session(), &firmware, id) {
+            eprintln!("{desc}");
+            return false;
         }
     }
     let staged = dirs.state.join(format!("firmware-{version}.bin"));
@@ -327,16 +330,8 @@ async fn upgrade(
             return false;
         }
     };
-    let counter = life.security_counter();
-    client
-        .session()
-        .with(|ota| ota.set_security_counter(counter));
-    let reports = match &settled.report {
-        Some(r) => client.report_progress(r.status, r.progress, &r.desc),
-        None => Ok(()),
-    }
-    .and_then(|_| client.report_version(&settled.running));
-    match reports {
+    life.report_settled(client.session(), &settled);
+    match client.report_version(&settled.running) {
         Ok(()) => {
             eprintln!("upgraded to {version}; reported SUCCESS and version {version}");
             true

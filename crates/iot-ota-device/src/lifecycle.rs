@@ -53,6 +53,7 @@ use crate::error::Error;
 use crate::fsutil;
 use crate::install::Installer;
 use crate::journal::FileJournal;
+use crate::session::Session;
 
 /// What [`Lifecycle::at_start`] found and did.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -336,6 +337,61 @@ impl<I: Installer> Lifecycle<I> {
         j.phase = phase;
         j.reason = reason.map(str::to_owned);
         self.save(j)
+    }
+
+    /// A command the engine accepted (command `msg_id`, or a get reply's
+    /// firmware): journaled as downloading, and only then acknowledged
+    /// (the 200 the engine holds under [`crate::Config::ack_after_journal`]),
+    /// so that a power cut between the two leaves the platform without an
+    /// ack (it pushes again), never a device that acked a command it
+    /// forgot. The one place of that rule: the agent, the Rust example and
+    /// the C API all accept through it.
+    ///
+    /// When the journal cannot be written the upgrade is reported
+    /// UPGRADE_FAILED with the reason (a device that cannot remember an
+    /// upgrade must not begin one), and `Err` holds that reason.
+    pub fn accept(
+        &mut self,
+        session: &Session,
+        firmware: &Firmware,
+        msg_id: &str,
+    ) -> Result<(), String> {
+        let pending = firmware.signed.as_ref().map(|s| s.manifest.counter);
+        match self.begin(&session.version(), firmware, msg_id, pending) {
+            Ok(()) => {
+                session.with(|ota| ota.acknowledge(msg_id));
+                Ok(())
+            }
+            Err(e) => {
+                let desc = format!("cannot journal the upgrade to {}: {e}", firmware.version);
+                log::error!("{desc}");
+                session.publish_progress(&Progress {
+                    status: Status::UpgradeFailed,
+                    progress: 0,
+                    desc: desc.clone(),
+                    firmware_version: firmware.version.clone(),
+                });
+                Err(desc)
+            }
+        }
+    }
+
+    /// Tells the engine of `session` the security counter of the running
+    /// firmware (raised by a commit), so that it refuses older manifests.
+    pub fn share_counter(&self, session: &Session) {
+        let counter = self.security_counter();
+        session.with(|ota| ota.set_security_counter(counter));
+    }
+
+    /// After an upgrade settled without a reboot ([`Installed::Settled`]):
+    /// the counter to the engine, then the start's report (SUCCESS, or the
+    /// rollback) as this upgrade's last report. The caller informs
+    /// [`Start::running`] next.
+    pub fn report_settled(&self, session: &Session, start: &Start) {
+        self.share_counter(session);
+        if let Some(report) = &start.report {
+            session.publish_progress(report);
+        }
     }
 
     /// The image is downloaded and verified.

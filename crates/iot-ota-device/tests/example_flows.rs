@@ -317,44 +317,6 @@ fn bad_flags_are_refused() {
     let _ = Duration::ZERO;
 }
 
-#[test]
-fn a_crash_mid_download_resumes_after_restart() {
-    let rig = rig();
-    let body = random_bytes(2_000_000, 12);
-    let url = rig
-        .files
-        .add("/big.bin", Route::stall(body.clone(), 1_200_000));
-    let child = rig.example("k1", &[]);
-    rig.expect_inform("k1", "1.0.0");
-    rig.push("k1", command("1", "2.0.0", &url, &body, SignMethod::Md5));
-    // Four whole 256 KiB blocks reach the disk before the server stalls.
-    let part = rig.dir.path().join("k1").join("firmware-2.0.0.bin.part");
-    let deadline = std::time::Instant::now() + WAIT;
-    while std::fs::metadata(&part).map_or(0, |m| m.len()) < 1_048_576 {
-        assert!(std::time::Instant::now() < deadline, "part file never grew");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    stop(child); // SIGKILL: no chance to clean up
-    assert!(!rig.out_file("k1", "2.0.0").exists());
-
-    rig.files.set("/big.bin", Route::file(body.clone()));
-    rig.files.clear_requests();
-    rig.wire.clear();
-    // Restarted: the journal says the download was cut off, and it goes on
-    // by itself, with no new command.
-    let child = rig.example("k1", &["--once"]);
-    let (code, log) = wait_exit(child, WAIT);
-    assert_eq!(code, 0, "{log}");
-    assert!(log.contains("going on with the upgrade"), "{log}");
-    assert_eq!(std::fs::read(rig.out_file("k1", "2.0.0")).unwrap(), body);
-    let ranges: Vec<_> = rig.files.requests().into_iter().map(|r| r.range).collect();
-    assert_eq!(ranges, vec![Some("bytes=1048576-".to_owned())]);
-    rig.expect_inform("k1", "2.0.0");
-    let statuses = rig.statuses("k1");
-    assert_eq!(statuses.first().map(|s| s.0), Some(1), "{statuses:?}");
-    assert_eq!(statuses.last(), Some(&(4, 100)), "{statuses:?}");
-}
-
 /// A device without a system certificate store (many embedded images) still
 /// upgrades over plain HTTP; only an https:// download would need roots.
 #[test]
@@ -455,4 +417,31 @@ fn only_signed_firmware_with_a_pinned_key() {
     assert_eq!(code, 412);
     assert!(message.contains(&id), "{message}");
     stop(child);
+}
+
+// ---- the acceptance table shared with the agent and the C example ----
+
+fn rust_example() -> iot_ota_testkit::acceptance::Frontend {
+    iot_ota_testkit::acceptance::Frontend::new(example_path())
+}
+
+#[test]
+fn journals_before_it_acknowledges() {
+    iot_ota_testkit::acceptance::journal_before_ack(&rust_example(), &rig(), "rack");
+}
+
+#[test]
+fn a_crash_mid_download_resumes_after_restart() {
+    iot_ota_testkit::acceptance::resume_after_kill(&rust_example(), &rig(), "rkill");
+}
+
+#[test]
+fn progress_only_goes_forward() {
+    iot_ota_testkit::acceptance::progress_goes_forward(&rust_example(), &rig(), "rfwd");
+}
+
+#[cfg(target_os = "linux")]
+#[test]
+fn a_full_disk_says_why_and_leaves_nothing() {
+    iot_ota_testkit::acceptance::full_disk(&rust_example(), &rig(), "rfull");
 }

@@ -148,6 +148,16 @@ static int parse_broker(const char *url, char *host, size_t host_len, iot_mqtt_c
     return 0;
 }
 
+/* Reports a failure status with its reason, and says it on stderr too. */
+static void report_failure(void *ota, iot_ota_status_t status, const char *what,
+                           const char *path, int err)
+{
+    char desc[IOT_OTA_DESC_MAX + 1];
+    snprintf(desc, sizeof(desc), "%s %s: %s", what, path, strerror(err));
+    fprintf(stderr, "%s\n", desc);
+    iot_ota_report_status(ota, status, 0, desc);
+}
+
 /* Downloads, verifies, installs (renames into place) and reports one upgrade.
  * Returns 0 on success. `version` receives the new version on success. */
 static int upgrade(void *ota, const char *dir, const char *state_dir, char *version,
@@ -185,8 +195,7 @@ static int upgrade(void *ota, const char *dir, const char *state_dir, char *vers
     out = fopen(part, keep > 0 ? "r+b" : "wb");
     if (!out || (keep > 0 && (ftruncate(fileno(out), (off_t)keep) != 0 ||
                               fseeko(out, (off_t)keep, SEEK_SET) != 0))) {
-        fprintf(stderr, "cannot create %s: %s\n", part, strerror(errno));
-        iot_ota_report_progress(ota, IOT_OTA_STATUS_FLASH_FAILED, 0);
+        report_failure(ota, IOT_OTA_STATUS_FLASH_FAILED, "cannot create", part, errno);
         goto done;
     }
     if (keep > 0) fprintf(stderr, "resuming %s from byte %lld\n", part, (long long)keep);
@@ -198,15 +207,18 @@ static int upgrade(void *ota, const char *dir, const char *state_dir, char *vers
         int n = iot_ota_fetch_yield(ota, buf, BUF_SIZE, FETCH_TIMEOUT_S);
         if (n > 0) {
             if (fwrite(buf, 1, (size_t)n, out) != (size_t)n) {
-                fprintf(stderr, "writing %s: %s\n", part, strerror(errno));
-                iot_ota_report_progress(ota, IOT_OTA_STATUS_FLASH_FAILED, 0);
+                report_failure(ota, IOT_OTA_STATUS_FLASH_FAILED, "writing", part, errno);
                 goto done;
             }
             int64_t total = iot_ota_file_size(ota);
             if (total > 0) {
                 int pct = (int)(iot_ota_fetched_size(ota) * 100 / total);
-                if (pct / 10 != last_pct / 10) {
-                    fprintf(stderr, "downloaded %d%%\n", pct);
+                if (pct != last_pct) {
+                    /* As the vendor guide's loop does: the application
+                     * reports its own percent too (the library's reports
+                     * count the same bytes, so the two agree). */
+                    iot_ota_report_progress(ota, IOT_OTA_STATUS_DOWNLOADING, (uint32_t)pct);
+                    if (pct / 10 != last_pct / 10) fprintf(stderr, "downloaded %d%%\n", pct);
                     last_pct = pct;
                 }
             }
@@ -234,15 +246,13 @@ static int upgrade(void *ota, const char *dir, const char *state_dir, char *vers
 
     /* Install: make the image durable, then move it into place. */
     if (fflush(out) != 0 || fsync(fileno(out)) != 0) {
-        fprintf(stderr, "syncing %s: %s\n", part, strerror(errno));
-        iot_ota_report_progress(ota, IOT_OTA_STATUS_FLASH_FAILED, 0);
+        report_failure(ota, IOT_OTA_STATUS_FLASH_FAILED, "syncing", part, errno);
         goto done;
     }
     fclose(out);
     out = NULL;
     if (rename(part, path) != 0) {
-        fprintf(stderr, "cannot move the image to %s: %s\n", path, strerror(errno));
-        iot_ota_report_progress(ota, IOT_OTA_STATUS_FLASH_FAILED, 0);
+        report_failure(ota, IOT_OTA_STATUS_FLASH_FAILED, "cannot move the image to", path, errno);
         goto done;
     }
     fprintf(stderr, "installing %s\n", path);

@@ -80,6 +80,7 @@ typedef enum {
 #define IOT_OTA_VERSION_MAX 100
 #define IOT_OTA_URL_MAX 2048
 #define IOT_OTA_SIGN_MAX 64
+#define IOT_OTA_DESC_MAX 256
 
 /* The details of an upgrade, copied out by iot_ota_get_firmware().
  * Every string is NUL-terminated. */
@@ -113,7 +114,10 @@ int iot_ota_destroy(void *handle);
  * IOT_OTA_ERR_INVALID_PARAM (bad handle, status not an iot_ota_status_t,
  * progress > 100), IOT_OTA_ERR_MQTT_FAILED (MQTT instance destroyed).
  * DOWNLOADING reports, DOWNLOADED and the download's failure reports are
- * sent by the library itself during iot_ota_fetch_yield(). */
+ * sent by the library itself during iot_ota_fetch_yield(); its DOWNLOADING
+ * percent counts the bytes handed to the application, so the two agree.
+ * Within one status the platform never sees the percent go down: a lower
+ * percent than the last report of that status is not sent. */
 int iot_ota_report_progress(void *handle, iot_ota_status_t status, uint32_t progress);
 
 /* 4. Reports the running firmware version: at every start and after every
@@ -165,6 +169,13 @@ int iot_ota_fetch_yield(void *handle, char *buf, uint32_t buf_len, uint32_t time
 int iot_ota_get_firmware_info(void *handle, const char *product_key, const char *identifier, const char *version);
 
 /* ---- extras ---- */
+
+/* iot_ota_report_progress() with a reason: desc (NULL or "" for none; UTF-8,
+ * at most IOT_OTA_DESC_MAX bytes) goes to the platform as the report's desc,
+ * e.g. why FLASH_FAILED: "writing fw.part: No space left on device".
+ * Returns as iot_ota_report_progress(); also IOT_OTA_ERR_INVALID_PARAM for a
+ * desc that is not UTF-8, IOT_OTA_ERR_STR_TOO_LONG above IOT_OTA_DESC_MAX. */
+int iot_ota_report_status(void *handle, iot_ota_status_t status, uint32_t progress, const char *desc);
 
 /* The download state (an iot_ota_fetch_state_t), or IOT_OTA_ERR_INVALID_PARAM. */
 int iot_ota_fetch_state(void *handle);

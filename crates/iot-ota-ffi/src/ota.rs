@@ -209,14 +209,19 @@ impl OtaHandle {
         for event in events {
             match event {
                 Event::Upgrade(cmd) => {
-                    self.journal_begin(st, &cmd.firmware, &cmd.msg_id);
-                    self.start(st, cmd.firmware)
+                    // Journaled first: the 200 (held by the engine once a
+                    // state directory is set) goes out only when a power
+                    // cut can no longer lose the command.
+                    if self.journal_begin(st, &cmd.firmware, &cmd.msg_id) {
+                        self.start(st, cmd.firmware)
+                    }
                 }
                 Event::FirmwareInfo(reply) => match reply.result {
                     Ok(fw) => match self.session.with(|ota| ota.accept_firmware(&fw)) {
                         Ok(()) => {
-                            self.journal_begin(st, &fw, &reply.msg_id);
-                            self.start(st, fw)
+                            if self.journal_begin(st, &fw, &reply.msg_id) {
+                                self.start(st, fw)
+                            }
                         }
                         Err(e) => log::warn!("firmware {} not started: {e}", fw.version),
                     },
@@ -232,14 +237,13 @@ impl OtaHandle {
         }
     }
 
-    /// Journals a new upgrade (with a state directory).
-    fn journal_begin(&self, st: &mut OtaState, firmware: &Firmware, msg_id: &str) {
-        if let Some(life) = st.life.as_mut() {
-            let from = self.session.version();
-            let pending = firmware.signed.as_ref().map(|s| s.manifest.counter);
-            if let Err(e) = life.begin(&from, firmware, msg_id, pending) {
-                log::error!("journaling the upgrade to {}: {e}", firmware.version);
-            }
+    /// Journals a new upgrade, with a state directory, before its 200 goes
+    /// out ([`Lifecycle::accept`]). False when the journal cannot be
+    /// written: the upgrade is then reported failed and not started.
+    fn journal_begin(&self, st: &mut OtaState, firmware: &Firmware, msg_id: &str) -> bool {
+        match st.life.as_mut() {
+            Some(life) => life.accept(&self.session, firmware, msg_id).is_ok(),
+            None => true,
         }
     }
 
@@ -448,6 +452,10 @@ pub unsafe extern "C" fn iot_ota_destroy(handle: *mut c_void) -> c_int {
 /// reports a status and percent for the current upgrade. SUCCESS or a
 /// negative status ends the upgrade (a download still running is stopped,
 /// without a second report); the next command is accepted after it.
+/// Within one status the platform never sees the percent go down: a lower
+/// percent than the last report of the same status (the SDK's own
+/// DOWNLOADING reports count the bytes `iot_ota_fetch_yield` has handed
+/// over, so they agree with an application's) is not sent.
 ///
 /// Returns 0; `IOT_OTA_ERR_INVALID_PARAM` for a bad handle, a status that is
 /// not an `iot_ota_status_t` or a progress above 100; `IOT_OTA_ERR_MQTT_FAILED`
@@ -462,26 +470,65 @@ pub unsafe extern "C" fn iot_ota_report_progress(
     progress: u32,
 ) -> c_int {
     guard(IOT_OTA_ERR_GENERAL, || {
+        code(report(handle, status, progress, ""))
+    })
+}
+
+/// `int iot_ota_report_status(void *handle, iot_ota_status_t status, uint32_t progress, const char *desc)`:
+/// `iot_ota_report_progress` with a reason: `desc` (NULL or empty for
+/// none; at most 256 bytes, UTF-8) goes to the platform in the report's
+/// `desc`, as why a FLASH_FAILED or UPGRADE_FAILED happened ("writing
+/// /data/fw.part: No space left on device"). Returns as
+/// `iot_ota_report_progress`; also `IOT_OTA_ERR_INVALID_PARAM` for a `desc`
+/// that is not UTF-8 and `IOT_OTA_ERR_STR_TOO_LONG` above 256 bytes.
+///
+/// # Safety
+/// `desc` is NULL or a NUL-terminated string (copied).
+#[no_mangle]
+pub unsafe extern "C" fn iot_ota_report_status(
+    handle: *mut c_void,
+    status: c_int,
+    progress: u32,
+    desc: *const c_char,
+) -> c_int {
+    guard(IOT_OTA_ERR_GENERAL, || {
         code((|| {
-            let h = live(handle)?;
-            let status = Status::from_code(i64::from(status)).ok_or(IOT_OTA_ERR_INVALID_PARAM)?;
-            if progress > 100 {
-                return Err(IOT_OTA_ERR_INVALID_PARAM);
+            let desc = if desc.is_null() {
+                ""
+            } else {
+                // SAFETY: non-NULL and NUL-terminated, by the caller's contract.
+                unsafe { c_str(desc) }?
+            };
+            if desc.len() > IOT_OTA_DESC_MAX {
+                return Err(IOT_OTA_ERR_STR_TOO_LONG);
             }
-            let mut st = h.state();
-            if status.is_terminal() && st.download.as_ref().is_some_and(|d| !d.is_finished()) {
-                if let Some(d) = st.download.take() {
-                    let _context = h.mqtt.rt.enter();
-                    d.abandon();
-                }
-            }
-            drop(st);
-            h.session
-                .with(|ota| ota.report_progress(status, progress, ""))
-                .map_err(|_| IOT_OTA_ERR_INVALID_PARAM)?;
-            Ok(IOT_OTA_ERR_NONE)
+            report(handle, status, progress, desc)
         })())
     })
+}
+
+/// Longest `desc` of `iot_ota_report_status`, in bytes.
+pub const IOT_OTA_DESC_MAX: usize = 256;
+
+/// The two report calls' work.
+fn report(handle: *mut c_void, status: c_int, progress: u32, desc: &str) -> Result<c_int, c_int> {
+    let h = live(handle)?;
+    let status = Status::from_code(i64::from(status)).ok_or(IOT_OTA_ERR_INVALID_PARAM)?;
+    if progress > 100 {
+        return Err(IOT_OTA_ERR_INVALID_PARAM);
+    }
+    let mut st = h.state();
+    if status.is_terminal() && st.download.as_ref().is_some_and(|d| !d.is_finished()) {
+        if let Some(d) = st.download.take() {
+            let _context = h.mqtt.rt.enter();
+            d.abandon();
+        }
+    }
+    drop(st);
+    h.session
+        .with(|ota| ota.report_progress(status, progress, desc))
+        .map_err(|_| IOT_OTA_ERR_INVALID_PARAM)?;
+    Ok(IOT_OTA_ERR_NONE)
 }
 
 /// `int iot_ota_report_firmware_version(void *handle, const char *version)`:
@@ -971,8 +1018,9 @@ pub unsafe extern "C" fn iot_ota_set_state_dir(
                 log::error!("iot_ota_set_state_dir: {e}");
                 IOT_OTA_ERR_GENERAL
             })?;
-            let counter = life.security_counter();
-            h.session.with(|ota| ota.set_security_counter(counter));
+            life.share_counter(&h.session);
+            // With a journal, an accepted command's 200 waits for it.
+            h.session.with(|ota| ota.set_ack_after_journal(true));
             // Downloads go there too (the part files): a command that
             // cannot fit is refused with 412.
             h.session.set_download_dir(Some(dir.into()));
@@ -1026,8 +1074,7 @@ pub unsafe extern "C" fn iot_ota_boot_confirm(
                 log::error!("iot_ota_boot_confirm: {e}");
                 IOT_OTA_ERR_GENERAL
             })?;
-            let counter = life.security_counter();
-            h.session.with(|ota| ota.set_security_counter(counter));
+            life.share_counter(&h.session);
             if let Some(report) = &start.report {
                 h.session
                     .with(|ota| ota.report_at_start(report.clone()))
@@ -1173,13 +1220,7 @@ pub unsafe extern "C" fn iot_ota_install_done(handle: *mut c_void, reboot: c_int
             match installed {
                 Installed::Rebooting => Ok(IOT_OTA_BOOT_REBOOT),
                 Installed::Settled(start) => {
-                    let counter = life.security_counter();
-                    h.session.with(|ota| ota.set_security_counter(counter));
-                    if let Some(r) = &start.report {
-                        h.session
-                            .with(|ota| ota.report_progress(r.status, r.progress, &r.desc))
-                            .map_err(|_| IOT_OTA_ERR_GENERAL)?;
-                    }
+                    life.report_settled(&h.session, &start);
                     Ok(boot_code(&start))
                 }
             }

@@ -8,7 +8,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use iot_ota_core::digest::{digest_hex, SignMethod};
 use iot_ota_core::protocol::{encode_get_not_found, encode_get_reply};
@@ -418,6 +418,7 @@ fn abi_layouts_and_values_match_the_rust_side() {
         ("IOT_OTA_VERSION_MAX", IOT_OTA_VERSION_MAX as i64),
         ("IOT_OTA_URL_MAX", IOT_OTA_URL_MAX as i64),
         ("IOT_OTA_SIGN_MAX", IOT_OTA_SIGN_MAX as i64),
+        ("IOT_OTA_DESC_MAX", IOT_OTA_DESC_MAX as i64),
     ]
     .into_iter()
     .collect();
@@ -497,6 +498,54 @@ fn happy_path_with_states_and_fresh_counters_per_command() {
             .collect();
         iot_ota_testkit::assert_success_statuses(&mine);
     }
+}
+
+/// An application that reports its own percent after every chunk, as the
+/// vendor guide's loop does, beside the SDK's automatic reports: within
+/// one status the platform never sees the percent go back, and the SDK's
+/// reports count the bytes handed to the application, not the bytes its
+/// read-ahead has fetched (on main it reported 100 while the application
+/// had one chunk, then the application's 5, 10, ...).
+#[test]
+fn the_applications_own_progress_and_the_sdks_never_go_back() {
+    let rig = rig();
+    let dev = "selfrep";
+    // Smaller than the read-ahead's blocks: all of it is fetched at once.
+    let body = random_bytes(100_000, 41);
+    let url = rig.files.add("/self.bin", Route::file(body.clone()));
+    let mut args = vec!["selfreport".to_owned()];
+    args.extend(c_args(&rig, dev));
+    let child = spawn(&c_test_program(), &args);
+    rig.expect_version(dev, "inform", "1.0.0");
+    rig.push(dev, command("s1", "2.0.0", &url, &body, None));
+    let exit = wait_exit(child, WAIT);
+    assert_success(&exit);
+    rig.expect_version(dev, "inform", "2.0.0");
+    let statuses = rig.statuses(dev);
+    iot_ota_testkit::assert_progress_never_goes_back(&statuses);
+    iot_ota_testkit::assert_success_statuses(&statuses);
+    // Before the marker (a firmware get) the program had one chunk of 5000
+    // bytes: 5% of the image.
+    let get = rig.topic(dev, "get");
+    let progress = rig.topic(dev, "progress");
+    let before: Vec<i64> = rig
+        .wire
+        .messages()
+        .iter()
+        .take_while(|m| m.topic != get)
+        .filter(|m| m.topic == progress && m.json_i64("data.status") == Some(1))
+        .filter_map(|m| m.json_i64("data.progress"))
+        .collect();
+    assert!(
+        rig.wire.messages().iter().any(|m| m.topic == get),
+        "no marker: {}",
+        exit.stdout
+    );
+    assert!(
+        before.iter().all(|&p| p <= 5),
+        "reported ahead of the application: {before:?} ({})",
+        exit.stdout
+    );
 }
 
 /// Runs the C `fail` scenario against `route`; returns the rig for wire checks.
@@ -730,64 +779,37 @@ fn example_waits_for_a_broker_that_is_not_up_yet() {
     rig.expect_version(dev, "inform", "2.0.0");
 }
 
-/// kill -9 in the middle of a download, then a restart: the example keeps
-/// what its first run wrote (`iot_ota_fetch_resume`), asks only for the
-/// rest with a Range request, and ends with the whole, verified image. (It
-/// used to truncate its part file and start again from byte 0.)
+// ---- the acceptance table shared with the agent and the Rust example ----
+// (iot_ota_testkit::acceptance; named example_* so that `.ci/run` runs
+// them against the shipped device build too)
+
+fn c_example() -> iot_ota_testkit::acceptance::Frontend {
+    iot_ota_testkit::acceptance::Frontend::new(example_program())
+}
+
+/// On main the C API replied 200 first and journaled later.
+#[test]
+fn example_journals_before_it_acknowledges() {
+    iot_ota_testkit::acceptance::journal_before_ack(&c_example(), &rig(), "cack");
+}
+
+/// The example keeps what its first run wrote (`iot_ota_fetch_resume`).
 #[test]
 fn example_resumes_after_kill_9() {
-    let rig = rig();
-    let dev = "exkill";
-    let body = random_bytes(400_000, 34);
-    let url = rig
-        .files
-        .add("/ex-kill.bin", Route::slow(body.clone(), 100_000));
-    let mut child = spawn(&example_program(), &example_args(&rig, dev));
-    rig.expect_version(dev, "inform", "1.0.0");
-    rig.push(dev, command("k1", "2.0.0", &url, &body, None));
-    // Killed once a good part of it is on disk.
-    let part = rig.dir.path().join(dev).join("firmware-2.0.0.bin.part");
-    let deadline = Instant::now() + WAIT;
-    while std::fs::metadata(&part).map_or(0, |m| m.len()) < 150_000 {
-        assert!(Instant::now() < deadline, "the download did not get going");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    child.kill().unwrap(); // SIGKILL, by the handle of the child we started
-    let _ = child.wait();
-    let kept = std::fs::metadata(&part).unwrap().len();
-    rig.files.clear_requests();
-    // Restarted, as systemd would: the journal says an upgrade was cut off,
-    // and it goes on by itself, with no new command.
-    rig.wire.clear();
-    let child = spawn(&example_program(), &example_args(&rig, dev));
-    let exit = wait_exit(child, WAIT);
-    assert_success(&exit);
-    assert!(
-        exit.stderr.contains("going on with the upgrade"),
-        "{}",
-        exit.stderr
-    );
-    assert!(exit.stderr.contains("resuming"), "{}", exit.stderr);
-    assert_eq!(
-        rig.statuses(dev).last(),
-        Some(&(4, 100)),
-        "SUCCESS at the end"
-    );
-    let out = rig.dir.path().join(dev);
-    assert!(std::fs::read(out.join("firmware-2.0.0.bin")).unwrap() == body);
-    assert!(!out.join("firmware-2.0.0.bin.part.meta").exists());
-    let ranges = rig.files.ranges();
-    assert_eq!(ranges.len(), 1, "{ranges:?}");
-    let from: u64 = ranges[0]
-        .trim_start_matches("bytes=")
-        .trim_end_matches('-')
-        .parse()
-        .unwrap();
-    assert!(
-        from > 0 && from <= kept && from % 4096 == 0,
-        "{from} of {kept}"
-    );
-    rig.expect_version(dev, "inform", "2.0.0");
+    iot_ota_testkit::acceptance::resume_after_kill(&c_example(), &rig(), "ckill");
+}
+
+/// The example reports its own percent too, as the vendor guide's loop does.
+#[test]
+fn example_progress_only_goes_forward() {
+    iot_ota_testkit::acceptance::progress_goes_forward(&c_example(), &rig(), "cfwd");
+}
+
+/// On main: FLASH_FAILED with an empty desc, and `.part.meta` left behind.
+#[cfg(target_os = "linux")]
+#[test]
+fn example_on_a_full_disk_says_why_and_leaves_nothing() {
+    iot_ota_testkit::acceptance::full_disk(&c_example(), &rig(), "cfull");
 }
 
 /// One start of the C "device" (c_api_test boot): the start-up decision

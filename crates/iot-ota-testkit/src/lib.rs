@@ -41,6 +41,7 @@
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
+pub mod acceptance;
 mod ca;
 mod child;
 mod http;
@@ -58,7 +59,7 @@ pub use child::{wait_child, ChildExit};
 pub use http::{FileServer, RequestLog, Route};
 pub use mosquitto::{Mosquitto, MosquittoOptions};
 pub use recorder::{RecorderOptions, WireMessage, WireRecorder};
-pub use rig::{assert_success_statuses, Rig, RIG_WAIT};
+pub use rig::{assert_progress_never_goes_back, assert_success_statuses, Rig, RIG_WAIT};
 pub use signing::TestKey;
 pub use tempdir::TempDir;
 pub use util::{free_port, random_bytes, upgrade_command, write_random_file};

@@ -160,3 +160,16 @@ pub fn assert_success_statuses(statuses: &[(i64, i64)]) {
         "not rising: {downloading:?}"
     );
 }
+
+/// Asserts that within each status the percent never goes down (what the
+/// platform must see whoever reports: the SDK, the application, or both).
+pub fn assert_progress_never_goes_back(statuses: &[(i64, i64)]) {
+    let mut last = std::collections::HashMap::new();
+    for &(status, pct) in statuses {
+        let before = last.insert(status, pct).unwrap_or(0);
+        assert!(
+            pct >= before,
+            "status {status} went back from {before} to {pct}: {statuses:?}"
+        );
+    }
+}

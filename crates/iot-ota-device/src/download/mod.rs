@@ -166,6 +166,10 @@ impl Download {
     /// whose download is still running.)
     pub fn abandon(mut self) {
         self.fetch.fail(FetchError::Cancelled);
+        // Nothing resumes an ended upgrade: the part file's meta goes.
+        if let Some((part, _)) = self.resume.take() {
+            let _ = std::fs::remove_file(part::meta_for_part(&part));
+        }
     }
 
     fn begin(&mut self) {
@@ -340,7 +344,13 @@ impl Download {
                 };
                 // A resumed download first hashes what is already on disk;
                 // the reader meanwhile fetches the rest, so the two overlap.
-                if let Err(e) = rehash(&fetch, &session, &worker_part, resume_from, FILE_BLOCK) {
+                if let Err(e) = rehash(
+                    &fetch,
+                    Some(&session),
+                    &worker_part,
+                    resume_from,
+                    FILE_BLOCK,
+                ) {
                     let e = sink.failed(e);
                     let mut f = pipeline::lock(&fetch);
                     f.fail(e.clone());
@@ -463,10 +473,11 @@ fn already_started(call: &str) -> Error {
 }
 
 /// Feeds the first `len` bytes of the part file to the fetch, as if
-/// received, through a buffer of `buf_size` bytes.
+/// received, through a buffer of `buf_size` bytes; reports its progress
+/// through `session`, if given.
 fn rehash(
     fetch: &Mutex<Fetch>,
-    session: &Session,
+    session: Option<&Session>,
     part: &Path,
     len: u64,
     buf_size: usize,
@@ -485,7 +496,7 @@ fn rehash(
             break;
         }
         let report = pipeline::lock(fetch).handle_data(&buf[..n], Instant::now())?;
-        if let Some(report) = report {
+        if let (Some(report), Some(session)) = (report, session) {
             session.publish_progress(&report);
         }
     }

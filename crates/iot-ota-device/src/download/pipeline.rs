@@ -213,6 +213,13 @@ pub(super) trait Sink {
     fn reports_failure(&self) -> bool {
         true
     }
+    /// Whether the hasher reports DOWNLOADING and DOWNLOADED as it hashes.
+    /// False for a sink whose consumer takes the bytes later (the
+    /// read-ahead): the consumer reports the bytes it hands over, so the
+    /// platform's percent is the application's.
+    fn reports_progress(&self) -> bool {
+        true
+    }
     /// The failure is reported (or was not to be): the sink may now let
     /// the application see it, after the platform's report, never before.
     fn failure_reported(&mut self, _error: &FetchError) {}
@@ -260,7 +267,7 @@ impl<S: Sink> Hasher<'_, S> {
                     let report = f.handle_data(buf.bytes(n), Instant::now())?;
                     (report, f.received(), f.total())
                 };
-                if let Some(report) = report {
+                if let Some(report) = report.filter(|_| self.sink.reports_progress()) {
                     self.session.publish_progress(&report);
                 }
                 self.sink.data(buf, n, received, total)?;
@@ -270,7 +277,9 @@ impl<S: Sink> Hasher<'_, S> {
                 self.sink.end()?;
                 let mut f = lock(self.fetch);
                 let report = f.handle_end()?;
-                self.session.publish_progress(&report);
+                if self.sink.reports_progress() {
+                    self.session.publish_progress(&report);
+                }
                 // handle_end succeeded, so the outcome is the verified one.
                 let verified = match f.outcome() {
                     Some(Ok(v)) => v.clone(),

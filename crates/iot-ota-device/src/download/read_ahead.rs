@@ -25,6 +25,13 @@
 //! The bytes handed out are always hashed already, and the last block is
 //! held back until the whole image is verified: the call that returns the
 //! last bytes has verified them.
+//!
+//! Progress is the caller's: the fetch thread reports only failures, and
+//! DOWNLOADING (throttled) and DOWNLOADED are reported by the call that
+//! hands the bytes over, counting the bytes handed over. An application
+//! that reports its own percent after each chunk (as the vendor guide's
+//! loop does) then agrees with the SDK's reports, where reports of the
+//! bytes fetched ran ahead of it (the platform saw `0, 100, 4, 8, ...`).
 
 use std::collections::VecDeque;
 use std::path::PathBuf;
@@ -33,7 +40,9 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::{JoinHandle, Thread};
 use std::time::{Duration, Instant};
 
-use iot_ota_core::{Fetch, FetchError, FetchState, Firmware, Verified};
+use iot_ota_core::{
+    percent_of, Fetch, FetchError, FetchState, Firmware, Progress, ProgressMeter, Status, Verified,
+};
 use tokio::sync::Notify;
 
 use super::pipeline::{self, read_blocks, Block, Blocks, Fill, Hasher, Msg, Sink};
@@ -260,6 +269,10 @@ impl Sink for QueueSink {
     fn reports_failure(&self) -> bool {
         !self.queue.quiet.load(Ordering::SeqCst)
     }
+
+    fn reports_progress(&self) -> bool {
+        false
+    }
 }
 
 /// A download reading ahead on its own threads; see the module docs.
@@ -275,6 +288,8 @@ pub struct ReadAhead {
     /// The block being copied out: the block, its length, how far copied.
     current: Option<(Block, usize, usize)>,
     delivered: u64,
+    /// When the next DOWNLOADING report of the bytes handed out is due.
+    meter: ProgressMeter,
     /// The meta file of the caller's part file, removed once the download
     /// has ended for good (verified, or failed in a way no resume mends).
     meta: Option<PathBuf>,
@@ -309,6 +324,9 @@ impl ReadAhead {
         };
         let firmware = fetch.firmware().clone();
         let total = fetch.total().unwrap_or(UNKNOWN);
+        // DOWNLOADING 0 went out as the download began.
+        let mut meter = ProgressMeter::new(session.core_config().throttle);
+        meter.begin(Instant::now());
         let fetch = Arc::new(Mutex::new(fetch));
         let size = block_size.max(pipeline::DIRECT_ALIGN);
         let queue = Arc::new(Queue {
@@ -351,7 +369,7 @@ impl ReadAhead {
                     // here (off the caller's thread) before the rest is asked for.
                     let rehashed = match &resume {
                         Some((part, kept)) if *kept > 0 => {
-                            super::rehash(&fetch, &session, part, *kept, size)
+                            super::rehash(&fetch, None, part, *kept, size)
                         }
                         _ => Ok(()),
                     };
@@ -387,6 +405,7 @@ impl ReadAhead {
             queue,
             current: None,
             delivered: kept,
+            meter,
             meta,
             outcome: None,
             thread: Some(thread),
@@ -432,19 +451,57 @@ impl ReadAhead {
                 }
             }
         }
+        if self.current.is_some() && self.queue.ended.load(Ordering::Acquire) {
+            // Failed while this block was being copied out: the rest of
+            // it is of an image that will never verify.
+            let failed = matches!(&self.queue.lock().end, Some(Err(_)));
+            if failed {
+                if let Some((block, _, _)) = self.current.take() {
+                    self.queue.give_back(block);
+                }
+                return self.poll_read(buf);
+            }
+        }
         let Some((block, len, pos)) = self.current.as_mut() else {
             return ReadAheadPoll::Pending;
         };
         let n = buf.len().min(*len - *pos);
         buf[..n].copy_from_slice(&block.bytes(*len)[*pos..*pos + n]);
         *pos += n;
+        let emptied = *pos == *len;
         self.delivered += n as u64;
-        if *pos == *len {
+        let pct = percent_of(self.delivered, self.file_size());
+        if self.meter.due(pct, Instant::now()) && !self.queue.quiet.load(Ordering::SeqCst) {
+            self.session
+                .publish_progress(&self.report(Status::Downloading, pct));
+        }
+        if emptied {
             if let Some((block, _, _)) = self.current.take() {
                 self.queue.give_back(block);
             }
+            // The last bytes handed over: the download has ended for the
+            // caller, and DOWNLOADED goes out now, after their progress.
+            let end = {
+                let ready = self.queue.lock();
+                match &ready.end {
+                    Some(Ok(v)) if ready.blocks.is_empty() => Some(v.clone()),
+                    _ => None,
+                }
+            };
+            if let Some(verified) = end {
+                self.ended(Ok(verified));
+            }
         }
         ReadAheadPoll::Data(n)
+    }
+
+    fn report(&self, status: Status, progress: u32) -> Progress {
+        Progress {
+            status,
+            progress,
+            desc: String::new(),
+            firmware_version: self.firmware.version.clone(),
+        }
     }
 
     /// After [`ReadAheadPoll::Pending`]: parks the calling thread until the
@@ -474,9 +531,14 @@ impl ReadAhead {
         }
     }
 
-    /// The caller has seen the end: the meta file of a part file goes,
-    /// unless the part file is worth resuming later.
+    /// The caller has seen the end: DOWNLOADED is reported for a verified
+    /// image; the meta file of a part file goes, unless the part file is
+    /// worth resuming later.
     fn ended(&mut self, end: Result<Verified, FetchError>) {
+        if end.is_ok() && !self.queue.quiet.load(Ordering::SeqCst) {
+            self.session
+                .publish_progress(&self.report(Status::Downloaded, 100));
+        }
         let resumable = matches!(
             &end,
             Err(FetchError::Transport {
@@ -545,9 +607,14 @@ impl ReadAhead {
     }
 
     /// Ends the download without reporting anything (the application has
-    /// reported the upgrade's outcome itself).
+    /// reported the upgrade's outcome itself). The upgrade is over, so the
+    /// meta file of the caller's part file goes too: nothing will resume
+    /// it (the caller removes its part file).
     pub fn abandon(self) {
         self.queue.quiet.store(true, Ordering::SeqCst);
+        if let Some(meta) = &self.meta {
+            let _ = std::fs::remove_file(meta);
+        }
     }
 }
 

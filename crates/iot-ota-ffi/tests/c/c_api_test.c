@@ -10,6 +10,7 @@
  *   c_api_test get    HOST PORT PK DN OUTDIR VERSION_OK VERSION_MISSING
  *   c_api_test slow   HOST PORT PK DN
  *   c_api_test reconnect HOST PORT PK DN
+ *   c_api_test selfreport HOST PORT PK DN
  *
  * Every check that fails prints its line and exits with 2.
  */
@@ -648,6 +649,51 @@ static int scenario_boot(char **argv)
     return 0;
 }
 
+/* ---- selfreport: the application reports its own percent, as the guide's
+ * loop does, after every chunk; one chunk, then a pause with the connection
+ * serviced, then a firmware get as a marker on the wire: the SDK's own
+ * reports before it may count only the bytes this program has received. ---- */
+
+static int scenario_selfreport(char **argv)
+{
+    const char *host = argv[0], *port = argv[1], *pk = argv[2], *dn = argv[3];
+    static char buf[BUF_SIZE];
+    iot_mqtt_t *m = connect_mqtt(host, port, "c-selfreport");
+    void *ota = iot_ota_init(pk, dn, m);
+    CHECK(ota != NULL);
+    CHECK_EQ(iot_ota_report_firmware_version(ota, "1.0.0"), 0);
+    wait_fetching(m, ota, 30);
+    long long total = iot_ota_file_size(ota);
+    CHECK(total > 0);
+    int n;
+    while ((n = iot_ota_fetch_yield(ota, buf, BUF_SIZE, 1)) == 0) {
+    }
+    CHECK(n > 0);
+    /* The whole (small) image is read ahead meanwhile. */
+    double until = now_s() + 1.5;
+    while (now_s() < until) iot_mqtt_yield(m, 100);
+    printf("marker at %lld of %lld\n", (long long)iot_ota_fetched_size(ota), total);
+    CHECK(iot_ota_get_firmware_info(ota, pk, dn, "9.9.9") > 0);
+    flush(m);
+    for (;;) {
+        long long got = iot_ota_fetched_size(ota);
+        CHECK_EQ(iot_ota_report_progress(ota, IOT_OTA_STATUS_DOWNLOADING,
+                                         (uint32_t)(got * 100 / total)), 0);
+        n = iot_ota_fetch_yield(ota, buf, BUF_SIZE, 1);
+        if (n < 0) break;
+        /* Slower than the network: the read-ahead stays ahead. */
+        struct timespec pause = {0, 2 * 1000 * 1000};
+        nanosleep(&pause, NULL);
+    }
+    CHECK_EQ(n, IOT_OTA_ERR_INVALID_STATE);
+    CHECK_EQ(iot_ota_check_firmware(ota), 0);
+    CHECK_EQ(iot_ota_report_progress(ota, IOT_OTA_STATUS_DOWNLOADING, 100), 0);
+    report_success(m, ota, "2.0.0");
+    CHECK_EQ(iot_ota_destroy(ota), 0);
+    CHECK_EQ(iot_mqtt_destroy(m), 0);
+    return 0;
+}
+
 int main(int argc, char **argv)
 {
     setvbuf(stdout, NULL, _IOLBF, 0);
@@ -659,6 +705,7 @@ int main(int argc, char **argv)
     if (argc >= 6 && strcmp(argv[1], "slow") == 0) return scenario_slow(argv + 2);
     if (argc >= 6 && strcmp(argv[1], "reconnect") == 0) return scenario_reconnect(argv + 2);
     if (argc >= 10 && strcmp(argv[1], "boot") == 0) return scenario_boot(argv + 2);
-    fprintf(stderr, "usage: c_api_test params|happy|fail|stall|get|slow|reconnect ARGS...\n");
+    if (argc >= 6 && strcmp(argv[1], "selfreport") == 0) return scenario_selfreport(argv + 2);
+    fprintf(stderr, "usage: c_api_test params|happy|fail|stall|get|slow|reconnect|boot|selfreport ARGS...\n");
     return 64;
 }

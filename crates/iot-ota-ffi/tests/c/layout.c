@@ -62,5 +62,6 @@ int main(void)
     VALUE(IOT_OTA_VERSION_MAX);
     VALUE(IOT_OTA_URL_MAX);
     VALUE(IOT_OTA_SIGN_MAX);
+    VALUE(IOT_OTA_DESC_MAX);
     return 0;
 }

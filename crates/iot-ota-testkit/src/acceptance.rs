@@ -1,0 +1,257 @@
+//! One acceptance table for every front end of the upgrade flow: the
+//! device agent (`iot-ota device run`), the Rust `ota_example` and the C
+//! `ota_example`. Each crate's tests run the same cases against its own
+//! program ([`Frontend`]), so the three cannot drift apart unseen:
+//!
+//! | case | what the platform (and the disk) must see |
+//! |---|---|
+//! | [`journal_before_ack`] | the 200 only once the journal names the command; a kill -9 at the 200, or at once after the push, loses nothing |
+//! | [`resume_after_kill`] | a kill -9 mid-download, a restart: the same upgrade goes on from the part file (one Range request) |
+//! | [`progress_goes_forward`] | within each status the percent never goes back, ending DOWNLOADED, UPGRADING, SUCCESS |
+//! | [`full_disk`] | FLASH_FAILED with the reason in `desc`, and no file of the upgrade left behind |
+//!
+//! The programs take the Rust example's flags (`--broker`, `--product-key`,
+//! `--device-name`, `--firmware-version 1.0.0`, `--output-dir DIR`,
+//! `--once`); the state directory is DIR, where the journal, the part file
+//! (`firmware-V.bin.part`) and its `.meta` live.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use iot_ota_core::digest::{digest_hex, SignMethod};
+
+use crate::{
+    assert_progress_never_goes_back, random_bytes, upgrade_command, wait_child, ChildExit, Rig,
+    Route,
+};
+
+/// How long a case waits for a program to finish.
+const WAIT: Duration = Duration::from_secs(30);
+
+/// A front end of the upgrade flow, as the acceptance table runs it.
+#[derive(Debug, Clone)]
+pub struct Frontend {
+    /// The program.
+    pub program: PathBuf,
+    /// Arguments before the common flags (the agent's `device run`).
+    pub leading: Vec<String>,
+    /// Arguments after them (the agent's install command).
+    pub trailing: Vec<String>,
+}
+
+impl Frontend {
+    /// A program that takes the common flags only.
+    pub fn new(program: impl Into<PathBuf>) -> Frontend {
+        Frontend {
+            program: program.into(),
+            leading: Vec::new(),
+            trailing: Vec::new(),
+        }
+    }
+
+    /// Starts the program for device `dev` of the rig, once (`--once`).
+    pub fn start(&self, rig: &Rig, dev: &str) -> Child {
+        Command::new(&self.program)
+            .args(&self.leading)
+            .args(["--broker", &rig.broker.url(), "--product-key", &rig.pk])
+            .args(["--device-name", dev, "--firmware-version", "1.0.0"])
+            .arg("--output-dir")
+            .arg(dir(rig, dev))
+            .arg("--once")
+            .args(&self.trailing)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", self.program.display()))
+    }
+}
+
+/// The output and state directory of `dev`.
+fn dir(rig: &Rig, dev: &str) -> PathBuf {
+    rig.dir.path().join(dev)
+}
+
+fn command(id: &str, version: &str, url: &str, body: &[u8]) -> String {
+    let sign = digest_hex(SignMethod::Md5, body);
+    upgrade_command(id, version, url, body.len(), &sign, "Md5")
+}
+
+fn finish(child: Child) -> ChildExit {
+    wait_child(child, WAIT)
+}
+
+fn assert_exit(exit: &ChildExit, code: i32) {
+    assert_eq!(
+        exit.code, code,
+        "exit code {}\nstdout:\n{}\nstderr:\n{}",
+        exit.code, exit.stdout, exit.stderr
+    );
+}
+
+/// The files of the upgrade to `version` left in `dev`'s directory.
+fn leftovers(rig: &Rig, dev: &str, version: &str) -> Vec<String> {
+    let prefix = format!("firmware-{version}.bin.");
+    std::fs::read_dir(dir(rig, dev))
+        .map(|entries| {
+            entries
+                .filter_map(|e| e.ok())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.starts_with(&prefix))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The 200 goes out only once the command is journaled: when the platform
+/// sees it, the journal already names the upgrade, and a kill -9 right then
+/// loses nothing (the restart goes on with it, without a new command). A
+/// kill at once after the push, before or after the journal, leaves either
+/// no 200 (the platform pushes again) or a journal: never an acked command
+/// forgotten.
+pub fn journal_before_ack(fe: &Frontend, rig: &Rig, dev: &str) {
+    let body = random_bytes(300_000, 43);
+    let url = rig.files.add(
+        &format!("/{dev}-ack.bin"),
+        Route::slow(body.clone(), 100_000),
+    );
+    for (i, at_ack) in [true, false, false].into_iter().enumerate() {
+        let dev = format!("{dev}{i}");
+        let dev = dev.as_str();
+        let journal = dir(rig, dev).join("journal");
+        let reply = rig.topic(dev, "upgrade_reply");
+        let mut child = fe.start(rig, dev);
+        rig.expect_version(dev, "inform", "1.0.0");
+        rig.push(dev, command("a1", "2.0.0", &url, &body));
+        if at_ack {
+            let m = rig
+                .wire
+                .wait_for(|m| m.topic == reply, WAIT)
+                .expect("no reply to the command");
+            assert_eq!(m.json_i64("code"), Some(200));
+            child.kill().expect("kill -9"); // the child we started, by its handle
+            let j = std::fs::read_to_string(&journal).expect("acknowledged, but not journaled");
+            assert!(
+                j.contains(r#""target":"2.0.0""#) && j.contains(r#""msgId":"a1""#),
+                "{j}"
+            );
+        } else {
+            child.kill().expect("kill -9");
+        }
+        let _ = child.wait();
+        let acked = rig.wire.messages().iter().any(|m| m.topic == reply);
+        let journaled =
+            std::fs::read_to_string(&journal).is_ok_and(|j| j.contains(r#""phase":"downloading""#));
+        assert!(!acked || journaled, "acknowledged but not journaled");
+        let child = fe.start(rig, dev);
+        if !journaled {
+            // Nothing was promised: the platform pushes again.
+            rig.push_until_acked(dev, || command("a2", "2.0.0", &url, &body));
+        }
+        let exit = finish(child);
+        assert_exit(&exit, 0);
+        rig.expect_version(dev, "inform", "2.0.0");
+        let statuses = rig.statuses(dev);
+        assert_eq!(statuses.last(), Some(&(4, 100)), "{statuses:?}");
+    }
+}
+
+/// kill -9 once a good part of the image is on disk, then a restart: the
+/// upgrade goes on by itself from what the first run wrote (one Range
+/// request from a 4 KiB boundary), and ends verified.
+pub fn resume_after_kill(fe: &Frontend, rig: &Rig, dev: &str) {
+    let body = random_bytes(400_000, 34);
+    let url = rig.files.add(
+        &format!("/{dev}-kill.bin"),
+        Route::slow(body.clone(), 100_000),
+    );
+    let mut child = fe.start(rig, dev);
+    rig.expect_version(dev, "inform", "1.0.0");
+    rig.push(dev, command("k1", "2.0.0", &url, &body));
+    let part = dir(rig, dev).join("firmware-2.0.0.bin.part");
+    let deadline = Instant::now() + WAIT;
+    while std::fs::metadata(&part).map_or(0, |m| m.len()) < 150_000 {
+        assert!(Instant::now() < deadline, "the download did not get going");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.kill().expect("kill -9");
+    let _ = child.wait();
+    rig.files.clear_requests();
+    let exit = finish(fe.start(rig, dev));
+    assert_exit(&exit, 0);
+    rig.expect_version(dev, "inform", "2.0.0");
+    let ranges = rig.files.ranges();
+    assert_eq!(ranges.len(), 1, "{ranges:?}\n{}", exit.stderr);
+    let from: u64 = ranges[0]
+        .trim_start_matches("bytes=")
+        .trim_end_matches('-')
+        .parse()
+        .expect("a Range from a byte");
+    assert!(from > 0 && from % 4096 == 0, "resumed from {from}");
+    assert!(leftovers(rig, dev, "2.0.0").is_empty());
+}
+
+/// A whole upgrade: within each status the percent never goes back, and
+/// it ends DOWNLOADING 100, DOWNLOADED, UPGRADING, SUCCESS, then the new
+/// version's inform.
+pub fn progress_goes_forward(fe: &Frontend, rig: &Rig, dev: &str) {
+    // Smaller than the C API's read-ahead, and larger.
+    for (i, size) in [100_000usize, 1_500_000].into_iter().enumerate() {
+        let dev = format!("{dev}{i}");
+        let dev = dev.as_str();
+        let body = random_bytes(size, 44 + i as u64);
+        let url = rig.files.add(
+            &format!("/{dev}-fwd.bin"),
+            Route::slow(body.clone(), 1_000_000),
+        );
+        let child = fe.start(rig, dev);
+        rig.expect_version(dev, "inform", "1.0.0");
+        rig.push(dev, command("p1", "2.0.0", &url, &body));
+        let exit = finish(child);
+        assert_exit(&exit, 0);
+        rig.expect_version(dev, "inform", "2.0.0");
+        let statuses = rig.statuses(dev);
+        assert_progress_never_goes_back(&statuses);
+        assert_forward(&statuses);
+    }
+}
+
+/// DOWNLOADING from 0 to 100, DOWNLOADED 100, UPGRADING (any steps) to
+/// 100, SUCCESS 100: each status once, in that order.
+fn assert_forward(statuses: &[(i64, i64)]) {
+    assert_eq!(statuses.first(), Some(&(1, 0)), "{statuses:?}");
+    let mut order: Vec<i64> = statuses.iter().map(|s| s.0).collect();
+    order.dedup();
+    assert_eq!(order, [1, 2, 3, 4], "{statuses:?}");
+    for status in 1..=4 {
+        let last = statuses.iter().rev().find(|s| s.0 == status);
+        assert_eq!(last, Some(&(status, 100)), "{statuses:?}");
+    }
+}
+
+/// A full disk mid-download (the part file is a link to /dev/full: every
+/// write fails with ENOSPC): FLASH_FAILED with the reason in `desc`, exit
+/// 1, and no file of the upgrade left behind.
+#[cfg(target_os = "linux")]
+pub fn full_disk(fe: &Frontend, rig: &Rig, dev: &str) {
+    let body = random_bytes(400_000, 42);
+    let url = rig
+        .files
+        .add(&format!("/{dev}-full.bin"), Route::file(body.clone()));
+    std::fs::create_dir_all(dir(rig, dev)).expect("the device's directory");
+    let part = dir(rig, dev).join("firmware-2.0.0.bin.part");
+    std::os::unix::fs::symlink("/dev/full", &part).expect("a link to /dev/full");
+    let child = fe.start(rig, dev);
+    rig.expect_version(dev, "inform", "1.0.0");
+    rig.push(dev, command("d1", "2.0.0", &url, &body));
+    let exit = finish(child);
+    assert_exit(&exit, 1);
+    let report = rig.expect(dev, "progress", |m| m.json_i64("data.status") == Some(-4));
+    let desc = report.json_str("data.desc").unwrap_or_default();
+    assert!(desc.contains("No space left on device"), "desc {desc:?}");
+    let left = leftovers(rig, dev, "2.0.0");
+    assert!(left.is_empty(), "left behind: {left:?}\n{}", exit.stderr);
+    assert!(!Path::new(&part).exists());
+    assert_progress_never_goes_back(&rig.statuses(dev));
+}
