@@ -125,6 +125,7 @@ mod error;
 mod fetch;
 pub mod journal;
 pub mod manifest;
+mod pace;
 pub mod protocol;
 
 pub use backoff::Backoff;
@@ -133,6 +134,7 @@ pub use digest::{Hasher, SignMethod};
 pub use engine::{compare_versions, Config, Event, Ota, Output};
 pub use error::{Error, FetchError};
 pub use fetch::{percent_of, Fetch, FetchState, ProgressMeter, Throttle, Verified};
+pub use pace::{Pace, PaceRules};
 pub use protocol::{
     Firmware, GetError, GetReply, Limits, Policy, Progress, Rejection, ReplyCode, Status, Topics,
     UpgradeCommand,

@@ -5,7 +5,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::time::Duration;
 
-use iot_ota_core::{Backoff, FetchError};
+use iot_ota_core::{FetchError, Pace, PaceRules};
 use tokio::time::Instant;
 
 use super::DownloadOptions;
@@ -38,35 +38,32 @@ pub(super) struct Source {
     body: Option<Body>,
     /// A request sent, its response not there yet.
     opening: Option<Opening>,
-    /// No request before this (the pause before a resume).
-    pause_until: Option<Instant>,
-    retries_left: u32,
-    backoff: Backoff,
-    /// The image's size, when known: the overall deadline scales with it.
-    size: Option<u64>,
-    /// The overall deadline, from the first call.
-    deadline: Option<Instant>,
-    /// The current rate window: when it began, and the bytes since.
-    window: Option<(Instant, u64)>,
+    /// The deadline, the minimum rate and the resumes: the core's rules,
+    /// told the time (tokio's clock, so that tests can pause it).
+    pace: Pace,
+}
+
+/// Now, on tokio's clock (paused in tests), as the core takes it.
+fn now() -> std::time::Instant {
+    Instant::now().into_std()
 }
 
 impl Source {
     pub(super) fn new(url: String, size: Option<u64>, options: DownloadOptions) -> Source {
+        let rules = PaceRules {
+            retries: options.retries,
+            min_rate: options.min_rate,
+            rate_window: options.rate_window,
+            deadline_base: options.deadline_base,
+        };
+        let backoff =
+            crate::link::seeded_backoff(&url, Duration::from_millis(500), Duration::from_secs(32));
         Source {
-            retries_left: options.retries,
-            backoff: crate::link::seeded_backoff(
-                &url,
-                Duration::from_millis(500),
-                Duration::from_secs(32),
-            ),
+            pace: Pace::new(rules, size, backoff),
             url,
             options,
             body: None,
             opening: None,
-            pause_until: None,
-            size,
-            deadline: None,
-            window: None,
         }
     }
 
@@ -82,65 +79,21 @@ impl Source {
         received: u64,
         buf: &mut [u8],
     ) -> Result<Chunk, FetchError> {
-        self.check_deadline()?;
+        self.pace.check_deadline(now())?;
         let chunk = self.next_chunk(received, buf).await?;
         match chunk {
-            Chunk::Opened { .. } => self.window = Some((Instant::now(), 0)),
-            Chunk::Data(n) => self.check_rate(n as u64)?,
+            Chunk::Opened { .. } => self.pace.opened(now()),
+            Chunk::Data(n) => self.pace.received(n as u64, now())?,
             Chunk::End => {}
         }
         Ok(chunk)
     }
 
-    /// The overall deadline: `deadline_base + size / min_rate`, from the
-    /// first call.
-    fn check_deadline(&mut self) -> Result<(), FetchError> {
-        let min_rate = self.options.min_rate;
-        if min_rate == 0 {
-            return Ok(());
-        }
-        let now = Instant::now();
-        let size = self.size.unwrap_or(0);
-        let bound = self.options.deadline_base.as_secs() + size / min_rate;
-        let deadline = *self
-            .deadline
-            .get_or_insert(now + Duration::from_secs(bound));
-        if now > deadline {
-            return Err(too_slow(format!(
-                "not done within {bound} s, the deadline for {size} bytes at {min_rate} B/s"
-            )));
-        }
-        Ok(())
-    }
-
-    /// The minimum rate, over each window since the response began.
-    fn check_rate(&mut self, n: u64) -> Result<(), FetchError> {
-        let (min_rate, span) = (self.options.min_rate, self.options.rate_window);
-        let Some((start, bytes)) = self.window.as_mut() else {
-            return Ok(());
-        };
-        *bytes += n;
-        let elapsed = start.elapsed();
-        if min_rate == 0 || elapsed < span {
-            return Ok(());
-        }
-        let rate = u64::try_from(u128::from(*bytes) * 1000 / elapsed.as_millis().max(1))
-            .unwrap_or(u64::MAX);
-        if rate < min_rate {
-            return Err(too_slow(format!(
-                "the server sent {bytes} bytes in {} s ({rate} B/s), below the minimum of {min_rate} B/s",
-                elapsed.as_secs()
-            )));
-        }
-        self.window = Some((Instant::now(), 0));
-        Ok(())
-    }
-
     async fn next_chunk(&mut self, received: u64, buf: &mut [u8]) -> Result<Chunk, FetchError> {
         loop {
-            if let Some(until) = self.pause_until {
-                tokio::time::sleep_until(until).await;
-                self.pause_until = None;
+            if let Some(until) = self.pace.resume_at() {
+                tokio::time::sleep_until(Instant::from_std(until)).await;
+                self.pace.resumed();
             }
             let Some(body) = self.body.as_mut() else {
                 let opening = self.opening.get_or_insert_with(|| {
@@ -178,23 +131,10 @@ impl Source {
 
     /// After a failure: fail, or schedule the resume.
     fn retry_or_fail(&mut self, error: FetchError) -> Result<(), FetchError> {
-        if !error.is_retryable() || self.retries_left == 0 {
-            return Err(error);
-        }
-        self.retries_left -= 1;
-        let pause = self.backoff.next_delay();
-        log::warn!("download interrupted ({error}); resuming in {pause:.1?}");
-        self.pause_until = Some(Instant::now() + pause);
+        let message = error.to_string();
+        let at = self.pace.interrupted(error, now())?;
+        let pause = at.saturating_duration_since(now());
+        log::warn!("download interrupted ({message}); resuming in {pause:.1?}");
         Ok(())
-    }
-}
-
-/// A download ended for being too slow: not retryable (the same server
-/// would be as slow again).
-fn too_slow(message: String) -> FetchError {
-    FetchError::Transport {
-        message,
-        retryable: false,
-        http_status: None,
     }
 }
