@@ -3,7 +3,7 @@
 //! Everything here is pure data: parse a payload into a typed message, or
 //! encode a typed message into a payload. Both directions live here so the
 //! device SDK and the local platform share one definition of every message
-//! (see `docs/protocol.md` and `docs/PROTOCOL.md`).
+//! (see `docs/protocol-in-code.md` and `docs/PROTOCOL.md`).
 //!
 //! Parsing is lenient where real platforms differ (`msgId` as a string or a
 //! number, the guide's `"msgId "` and `"data "` spellings, sign method case)
