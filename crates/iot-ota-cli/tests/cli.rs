@@ -1245,23 +1245,9 @@ fn table_rig() -> iot_ota_testkit::Rig {
     iot_ota_testkit::Rig::new("pk", "agent-table")
 }
 
-#[test]
-fn agent_journals_before_it_acknowledges() {
-    iot_ota_testkit::acceptance::journal_before_ack(&agent_frontend(), &table_rig(), "aack");
-}
-
-#[test]
-fn agent_resumes_after_kill_9() {
-    iot_ota_testkit::acceptance::resume_after_kill(&agent_frontend(), &table_rig(), "akill");
-}
-
-#[test]
-fn agent_progress_only_goes_forward() {
-    iot_ota_testkit::acceptance::progress_goes_forward(&agent_frontend(), &table_rig(), "afwd");
-}
-
-#[cfg(target_os = "linux")]
-#[test]
-fn agent_on_a_full_disk_says_why_and_leaves_nothing() {
-    iot_ota_testkit::acceptance::full_disk(&agent_frontend(), &table_rig(), "afull");
+/// The shared table (on main: the C API and the Rust example replied 200
+/// before they journaled; the C example's full disk left `.part.meta` and
+/// an empty desc).
+mod agent_table {
+    iot_ota_testkit::acceptance_table!(super::agent_frontend(), super::table_rig(), "a");
 }

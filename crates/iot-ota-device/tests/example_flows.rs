@@ -425,23 +425,9 @@ fn rust_example() -> iot_ota_testkit::acceptance::Frontend {
     iot_ota_testkit::acceptance::Frontend::new(example_path())
 }
 
-#[test]
-fn journals_before_it_acknowledges() {
-    iot_ota_testkit::acceptance::journal_before_ack(&rust_example(), &rig(), "rack");
-}
-
-#[test]
-fn a_crash_mid_download_resumes_after_restart() {
-    iot_ota_testkit::acceptance::resume_after_kill(&rust_example(), &rig(), "rkill");
-}
-
-#[test]
-fn progress_only_goes_forward() {
-    iot_ota_testkit::acceptance::progress_goes_forward(&rust_example(), &rig(), "rfwd");
-}
-
-#[cfg(target_os = "linux")]
-#[test]
-fn a_full_disk_says_why_and_leaves_nothing() {
-    iot_ota_testkit::acceptance::full_disk(&rust_example(), &rig(), "rfull");
+/// The shared table (on main: the C API and the Rust example replied 200
+/// before they journaled; the C example's full disk left `.part.meta` and
+/// an empty desc).
+mod table {
+    iot_ota_testkit::acceptance_table!(super::rust_example(), super::rig(), "r");
 }

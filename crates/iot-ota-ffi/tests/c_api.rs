@@ -548,6 +548,38 @@ fn the_applications_own_progress_and_the_sdks_never_go_back() {
     );
 }
 
+/// With a state directory the 200 waits for the journal: a C program that
+/// only yields its MQTT instance while the command arrives sends no 200
+/// (and has no journal) until its next call on the OTA instance journals
+/// the command; the 200 comes after the program's marker on the wire. (On
+/// main the C API replied at once and journaled at the next call.)
+#[test]
+fn the_reply_waits_for_the_journal() {
+    let rig = rig();
+    let dev = "ackj";
+    let body = random_bytes(50_000, 45);
+    let url = rig.files.add("/ackj.bin", Route::file(body.clone()));
+    let state = rig.dir.path().join("ackj-state");
+    let mut args = vec!["ackjournal".to_owned()];
+    args.extend(c_args(&rig, dev));
+    args.push(state.display().to_string());
+    let child = spawn(&c_test_program(), &args);
+    rig.expect_version(dev, "inform", "1.0.0");
+    rig.push(dev, command("j1", "2.0.0", &url, &body, None));
+    let exit = wait_exit(child, WAIT);
+    assert_success(&exit);
+    rig.expect(dev, "progress", |m| m.json_i64("data.status") == Some(-1));
+    let (get, reply) = (rig.topic(dev, "get"), rig.topic(dev, "upgrade_reply"));
+    let order: Vec<String> = rig
+        .wire
+        .messages()
+        .into_iter()
+        .filter(|m| m.topic == get || m.topic == reply)
+        .map(|m| m.topic)
+        .collect();
+    assert_eq!(order, [get, reply], "the 200 before the journal");
+}
+
 /// Runs the C `fail` scenario against `route`; returns the rig for wire checks.
 fn failing_fetch(dev: &str, route: Route, body: &[u8], sign: Option<&str>, expected: i32) -> Rig {
     let rig = rig();
@@ -787,29 +819,11 @@ fn c_example() -> iot_ota_testkit::acceptance::Frontend {
     iot_ota_testkit::acceptance::Frontend::new(example_program())
 }
 
-/// On main the C API replied 200 first and journaled later.
-#[test]
-fn example_journals_before_it_acknowledges() {
-    iot_ota_testkit::acceptance::journal_before_ack(&c_example(), &rig(), "cack");
-}
-
-/// The example keeps what its first run wrote (`iot_ota_fetch_resume`).
-#[test]
-fn example_resumes_after_kill_9() {
-    iot_ota_testkit::acceptance::resume_after_kill(&c_example(), &rig(), "ckill");
-}
-
-/// The example reports its own percent too, as the vendor guide's loop does.
-#[test]
-fn example_progress_only_goes_forward() {
-    iot_ota_testkit::acceptance::progress_goes_forward(&c_example(), &rig(), "cfwd");
-}
-
-/// On main: FLASH_FAILED with an empty desc, and `.part.meta` left behind.
-#[cfg(target_os = "linux")]
-#[test]
-fn example_on_a_full_disk_says_why_and_leaves_nothing() {
-    iot_ota_testkit::acceptance::full_disk(&c_example(), &rig(), "cfull");
+/// The shared table (on main: the C API and the Rust example replied 200
+/// before they journaled; the C example's full disk left `.part.meta` and
+/// an empty desc).
+mod example_table {
+    iot_ota_testkit::acceptance_table!(super::c_example(), super::rig(), "c");
 }
 
 /// One start of the C "device" (c_api_test boot): the start-up decision

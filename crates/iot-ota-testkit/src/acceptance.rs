@@ -255,3 +255,38 @@ pub fn full_disk(fe: &Frontend, rig: &Rig, dev: &str) {
     assert!(!Path::new(&part).exists());
     assert_progress_never_goes_back(&rig.statuses(dev));
 }
+
+/// The table as `#[test]` functions, one a case, for the [`Frontend`]
+/// `$frontend` on rigs made by `$rig`, with device names starting with
+/// `$prefix`. Put it in a module of its own:
+///
+/// ```ignore
+/// mod example_table {
+///     iot_ota_testkit::acceptance_table!(super::c_example(), super::rig(), "c");
+/// }
+/// ```
+#[macro_export]
+macro_rules! acceptance_table {
+    ($frontend:expr, $rig:expr, $prefix:literal) => {
+        #[test]
+        fn journals_before_it_acknowledges() {
+            $crate::acceptance::journal_before_ack(&$frontend, &$rig, concat!($prefix, "ack"));
+        }
+
+        #[test]
+        fn resumes_after_kill_9() {
+            $crate::acceptance::resume_after_kill(&$frontend, &$rig, concat!($prefix, "kill"));
+        }
+
+        #[test]
+        fn progress_only_goes_forward() {
+            $crate::acceptance::progress_goes_forward(&$frontend, &$rig, concat!($prefix, "fwd"));
+        }
+
+        #[cfg(target_os = "linux")]
+        #[test]
+        fn on_a_full_disk_says_why_and_leaves_nothing() {
+            $crate::acceptance::full_disk(&$frontend, &$rig, concat!($prefix, "full"));
+        }
+    };
+}

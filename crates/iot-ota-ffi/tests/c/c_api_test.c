@@ -11,6 +11,7 @@
  *   c_api_test slow   HOST PORT PK DN
  *   c_api_test reconnect HOST PORT PK DN
  *   c_api_test selfreport HOST PORT PK DN
+ *   c_api_test ackjournal HOST PORT PK DN STATE_DIR
  *
  * Every check that fails prints its line and exits with 2.
  */
@@ -694,6 +695,41 @@ static int scenario_selfreport(char **argv)
     return 0;
 }
 
+/* ---- ackjournal: with a state directory, a command's 200 waits for its
+ * journal, which is written by the application's next call on the OTA
+ * instance. Three seconds of iot_mqtt_yield alone (the command arrives
+ * meanwhile) must send no 200 and write no journal; then a firmware get as
+ * a marker on the wire, then iot_ota_is_fetching: journal, then the 200. ---- */
+
+static int scenario_ackjournal(char **argv)
+{
+    const char *host = argv[0], *port = argv[1], *pk = argv[2], *dn = argv[3], *state = argv[4];
+    iot_mqtt_t *m = connect_mqtt(host, port, "c-ackjournal");
+    void *ota = iot_ota_init(pk, dn, m);
+    CHECK(ota != NULL);
+    CHECK_EQ(iot_ota_set_state_dir(ota, state), 0);
+    CHECK_EQ(iot_ota_boot_confirm(ota, "1.0.0", 1), IOT_OTA_BOOT_IDLE);
+    CHECK_EQ(iot_ota_report_firmware_version(ota, "1.0.0"), 0);
+    char journal[512];
+    snprintf(journal, sizeof(journal), "%s/journal", state);
+    double until = now_s() + 3;
+    while (now_s() < until) iot_mqtt_yield(m, 100);
+    FILE *j = fopen(journal, "r");
+    CHECK(j == NULL); /* nothing journaled without a call on the instance */
+    CHECK(iot_ota_get_firmware_info(ota, pk, dn, "9.9.9") > 0);
+    flush(m);
+    CHECK_EQ(iot_ota_is_fetching(ota), 1);
+    j = fopen(journal, "r");
+    CHECK(j != NULL);
+    fclose(j);
+    flush(m);
+    CHECK_EQ(iot_ota_report_progress(ota, IOT_OTA_STATUS_UPGRADE_FAILED, 0), 0);
+    flush(m);
+    CHECK_EQ(iot_ota_destroy(ota), 0);
+    CHECK_EQ(iot_mqtt_destroy(m), 0);
+    return 0;
+}
+
 int main(int argc, char **argv)
 {
     setvbuf(stdout, NULL, _IOLBF, 0);
@@ -706,6 +742,7 @@ int main(int argc, char **argv)
     if (argc >= 6 && strcmp(argv[1], "reconnect") == 0) return scenario_reconnect(argv + 2);
     if (argc >= 10 && strcmp(argv[1], "boot") == 0) return scenario_boot(argv + 2);
     if (argc >= 6 && strcmp(argv[1], "selfreport") == 0) return scenario_selfreport(argv + 2);
-    fprintf(stderr, "usage: c_api_test params|happy|fail|stall|get|slow|reconnect|boot|selfreport ARGS...\n");
+    if (argc >= 7 && strcmp(argv[1], "ackjournal") == 0) return scenario_ackjournal(argv + 2);
+    fprintf(stderr, "usage: c_api_test params|happy|fail|stall|get|slow|reconnect|boot|selfreport|ackjournal ARGS...\n");
     return 64;
 }
