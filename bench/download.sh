@@ -9,6 +9,8 @@
 #   - both example devices, the Rust ota_example (download_to pipeline) and the C
 #     ota_example (iot_ota_fetch_yield, 5000-byte buffer, 1 s timeout, fwrite):
 #     download + MD5 + write (HTTP), end to end from the command to the verified file
+#   - the C ota_example --to-file (iot_ota_fetch_to_file: the library's own pipeline
+#     writes the file), next to the Rust download_to it should match
 #   - curl --cacert CA URL | openssl dgst -sha256   (HTTPS baseline)
 #   - both examples: download + SHA-256 + write  (HTTPS, plain MQTT)
 # and the ratios; then the peak RSS of each example upgrading a 1 GiB and a 1 MiB image
@@ -17,6 +19,8 @@
 # Each figure is the best of 5 runs (RUNS=N to change), baselines and SDKs interleaved.
 # Needs mosquitto, curl, openssl, make, a C compiler and /usr/bin/time.
 # BENCH_DIR=/dev/shm puts the image and the downloads on tmpfs (no disk).
+# Everything printed is also appended to bench/RESULTS.md, with the date and
+# the machine (RESULTS=path to write elsewhere, RESULTS= not at all).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -118,19 +122,31 @@ measure_sdk() {
 
 cat "$WORK/fw.bin" > /dev/null  # warm the page cache for every contender alike
 
+RESULTS=${RESULTS-bench/RESULTS.md}
+if [ -n "$RESULTS" ]; then
+  {
+    printf '\n## bench/download.sh %s MiB, %s\n\n' "$SIZE_MIB" "$(date -u '+%Y-%m-%d %H:%M UTC')"
+    printf 'machine: %s, %s cores, %s; output on %s\n\n' "$(uname -m)" "$(nproc)" \
+      "$(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -1)" "${BENCH_DIR:-the disk}"
+  } >> "$RESULTS"
+  # Indented: a Markdown code block that needs no closing line.
+  exec > >(tee >(sed -u 's/^/    /' >> "$RESULTS"))
+fi
 echo "file: $SIZE_MIB MiB; best of $RUNS interleaved runs; MB/s = 10^6 bytes/s"
 # Baseline and SDK runs alternate, so a slow spell of the machine hits both.
 best_of() { if [ "$2" -gt "$1" ]; then echo "$2"; else echo "$1"; fi; }
-md5_file=0; curl_md5=0; rust_md5=0; c_md5=0; curl_sha=0; rust_sha=0; c_sha=0
+md5_file=0; curl_md5=0; rust_md5=0; c_md5=0; curl_sha=0; rust_sha=0; c_sha=0; cf_md5=0; cf_sha=0
 RUNS_SAVED=$RUNS; RUNS=1
 for _ in $(seq "$RUNS_SAVED"); do
   measure sh -c "md5sum '$WORK/fw.bin' > /dev/null"; md5_file=$(best_of "$md5_file" "$best")
   measure sh -c "curl -s '$HTTP_URL' | md5sum > /dev/null"; curl_md5=$(best_of "$curl_md5" "$best")
   measure_sdk "$RUST_EXAMPLE" "$HTTP_URL" "$MD5" Md5; rust_md5=$(best_of "$rust_md5" "$sdk_best")
   measure_sdk "$C_EXAMPLE" "$HTTP_URL" "$MD5" Md5; c_md5=$(best_of "$c_md5" "$sdk_best")
+  measure_sdk "$C_EXAMPLE" "$HTTP_URL" "$MD5" Md5 --to-file; cf_md5=$(best_of "$cf_md5" "$sdk_best")
   measure sh -c "curl -s --cacert '$WORK/ca.pem' '$HTTPS_URL' | openssl dgst -sha256 > /dev/null"; curl_sha=$(best_of "$curl_sha" "$best")
   measure_sdk "$RUST_EXAMPLE" "$HTTPS_URL" "$SHA" Sha256 --ca-file "$WORK/ca.pem"; rust_sha=$(best_of "$rust_sha" "$sdk_best")
   measure_sdk "$C_EXAMPLE" "$HTTPS_URL" "$SHA" Sha256 --ca-file "$WORK/ca.pem"; c_sha=$(best_of "$c_sha" "$sdk_best")
+  measure_sdk "$C_EXAMPLE" "$HTTPS_URL" "$SHA" Sha256 --ca-file "$WORK/ca.pem" --to-file; cf_sha=$(best_of "$cf_sha" "$sdk_best")
 done
 RUNS=$RUNS_SAVED
 
@@ -140,9 +156,11 @@ printf '%-56s %8s\n' "md5sum FILE" "$md5_file"
 printf '%-56s %8s\n' "curl -s URL | md5sum (HTTP)" "$curl_md5"
 printf '%-56s %8s   %s vs curl|md5sum (target >= 1.10x)\n' "Rust ota_example download+MD5+write (HTTP)" "$rust_md5" "$(ratio "$rust_md5" "$curl_md5")"
 printf '%-56s %8s   %s vs curl|md5sum (target >= 1.10x)\n' "C ota_example fetch_yield+MD5+fwrite (HTTP)" "$c_md5" "$(ratio "$c_md5" "$curl_md5")"
+printf '%-56s %8s   %s vs curl|md5sum, %s vs Rust download_to (target >= 0.95x)\n' "C ota_example --to-file (iot_ota_fetch_to_file, HTTP)" "$cf_md5" "$(ratio "$cf_md5" "$curl_md5")" "$(ratio "$cf_md5" "$rust_md5")"
 printf '%-56s %8s\n' "curl --cacert CA URL | openssl dgst -sha256 (HTTPS)" "$curl_sha"
 printf '%-56s %8s   %s vs curl|openssl (target >= 1.2x)\n' "Rust ota_example download+SHA-256+write (HTTPS)" "$rust_sha" "$(ratio "$rust_sha" "$curl_sha")"
 printf '%-56s %8s   %s vs curl|openssl (target >= 1.2x)\n' "C ota_example fetch_yield+SHA-256+fwrite (HTTPS)" "$c_sha" "$(ratio "$c_sha" "$curl_sha")"
+printf '%-56s %8s   %s vs curl|openssl, %s vs Rust download_to (target >= 0.95x)\n' "C ota_example --to-file (iot_ota_fetch_to_file, HTTPS)" "$cf_sha" "$(ratio "$cf_sha" "$curl_sha")" "$(ratio "$cf_sha" "$rust_sha")"
 
 # Peak RSS: a 1 GiB image against a 1 MiB image.
 RSS_KIB=0

@@ -5,7 +5,7 @@
  *               --firmware-version V --output-dir DIR
  *               [--state-dir S] [--trust-key PEM]... [--revoke-key ID]...
  *               [--username U] [--password P]
- *               [--ca-file F] [--once]
+ *               [--ca-file F] [--to-file] [--once]
  *
  * Creates and connects the MQTT instance, iot_ota_init(), keeps the upgrade
  * journal in S (default DIR) and makes the start-up decision
@@ -18,7 +18,10 @@
  * and reports SUCCESS), then the new version is informed. A failed download
  * (already reported by the library) removes the part file. With
  * --once the program exits after the first upgrade: 0 on success, 1 on
- * failure (the Rust example's codes); 64 for bad usage.
+ * failure (the Rust example's codes); 64 for bad usage. With --to-file the
+ * library writes the file itself (iot_ota_fetch_to_file: its own pipeline
+ * and buffers, resuming S/firmware-<version>.bin.part after a crash), for a
+ * program that only wants the verified file.
  */
 #define _POSIX_C_SOURCE 200809L
 
@@ -55,6 +58,7 @@ struct args {
     const char *password;
     const char *ca_file;
     int once;
+    int to_file;
 };
 
 static void usage(void)
@@ -64,7 +68,7 @@ static void usage(void)
             "--firmware-version V --output-dir DIR [--state-dir S] [--trust-key PEM]... "
             "[--revoke-key ID]... "
             "[--username U] [--password P] "
-            "[--ca-file F] [--once]\n");
+            "[--ca-file F] [--to-file] [--once]\n");
 }
 
 static int parse_args(int argc, char **argv, struct args *a)
@@ -76,6 +80,10 @@ static int parse_args(int argc, char **argv, struct args *a)
         if (strcmp(flag, "-h") == 0 || strcmp(flag, "--help") == 0) return -1;
         if (strcmp(flag, "--once") == 0) {
             a->once = 1;
+            continue;
+        }
+        if (strcmp(flag, "--to-file") == 0) {
+            a->to_file = 1;
             continue;
         }
         if (strcmp(flag, "--broker") == 0) slot = &a->broker;
@@ -160,7 +168,26 @@ static void report_failure(void *ota, iot_ota_status_t status, const char *what,
 
 /* Downloads, verifies, installs (renames into place) and reports one upgrade.
  * Returns 0 on success. `version` receives the new version on success. */
-static int upgrade(void *ota, const char *dir, const char *state_dir, char *version,
+/* --to-file: the library downloads, verifies and writes the file; this
+ * program moves it into place. Returns 0 with the image at `path`. */
+static int fetch_to_file(void *ota, const char *staged, const char *path)
+{
+    fprintf(stderr, "downloading to %s\n", staged);
+    int rc = iot_ota_fetch_to_file(ota, staged);
+    if (rc != 0) {
+        /* Reported by the library; it kept or removed the part file. */
+        fprintf(stderr, "download failed: %s; reported by the library\n", iot_ota_strerror(rc));
+        return -1;
+    }
+    if (strcmp(staged, path) != 0 && rename(staged, path) != 0) {
+        report_failure(ota, IOT_OTA_STATUS_FLASH_FAILED, "cannot move the image to", path, errno);
+        unlink(staged);
+        return -1;
+    }
+    return 0;
+}
+
+static int upgrade(void *ota, const char *dir, const char *state_dir, int to_file, char *version,
                    size_t version_len)
 {
     iot_ota_firmware_t fw;
@@ -187,6 +214,15 @@ static int upgrade(void *ota, const char *dir, const char *state_dir, char *vers
     }
     snprintf(path, path_len, "%s/firmware-%s.bin", dir, fw.version);
     snprintf(part, path_len, "%s/firmware-%s.bin.part", state_dir, fw.version);
+    if (to_file) {
+        /* part is the library's staged file here (it adds its own .part). */
+        snprintf(part, path_len, "%s/firmware-%s.bin", state_dir, fw.version);
+        if (fetch_to_file(ota, part, path) != 0) {
+            part[0] = '\0'; /* the library's to keep or remove */
+            goto done;
+        }
+        goto install;
+    }
     /* After a crash, keep what an earlier run wrote: the library says how
      * much of the part file is this same firmware's, hashes it again, and
      * fetches only the rest. */
@@ -255,6 +291,7 @@ static int upgrade(void *ota, const char *dir, const char *state_dir, char *vers
         report_failure(ota, IOT_OTA_STATUS_FLASH_FAILED, "cannot move the image to", path, errno);
         goto done;
     }
+install:
     fprintf(stderr, "installing %s\n", path);
     iot_ota_report_progress(ota, IOT_OTA_STATUS_UPGRADING, 100);
     /* Written in place, it runs at once: no reboot, so this commits the
@@ -276,7 +313,7 @@ static int upgrade(void *ota, const char *dir, const char *state_dir, char *vers
 
 done:
     if (out) fclose(out);
-    if (!ok && part) unlink(part);
+    if (!ok && part && part[0]) unlink(part);
     free(path);
     free(part);
     free(buf);
@@ -396,7 +433,7 @@ int main(int argc, char **argv)
                 goto out;
             }
         }
-        int ok = upgrade(ota, a.output_dir, a.state_dir, version, sizeof(version)) == 0;
+        int ok = upgrade(ota, a.output_dir, a.state_dir, a.to_file, version, sizeof(version)) == 0;
         if (a.once) {
             exit_code = ok ? 0 : 1;
             break;

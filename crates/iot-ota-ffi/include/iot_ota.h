@@ -177,6 +177,20 @@ int iot_ota_get_firmware_info(void *handle, const char *product_key, const char 
  * desc that is not UTF-8, IOT_OTA_ERR_STR_TOO_LONG above IOT_OTA_DESC_MAX. */
 int iot_ota_report_status(void *handle, iot_ota_status_t status, uint32_t progress, const char *desc);
 
+/* For a program that only wants the file: downloads the current upgrade's
+ * whole image to path, verified, on the library's own pipeline and buffers
+ * (as fast as the Rust API's download_to; iot_ota_fetch_yield copies every
+ * chunk into yours). Call it instead of iot_ota_fetch_yield(). Blocks until
+ * the download ends, with the MQTT connection serviced and progress reported;
+ * callbacks run before it returns. Bytes go to path.part, renamed to path
+ * (synced) once size and digest check out; a cut download resumes from
+ * path.part at the next call for the same firmware; bad data or a write
+ * error (full disk: FLASH_FAILED with the reason) removes it. Returns 0;
+ * IOT_OTA_ERR_VERIFY_FAILED, IOT_OTA_ERR_FETCH_FAILED (already reported);
+ * IOT_OTA_ERR_INVALID_STATE with no upgrade or once its fetch has started;
+ * IOT_OTA_ERR_INVALID_PARAM for a bad handle or path. */
+int iot_ota_fetch_to_file(void *handle, const char *path);
+
 /* The download state (an iot_ota_fetch_state_t), or IOT_OTA_ERR_INVALID_PARAM. */
 int iot_ota_fetch_state(void *handle);
 

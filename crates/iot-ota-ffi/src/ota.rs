@@ -95,6 +95,14 @@ enum Job {
     Waiting(Download),
     /// Reading ahead on its own threads.
     Running(ReadAhead),
+    /// Written to a file by `iot_ota_fetch_to_file`, and ended.
+    Written(Written),
+}
+
+/// What `iot_ota_fetch_to_file` leaves of its download.
+struct Written {
+    firmware: Firmware,
+    outcome: Result<Verified, FetchError>,
 }
 
 impl Job {
@@ -102,6 +110,7 @@ impl Job {
         match self {
             Job::Waiting(d) => d.firmware(),
             Job::Running(r) => r.firmware(),
+            Job::Written(w) => &w.firmware,
         }
     }
 
@@ -109,6 +118,7 @@ impl Job {
         match self {
             Job::Waiting(d) => d.state(),
             Job::Running(r) => r.state(),
+            Job::Written(_) => FetchState::Fetched,
         }
     }
 
@@ -116,6 +126,7 @@ impl Job {
         match self {
             Job::Waiting(d) => d.outcome().cloned(),
             Job::Running(r) => r.outcome(),
+            Job::Written(w) => Some(w.outcome.clone()),
         }
     }
 
@@ -127,6 +138,11 @@ impl Job {
         match self {
             Job::Waiting(d) => d.digest_hex(),
             Job::Running(r) => r.digest_hex(),
+            // The verified digest (none is kept of a failed one).
+            Job::Written(w) => w
+                .outcome
+                .as_ref()
+                .map_or(String::new(), |v| v.digest.clone()),
         }
     }
 
@@ -135,6 +151,7 @@ impl Job {
         match self {
             Job::Waiting(d) => d.fetched_size(),
             Job::Running(r) => r.delivered(),
+            Job::Written(w) => w.outcome.as_ref().map_or(0, |v| v.size),
         }
     }
 
@@ -142,6 +159,7 @@ impl Job {
         match self {
             Job::Waiting(d) => d.file_size(),
             Job::Running(r) => r.file_size(),
+            Job::Written(w) => w.firmware.size.or(w.outcome.as_ref().ok().map(|v| v.size)),
         }
     }
 
@@ -150,6 +168,7 @@ impl Job {
         match self {
             Job::Waiting(d) => d.abandon(),
             Job::Running(r) => r.abandon(),
+            Job::Written(_) => {}
         }
     }
 }
@@ -695,6 +714,73 @@ impl OtaHandle {
             }
         }
     }
+}
+
+/// `int iot_ota_fetch_to_file(void *handle, const char *path)`: downloads
+/// the whole image of the current upgrade to `path`, verified, for a
+/// program that only wants the file: the library's own pipeline
+/// (receiving, hashing and writing overlap on its threads, over its own
+/// buffers), as fast as the Rust API's `download_to`, where
+/// `iot_ota_fetch_yield` copies every chunk into the caller's buffer.
+///
+/// Blocks until the download has ended, keeping the MQTT connection
+/// serviced and reporting progress as `iot_ota_fetch_yield` does; the
+/// callbacks of what arrived meanwhile run before it returns. The bytes go
+/// to `path.part`, which becomes `path` (synced, renamed) only once size and
+/// digest check out; a download cut by a crash or the network resumes from
+/// `path.part` at the next call for the same firmware (its `path.part.meta`
+/// names it); bad data or a write error (a full disk: FLASH_FAILED with the
+/// reason) removes both. Afterwards the instance is as after the last
+/// `iot_ota_fetch_yield` (state fetched, `iot_ota_check_firmware`,
+/// `iot_ota_install_done`); `iot_ota_get_digest` and `iot_ota_fetched_size`
+/// give the verified digest and size (empty and 0 after a failure).
+///
+/// Returns 0 when `path` holds the verified image; `IOT_OTA_ERR_VERIFY_FAILED`
+/// after a digest mismatch, `IOT_OTA_ERR_FETCH_FAILED` after any other
+/// failure (both already reported); `IOT_OTA_ERR_INVALID_STATE` with no
+/// upgrade, or once its fetch has started; `IOT_OTA_ERR_INVALID_PARAM` for
+/// a bad handle or path.
+///
+/// # Safety
+/// `path` is NULL or a NUL-terminated string (copied).
+#[no_mangle]
+pub unsafe extern "C" fn iot_ota_fetch_to_file(handle: *mut c_void, path: *const c_char) -> c_int {
+    guard(IOT_OTA_ERR_GENERAL, || {
+        let h = match live(handle) {
+            Ok(h) => h,
+            Err(e) => return e,
+        };
+        // SAFETY: the caller's contract.
+        let path = match unsafe { c_str(path) } {
+            Ok(p) if !p.is_empty() => std::path::PathBuf::from(p),
+            _ => return IOT_OTA_ERR_INVALID_PARAM,
+        };
+        let mut st = h.state();
+        let download = match st.download.take() {
+            Some(Job::Waiting(d)) => d,
+            other => {
+                st.download = other;
+                return IOT_OTA_ERR_INVALID_STATE;
+            }
+        };
+        let firmware = download.firmware().clone();
+        let outcome = {
+            let _context = h.mqtt.rt.enter();
+            h.mqtt.block_on(download.download_to(&path))
+        }
+        .map_err(|e| match e {
+            iot_ota_device::Error::Fetch(f) => f,
+            other => FetchError::Storage(other.to_string()),
+        });
+        let code = match &outcome {
+            Ok(_) => IOT_OTA_ERR_NONE,
+            Err(e) => fetch_error_code(e),
+        };
+        st.download = Some(Job::Written(Written { firmware, outcome }));
+        drop(st);
+        h.mqtt.deliver();
+        code
+    })
 }
 
 /// `int iot_ota_get_firmware_info(void *handle, const char *product_key,

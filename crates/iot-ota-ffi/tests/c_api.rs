@@ -826,6 +826,17 @@ mod example_table {
     iot_ota_testkit::acceptance_table!(super::c_example(), super::rig(), "c");
 }
 
+/// The same table with `--to-file`: the library writes the file
+/// (`iot_ota_fetch_to_file`).
+mod example_to_file_table {
+    fn frontend() -> iot_ota_testkit::acceptance::Frontend {
+        let mut fe = super::c_example();
+        fe.trailing.push("--to-file".into());
+        fe
+    }
+    iot_ota_testkit::acceptance_table!(frontend(), super::rig(), "cf");
+}
+
 /// One start of the C "device" (c_api_test boot): the start-up decision
 /// (`boot=N`) and, with `upgrade`, one upgrade installed for a reboot.
 fn boot(rig: &Rig, dev: &str, running: &str, healthy: bool, upgrade: bool) -> Exit {
