@@ -76,7 +76,7 @@ use std::time::Duration;
 use clap::Args;
 use iot_ota_core::journal::{Health, DEFAULT_MAX_BOOTS};
 use iot_ota_device::install::{CommandHooks, Installer, Rauc, SlotDirs};
-use iot_ota_device::lifecycle::{Installed, Lifecycle, Next, Start};
+use iot_ota_device::lifecycle::{Installed, Lifecycle, Next, Resumed, Start};
 use iot_ota_device::{Config, Firmware, OtaClient, Policy, Status, UpgradeCommand};
 use serde::Deserialize;
 
@@ -518,9 +518,11 @@ impl Agent {
         }
     }
 
-    /// One upgrade from its download (or, with `downloaded`, from its
-    /// verified image) to the install. `None`: the install asks for a
-    /// reboot; `Some(ok)`: it ended here.
+    /// One upgrade, through the SDK's one flow ([`Lifecycle`]): a
+    /// command's, or (`command` `None`) the one an earlier boot began and
+    /// the journal goes on with. `None`: the install asks for a reboot;
+    /// `Some(ok)`: it ended here. Every failure is reported by the flow or
+    /// the download; this only says it on stderr.
     async fn upgrade(
         &self,
         life: &mut Lifecycle<Box<dyn Installer>>,
@@ -528,7 +530,6 @@ impl Agent {
         firmware: &Firmware,
         command: Option<&UpgradeCommand>,
     ) -> Option<bool> {
-        let msg_id = command.map(|c| c.msg_id.as_str());
         let version = firmware.version.clone();
         let image = match image_path(&self.work_dir, &version) {
             Ok(p) => p,
@@ -538,54 +539,28 @@ impl Agent {
                 return Some(false);
             }
         };
-        // Journaled, then acknowledged: a power cut can never lose a
-        // command the platform was told was accepted.
-        if let Some(id) = msg_id {
-            if let Err(desc) = life.accept(client.session(), firmware, id) {
-                eprintln!("iot-ota device: {desc}");
-                return Some(false);
-            }
-        }
-        let downloaded = life
-            .journal()
-            .is_some_and(|j| j.phase != iot_ota_core::journal::Phase::Downloading)
-            && image.exists();
-        // Going on with an upgrade an earlier boot began, the engine takes
-        // it as its job, so that the reports name its version.
-        let job = match command {
-            Some(cmd) => Ok(Some(client.download(cmd))),
-            None if downloaded => client
-                .session()
-                .with(|ota| ota.accept_firmware(firmware))
-                .map(|()| None)
-                .map_err(iot_ota_device::Error::Core),
-            None => client.download_firmware(firmware).map(Some),
+        let download = match command {
+            // Journaled, then acknowledged: a power cut can never lose a
+            // command the platform was told was accepted.
+            Some(cmd) => life
+                .accept(&cmd.firmware, &cmd.msg_id)
+                .map(|()| Some(client.download(cmd))),
+            None => life.resume(image.exists()).map(|r| match r {
+                Resumed::Fetch(fw) => Some(client.resume_download(&fw)),
+                Resumed::Install(_) => None,
+            }),
         };
-        let download = match job {
+        let download = match download {
             Ok(d) => d,
-            Err(e) => {
-                let desc = format!("cannot go on with {version}: {e}");
+            Err(desc) => {
                 eprintln!("iot-ota device: {desc}");
-                let _ = life.failed(&desc);
-                // The platform's record hears of it now, not by its timeout.
-                let report = iot_ota_core::Progress {
-                    status: Status::UpgradeFailed,
-                    progress: 0,
-                    desc,
-                    firmware_version: version.clone(),
-                };
-                let _ = client.session().with(|ota| ota.report_at_start(report));
                 return Some(false);
             }
         };
         if let Some(download) = download {
-            if let Err(e) = download.download_to(&image).await {
+            if let Err(e) = life.download_to(download, &image).await {
                 eprintln!("iot-ota device: download of {version} failed: {e}");
-                let _ = life.failed(&e.to_string());
                 return Some(false);
-            }
-            if let Err(e) = life.downloaded() {
-                eprintln!("iot-ota device: {e}");
             }
             eprintln!("iot-ota device: {version} downloaded and verified");
         }
@@ -595,9 +570,8 @@ impl Agent {
         let mut health = self.health_check();
         let result = tokio::task::block_in_place(|| {
             let health = health.as_mut().map(|h| h as &mut dyn FnMut(&str) -> Health);
-            life.install(&image, health, &mut |pct| {
-                let _ = client.report_progress(Status::Upgrading, pct, "");
-            })
+            // The installer's percents go out as UPGRADING reports.
+            life.install(&image, health, &mut |_| {})
         });
         let _ = std::fs::remove_file(&image);
         match result {
@@ -605,18 +579,14 @@ impl Agent {
                 eprintln!("iot-ota device: {version} installed; rebooting into it");
                 None
             }
-            Ok(Installed::Settled(start)) => {
-                life.report_settled(client.session(), &start);
-                let _ = client.report_version(&start.running);
-                self.settled(&start)
-            }
+            // Reported (SUCCESS or the rollback) and informed by the flow.
+            Ok(Installed::Settled(start)) => self.settled(&start),
             Err(e) => {
                 let desc = match e {
                     iot_ota_device::Error::Install(d) => d,
                     e => e.to_string(),
                 };
                 eprintln!("iot-ota device: install of {version} failed: {desc}");
-                let _ = client.report_progress(Status::FlashFailed, 100, &desc);
                 Some(false)
             }
         }
@@ -667,7 +637,7 @@ pub async fn run(args: AgentArgs) -> Result<ExitCode, String> {
         life.at_start(health)
     })
     .map_err(|e| format!("at start: {e}"))?;
-    if let Some(why) = &start.set_aside {
+    if let Some(why) = life.set_aside() {
         eprintln!("iot-ota device: {why}; it was set aside");
     }
     match start.next {
@@ -691,6 +661,7 @@ pub async fn run(args: AgentArgs) -> Result<ExitCode, String> {
         config = config.report_at_start(report);
     }
     let (client, mut upgrades) = connect(config.clone()).await?;
+    life.attach(client.session().clone());
     eprintln!(
         "iot-ota device: {}/{} running {}, waiting for upgrades",
         config.product_key(),

@@ -123,6 +123,7 @@ pub mod digest;
 mod engine;
 mod error;
 mod fetch;
+pub mod flow;
 pub mod journal;
 pub mod manifest;
 mod pace;

@@ -761,6 +761,19 @@ pub struct Progress {
     pub firmware_version: String,
 }
 
+impl Progress {
+    /// A report of `status` at `progress` percent for `firmware_version`,
+    /// with `desc` (empty for none).
+    pub fn new(status: Status, progress: u32, desc: &str, firmware_version: &str) -> Progress {
+        Progress {
+            status,
+            progress,
+            desc: desc.to_owned(),
+            firmware_version: firmware_version.to_owned(),
+        }
+    }
+}
+
 /// `2.0.1 DOWNLOADING 42%`, and `: desc` when there is one: how a report
 /// reads in a log line.
 impl fmt::Display for Progress {

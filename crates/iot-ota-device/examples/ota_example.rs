@@ -24,14 +24,78 @@
 //! first upgrade attempt: 0 on success, 1 on failure, 2 when the
 //! `--get-version` reply is 404. One line per state change goes to stderr.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use iot_ota_device::install::Application;
-use iot_ota_device::lifecycle::{Installed, Lifecycle, Next};
+use iot_ota_device::install::Installer;
+use iot_ota_device::lifecycle::{Installed, Lifecycle, Next, Resumed};
 use iot_ota_device::{Config, Download, Error, OtaClient, Status};
 
-type Life = Lifecycle<Application>;
+type Life = Lifecycle<FileInstall>;
+
+/// This device's install: the verified image moves from the state directory
+/// to `DIR/firmware-<version>.bin`, and then that version runs (no reboot,
+/// no slots). The SDK's flow journals, reports and decides around it.
+struct FileInstall {
+    output: PathBuf,
+    running: String,
+}
+
+impl FileInstall {
+    fn path(&self, version: &str) -> PathBuf {
+        self.output.join(format!("firmware-{version}.bin"))
+    }
+}
+
+impl Installer for FileInstall {
+    fn name(&self) -> &str {
+        "file"
+    }
+
+    fn running_version(&mut self) -> Result<String, String> {
+        Ok(self.running.clone())
+    }
+
+    fn install(
+        &mut self,
+        staged: &Path,
+        version: &str,
+        progress: &mut dyn FnMut(u32),
+    ) -> Result<(), String> {
+        let path = self.path(version);
+        eprintln!("installing {}", path.display());
+        if staged != path {
+            std::fs::rename(staged, &path)
+                .or_else(|_| {
+                    std::fs::copy(staged, &path)
+                        .and_then(|_| std::fs::File::open(&path)?.sync_all())
+                        .and_then(|()| std::fs::remove_file(staged))
+                })
+                .map_err(|e| format!("moving the image to {}: {e}", path.display()))?;
+        }
+        self.running = version.to_owned();
+        progress(100);
+        Ok(())
+    }
+
+    fn needs_reboot(&self) -> bool {
+        false
+    }
+
+    fn reboot(&mut self) -> Result<(), String> {
+        Ok(())
+    }
+
+    fn commit(&mut self) -> Result<(), String> {
+        Ok(())
+    }
+
+    /// Nothing to switch back to: the file of the old version stays where
+    /// it was.
+    fn roll_back(&mut self, _new_image_running: bool) -> Result<(), String> {
+        Ok(())
+    }
+}
 
 struct Args {
     broker: String,
@@ -131,21 +195,17 @@ fn main() -> ExitCode {
 async fn run(args: Args) -> Result<u8, Error> {
     std::fs::create_dir_all(&args.output_dir)?;
     let state_dir = args.state_dir.clone().unwrap_or(args.output_dir.clone());
-    let dirs = Dirs {
-        output: args.output_dir.clone(),
-        state: state_dir.clone(),
-    };
     // Before the first inform: what the journal's upgrade needs. This
     // device installs by writing a file, with no reboot and no slots.
     let mut life = Lifecycle::open(
         &state_dir,
-        Application {
+        FileInstall {
+            output: args.output_dir.clone(),
             running: args.firmware_version.clone(),
-            reboot: false,
         },
     )?;
     let start = life.at_start(None)?;
-    if let Some(why) = &start.set_aside {
+    if let Some(why) = life.set_aside() {
         eprintln!("{why}: set aside");
     }
     let mut config = Config::new(
@@ -178,6 +238,7 @@ async fn run(args: Args) -> Result<u8, Error> {
         // The 200 waits for the journal (`Lifecycle::accept`).
         .ack_after_journal(true);
     let (client, mut upgrades) = OtaClient::connect(config).await?;
+    life.attach(client.session().clone());
     eprintln!(
         "connected to {}; reported version {}",
         args.broker, args.firmware_version
@@ -187,8 +248,12 @@ async fn run(args: Args) -> Result<u8, Error> {
             "going on with the upgrade to {} a crash cut off",
             firmware.version
         );
-        let ok = match client.download_firmware(firmware) {
-            Ok(download) => upgrade(&client, &mut life, download, &dirs, None).await,
+        let image = state_dir.join(format!("firmware-{}.bin", firmware.version));
+        let ok = match life.resume(image.exists()) {
+            Ok(Resumed::Fetch(fw)) => {
+                upgrade(&mut life, Some(client.resume_download(&fw)), &image).await
+            }
+            Ok(Resumed::Install(_)) => upgrade(&mut life, None, &image).await,
             Err(e) => {
                 eprintln!("cannot go on with the upgrade: {e}");
                 false
@@ -204,8 +269,16 @@ async fn run(args: Args) -> Result<u8, Error> {
         match client.get_firmware_info(wanted).await {
             Ok(firmware) => {
                 eprintln!("platform has {} at {}", firmware.version, firmware.url);
+                let image = state_dir.join(format!("firmware-{}.bin", firmware.version));
                 let ok = match client.download_firmware(&firmware) {
-                    Ok(download) => upgrade(&client, &mut life, download, &dirs, Some("get")).await,
+                    // A get reply has no 200 to hold: the journal, then the download.
+                    Ok(download) => match life.accept(&firmware, "get") {
+                        Ok(()) => upgrade(&mut life, Some(download), &image).await,
+                        Err(e) => {
+                            eprintln!("{e}");
+                            false
+                        }
+                    },
                     Err(e) => {
                         eprintln!("cannot start the upgrade: {e}");
                         false
@@ -242,8 +315,15 @@ async fn run(args: Args) -> Result<u8, Error> {
             fw.sign_method,
             fw.url
         );
-        let download = client.download(&command);
-        let ok = upgrade(&client, &mut life, download, &dirs, Some(&command.msg_id)).await;
+        // Journaled, then acknowledged (`ack_after_journal`).
+        let image = state_dir.join(format!("firmware-{}.bin", fw.version));
+        let ok = match life.accept(fw, &command.msg_id) {
+            Ok(()) => upgrade(&mut life, Some(client.download(&command)), &image).await,
+            Err(e) => {
+                eprintln!("{e}");
+                false
+            }
+        };
         if args.once {
             return finish(client, ok).await;
         }
@@ -257,87 +337,44 @@ async fn finish(client: OtaClient, ok: bool) -> Result<u8, Error> {
     Ok(if ok { 0 } else { 1 })
 }
 
-/// Where images go (`output`) and where the journal and part files live.
-struct Dirs {
-    output: PathBuf,
-    state: PathBuf,
-}
-
-/// Downloads, verifies, installs (writes the image file), and reports;
-/// `msg_id` journals a new upgrade (`None`: going on with the journal's).
-async fn upgrade(
-    client: &OtaClient,
-    life: &mut Life,
-    download: Download,
-    dirs: &Dirs,
-    msg_id: Option<&str>,
-) -> bool {
-    let firmware = download.firmware().clone();
-    let version = firmware.version.clone();
-    if let Some(id) = msg_id {
-        // Journaled, then acknowledged (a get reply has nothing to ack).
-        if let Err(desc) = life.accept(client.session(), &firmware, id) {
-            eprintln!("{desc}");
-            return false;
+/// Downloads and verifies into `staged` (unless the verified image is there
+/// already), then installs: the SDK's flow journals each step, reports
+/// UPGRADING, SUCCESS and the new version, or the failure.
+async fn upgrade(life: &mut Life, download: Option<Download>, staged: &Path) -> bool {
+    if let Some(download) = download {
+        let version = download.firmware().version.clone();
+        eprintln!("downloading {version}");
+        match life.download_to(download, staged).await {
+            Ok(verified) => eprintln!(
+                "downloaded and verified {} bytes, digest {}",
+                verified.size, verified.digest
+            ),
+            Err(e) => {
+                let status = e.status().unwrap_or(Status::DownloadFailed);
+                eprintln!("upgrade to {version} failed, reported {status}: {e}");
+                return false;
+            }
         }
     }
-    let staged = dirs.state.join(format!("firmware-{version}.bin"));
-    let path = dirs.output.join(format!("firmware-{version}.bin"));
-    eprintln!("downloading {version}");
-    match download.download_to(&staged).await {
-        Ok(verified) => eprintln!(
-            "downloaded and verified {} bytes, digest {}",
-            verified.size, verified.digest
-        ),
-        Err(e) => {
-            let status = e.status().unwrap_or(Status::DownloadFailed);
-            eprintln!("upgrade to {version} failed, reported {status}: {e}");
-            let _ = life.failed(&e.to_string());
-            return false;
-        }
-    }
-    eprintln!("installing {}", path.display());
-    let _ = client.report_progress(Status::Upgrading, 100, "");
-    if let Err(e) = life.downloaded() {
-        eprintln!("journal: {e}");
-    }
-    let moved = if staged == path {
-        Ok(())
-    } else {
-        std::fs::rename(&staged, &path).or_else(|_| {
-            std::fs::copy(&staged, &path)
-                .and_then(|_| std::fs::File::open(&path)?.sync_all())
-                .and_then(|()| std::fs::remove_file(&staged))
-        })
-    };
-    if let Err(e) = moved {
-        let desc = format!("moving the image to {}: {e}", path.display());
-        eprintln!("{desc}");
-        let _ = life.failed(&desc);
-        let _ = client.report_progress(Status::FlashFailed, 100, &desc);
-        return false;
-    }
-    // The file is written: with no reboot, that is the commit.
-    let settled = match life.install(&path, None, &mut |_| {}) {
-        Ok(Installed::Settled(start)) => start,
-        Ok(Installed::Rebooting) => {
-            eprintln!("{version} installed; it runs after a reboot");
-            return true;
-        }
-        Err(e) => {
-            eprintln!("install: {e}");
-            let _ = client.report_progress(Status::FlashFailed, 100, &e.to_string());
-            return false;
-        }
-    };
-    life.report_settled(client.session(), &settled);
-    match client.report_version(&settled.running) {
-        Ok(()) => {
+    let version = life
+        .journal()
+        .map(|j| j.target_version.clone())
+        .unwrap_or_default();
+    match life.install(staged, None, &mut |_| {}) {
+        Ok(Installed::Settled(start)) if start.running == version => {
             eprintln!("upgraded to {version}; reported SUCCESS and version {version}");
             true
         }
+        Ok(Installed::Settled(start)) => {
+            eprintln!("{version} did not settle: running {}", start.running);
+            false
+        }
+        Ok(Installed::Rebooting) => {
+            eprintln!("{version} installed; it runs after a reboot");
+            true
+        }
         Err(e) => {
-            eprintln!("reporting failed: {e}");
+            eprintln!("install: {e}");
             false
         }
     }

@@ -249,6 +249,17 @@ impl OtaClient {
         )
     }
 
+    /// The download of the upgrade the engine has as its job again after a
+    /// restart ([`crate::lifecycle::Lifecycle::resume`] gave it back): the
+    /// part file resumes it.
+    pub fn resume_download(&self, firmware: &Firmware) -> Download {
+        Download::new(
+            self.inner.session.clone(),
+            firmware.clone(),
+            self.download_options(),
+        )
+    }
+
     /// Starts an upgrade to a firmware the device asked for
     /// ([`OtaClient::get_firmware_info`]), as if a command had brought it.
     /// Fails with [`iot_ota_core::Error::Busy`] while another upgrade runs.

@@ -1,10 +1,13 @@
-//! The upgrade across reboots: the journal in a state directory, an
-//! [`Installer`], and the start-up decision of PROTOCOL.md's "Install,
-//! reboot, confirm".
+//! The upgrade across reboots, driven: the device-side driver of the core's
+//! one upgrade flow ([`iot_ota_core::flow::Flow`]), with the journal in a
+//! state directory, an [`Installer`], and the MQTT [`Session`]. The agent,
+//! the Rust example and the C API all run their upgrades through it; each
+//! keeps only what is its own (where the image goes, a silent window, a C
+//! program's own flash).
 //!
 //! ```text
-//!  command ─► begin ─► Downloading ─► downloaded ─► install ─► Installed ─► reboot
-//!                          │ crash: Next::Resume       │ crash: Next::Install
+//!  command ─► accept: journal, then 200 ─► download_to / fetched ─► install ─► Rebooting
+//!                          │ crash: Next::Resume            │ crash: Next::Install
 //!  next start ─► at_start: runs the target, healthy ──► commit, SUCCESS 100, inform target
 //!                          runs the target, unhealthy ─► roll back, reboot ─► at_start ─┐
 //!                          runs the old one / too many boots ─► UPGRADE_FAILED        ◄─┘
@@ -16,11 +19,16 @@
 //! device runs an unconfirmed image (with the application's closure, or the
 //! installer's own check), commits or rolls back, and returns what to
 //! report first ([`Start::report`], given to [`crate::Config::report_at_start`])
-//! and what is left to do ([`Next`]).
+//! and what is left to do ([`Next`]). Once connected, [`Lifecycle::attach`]
+//! gives it the session; then an upgrade is [`Lifecycle::accept`] (journal,
+//! then the held 200), [`Lifecycle::download_to`] (or, for a caller that
+//! downloads itself, [`Lifecycle::fetched`]), and [`Lifecycle::install`],
+//! which reboots, or settles and reports SUCCESS (or the rollback) and the
+//! running version itself.
 //!
 //! ```no_run
 //! use iot_ota_device::install::SlotDirs;
-//! use iot_ota_device::lifecycle::{Lifecycle, Next};
+//! use iot_ota_device::lifecycle::{Installed, Lifecycle, Next};
 //! use iot_ota_device::{Config, OtaClient};
 //!
 //! # async fn boot() -> Result<(), iot_ota_device::Error> {
@@ -30,63 +38,49 @@
 //! if let Next::Rebooting | Next::RollingBack = start.next {
 //!     return Ok(()); // a reboot was asked for: into the new image, or back
 //! }
-//! let mut config = Config::new("mqtt://127.0.0.1:1883", "pk", "dev1", &start.running)?;
+//! let mut config = Config::new("mqtt://127.0.0.1:1883", "pk", "dev1", &start.running)?
+//!     .security_counter(life.security_counter())
+//!     .ack_after_journal(true); // the 200 waits for `accept`'s journal
 //! if let Some(report) = start.report {
 //!     config = config.report_at_start(report); // SUCCESS, or "rolled back: ..."
 //! }
-//! let (client, _upgrades) = OtaClient::connect(config).await?;
-//! # let _ = client; Ok(()) }
+//! let (client, mut upgrades) = OtaClient::connect(config).await?;
+//! life.attach(client.session().clone());
+//! while let Some(command) = upgrades.next().await {
+//!     if life.accept(&command.firmware, &command.msg_id).is_err() {
+//!         continue; // not journaled: reported UPGRADE_FAILED, no 200
+//!     }
+//!     let image = std::path::Path::new("/data/ota-state/image.bin");
+//!     if life.download_to(client.download(&command), image).await.is_err() {
+//!         continue; // reported DOWNLOAD_FAILED or VERIFY_FAILED, journaled
+//!     }
+//!     if let Ok(Installed::Rebooting) = life.install(image, None, &mut |_| {}) {
+//!         return Ok(()); // the next start confirms it
+//!     }
+//! }
+//! # Ok(()) }
 //! ```
 //!
-//! Persist before act, except where acting twice is harmless and reporting
-//! twice is not worse than never: a commit (mark good) and a rollback are
-//! done first and journaled after, so a power cut between the two repeats
-//! them at the next start instead of losing them.
+//! The driver carries out the flow's actions in order: it writes the
+//! journal before it acts (the flow's rule), and turns a journal or
+//! installer failure the flow cannot go on without into this crate's
+//! [`Error`].
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
-use iot_ota_core::journal::{decide_at_start, Health, Journal, JournalError, JournalStore};
-use iot_ota_core::journal::{Phase, StartAction};
-use iot_ota_core::{Firmware, Progress, Status};
+use iot_ota_core::flow::{Action, Done, Flow};
+use iot_ota_core::journal::{Health, Journal, JournalError, JournalStore};
+use iot_ota_core::{Firmware, Progress, Status, Verified};
 
+pub use iot_ota_core::flow::{Next, Start};
+
+use crate::download::Download;
 use crate::error::Error;
 use crate::fsutil;
 use crate::install::Installer;
 use crate::journal::FileJournal;
 use crate::session::Session;
-
-/// What [`Lifecycle::at_start`] found and did.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Start {
-    /// The version the device runs: the one to inform.
-    pub running: String,
-    /// The report to send before the first inform: SUCCESS (4) 100 of an
-    /// upgrade just committed, or its UPGRADE_FAILED (-1) `rolled back: ...`.
-    pub report: Option<Progress>,
-    /// What is left to do.
-    pub next: Next,
-    /// A journal that could not be read: set aside, and said here (log it).
-    pub set_aside: Option<String>,
-}
-
-/// What is left to do after [`Lifecycle::at_start`].
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Next {
-    /// Nothing: wait for commands.
-    Idle,
-    /// A download was cut off: download this firmware again (the part file
-    /// resumes it), then install it.
-    Resume(Firmware),
-    /// The image was downloaded and verified, the install was cut off:
-    /// install it again (download it again if the image is gone).
-    Install(Firmware),
-    /// A reboot into the installed image was asked for: stop; the next
-    /// start goes on.
-    Rebooting,
-    /// The new image is unhealthy: the installer rolled back and a reboot
-    /// into the old image was asked for: stop; the next start reports it.
-    RollingBack,
-}
 
 /// How an install ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -94,21 +88,69 @@ pub enum Installed {
     /// Installed; a reboot was asked for: stop, the next start confirms it.
     Rebooting,
     /// The installer needs no reboot: the image runs, was checked, and the
-    /// upgrade is settled; report this (SUCCESS, or the rollback), then
-    /// inform [`Start::running`].
+    /// upgrade is settled. Its report (SUCCESS, or the rollback) and the
+    /// inform of [`Start::running`] are sent already when a session is
+    /// attached.
     Settled(Box<Start>),
 }
 
-/// One device's upgrades across reboots.
+/// What [`Lifecycle::resume`] left to do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Resumed {
+    /// Download this firmware again (the part file resumes it):
+    /// [`crate::OtaClient::resume_download`], then
+    /// [`Lifecycle::download_to`].
+    Fetch(Firmware),
+    /// The verified image is there: [`Lifecycle::install`] it.
+    Install(Firmware),
+}
+
+/// One device's upgrades across reboots: the core's [`Flow`] and what
+/// carries its actions out.
 #[derive(Debug)]
 pub struct Lifecycle<I: Installer> {
     dir: PathBuf,
     store: FileJournal,
     installer: I,
-    journal: Option<Journal>,
+    flow: Flow,
+    session: Option<Arc<Session>>,
+    /// The journal set aside by the last [`Lifecycle::at_start`].
+    set_aside: Option<String>,
+    /// The typed error behind the flow's last failed step.
+    error: Option<Error>,
+    /// Whether a settled install informs the running version.
+    inform: bool,
 }
 
 const COUNTER_FILE: &str = "security-counter";
+
+/// The counter file's value: 0 when absent; `u64::MAX` when it is there but
+/// unreadable (it is written atomically: damage means a bad disk or
+/// tampering), so that no signed firmware passes until a person looks.
+fn read_counter(dir: &Path) -> u64 {
+    let path = dir.join(COUNTER_FILE);
+    match std::fs::read_to_string(&path) {
+        Ok(s) => s.trim().parse().unwrap_or_else(|_| {
+            log::error!(
+                "{} is unreadable: refusing every signed firmware",
+                path.display()
+            );
+            u64::MAX
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0,
+        Err(e) => {
+            log::error!("{}: {e}: refusing every signed firmware", path.display());
+            u64::MAX
+        }
+    }
+}
+
+/// What the front end gives one run of the actions.
+struct Tools<'a, 'h, 'p> {
+    image: &'a Path,
+    health: Option<&'a mut (dyn FnMut(&str) -> Health + 'h)>,
+    progress: &'a mut (dyn FnMut(u32) + 'p),
+}
 
 impl<I: Installer> Lifecycle<I> {
     /// The lifecycle of the device whose state lives in `state_dir` (the
@@ -118,9 +160,13 @@ impl<I: Installer> Lifecycle<I> {
         std::fs::create_dir_all(&dir).map_err(Error::Io)?;
         Ok(Lifecycle {
             store: FileJournal::in_dir(&dir),
+            flow: Flow::new(None, read_counter(&dir)),
             dir,
             installer,
-            journal: None,
+            session: None,
+            set_aside: None,
+            error: None,
+            inform: true,
         })
     }
 
@@ -131,57 +177,54 @@ impl<I: Installer> Lifecycle<I> {
 
     /// The journal as last read or written.
     pub fn journal(&self) -> Option<&Journal> {
-        self.journal.as_ref()
+        self.flow.journal()
+    }
+
+    /// The flow (to ask where the upgrade is).
+    pub fn flow(&self) -> &Flow {
+        &self.flow
     }
 
     /// The security counter of the committed firmware (signed manifests):
     /// the highest of the journal's and the counter file's, so that a
-    /// journal set aside never lowers it.
-    ///
-    /// A counter file that is there but unreadable fails closed: the
-    /// counter is then `u64::MAX`, so no signed firmware passes until a
-    /// person looks (it is written atomically: damage means a bad disk or
-    /// tampering).
+    /// journal set aside never lowers it; `u64::MAX` (no signed firmware
+    /// passes) when the counter file is damaged.
     pub fn security_counter(&self) -> u64 {
-        let path = self.dir.join(COUNTER_FILE);
-        let file = match std::fs::read_to_string(&path) {
-            Ok(s) => s.trim().parse().unwrap_or_else(|_| {
-                log::error!(
-                    "{} is unreadable: refusing every signed firmware",
-                    path.display()
-                );
-                u64::MAX
-            }),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0,
-            Err(e) => {
-                log::error!("{}: {e}: refusing every signed firmware", path.display());
-                u64::MAX
-            }
-        };
-        self.journal
-            .as_ref()
-            .map_or(file, |j| j.security_counter.max(file))
+        self.flow.security_counter()
     }
 
-    fn save(&mut self, journal: Journal) -> Result<(), Error> {
-        self.store.save(&journal).map_err(Error::Journal)?;
-        self.journal = Some(journal);
-        Ok(())
+    /// Why the last [`Lifecycle::at_start`] set the journal aside (it could
+    /// not be read), if it did: log it.
+    pub fn set_aside(&self) -> Option<&str> {
+        self.set_aside.as_deref()
+    }
+
+    /// Gives the lifecycle the session it acknowledges, reports and informs
+    /// through (once connected), and tells its engine the security counter.
+    pub fn attach(&mut self, session: Arc<Session>) {
+        let counter = self.security_counter();
+        session.with(|ota| ota.set_security_counter(counter));
+        self.session = Some(session);
+    }
+
+    /// Whether an install that settles without a reboot informs the version
+    /// that runs then (default yes). The C API says no: the vendor guide's
+    /// program informs it itself, after `iot_ota_install_done`.
+    pub fn set_inform_after_install(&mut self, inform: bool) {
+        self.inform = inform;
     }
 
     /// Reads the journal; an unreadable one is set aside (and said).
-    fn load(&mut self) -> Result<Option<String>, Error> {
+    fn load(&mut self) -> Result<Option<Journal>, Error> {
+        self.set_aside = None;
         match self.store.load() {
-            Ok(j) => {
-                self.journal = j;
-                Ok(None)
-            }
+            Ok(j) => Ok(j),
             Err(e @ JournalError::Store(_)) => Err(Error::Journal(e)),
             Err(e) => {
                 log::error!("{e}; set aside, starting without it");
                 self.store.set_aside().map_err(Error::Journal)?;
-                self.journal = None;
-                Ok(Some(e.to_string()))
+                self.set_aside = Some(e.to_string());
+                Ok(None)
             }
         }
     }
@@ -193,150 +236,15 @@ impl<I: Installer> Lifecycle<I> {
         &mut self,
         health: Option<&mut dyn FnMut(&str) -> Health>,
     ) -> Result<Start, Error> {
-        let set_aside = self.load()?;
-        let mut start = self.settle(health)?;
-        start.set_aside = set_aside;
-        Ok(start)
-    }
-
-    /// Decides from the journal and the running version, and acts.
-    fn settle(
-        &mut self,
-        mut health: Option<&mut dyn FnMut(&str) -> Health>,
-    ) -> Result<Start, Error> {
-        let mut verdict = Health::Unknown;
-        // At most: decide, check health, decide again, (roll back in place,
-        // decide on the old version).
-        for _ in 0..4 {
-            let running = self.installer.running_version().map_err(Error::Install)?;
-            let (action, next) = decide_at_start(self.journal.as_ref(), &running, &verdict);
-            let start = |report, next| Start {
-                running: running.clone(),
-                report,
-                next,
-                set_aside: None,
-            };
-            match action {
-                StartAction::Idle => return Ok(start(None, Next::Idle)),
-                StartAction::ResumeDownload | StartAction::Install => {
-                    let j = self.journal.clone().expect("decided from a journal");
-                    let Some(firmware) = j.firmware() else {
-                        let why = "the journal does not say where the image is".to_owned();
-                        let report = self.fail(&j, &why)?;
-                        return Ok(start(Some(report), Next::Idle));
-                    };
-                    return Ok(start(
-                        None,
-                        if action == StartAction::Install {
-                            Next::Install(firmware)
-                        } else {
-                            Next::Resume(firmware)
-                        },
-                    ));
-                }
-                StartAction::Reboot => {
-                    self.save(next.expect("a reboot counts a boot"))?;
-                    self.installer.reboot().map_err(Error::Install)?;
-                    return Ok(start(None, Next::Rebooting));
-                }
-                StartAction::CheckHealth => {
-                    self.save(next.expect("a check marks the boot"))?;
-                    verdict = match health.as_mut() {
-                        Some(f) => f(&running),
-                        None => self.installer.health_check(),
-                    };
-                    log::info!("health check of {running}: {verdict:?}");
-                }
-                StartAction::Commit { counter } => {
-                    let next = next.expect("a commit changes the journal");
-                    self.installer.commit().map_err(Error::Install)?;
-                    let target = next.target_version.clone();
-                    // The journal first: a cut before it repeats the commit
-                    // (and a failed re-check rolls back with the counter
-                    // still where it was); the file only ever follows it.
-                    self.save(next)?;
-                    let file = self.dir.join(COUNTER_FILE);
-                    fsutil::write_atomic(&file, format!("{counter}\n").as_bytes())
-                        .map_err(Error::Io)?;
-                    log::info!("{target} committed");
-                    let report = Progress {
-                        status: Status::Success,
-                        progress: 100,
-                        desc: String::new(),
-                        firmware_version: target,
-                    };
-                    return Ok(start(Some(report), Next::Idle));
-                }
-                StartAction::RollBack { desc, reboot } => {
-                    let next = next.expect("a rollback changes the journal");
-                    if reboot {
-                        // Still on the bad image: keep the reason, leave it.
-                        self.save(next)?;
-                        self.installer.roll_back(true).map_err(Error::Install)?;
-                        if self.installer.needs_reboot() {
-                            self.installer.reboot().map_err(Error::Install)?;
-                            return Ok(start(None, Next::RollingBack));
-                        }
-                        // Rolled back in place: decide again on what runs now.
-                        verdict = Health::Unknown;
-                        continue;
-                    }
-                    if let Err(e) = self.installer.roll_back(false) {
-                        log::error!("rolling back: {e}");
-                    }
-                    let target = next.target_version.clone();
-                    self.save(next)?;
-                    log::info!("{desc}");
-                    let report = Progress {
-                        status: Status::UpgradeFailed,
-                        progress: 0,
-                        desc,
-                        firmware_version: target,
-                    };
-                    return Ok(start(Some(report), Next::Idle));
-                }
-            }
+        let journal = self.load()?;
+        self.flow = Flow::new(journal, read_counter(&self.dir));
+        self.flow.start();
+        match self.run_with(Path::new(""), health, &mut |_| {})? {
+            Some(Done::Settled(start)) => Ok(start),
+            other => Err(Error::Install(format!(
+                "the start-up decision ended in {other:?}"
+            ))),
         }
-        Err(Error::Install(
-            "the start-up decision did not settle".to_owned(),
-        ))
-    }
-
-    /// Journals the upgrade `j` failed and returns its UPGRADE_FAILED report.
-    fn fail(&mut self, j: &Journal, why: &str) -> Result<Progress, Error> {
-        self.set_phase(Phase::Failed, Some(why))?;
-        Ok(Progress {
-            status: Status::UpgradeFailed,
-            progress: 0,
-            desc: why.to_owned(),
-            firmware_version: j.target_version.clone(),
-        })
-    }
-
-    /// A new upgrade to `firmware` (command `msg_id`) from `from_version`:
-    /// journaled as downloading before the first byte.
-    /// `pending_counter` is the signed manifest's counter, if any.
-    pub fn begin(
-        &mut self,
-        from_version: &str,
-        firmware: &Firmware,
-        msg_id: &str,
-        pending_counter: Option<u64>,
-    ) -> Result<(), Error> {
-        let mut j = Journal::for_firmware(from_version, firmware, msg_id);
-        j.security_counter = self.security_counter();
-        j.pending_counter = pending_counter;
-        self.save(j)
-    }
-
-    fn set_phase(&mut self, phase: Phase, reason: Option<&str>) -> Result<(), Error> {
-        let mut j = self
-            .journal
-            .clone()
-            .ok_or_else(|| Error::Install("no upgrade in progress".into()))?;
-        j.phase = phase;
-        j.reason = reason.map(str::to_owned);
-        self.save(j)
     }
 
     /// A command the engine accepted (command `msg_id`, or a get reply's
@@ -344,109 +252,271 @@ impl<I: Installer> Lifecycle<I> {
     /// (the 200 the engine holds under [`crate::Config::ack_after_journal`]),
     /// so that a power cut between the two leaves the platform without an
     /// ack (it pushes again), never a device that acked a command it
-    /// forgot. The one place of that rule: the agent, the Rust example and
-    /// the C API all accept through it.
+    /// forgot. Needs [`Lifecycle::attach`] first.
     ///
     /// When the journal cannot be written the upgrade is reported
     /// UPGRADE_FAILED with the reason (a device that cannot remember an
     /// upgrade must not begin one), and `Err` holds that reason.
-    pub fn accept(
+    pub fn accept(&mut self, firmware: &Firmware, msg_id: &str) -> Result<(), String> {
+        let Some(session) = &self.session else {
+            return Err("no session attached: accept needs Lifecycle::attach".into());
+        };
+        let from = session.version();
+        self.accept_from(&from, firmware, msg_id)
+    }
+
+    /// [`Lifecycle::accept`] of an upgrade from `from_version`.
+    fn accept_from(&mut self, from: &str, firmware: &Firmware, msg_id: &str) -> Result<(), String> {
+        self.flow.handle_command(from, firmware, msg_id);
+        match self.run() {
+            Ok(None) if self.flow.is_fetching() => Ok(()),
+            Ok(Some(Done::Failed(why))) => Err(why),
+            Ok(other) => Err(format!(
+                "the upgrade to {} ended in {other:?}",
+                firmware.version
+            )),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
+    /// Goes on with the upgrade [`Lifecycle::at_start`] left as
+    /// [`Next::Resume`] or [`Next::Install`]: the attached session's engine
+    /// takes it as its job again (its reports name its version), then it
+    /// is fetched again, or installed from `image_present`'s verified image.
+    /// `Err` is why it cannot go on (a key pinned since, a counter raised,
+    /// a journal without a source): reported UPGRADE_FAILED and journaled.
+    pub fn resume(&mut self, image_present: bool) -> Result<Resumed, String> {
+        self.flow.resume(image_present);
+        let done = self.run().map_err(|e| e.to_string())?;
+        let firmware = match (done, self.flow.journal().and_then(Journal::firmware)) {
+            (None, Some(fw)) => fw,
+            (Some(Done::Failed(why)), _) => return Err(why),
+            (other, _) => return Err(format!("the resume ended in {other:?}")),
+        };
+        let session = self.session.clone();
+        let taken = session
+            .as_ref()
+            .map_or(Ok(()), |s| s.with(|ota| ota.accept_firmware(&firmware)));
+        if let Err(e) = taken {
+            let why = format!("cannot go on with {}: {e}", firmware.version);
+            self.flow.abandon(&why);
+            let _ = self.run();
+            let report = Progress::new(Status::UpgradeFailed, 0, &why, &firmware.version);
+            // Before the inform when offline; at once when online.
+            if let Some(s) = session {
+                let _ = s.with(|ota| ota.report_at_start(report));
+            }
+            return Err(why);
+        }
+        Ok(if self.flow.is_fetching() {
+            Resumed::Fetch(firmware)
+        } else {
+            Resumed::Install(firmware)
+        })
+    }
+
+    /// Downloads and verifies the accepted (or resumed) upgrade's image to
+    /// `image` with `download`, and journals the outcome: the download
+    /// driver and the flow, joined for an async caller. `Err` is the
+    /// download's failure (it reported DOWNLOAD_FAILED or VERIFY_FAILED).
+    pub async fn download_to(
         &mut self,
-        session: &Session,
-        firmware: &Firmware,
-        msg_id: &str,
-    ) -> Result<(), String> {
-        let pending = firmware.signed.as_ref().map(|s| s.manifest.counter);
-        match self.begin(&session.version(), firmware, msg_id, pending) {
-            Ok(()) => {
-                session.with(|ota| ota.acknowledge(msg_id));
-                Ok(())
-            }
-            Err(e) => {
-                let desc = format!("cannot journal the upgrade to {}: {e}", firmware.version);
-                log::error!("{desc}");
-                session.publish_progress(&Progress {
-                    status: Status::UpgradeFailed,
-                    progress: 0,
-                    desc: desc.clone(),
-                    firmware_version: firmware.version.clone(),
-                });
-                Err(desc)
-            }
+        download: Download,
+        image: &Path,
+    ) -> Result<Verified, Error> {
+        let result = download.download_to(image).await;
+        self.fetched(result.as_ref().map(|_| ()).map_err(ToString::to_string))?;
+        result
+    }
+
+    /// The download the flow asked for ended (for a caller that downloads
+    /// by itself, as the C API's `fetch_yield` does): `Ok` when the image
+    /// is verified (journaled as downloaded; [`Lifecycle::install`] next),
+    /// `Err` why not (journaled as failed; the download reported it). `Err`
+    /// of this call: the journal could not be written (the upgrade was
+    /// reported UPGRADE_FAILED).
+    pub fn fetched(&mut self, result: Result<(), String>) -> Result<(), Error> {
+        if !self.flow.is_fetching() {
+            return Ok(());
+        }
+        self.flow.handle_fetched(result);
+        match self.run()? {
+            Some(Done::Failed(_)) | None => Ok(()),
+            Some(other) => Err(Error::Install(format!("the download ended in {other:?}"))),
         }
     }
 
-    /// Tells the engine of `session` the security counter of the running
-    /// firmware (raised by a commit), so that it refuses older manifests.
-    pub fn share_counter(&self, session: &Session) {
-        let counter = self.security_counter();
-        session.with(|ota| ota.set_security_counter(counter));
-    }
-
-    /// After an upgrade settled without a reboot ([`Installed::Settled`]):
-    /// the counter to the engine, then the start's report (SUCCESS, or the
-    /// rollback) as this upgrade's last report. The caller informs
-    /// [`Start::running`] next.
-    pub fn report_settled(&self, session: &Session, start: &Start) {
-        self.share_counter(session);
-        if let Some(report) = &start.report {
-            session.publish_progress(report);
+    /// The application gave up on the upgrade in progress (its own
+    /// failure, reported by it): journaled as failed with `why`, so that the
+    /// next start does not resume it.
+    pub fn abandon(&mut self, why: &str) -> Result<(), Error> {
+        if !(self.flow.is_fetching() || self.flow.is_ready_to_install()) {
+            return Ok(());
         }
-    }
-
-    /// The image is downloaded and verified.
-    pub fn downloaded(&mut self) -> Result<(), Error> {
-        self.set_phase(Phase::Downloaded, None)
-    }
-
-    /// The upgrade failed before any reboot (the failure is reported by
-    /// whoever failed: the download, or the install).
-    pub fn failed(&mut self, why: &str) -> Result<(), Error> {
-        self.set_phase(Phase::Failed, Some(why))
+        self.flow.abandon(why);
+        self.run().map(|_| ())
     }
 
     /// Installs the verified `image`. With an installer that needs a
     /// reboot, asks for it ([`Installed::Rebooting`]); otherwise checks and
-    /// settles the upgrade at once ([`Installed::Settled`]). `Err` is the
-    /// install's failure (journaled as failed): report it as FLASH_FAILED.
+    /// settles the upgrade at once ([`Installed::Settled`]), reporting it
+    /// and (unless [`Lifecycle::set_inform_after_install`] says not) the
+    /// running version. The installer's percents go out as
+    /// UPGRADING reports, and to `progress`. `Err` is the install's
+    /// failure: journaled and reported FLASH_FAILED already.
     pub fn install(
         &mut self,
         image: &Path,
         health: Option<&mut dyn FnMut(&str) -> Health>,
         progress: &mut dyn FnMut(u32),
     ) -> Result<Installed, Error> {
-        let version = match &self.journal {
-            Some(j) if matches!(j.phase, Phase::Downloaded | Phase::Installing) => {
-                j.target_version.clone()
-            }
-            _ => return Err(Error::Install("nothing downloaded to install".into())),
-        };
-        self.set_phase(Phase::Installing, None)?;
-        if let Err(e) = self.installer.install(image, &version, progress) {
-            self.failed(&e)?;
-            return Err(Error::Install(e));
+        if !self.flow.is_ready_to_install() {
+            return Err(Error::Install("nothing downloaded to install".into()));
         }
-        self.set_phase(Phase::Installed, None)?;
-        if self.installer.needs_reboot() {
-            if let Err(e) = self.installer.reboot() {
-                // No reboot: disarm the new slot, so that a later, unrelated
-                // reboot does not boot it as if this upgrade went on.
-                if let Err(r) = self.installer.roll_back(false) {
-                    log::error!("disarming the new slot after a failed reboot: {r}");
+        self.flow.install();
+        match self.run_with(image, health, progress)? {
+            Some(Done::Rebooting) => Ok(Installed::Rebooting),
+            Some(Done::Settled(start)) => {
+                if let Some(session) = &self.session {
+                    if let Some(report) = &start.report {
+                        session.publish_progress(report);
+                    }
+                    if self.inform {
+                        if let Err(e) = session.with(|ota| ota.report_version(&start.running)) {
+                            log::error!("informing {}: {e}", start.running);
+                        }
+                    }
                 }
-                let why = format!("the reboot into {version} failed: {e}");
-                self.failed(&why)?;
-                return Err(Error::Install(why));
+                Ok(Installed::Settled(Box::new(start)))
             }
-            return Ok(Installed::Rebooting);
+            Some(Done::Failed(why)) => Err(Error::Install(why)),
+            other => Err(Error::Install(format!("the install ended in {other:?}"))),
         }
-        self.settle(health).map(|s| Installed::Settled(Box::new(s)))
+    }
+
+    fn run(&mut self) -> Result<Option<Done>, Error> {
+        self.run_with(Path::new(""), None, &mut |_| {})
+    }
+
+    fn run_with(
+        &mut self,
+        image: &Path,
+        health: Option<&mut dyn FnMut(&str) -> Health>,
+        progress: &mut dyn FnMut(u32),
+    ) -> Result<Option<Done>, Error> {
+        let mut tools = Tools {
+            image,
+            health,
+            progress,
+        };
+        self.error = None;
+        while let Some(action) = self.flow.poll_action() {
+            if let Action::Done(done) = action {
+                if let Done::Stuck(why) = done {
+                    return Err(self.error.take().unwrap_or(Error::Install(why)));
+                }
+                return Ok(Some(done));
+            }
+            self.act(action, &mut tools);
+        }
+        Ok(None)
+    }
+
+    /// Carries one action out, and answers the flow.
+    fn act(&mut self, action: Action, tools: &mut Tools<'_, '_, '_>) {
+        let failed = |error: &mut Option<Error>, e: Error| {
+            let text = e.to_string();
+            *error = Some(e);
+            text
+        };
+        match action {
+            Action::Persist(j) => {
+                let r = self
+                    .store
+                    .save(&j)
+                    .map_err(|e| failed(&mut self.error, Error::Journal(e)));
+                self.flow.handle_saved(r);
+            }
+            Action::SaveCounter(counter) => {
+                let file = self.dir.join(COUNTER_FILE);
+                let r = fsutil::write_atomic(&file, format!("{counter}\n").as_bytes())
+                    .map_err(|e| failed(&mut self.error, Error::Io(e)));
+                self.flow.handle_saved(r);
+            }
+            Action::Acknowledge(msg_id) => {
+                if let Some(s) = &self.session {
+                    s.with(|ota| ota.acknowledge(&msg_id));
+                }
+            }
+            Action::ShareCounter(counter) => {
+                if let Some(s) = &self.session {
+                    s.with(|ota| ota.set_security_counter(counter));
+                }
+            }
+            Action::Report(report) => match &self.session {
+                Some(s) => s.publish_progress(&report),
+                None => log::error!("not reported (no session yet): {report}"),
+            },
+            // The caller downloads: the flow waits for `fetched`.
+            Action::Fetch(fw) => log::info!("downloading {}", fw.version),
+            Action::Install { version } => {
+                // The installer's percents are UPGRADING reports (and the
+                // front end's to show).
+                let session = self.session.clone();
+                let mut progress = |pct: u32| {
+                    if let Some(s) = &session {
+                        s.publish_progress(&Progress::new(Status::Upgrading, pct, "", &version));
+                    }
+                    (tools.progress)(pct);
+                };
+                let r = self
+                    .installer
+                    .install(tools.image, &version, &mut progress)
+                    .map(|()| self.installer.needs_reboot());
+                self.flow.handle_installed(r);
+            }
+            Action::Reboot => {
+                let r = self.installer.reboot();
+                self.flow.handle_done(r);
+            }
+            Action::ReadRunning => {
+                let r = self.installer.running_version();
+                self.flow.handle_running(r);
+            }
+            Action::CheckHealth { version } => {
+                let verdict = match tools.health.as_mut() {
+                    Some(f) => f(&version),
+                    None => self.installer.health_check(),
+                };
+                log::info!("health check of {version}: {verdict:?}");
+                self.flow.handle_health(verdict);
+            }
+            Action::Commit => {
+                let r = self.installer.commit();
+                if r.is_ok() {
+                    log::info!("committed");
+                }
+                self.flow.handle_done(r);
+            }
+            Action::RollBack { reboot } => {
+                let r = self.installer.roll_back(reboot);
+                if let (false, Err(e)) = (reboot, &r) {
+                    log::error!("rolling back: {e}");
+                }
+                let r = r.map(|()| self.installer.needs_reboot());
+                self.flow.handle_rolled_back(r);
+            }
+            // `run_with` ends at it, before it gets here.
+            Action::Done(_) => {}
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use iot_ota_core::journal::Phase;
+    use iot_ota_core::manifest::{Manifest, Signed};
     use iot_ota_core::SignMethod;
 
     /// An installer in memory: two slots and a bootloader that boots the
@@ -537,12 +607,41 @@ mod tests {
         d
     }
 
+    /// The firmware, with a signed manifest's counter when given (the
+    /// flow reads only the counter; signatures are the engine's business).
+    fn signed(version: &str, counter: Option<u64>) -> Firmware {
+        let mut fw = firmware(version);
+        fw.signed = counter.map(|counter| {
+            let manifest = Manifest {
+                product: "pk".into(),
+                firmware_version: version.into(),
+                size: 3,
+                sha256: "0".repeat(64),
+                counter,
+            };
+            Box::new(Signed {
+                bytes: manifest.encode(),
+                manifest,
+                signatures: Vec::new(),
+            })
+        });
+        fw
+    }
+
+    /// Accepted from `from`, downloaded, installed.
+    fn begin_and_install(
+        life: &mut Lifecycle<impl Installer>,
+        from: &str,
+        fw: &Firmware,
+    ) -> Result<Installed, Error> {
+        life.accept_from(from, fw, "m7").unwrap();
+        life.fetched(Ok(())).unwrap();
+        life.install(Path::new("/img"), None, &mut |_| {})
+    }
+
     fn upgrade(life: &mut Lifecycle<Fake>, version: &str, counter: Option<u64>) -> Installed {
         assert_eq!(life.at_start(None).unwrap().next, Next::Idle);
-        life.begin("1.0", &firmware(version), "m7", counter)
-            .unwrap();
-        life.downloaded().unwrap();
-        life.install(Path::new("/img"), None, &mut |_| {}).unwrap()
+        begin_and_install(life, "1.0", &signed(version, counter)).unwrap()
     }
 
     #[test]
@@ -567,7 +666,8 @@ mod tests {
         // A set-aside journal never lowers the counter.
         std::fs::write(d.join("journal"), "torn").unwrap();
         let start = life.at_start(None).unwrap();
-        assert!(start.set_aside.unwrap().contains("unreadable"));
+        assert_eq!(start.running, "2.0");
+        assert!(life.set_aside().unwrap().contains("unreadable"));
         assert_eq!(life.security_counter(), 7);
         let _ = std::fs::remove_dir_all(&d);
     }
@@ -628,9 +728,8 @@ mod tests {
         assert_eq!(start.report.unwrap().status, Status::Success);
         // A bad one is rolled back in place and reported against both versions.
         life.installer().health = Some("crashes".into());
-        life.begin("2.0", &firmware("3.0"), "m8", None).unwrap();
-        life.downloaded().unwrap();
-        let Installed::Settled(start) = life.install(Path::new("/img"), None, &mut |_| {}).unwrap()
+        let Installed::Settled(start) =
+            begin_and_install(&mut life, "2.0", &firmware("3.0")).unwrap()
         else {
             panic!("settles")
         };
@@ -657,9 +756,8 @@ mod tests {
             .with_health(Some("exit 1".into()))
             .with_version_file(Some(version_file.clone()));
         let mut life = Lifecycle::open(&d, hooks).unwrap();
-        life.begin("1.0", &firmware("2.0"), "m", Some(4)).unwrap();
-        life.downloaded().unwrap();
-        let Installed::Settled(start) = life.install(Path::new("/img"), None, &mut |_| {}).unwrap()
+        let Installed::Settled(start) =
+            begin_and_install(&mut life, "1.0", &signed("2.0", Some(4))).unwrap()
         else {
             panic!("settles in place")
         };
@@ -680,13 +778,14 @@ mod tests {
     fn a_cut_download_or_install_goes_on_from_the_journal() {
         let d = state("cut");
         let mut life = Lifecycle::open(&d, Fake::new()).unwrap();
-        life.begin("1.0", &firmware("2.0"), "m1", None).unwrap();
+        life.accept_from("1.0", &firmware("2.0"), "m1").unwrap();
         let mut life = Lifecycle::open(&d, Fake::new()).unwrap();
         assert_eq!(
             life.at_start(None).unwrap().next,
             Next::Resume(firmware("2.0"))
         );
-        life.downloaded().unwrap();
+        assert_eq!(life.resume(false), Ok(Resumed::Fetch(firmware("2.0"))));
+        life.fetched(Ok(())).unwrap();
         let mut life = Lifecycle::open(&d, Fake::new()).unwrap();
         assert_eq!(
             life.at_start(None).unwrap().next,

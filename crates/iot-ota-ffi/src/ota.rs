@@ -16,7 +16,7 @@ use iot_ota_core::protocol::MAX_VERSION_LEN;
 use iot_ota_core::{Config, Event, FetchError, FetchState, Firmware, Ota, Status, Verified};
 use iot_ota_device::http::HttpOptions;
 use iot_ota_device::install::Application;
-use iot_ota_device::lifecycle::{Installed, Lifecycle, Next, Start};
+use iot_ota_device::lifecycle::{Installed, Lifecycle, Next, Resumed, Start};
 use iot_ota_device::{Download, DownloadOptions, ReadAhead, ReadAheadPoll, Session};
 
 use crate::mqtt::{Mqtt, MQTTS};
@@ -261,12 +261,12 @@ impl OtaHandle {
     /// written: the upgrade is then reported failed and not started.
     fn journal_begin(&self, st: &mut OtaState, firmware: &Firmware, msg_id: &str) -> bool {
         match st.life.as_mut() {
-            Some(life) => life.accept(&self.session, firmware, msg_id).is_ok(),
+            Some(life) => life.accept(firmware, msg_id).is_ok(),
             None => true,
         }
     }
 
-    /// Journals the end of a failed download, once.
+    /// Tells the flow of a failed download, once (it journals it).
     fn journal_failure(st: &mut OtaState) {
         let (Some(job), Some(life)) = (&st.download, st.life.as_mut()) else {
             return;
@@ -274,12 +274,13 @@ impl OtaHandle {
         let Some(Err(e)) = job.outcome() else {
             return;
         };
-        let downloading = life.journal().is_some_and(|j| {
-            j.phase == iot_ota_core::journal::Phase::Downloading
-                && j.target_version == job.firmware().version
-        });
-        if downloading {
-            let _ = life.failed(&e.to_string());
+        let this_one = life
+            .journal()
+            .is_some_and(|j| j.target_version == job.firmware().version);
+        if this_one && life.flow().is_fetching() {
+            if let Err(e) = life.fetched(Err(e.to_string())) {
+                log::error!("journaling the failed download: {e}");
+            }
         }
     }
 
@@ -541,6 +542,17 @@ fn report(handle: *mut c_void, status: c_int, progress: u32, desc: &str) -> Resu
         if let Some(d) = st.download.take() {
             let _context = h.mqtt.rt.enter();
             d.abandon();
+        }
+    }
+    // The application ended the upgrade (its own failure: a full disk, a
+    // flash that failed): the journal says so, and the next start does not
+    // resume it.
+    if status.is_terminal() && status != Status::Success {
+        if let Some(life) = st.life.as_mut() {
+            let why = if desc.is_empty() { status.name() } else { desc };
+            if let Err(e) = life.abandon(why) {
+                log::error!("journaling the application's failure: {e}");
+            }
         }
     }
     drop(st);
@@ -1104,7 +1116,11 @@ pub unsafe extern "C" fn iot_ota_set_state_dir(
                 log::error!("iot_ota_set_state_dir: {e}");
                 IOT_OTA_ERR_GENERAL
             })?;
-            life.share_counter(&h.session);
+            let mut life = life;
+            // Counter, acknowledgements and reports through this session.
+            life.attach(h.session.clone());
+            // The program informs its version itself (the vendor guide).
+            life.set_inform_after_install(false);
             // With a journal, an accepted command's 200 waits for it.
             h.session.with(|ota| ota.set_ack_after_journal(true));
             // Downloads go there too (the part files): a command that
@@ -1160,38 +1176,24 @@ pub unsafe extern "C" fn iot_ota_boot_confirm(
                 log::error!("iot_ota_boot_confirm: {e}");
                 IOT_OTA_ERR_GENERAL
             })?;
-            life.share_counter(&h.session);
             if let Some(report) = &start.report {
                 h.session
                     .with(|ota| ota.report_at_start(report.clone()))
                     .map_err(|_| IOT_OTA_ERR_INVALID_PARAM)?;
             }
             let code = boot_code(&start);
-            if let Next::Resume(fw) | Next::Install(fw) = start.next {
-                // As a firmware reply would: the download starts again.
-                if let Some(life) = st.life.as_mut() {
-                    let j = life.journal().cloned();
-                    if let Some(j) = j {
-                        let _ = life.begin(&j.from_version, &fw, &j.msg_id, j.pending_counter);
+            if let Next::Resume(_) | Next::Install(_) = start.next {
+                // The program writes the image itself, so it is fetched
+                // again (its part file keeps the bytes it has). Refused now
+                // (a key pinned since, a counter raised), the upgrade ends
+                // here, reported and journaled by the flow.
+                match life.resume(false) {
+                    Ok(Resumed::Fetch(fw) | Resumed::Install(fw)) => h.start(&mut st, fw),
+                    Err(e) => {
+                        log::warn!("iot_ota_boot_confirm: {e}");
+                        return Ok(IOT_OTA_BOOT_IDLE);
                     }
                 }
-                if let Err(e) = h.session.with(|ota| ota.accept_firmware(&fw)) {
-                    // Refused now (a key pinned since, a counter raised):
-                    // the upgrade ends here, and the platform hears of it.
-                    let desc = format!("cannot go on with {}: {e}", fw.version);
-                    if let Some(life) = st.life.as_mut() {
-                        let _ = life.failed(&desc);
-                    }
-                    let report = iot_ota_core::Progress {
-                        status: Status::UpgradeFailed,
-                        progress: 0,
-                        desc,
-                        firmware_version: fw.version.clone(),
-                    };
-                    let _ = h.session.with(|ota| ota.report_at_start(report));
-                    return Ok(IOT_OTA_BOOT_IDLE);
-                }
-                h.start(&mut st, fw);
             }
             Ok(code)
         })())
@@ -1297,7 +1299,7 @@ pub unsafe extern "C" fn iot_ota_install_done(handle: *mut c_void, reboot: c_int
                 log::error!("iot_ota_install_done: {e}");
                 IOT_OTA_ERR_GENERAL
             };
-            life.downloaded().map_err(general)?;
+            life.fetched(Ok(())).map_err(general)?;
             life.installer().running = h.session.version();
             life.installer().reboot = reboot != 0;
             let installed = life
@@ -1305,10 +1307,8 @@ pub unsafe extern "C" fn iot_ota_install_done(handle: *mut c_void, reboot: c_int
                 .map_err(general)?;
             match installed {
                 Installed::Rebooting => Ok(IOT_OTA_BOOT_REBOOT),
-                Installed::Settled(start) => {
-                    life.report_settled(&h.session, &start);
-                    Ok(boot_code(&start))
-                }
+                // Reported and informed by the flow.
+                Installed::Settled(start) => Ok(boot_code(&start)),
             }
         })())
     })
