@@ -118,23 +118,23 @@
 #![deny(missing_docs)]
 
 mod backoff;
-mod broker;
+mod broker_url;
 pub mod digest;
-mod engine;
 mod error;
 mod fetch;
 pub mod flow;
 pub mod journal;
 pub mod manifest;
+mod ota;
 mod pace;
 pub mod protocol;
 
 pub use backoff::Backoff;
-pub use broker::BrokerUrl;
+pub use broker_url::BrokerUrl;
 pub use digest::{Hasher, SignMethod};
-pub use engine::{compare_versions, Config, Event, Ota, Output};
 pub use error::{Error, FetchError};
 pub use fetch::{percent_of, Fetch, FetchState, ProgressMeter, Throttle, Verified};
+pub use ota::{compare_versions, Config, Event, Ota, Output};
 pub use pace::{Pace, PaceRules};
 pub use protocol::{
     Firmware, GetError, GetReply, Limits, Policy, Progress, Rejection, ReplyCode, Status, Topics,

@@ -102,7 +102,7 @@ mod error;
 pub mod fsutil;
 pub mod http;
 pub mod install;
-pub mod journal;
+pub mod journal_file;
 pub mod lifecycle;
 pub mod link;
 pub mod session;

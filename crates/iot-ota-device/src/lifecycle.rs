@@ -79,7 +79,7 @@ use crate::download::Download;
 use crate::error::Error;
 use crate::fsutil;
 use crate::install::Installer;
-use crate::journal::FileJournal;
+use crate::journal_file::FileJournal;
 use crate::session::Session;
 
 /// How an install ended.

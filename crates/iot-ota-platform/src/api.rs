@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use iot_ota_core::{Policy, SignMethod};
 
-use crate::engine::{Batch, BatchConfig, Millis, Record};
+use crate::batch::{Batch, BatchConfig, Millis, Record};
 
 /// Largest firmware file accepted unless configured otherwise: 100 MiB,
 /// exactly 104,857,600 bytes (the console's "100 MB", read as binary
@@ -604,8 +604,8 @@ pub struct RolloutView {
 }
 
 /// The rollout rules of a request, checked.
-pub(crate) fn rollout(req: &CreateBatch) -> Result<crate::engine::Rollout, String> {
-    use crate::engine::Share;
+pub(crate) fn rollout(req: &CreateBatch) -> Result<crate::batch::Rollout, String> {
+    use crate::batch::Share;
     let groups = req
         .groups
         .iter()
@@ -627,7 +627,7 @@ pub(crate) fn rollout(req: &CreateBatch) -> Result<crate::engine::Rollout, Strin
     if req.push_rate == Some(0) {
         return Err("push_rate must be at least 1 (pushes per minute)".into());
     }
-    Ok(crate::engine::Rollout {
+    Ok(crate::batch::Rollout {
         groups,
         success_threshold: req.success_threshold,
         error_threshold,

@@ -5,7 +5,7 @@
 //!   through an ordinary MQTT client in both cases.
 //! - A firmware HTTP(S) server with `Range`, `ETag` and `Content-Length` (`/fw/...`).
 //! - State in SQLite ([`store`]): firmware, devices, batches and records.
-//! - Batches and records run on a pure state machine ([`engine`]): every
+//! - Batches and records run on a pure state machine ([`batch`]): every
 //!   input takes `now`, every timer comes out as a value, and the shell
 //!   ([`Platform`]) commits each change before acting on it.
 //! - An HTTP JSON API ([`api`], `docs/platform-api.md`) and a small client for
@@ -22,9 +22,9 @@
 #![deny(missing_docs)]
 
 pub mod api;
+pub mod batch;
 pub mod broker;
 pub mod client;
-pub mod engine;
 mod http;
 mod service;
 pub mod signing;

@@ -11,7 +11,7 @@ use iot_ota_core::{Policy, SignMethod};
 use rusqlite::{params, Connection, OptionalExtension, Row};
 
 use crate::api::{DeviceView, FirmwareInfo};
-use crate::engine::{
+use crate::batch::{
     Batch, BatchConfig, BatchState, FailReason, Millis, Record, RecordState, Rollout, RolloutState,
 };
 

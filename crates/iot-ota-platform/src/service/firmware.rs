@@ -4,7 +4,7 @@ use std::path::Path;
 
 use super::{PlatformError, Shared, Upload};
 use crate::api::{check_firmware, FirmwareInfo};
-use crate::engine::Millis;
+use crate::batch::Millis;
 use crate::store::FirmwareRow;
 
 impl Shared {

@@ -28,7 +28,7 @@ use iot_ota_core::Topics;
 use rumqttc::{AsyncClient, QoS};
 use tokio::sync::Notify;
 
-use crate::engine::{Batch, Millis};
+use crate::batch::{Batch, Millis};
 use crate::store::{Store, StoreError};
 
 /// How soon the ticker tries again after a batch could not be saved.
@@ -257,7 +257,7 @@ pub fn process_usage() -> (u64, u64, u64) {
 pub(crate) fn undo(
     store: &Store,
     b: &mut Batch,
-    unsaved: crate::engine::Unsaved,
+    unsaved: crate::batch::Unsaved,
 ) -> Result<(), StoreError> {
     if let Some(mut committed) = store.load_batch(b.id)? {
         committed.carry_over(unsaved);
@@ -270,7 +270,7 @@ pub(crate) fn undo(
 mod tests {
     use super::*;
     use crate::api::CreateBatch;
-    use crate::engine::RecordState;
+    use crate::batch::RecordState;
     use crate::store::FirmwareRow;
     use iot_ota_core::protocol::{encode_upgrade_reply, ReplyCode};
     use rumqttc::MqttOptions;
@@ -295,7 +295,7 @@ mod tests {
         }
     }
 
-    fn stored(shared: &Shared, id: i64) -> crate::engine::Record {
+    fn stored(shared: &Shared, id: i64) -> crate::batch::Record {
         let b = shared.lock().store.load_batch(id).unwrap().unwrap();
         b.records["d1"].clone()
     }

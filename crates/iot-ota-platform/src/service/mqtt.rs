@@ -12,7 +12,7 @@ use iot_ota_core::{Firmware, Topics};
 use rumqttc::{Event, EventLoop, Packet, QoS, SubscribeFilter};
 
 use super::{now_ms, Inner, Outgoing, Shared, SAVE_RETRY_MS};
-use crate::engine::{Action, Batch, Millis};
+use crate::batch::{Action, Batch, Millis};
 use crate::store::{DeviceWrite, Store};
 
 impl Shared {

@@ -7,7 +7,7 @@ use crate::api::{
     batch_config, check_product, check_version, BatchView, CreateBatch, CreatedBatch, DeviceView,
     Excluded,
 };
-use crate::engine::{select_devices, Batch, DeviceInfo, Millis};
+use crate::batch::{select_devices, Batch, DeviceInfo, Millis};
 
 impl Shared {
     pub(crate) fn list_devices(

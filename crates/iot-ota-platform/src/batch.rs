@@ -31,7 +31,7 @@
 //!
 //! ```
 //! use iot_ota_core::{Policy, SignMethod};
-//! use iot_ota_platform::engine::{Action, Batch, BatchConfig, FailReason, RecordState};
+//! use iot_ota_platform::batch::{Action, Batch, BatchConfig, FailReason, RecordState};
 //!
 //! let config = BatchConfig {
 //!     policy: Policy::Standard,

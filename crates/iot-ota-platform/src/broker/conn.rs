@@ -1,0 +1,481 @@
+//! One client connection: the CONNECT and its session take-over, the read,
+//! write and keep-alive loop, the packets, and the cleanup (a persistent
+//! session keeps what was not acknowledged; a lost connection sends its
+//! will).
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use rumqttc::mqttbytes::v4::{
+    ConnAck, ConnectReturnCode, Packet, PubAck, PubComp, PubRec, Publish, SubAck,
+    SubscribeReasonCode, UnsubAck,
+};
+use rumqttc::mqttbytes::QoS;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, watch, Notify};
+use tokio::time::Instant;
+
+use super::state::{min_qos, retain, Online, Session};
+use super::topic;
+use super::Shared;
+
+/// Why a connection ended.
+enum End {
+    /// DISCONNECT, or the broker stopping: no will.
+    Clean,
+    /// Another connection took the session over: no will, session kept.
+    TakenOver,
+    /// Anything else (network, keep-alive, protocol error): the will is sent.
+    Lost(String),
+}
+
+pub(super) async fn connection(
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    shared: Arc<Shared>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let _ = stream.set_nodelay(true);
+    let max = shared.options.max_packet_size;
+    let mut rd = BytesMut::with_capacity(512);
+    let connect = match tokio::time::timeout(
+        shared.options.connect_timeout,
+        read_packet(&mut stream, &mut rd, max),
+    )
+    .await
+    {
+        Ok(Ok(Packet::Connect(c))) => c,
+        Ok(Ok(_)) => {
+            log::debug!("embedded broker: {peer}: the first packet was not CONNECT");
+            return;
+        }
+        Ok(Err(e)) => {
+            log::debug!("embedded broker: {peer}: {e}");
+            return;
+        }
+        Err(_) => {
+            log::debug!("embedded broker: {peer}: no CONNECT in time");
+            return;
+        }
+    };
+    let mut wr = BytesMut::with_capacity(256);
+    let refuse = |code: ConnectReturnCode, wr: &mut BytesMut| {
+        let _ = ConnAck::new(code, false).write(wr);
+    };
+    if connect.protocol != rumqttc::mqttbytes::Protocol::V4 {
+        refuse(ConnectReturnCode::RefusedProtocolVersion, &mut wr);
+        let _ = stream.write_all(&wr).await;
+        return;
+    }
+    if let Some(w) = &connect.last_will {
+        if !topic::valid_topic(&w.topic) {
+            // Spec 3.1.2.9 / 4.7: an invalid will topic closes the connection.
+            log::debug!("embedded broker: {peer}: invalid will topic {:?}", w.topic);
+            return;
+        }
+    }
+    let (client, persistent) = if connect.client_id.is_empty() {
+        if !connect.clean_session {
+            refuse(ConnectReturnCode::BadClientId, &mut wr);
+            let _ = stream.write_all(&wr).await;
+            return;
+        }
+        let n = shared.state().next_conn;
+        (Arc::<str>::from(format!("auto-{n}-{peer}")), false)
+    } else {
+        (
+            Arc::<str>::from(connect.client_id.as_str()),
+            !connect.clean_session,
+        )
+    };
+
+    // Register: take over an existing session, keep or drop its state.
+    let (tx, mut rx) = mpsc::channel::<Publish>(shared.options.max_queued.max(1));
+    let kick = Arc::new(Notify::new());
+    let registered = 'register: {
+        let mut state = shared.state();
+        if state.online >= shared.options.max_connections {
+            break 'register None;
+        }
+        state.next_conn += 1;
+        let id = state.next_conn;
+        let mut present = false;
+        let mut parked = VecDeque::new();
+        let mut keep_filters = false;
+        if let Some(old) = state.sessions.get_mut(&client) {
+            if let Some(o) = old.conn.take() {
+                o.kick.notify_one();
+                state.online -= 1;
+            }
+            let old = state.sessions.get_mut(&client).expect("just found");
+            if persistent && old.persistent {
+                present = true;
+                keep_filters = true;
+                parked = std::mem::take(&mut old.parked);
+            }
+        }
+        if !keep_filters {
+            state.remove_session(&client);
+        }
+        let session = state.sessions.entry(client.clone()).or_insert(Session {
+            conn: None,
+            persistent,
+            filters: Vec::new(),
+            parked: VecDeque::new(),
+        });
+        session.persistent = persistent;
+        session.conn = Some(Online {
+            id,
+            tx: tx.clone(),
+            kick: kick.clone(),
+        });
+        for p in parked {
+            if tx.try_send(p).is_err() {
+                shared.counters.dropped.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        state.online += 1;
+        Some((id, present))
+    };
+    let Some((conn_id, session_present)) = registered else {
+        refuse(ConnectReturnCode::ServiceUnavailable, &mut wr);
+        let _ = stream.write_all(&wr).await;
+        log::warn!(
+            "embedded broker: refused {client}: {} connections already",
+            shared.options.max_connections
+        );
+        return;
+    };
+    shared.counters.connects.fetch_add(1, Ordering::Relaxed);
+    shared.counters.connections.fetch_add(1, Ordering::Relaxed);
+    log::debug!("embedded broker: {client} connected from {peer}");
+    let _ = ConnAck::new(ConnectReturnCode::Success, session_present).write(&mut wr);
+
+    let mut conn = Conn {
+        client: client.clone(),
+        shared: shared.clone(),
+        own: tx,
+        inflight: VecDeque::new(),
+        next_pkid: 0,
+        qos2_in: Vec::new(),
+    };
+    // Packet ids are 16 bits: never more in flight than there are ids.
+    let max_inflight = shared.options.max_inflight.min(usize::from(u16::MAX) - 1);
+    let keep_alive = Duration::from_secs(u64::from(connect.keep_alive));
+    let grace = keep_alive + keep_alive / 2;
+    let write_timeout = grace.max(Duration::from_secs(30));
+    let mut deadline = Instant::now() + grace;
+    // Packets sent right behind the CONNECT (pipelined) are already read.
+    let end = match conn.take_packets(&mut rd, &mut wr) {
+        Ok(true) => None,
+        Ok(false) => Some(End::Clean),
+        Err(e) => Some(End::Lost(e)),
+    };
+    let end = if let Some(end) = end {
+        end
+    } else {
+        loop {
+            if !wr.is_empty() {
+                // A client that stops reading cannot hold this task (and
+                // the broker's stop, a take-over) forever.
+                match tokio::time::timeout(write_timeout, stream.write_all(&wr)).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => break End::Lost(format!("write: {e}")),
+                    Err(_) => break End::Lost("not reading: a write timed out".into()),
+                }
+                wr.clear();
+            }
+            let can_send = conn.inflight.len() < max_inflight;
+            tokio::select! {
+                read = stream.read_buf(&mut rd) => match read {
+                    Ok(0) => break End::Lost("closed by the client".into()),
+                    Ok(_) => {
+                        deadline = Instant::now() + grace;
+                        match conn.take_packets(&mut rd, &mut wr) {
+                            Ok(true) => {}
+                            Ok(false) => break End::Clean,
+                            Err(e) => break End::Lost(e),
+                        }
+                    }
+                    Err(e) => break End::Lost(format!("read: {e}")),
+                },
+                Some(p) = rx.recv(), if can_send => {
+                    conn.send(p, &mut wr);
+                    // Batch what is already queued into one write.
+                    while wr.len() < 64 * 1024 && conn.inflight.len() < max_inflight {
+                        match rx.try_recv() {
+                            Ok(p) => conn.send(p, &mut wr),
+                            Err(_) => break,
+                        }
+                    }
+                }
+                _ = kick.notified() => break End::TakenOver,
+                _ = tokio::time::sleep_until(deadline), if !keep_alive.is_zero() => {
+                    break End::Lost("keep-alive timeout".into());
+                }
+                _ = stop.changed() => break End::Clean,
+            }
+        }
+    };
+    drop(stream);
+
+    // Cleanup: a persistent session keeps what was not acknowledged.
+    let will = {
+        let mut state = shared.state();
+        let mine = state
+            .sessions
+            .get(&client)
+            .and_then(|s| s.conn.as_ref())
+            .is_some_and(|o| o.id == conn_id);
+        let mut dropped = 0u64;
+        if mine {
+            state.online -= 1;
+            let max_queued = shared.options.max_queued;
+            let session = state.sessions.get_mut(&client).expect("mine");
+            session.conn = None;
+            if session.persistent {
+                let mut parked: VecDeque<Publish> =
+                    conn.inflight.drain(..).map(|(_, p)| p).collect();
+                while let Ok(p) = rx.try_recv() {
+                    if p.qos != QoS::AtMostOnce {
+                        parked.push_back(p);
+                    }
+                }
+                for p in parked.into_iter().rev() {
+                    session.parked.push_front(p);
+                }
+                while session.parked.len() > max_queued {
+                    session.parked.pop_back();
+                    dropped += 1;
+                }
+            } else {
+                state.remove_session(&client);
+            }
+        } else if let Some(session) = state.sessions.get_mut(&client) {
+            // Taken over, whatever ended this connection first: a persistent
+            // session's new connection gets what this one had in flight or
+            // queued.
+            if let (true, Some(online)) = (session.persistent, &session.conn) {
+                let pending: Vec<Publish> = conn
+                    .inflight
+                    .drain(..)
+                    .map(|(_, p)| p)
+                    .chain(std::iter::from_fn(|| rx.try_recv().ok()))
+                    .collect();
+                for p in pending {
+                    if online.tx.try_send(p).is_err() {
+                        dropped += 1;
+                    }
+                }
+            }
+        }
+        shared
+            .counters
+            .dropped
+            .fetch_add(dropped, Ordering::Relaxed);
+        // The will is for a connection lost, not for one another took over.
+        match &end {
+            End::Lost(_) if mine => connect.last_will.clone(),
+            _ => None,
+        }
+    };
+    shared.counters.connections.fetch_sub(1, Ordering::Relaxed);
+    match &end {
+        End::Lost(why) => log::debug!("embedded broker: {client} lost: {why}"),
+        End::TakenOver => log::debug!("embedded broker: {client} taken over"),
+        End::Clean => log::debug!("embedded broker: {client} disconnected"),
+    }
+    if let Some(w) = will {
+        let mut p = Publish::from_bytes(w.topic, w.qos, w.message);
+        p.retain = w.retain;
+        shared.counters.received.fetch_add(1, Ordering::Relaxed);
+        let mut state = shared.state();
+        if p.retain {
+            retain(&mut state, &p, shared.options.max_retained);
+        }
+        state.route(&p, &shared.options, &shared.counters);
+    }
+}
+
+/// Reads until one whole packet is in `rd`, and returns it.
+async fn read_packet(
+    stream: &mut TcpStream,
+    rd: &mut BytesMut,
+    max: usize,
+) -> Result<Packet, String> {
+    loop {
+        match Packet::read(rd, max) {
+            Ok(p) => return Ok(p),
+            Err(rumqttc::mqttbytes::Error::InsufficientBytes(_)) => {}
+            Err(e) => return Err(e.to_string()),
+        }
+        match stream.read_buf(rd).await {
+            Ok(0) => return Err("closed before CONNECT".into()),
+            Ok(_) => {}
+            Err(e) => return Err(e.to_string()),
+        }
+    }
+}
+
+/// One connection's protocol state.
+struct Conn {
+    client: Arc<str>,
+    shared: Arc<Shared>,
+    /// This connection's own queue (retained messages for a new
+    /// subscription go through it, under the in-flight limit like the rest).
+    own: mpsc::Sender<Publish>,
+    /// QoS 1 messages sent and not acknowledged, oldest first.
+    inflight: VecDeque<(u16, Publish)>,
+    next_pkid: u16,
+    /// QoS 2 packet ids received and not released yet.
+    qos2_in: Vec<u16>,
+}
+
+impl Conn {
+    /// Writes `p` to the client; a QoS 1 message gets a packet id and waits for its PUBACK.
+    fn send(&mut self, mut p: Publish, wr: &mut BytesMut) {
+        if p.qos != QoS::AtMostOnce {
+            p.qos = QoS::AtLeastOnce;
+            // A message sent before (kept by a persistent session) goes
+            // again with its packet id and DUP, as the spec wants: a late
+            // PUBACK for that id then acknowledges this very message.
+            let again = p.pkid != 0 && !self.inflight.iter().any(|(i, _)| *i == p.pkid);
+            if again {
+                p.dup = true;
+            } else {
+                p.pkid = self.pkid();
+            }
+            self.inflight.push_back((p.pkid, p.clone()));
+        }
+        let _ = p.write(wr);
+    }
+
+    /// A free packet id. Terminates: fewer than 65,535 are ever in flight
+    /// (the in-flight limit is clamped below that).
+    fn pkid(&mut self) -> u16 {
+        loop {
+            self.next_pkid = self.next_pkid.wrapping_add(1).max(1);
+            let id = self.next_pkid;
+            if !self.inflight.iter().any(|(i, _)| *i == id) {
+                return id;
+            }
+        }
+    }
+
+    /// Handles every whole packet in `rd`. Ok(false): the client said DISCONNECT.
+    fn take_packets(&mut self, rd: &mut BytesMut, wr: &mut BytesMut) -> Result<bool, String> {
+        let max = self.shared.options.max_packet_size;
+        loop {
+            let packet = match Packet::read(rd, max) {
+                Ok(p) => p,
+                Err(rumqttc::mqttbytes::Error::InsufficientBytes(_)) => return Ok(true),
+                Err(e) => return Err(format!("bad packet: {e}")),
+            };
+            match packet {
+                Packet::Publish(p) => self.publish(p, wr)?,
+                Packet::PubAck(ack) => {
+                    if let Some(i) = self.inflight.iter().position(|(id, _)| *id == ack.pkid) {
+                        self.inflight.remove(i);
+                    }
+                }
+                Packet::PubRel(rel) => {
+                    self.qos2_in.retain(|id| *id != rel.pkid);
+                    let _ = PubComp::new(rel.pkid).write(wr);
+                }
+                Packet::Subscribe(s) => {
+                    let mut codes = Vec::with_capacity(s.filters.len());
+                    let mut retained = Vec::new();
+                    {
+                        let mut state = self.shared.state();
+                        for f in &s.filters {
+                            let held = state.sessions.get(&self.client).map_or(0, |ses| {
+                                let has = ses.filters.iter().any(|(x, _)| *x == f.path);
+                                ses.filters.len() + usize::from(!has)
+                            });
+                            if !topic::valid_filter(&f.path)
+                                || f.path.starts_with("$share/")
+                                || held > self.shared.options.max_subscriptions
+                            {
+                                codes.push(SubscribeReasonCode::Failure);
+                                continue;
+                            }
+                            let qos = min_qos(f.qos, QoS::AtLeastOnce);
+                            state.subscribe(&self.client, &f.path, qos);
+                            codes.push(SubscribeReasonCode::Success(qos));
+                            for (t, p) in &state.retained {
+                                if topic::matches(&f.path, t) {
+                                    let mut p = p.clone();
+                                    p.qos = min_qos(p.qos, qos);
+                                    retained.push(p);
+                                }
+                            }
+                        }
+                    }
+                    let _ = SubAck::new(s.pkid, codes).write(wr);
+                    for p in retained {
+                        if self.own.try_send(p).is_err() {
+                            self.shared.counters.dropped.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                }
+                Packet::Unsubscribe(u) => {
+                    {
+                        let mut state = self.shared.state();
+                        for t in &u.topics {
+                            state.unsubscribe(&self.client, t);
+                        }
+                    }
+                    let _ = UnsubAck::new(u.pkid).write(wr);
+                }
+                Packet::PingReq => {
+                    let _ = Packet::PingResp.write(wr, usize::MAX);
+                }
+                Packet::Disconnect => return Ok(false),
+                Packet::PubRec(r) => {
+                    // We never send QoS 2; answer as the spec's sender would.
+                    let _ = rumqttc::mqttbytes::v4::PubRel::new(r.pkid).write(wr);
+                }
+                Packet::PubComp(_) => {}
+                Packet::Connect(_) => return Err("a second CONNECT".into()),
+                other => return Err(format!("unexpected {other:?} from a client")),
+            }
+        }
+    }
+
+    fn publish(&mut self, p: Publish, wr: &mut BytesMut) -> Result<(), String> {
+        if !topic::valid_topic(&p.topic) {
+            return Err(format!("publish to an invalid topic {:?}", p.topic));
+        }
+        let counters = &self.shared.counters;
+        counters.received.fetch_add(1, Ordering::Relaxed);
+        let fresh = match p.qos {
+            QoS::AtMostOnce => true,
+            QoS::AtLeastOnce => {
+                let _ = PubAck::new(p.pkid).write(wr);
+                true
+            }
+            QoS::ExactlyOnce => {
+                let _ = PubRec::new(p.pkid).write(wr);
+                if self.qos2_in.contains(&p.pkid) {
+                    false
+                } else {
+                    self.qos2_in.push(p.pkid);
+                    true
+                }
+            }
+        };
+        if fresh {
+            let mut state = self.shared.state();
+            if p.retain {
+                retain(&mut state, &p, self.shared.options.max_retained);
+            }
+            state.route(&p, &self.shared.options, counters);
+        }
+        Ok(())
+    }
+}

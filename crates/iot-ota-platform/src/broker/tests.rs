@@ -1,0 +1,401 @@
+//! The embedded broker against rumqttc clients on loopback.
+
+use super::*;
+use bytes::BytesMut;
+use rumqttc::mqttbytes::v4::{Packet, Publish, SubscribeReasonCode};
+use rumqttc::mqttbytes::QoS;
+use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+fn client(broker: &EmbeddedBroker, id: &str, clean: bool) -> (AsyncClient, EventLoop) {
+    let mut opts = MqttOptions::new(id, "127.0.0.1", broker.addr().port());
+    opts.set_clean_session(clean)
+        .set_keep_alive(Duration::from_secs(5));
+    AsyncClient::new(opts, 64)
+}
+
+/// Polls until a PUBLISH arrives (acking it as rumqttc does), or the deadline.
+async fn next_publish(el: &mut EventLoop) -> Option<Publish> {
+    publish_within(el, Duration::from_secs(5)).await
+}
+
+/// No PUBLISH within a second.
+async fn nothing_more(el: &mut EventLoop) -> bool {
+    publish_within(el, Duration::from_secs(1)).await.is_none()
+}
+
+async fn publish_within(el: &mut EventLoop, wait: Duration) -> Option<Publish> {
+    let deadline = Instant::now() + wait;
+    loop {
+        match tokio::time::timeout_at(deadline, el.poll()).await {
+            Ok(Ok(Event::Incoming(Packet::Publish(p)))) => return Some(p),
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => panic!("{e}"),
+            Err(_) => return None,
+        }
+    }
+}
+
+/// Polls until the SUBACK (or any `want` packet) arrives.
+async fn until(el: &mut EventLoop, want: fn(&Packet) -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        match tokio::time::timeout_at(deadline, el.poll()).await {
+            Ok(Ok(Event::Incoming(p))) if want(&p) => return,
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => panic!("{e}"),
+            Err(_) => panic!("timed out"),
+        }
+    }
+}
+
+/// Until the broker acknowledges QoS 1 publish `pkid`.
+async fn acked(el: &mut EventLoop, pkid: u16) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        match tokio::time::timeout_at(deadline, el.poll()).await {
+            Ok(Ok(Event::Incoming(Packet::PubAck(a)))) if a.pkid == pkid => return,
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => panic!("{e}"),
+            Err(_) => panic!("timed out"),
+        }
+    }
+}
+
+/// Publishes retained QoS 1 messages, in order, and waits until the
+/// broker has acknowledged them all (the client's first publishes).
+async fn retain(p: &AsyncClient, el: &mut EventLoop, messages: &[(&str, &str)]) {
+    for (topic, payload) in messages {
+        p.publish(*topic, QoS::AtLeastOnce, true, *payload)
+            .await
+            .unwrap();
+    }
+    acked(el, messages.len() as u16).await;
+}
+
+fn is_suback(p: &Packet) -> bool {
+    matches!(p, Packet::SubAck(_))
+}
+
+async fn broker() -> EmbeddedBroker {
+    EmbeddedBroker::start("127.0.0.1:0".parse().unwrap(), BrokerOptions::default())
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn routes_exact_and_wildcard_subscriptions_once_per_client() {
+    let b = broker().await;
+    let (sub, mut sub_el) = client(&b, "sub", true);
+    sub.subscribe("/ota/device/progress/+/+", QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    sub.subscribe("/ota/device/progress/pk/dn", QoS::AtMostOnce)
+        .await
+        .unwrap();
+    until(&mut sub_el, is_suback).await;
+    until(&mut sub_el, is_suback).await;
+    let (publisher, mut pub_el) = client(&b, "pub", true);
+    publisher
+        .publish("/ota/device/progress/pk/dn", QoS::AtLeastOnce, false, "42")
+        .await
+        .unwrap();
+    publisher
+        .publish("/ota/device/other/pk/dn", QoS::AtLeastOnce, false, "no")
+        .await
+        .unwrap();
+    tokio::spawn(async move { while pub_el.poll().await.is_ok() {} });
+    let p = next_publish(&mut sub_el).await.expect("delivered");
+    assert_eq!(p.topic, "/ota/device/progress/pk/dn");
+    assert_eq!(&p.payload[..], b"42");
+    assert_eq!(p.qos, QoS::AtLeastOnce, "the highest granted QoS");
+    assert!(nothing_more(&mut sub_el).await, "one copy, nothing else");
+    assert_eq!(b.stats().delivered, 1);
+    assert_eq!(b.stats().received, 2);
+}
+
+#[tokio::test]
+async fn a_persistent_session_keeps_qos1_messages_while_away() {
+    let b = broker().await;
+    {
+        let (c, mut el) = client(&b, "platform", false);
+        c.subscribe("up/#", QoS::AtLeastOnce).await.unwrap();
+        until(&mut el, is_suback).await;
+        c.disconnect().await.unwrap();
+        while el.poll().await.is_ok() {}
+    }
+    let (p, mut pel) = client(&b, "dev", true);
+    p.publish("up/a", QoS::AtLeastOnce, false, "1")
+        .await
+        .unwrap();
+    p.publish("up/b", QoS::AtMostOnce, false, "lost")
+        .await
+        .unwrap();
+    p.publish("up/c", QoS::AtLeastOnce, false, "2")
+        .await
+        .unwrap();
+    acked(&mut pel, 2).await;
+    let (_c, mut el) = client(&b, "platform", false);
+    until(
+        &mut el,
+        |p| matches!(p, Packet::ConnAck(a) if a.session_present),
+    )
+    .await;
+    let got: Vec<_> = [
+        next_publish(&mut el).await.unwrap(),
+        next_publish(&mut el).await.unwrap(),
+    ]
+    .into_iter()
+    .map(|p| String::from_utf8_lossy(&p.payload).into_owned())
+    .collect();
+    assert_eq!(got, ["1", "2"], "QoS 1 kept in order, QoS 0 not kept");
+}
+
+#[tokio::test]
+async fn an_unacknowledged_message_is_sent_again_with_its_id_after_a_reconnect() {
+    let b = broker().await;
+    let manual = |b: &EmbeddedBroker| {
+        let mut opts = MqttOptions::new("platform", "127.0.0.1", b.addr().port());
+        opts.set_clean_session(false)
+            .set_manual_acks(true)
+            .set_keep_alive(Duration::from_secs(5));
+        AsyncClient::new(opts, 64)
+    };
+    let first = {
+        let (c, mut el) = manual(&b);
+        c.subscribe("up/#", QoS::AtLeastOnce).await.unwrap();
+        until(&mut el, is_suback).await;
+        let (p, mut pel) = client(&b, "dev", true);
+        p.publish("up/a", QoS::AtLeastOnce, false, "report")
+            .await
+            .unwrap();
+        tokio::spawn(async move { while pel.poll().await.is_ok() {} });
+        // Read, never acknowledged (the platform crashed before its commit).
+        next_publish(&mut el).await.expect("delivered")
+    };
+    let (c, mut el) = manual(&b);
+    let again = next_publish(&mut el).await.expect("delivered again");
+    assert_eq!(
+        (&again.payload[..], again.pkid, again.dup),
+        (&b"report"[..], first.pkid, true)
+    );
+    c.ack(&again).await.unwrap();
+    loop {
+        match tokio::time::timeout(Duration::from_secs(5), el.poll()).await {
+            Ok(Ok(Event::Outgoing(rumqttc::Outgoing::PubAck(_)))) => break,
+            Ok(Ok(_)) => {}
+            other => panic!("{other:?}"),
+        }
+    }
+    // Acknowledged now: a third connection gets nothing.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    drop((c, el));
+    let (_c, mut el) = manual(&b);
+    assert!(nothing_more(&mut el).await);
+}
+
+#[tokio::test]
+async fn retained_messages_reach_later_subscribers_and_are_cleared_by_empty_ones() {
+    let b = broker().await;
+    let (p, mut pel) = client(&b, "pub", true);
+    retain(
+        &p,
+        &mut pel,
+        &[("cfg/a", "kept"), ("cfg/b", "gone"), ("cfg/b", "")],
+    )
+    .await;
+    let (s, mut sel) = client(&b, "sub", true);
+    s.subscribe("cfg/+", QoS::AtLeastOnce).await.unwrap();
+    let m = next_publish(&mut sel).await.unwrap();
+    assert_eq!(
+        (m.topic.as_str(), &m.payload[..], m.retain),
+        ("cfg/a", &b"kept"[..], true)
+    );
+    assert!(nothing_more(&mut sel).await);
+}
+
+#[tokio::test]
+async fn a_second_connection_takes_the_session_over_and_a_lost_one_sends_its_will() {
+    let b = broker().await;
+    let (w, mut wel) = client(&b, "watcher", true);
+    w.subscribe("will/#", QoS::AtLeastOnce).await.unwrap();
+    until(&mut wel, is_suback).await;
+
+    let mut opts = MqttOptions::new("dev", "127.0.0.1", b.addr().port());
+    opts.set_last_will(rumqttc::LastWill::new(
+        "will/dev",
+        "gone",
+        QoS::AtLeastOnce,
+        false,
+    ));
+    let (_c1, mut el1) = AsyncClient::new(opts.clone(), 8);
+    until(&mut el1, |p| matches!(p, Packet::ConnAck(_))).await;
+    let (_c2, mut el2) = AsyncClient::new(opts, 8);
+    until(&mut el2, |p| matches!(p, Packet::ConnAck(_))).await;
+    // The first connection is closed by the broker: no will for a take-over.
+    let closed = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            if el1.poll().await.is_err() {
+                return;
+            }
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "the old connection was closed");
+    assert!(nothing_more(&mut wel).await, "no will on take-over");
+    // Now the second one drops without DISCONNECT: its will goes out.
+    drop(el2);
+    let will = next_publish(&mut wel).await.expect("the will");
+    assert_eq!(
+        (will.topic.as_str(), &will.payload[..]),
+        ("will/dev", &b"gone"[..])
+    );
+    assert_eq!(b.stats().connections, 1);
+}
+
+#[tokio::test]
+async fn retained_messages_for_a_client_that_never_acks_stay_within_its_limits() {
+    let b = EmbeddedBroker::start(
+        "127.0.0.1:0".parse().unwrap(),
+        BrokerOptions {
+            max_queued: 10,
+            max_inflight: 5,
+            ..BrokerOptions::default()
+        },
+    )
+    .await
+    .unwrap();
+    let (p, mut pel) = client(&b, "pub", true);
+    retain(&p, &mut pel, &[("cfg/x", "kept")]).await;
+    tokio::spawn(async move { while pel.poll().await.is_ok() {} });
+    // A raw client subscribes 200 times and never acknowledges: each
+    // SUBSCRIBE is owed the retained message again.
+    let mut raw = TcpStream::connect(b.addr()).await.unwrap();
+    let mut out = BytesMut::new();
+    rumqttc::mqttbytes::v4::Connect::new("greedy")
+        .write(&mut out)
+        .unwrap();
+    for i in 1..=200u16 {
+        let mut sub = rumqttc::mqttbytes::v4::Subscribe::new("cfg/#", QoS::AtLeastOnce);
+        sub.pkid = i;
+        sub.write(&mut out).unwrap();
+    }
+    raw.write_all(&out).await.unwrap();
+    // The broker still serves others, and kept at most 5 + 10 for it.
+    let (s, mut sel) = client(&b, "other", true);
+    s.subscribe("cfg/x", QoS::AtLeastOnce).await.unwrap();
+    let m = next_publish(&mut sel).await.expect("served");
+    assert_eq!(&m.payload[..], b"kept");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while b.stats().dropped < 185 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(b.stats().dropped >= 185, "{:?}", b.stats());
+    drop(raw);
+}
+
+#[tokio::test]
+async fn subscriptions_and_retained_topics_are_bounded() {
+    let b = EmbeddedBroker::start(
+        "127.0.0.1:0".parse().unwrap(),
+        BrokerOptions {
+            max_subscriptions: 2,
+            max_retained: 1,
+            ..BrokerOptions::default()
+        },
+    )
+    .await
+    .unwrap();
+    let (c, mut el) = client(&b, "many", true);
+    for f in ["a", "b", "a", "c"] {
+        c.subscribe(f, QoS::AtLeastOnce).await.unwrap();
+    }
+    let mut codes = Vec::new();
+    while codes.len() < 4 {
+        match tokio::time::timeout(Duration::from_secs(5), el.poll()).await {
+            Ok(Ok(Event::Incoming(Packet::SubAck(a)))) => codes.extend(a.return_codes),
+            Ok(Ok(_)) => {}
+            other => panic!("{other:?}"),
+        }
+    }
+    let ok = SubscribeReasonCode::Success(QoS::AtLeastOnce);
+    assert_eq!(
+        codes,
+        [ok, ok, ok, SubscribeReasonCode::Failure],
+        "a again is no new one"
+    );
+    let (p, mut pel) = client(&b, "pub", true);
+    retain(
+        &p,
+        &mut pel,
+        &[("r/1", "one"), ("r/2", "two"), ("r/1", "one again")],
+    )
+    .await;
+    let (s, mut sel) = client(&b, "late", true);
+    s.subscribe("r/+", QoS::AtLeastOnce).await.unwrap();
+    let m = next_publish(&mut sel).await.unwrap();
+    assert_eq!(
+        (m.topic.as_str(), &m.payload[..]),
+        ("r/1", &b"one again"[..])
+    );
+    assert!(nothing_more(&mut sel).await, "r/2 was not kept");
+}
+
+#[tokio::test]
+async fn bad_filters_are_refused_and_a_full_queue_drops_and_counts() {
+    let b = EmbeddedBroker::start(
+        "127.0.0.1:0".parse().unwrap(),
+        BrokerOptions {
+            max_queued: 2,
+            max_inflight: 0,
+            ..BrokerOptions::default()
+        },
+    )
+    .await
+    .unwrap();
+    // A raw client that subscribes and never reads nor acks.
+    let mut raw = TcpStream::connect(b.addr()).await.unwrap();
+    let mut out = BytesMut::new();
+    rumqttc::mqttbytes::v4::Connect::new("slow")
+        .write(&mut out)
+        .unwrap();
+    let mut sub = rumqttc::mqttbytes::v4::Subscribe::new("t", QoS::AtLeastOnce);
+    sub.pkid = 1;
+    sub.add("a/#/b".into(), QoS::AtMostOnce);
+    sub.write(&mut out).unwrap();
+    raw.write_all(&out).await.unwrap();
+    let mut rd = BytesMut::new();
+    let ack = loop {
+        match Packet::read(&mut rd, 1 << 20) {
+            Ok(Packet::SubAck(a)) => break a,
+            Ok(_) => {}
+            Err(rumqttc::mqttbytes::Error::InsufficientBytes(_)) => {
+                let n = tokio::time::timeout(Duration::from_secs(5), raw.read_buf(&mut rd))
+                    .await
+                    .expect("the broker answers")
+                    .unwrap();
+                assert!(n > 0, "closed by the broker");
+            }
+            Err(e) => panic!("{e}"),
+        }
+    };
+    assert_eq!(
+        ack.return_codes,
+        [
+            SubscribeReasonCode::Success(QoS::AtLeastOnce),
+            SubscribeReasonCode::Failure
+        ]
+    );
+    let (p, mut pel) = client(&b, "pub", true);
+    for i in 0..6 {
+        p.publish("t", QoS::AtLeastOnce, false, vec![i])
+            .await
+            .unwrap();
+    }
+    acked(&mut pel, 6).await;
+    // Nothing may be in flight: two queued, four dropped.
+    let s = b.stats();
+    assert_eq!((s.received, s.delivered, s.dropped), (6, 2, 4), "{s:?}");
+}
