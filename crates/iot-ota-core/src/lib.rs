@@ -22,6 +22,11 @@
 //!   mutator, drain [`Ota::poll_output`] until it returns `None`**, then sleep
 //!   until [`Ota::poll_timeout`] (or the next message).
 //!
+//! The upgrade around the download (journal, acknowledge, install, reboot,
+//! confirm, commit or roll back) is [`flow::Flow`], driven the same way:
+//! answers in, [`flow::Action`]s out, one device-side driver for the agent,
+//! the Rust API and the C API.
+//!
 //! A [`Fetch`] tracks one download: feed it every received slice with
 //! [`Fetch::handle_data`], tell it the body ended with [`Fetch::handle_end`],
 //! and publish each [`Progress`] it returns with [`Ota::publish_progress`].

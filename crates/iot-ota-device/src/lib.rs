@@ -23,6 +23,10 @@
 //!   simulated bootloader, command hooks, RAUC, or the application itself),
 //!   and the decision at every start: commit a healthy new image (SUCCESS
 //!   only then), roll back an unhealthy one, resume what a crash cut off.
+//!   It is the one driver of the core's upgrade flow
+//!   ([`iot_ota_core::flow`]) for the agent, this API and the C API.
+//! - [`ffi_support`]: what only the C API builds on (the shared MQTT link,
+//!   the read-ahead, the application as installer, its runtime).
 //!
 //! # Example
 //!
@@ -99,18 +103,19 @@ mod client;
 mod config;
 mod download;
 mod error;
+pub mod ffi_support;
 pub mod fsutil;
 pub mod http;
 pub mod install;
 pub mod journal_file;
 pub mod lifecycle;
-pub mod link;
+mod link;
 pub mod session;
 pub mod tls;
 
 pub use client::{OtaClient, Upgrades};
 pub use config::Config;
-pub use download::{Download, DownloadOptions, ReadAhead, ReadAheadPoll};
+pub use download::{Download, DownloadOptions};
 pub use error::Error;
 pub use iot_ota_core::{
     BrokerUrl, Fetch, FetchError, FetchState, Firmware, Policy, Progress, SignMethod, Status,
@@ -118,34 +123,3 @@ pub use iot_ota_core::{
 };
 pub use link::LinkSettings;
 pub use session::Session;
-
-/// A current-thread tokio runtime with IO and timers: what the C API's MQTT
-/// instances and the read-ahead's thread run on (built in one place: the
-/// builder's code is not small).
-pub fn current_thread_runtime() -> std::io::Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-}
-
-/// Runs `future` on `rt` through a single, type-erased instantiation of
-/// [`tokio::runtime::Runtime::block_on`].
-///
-/// Why: the runtime's scheduler entry is generic over the future, and each
-/// distinct future type costs about 3 KB of code. Drivers that block on
-/// many kinds of futures (the C API does, in every call) share one copy.
-pub fn block_on_erased<F: std::future::Future>(
-    rt: &tokio::runtime::Runtime,
-    future: F,
-) -> F::Output {
-    let mut out = None;
-    {
-        let run = async {
-            out = Some(future.await);
-        };
-        let mut run = std::pin::pin!(run);
-        let erased: std::pin::Pin<&mut dyn std::future::Future<Output = ()>> = run.as_mut();
-        rt.block_on(erased);
-    }
-    out.expect("block_on returns once its future has completed")
-}

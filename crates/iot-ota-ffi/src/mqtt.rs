@@ -21,8 +21,9 @@ use std::time::Duration;
 
 use iot_ota_core::protocol::{TopicKind, DEFAULT_PREFIX};
 use iot_ota_core::{BrokerUrl, Topics};
-use iot_ota_device::link::{self, LinkHandler, LinkSettings};
+use iot_ota_device::ffi_support::{link_client, run_link, LinkHandler};
 use iot_ota_device::tls::{self, TlsOptions};
+use iot_ota_device::LinkSettings;
 use iot_ota_device::Session;
 use rumqttc::{AsyncClient, ConnectionError, EventLoop, Publish};
 use rustls::ClientConfig;
@@ -152,7 +153,7 @@ impl Shared {
     }
 }
 
-/// The C API's side of the link ([`link::run`]): feeds the attached engines,
+/// The C API's side of the link ([`run_link`]): feeds the attached engines,
 /// queues the callbacks' deliveries, keeps the counters `iot_mqtt_connect`
 /// and `iot_mqtt_yield` read, and wakes whoever waits in them.
 struct FfiLink(Arc<Shared>);
@@ -327,7 +328,8 @@ fn anchor_current_thread() {
 impl Mqtt {
     fn new(settings: LinkSettings, downloads: TlsOptions) -> Result<Mqtt, c_int> {
         anchor_current_thread();
-        let rt = iot_ota_device::current_thread_runtime().map_err(|_| crate::IOT_OTA_ERR_NOMEM)?;
+        let rt = iot_ota_device::ffi_support::current_thread_runtime()
+            .map_err(|_| crate::IOT_OTA_ERR_NOMEM)?;
         // With a CA file for downloads, build their TLS settings once, now,
         // so a bad file fails iot_mqtt_create; without one, the system roots
         // load on the first https:// download.
@@ -341,7 +343,7 @@ impl Mqtt {
         // Creating the client and event loop touches no socket yet, but
         // keep every tokio object inside its runtime's context.
         let _context = rt.enter();
-        let (client, eventloop) = link::client(&settings).map_err(|e| {
+        let (client, eventloop) = link_client(&settings).map_err(|e| {
             log::error!("MQTT: {e}");
             IOT_OTA_ERR_INVALID_PARAM
         })?;
@@ -367,7 +369,7 @@ impl Mqtt {
     /// distinct future type, and the device binary has a size budget.
     pub(crate) fn block_on<F: std::future::Future>(&self, future: F) -> F::Output {
         anchor_current_thread();
-        iot_ota_device::block_on_erased(&self.rt, future)
+        iot_ota_device::ffi_support::block_on_erased(&self.rt, future)
     }
 
     /// The client that queues publishes and subscriptions.
@@ -463,7 +465,7 @@ impl Mqtt {
             let backoff = self.settings.backoff();
             let task = self
                 .rt
-                .spawn(async move { link::run(eventloop, backoff, &handler).await });
+                .spawn(async move { run_link(eventloop, backoff, &handler).await });
             *lock(&self.driver) = Some(task);
         }
         let shared = &self.shared;

@@ -364,7 +364,7 @@ impl ReadAhead {
                         },
                         outcome: None,
                     };
-                    let rt = crate::current_thread_runtime();
+                    let rt = crate::ffi_support::current_thread_runtime();
                     // The bytes kept from an earlier attempt, hashed again
                     // here (off the caller's thread) before the rest is asked for.
                     let rehashed = match &resume {
@@ -375,7 +375,7 @@ impl ReadAhead {
                     };
                     match (rt, rehashed) {
                         (_, Err(e)) => ahead.outcome = ahead.hasher.step(Some(Msg::Failed(e))),
-                        (Ok(rt), Ok(())) => crate::block_on_erased(&rt, async {
+                        (Ok(rt), Ok(())) => crate::ffi_support::block_on_erased(&rt, async {
                             tokio::select! {
                                 _ = read_blocks(&mut source, kept, Fill::Within(HANDOVER), &mut ahead) => {}
                                 _ = queue.cancel.notified() => {}

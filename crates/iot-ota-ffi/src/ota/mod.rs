@@ -14,10 +14,10 @@ use std::time::{Duration, Instant};
 
 use iot_ota_core::protocol::MAX_VERSION_LEN;
 use iot_ota_core::{Config, Event, FetchError, FetchState, Firmware, Ota, Status, Verified};
+use iot_ota_device::ffi_support::{Application, ReadAhead, ReadAheadPoll};
 use iot_ota_device::http::HttpOptions;
-use iot_ota_device::install::Application;
 use iot_ota_device::lifecycle::{Installed, Lifecycle, Next, Resumed, Start};
-use iot_ota_device::{Download, DownloadOptions, ReadAhead, ReadAheadPoll, Session};
+use iot_ota_device::{Download, DownloadOptions, Session};
 
 mod boot;
 mod fetch;
