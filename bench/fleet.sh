@@ -9,6 +9,8 @@
 # device, which fits a 20,000 open-file limit. Targets (issue "fleet"):
 # 100% success within 120 s of the batch start, push -> ack p99 <= 50 ms,
 # fleet RSS <= 150 KB per device.
+# Everything printed is also appended to bench/RESULTS.md, with the date and
+# the machine (RESULTS=path to write elsewhere, RESULTS= not at all).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 N=${1:-10000}
@@ -24,6 +26,17 @@ pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$work"; }
 work=$(mktemp -d)
 trap cleanup EXIT
+
+RESULTS=${RESULTS-bench/RESULTS.md}
+if [ -n "$RESULTS" ]; then
+  {
+    printf '\n## bench/fleet.sh %s devices, push rate %s/min, %s\n\n' "$N" "$RATE" "$(date -u '+%Y-%m-%d %H:%M UTC')"
+    printf 'machine: %s, %s cores, %s\n\n' "$(uname -m)" "$(nproc)" \
+      "$(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -1)"
+  } >> "$RESULTS"
+  # Indented: a Markdown code block that needs no closing line.
+  exec > >(tee >(sed -u 's/^/    /' >> "$RESULTS"))
+fi
 
 run() { # $1: label, $2: broker flag for the platform ("" = embedded), $3: broker URL for the fleet
   local http; http=$(free_port)

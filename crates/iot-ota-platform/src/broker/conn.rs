@@ -21,6 +21,7 @@ use tokio::sync::{mpsc, watch, Notify};
 use tokio::time::Instant;
 
 use super::state::{min_qos, retain, Online, Session};
+use super::strict::{self, Violation};
 use super::topic;
 use super::Shared;
 
@@ -28,7 +29,8 @@ use super::Shared;
 enum End {
     /// DISCONNECT, or the broker stopping: no will.
     Clean,
-    /// Another connection took the session over: no will, session kept.
+    /// Another connection took the session over: the will is sent (as
+    /// Mosquitto does), the session is kept.
     TakenOver,
     /// Anything else (network, keep-alive, protocol error): the will is sent.
     Lost(String),
@@ -54,7 +56,15 @@ pub(super) async fn connection(
             log::debug!("embedded broker: {peer}: the first packet was not CONNECT");
             return;
         }
-        Ok(Err(e)) => {
+        Ok(Err(Violation::UnsupportedLevel(level))) => {
+            // MQTT-3.1.2-2: CONNACK 0x01, so that an MQTT 3.1 stack can fall back.
+            log::debug!("embedded broker: {peer}: protocol level {level} refused");
+            let mut wr = BytesMut::with_capacity(4);
+            let _ = ConnAck::new(ConnectReturnCode::RefusedProtocolVersion, false).write(&mut wr);
+            let _ = stream.write_all(&wr).await;
+            return;
+        }
+        Ok(Err(Violation::Close(e))) => {
             log::debug!("embedded broker: {peer}: {e}");
             return;
         }
@@ -170,6 +180,16 @@ pub(super) async fn connection(
     let grace = keep_alive + keep_alive / 2;
     let write_timeout = grace.max(Duration::from_secs(30));
     let mut deadline = Instant::now() + grace;
+    // The CONNACK goes out before anything pipelined behind the CONNECT is
+    // looked at: a client whose next packet breaks the rules has still
+    // been told it was connected (as Mosquitto does).
+    if tokio::time::timeout(write_timeout, stream.write_all(&wr))
+        .await
+        .map_or(true, |r| r.is_err())
+    {
+        log::debug!("embedded broker: {client}: the CONNACK could not be sent");
+    }
+    wr.clear();
     // Packets sent right behind the CONNECT (pipelined) are already read.
     let end = match conn.take_packets(&mut rd, &mut wr) {
         Ok(true) => None,
@@ -278,10 +298,12 @@ pub(super) async fn connection(
             .counters
             .dropped
             .fetch_add(dropped, Ordering::Relaxed);
-        // The will is for a connection lost, not for one another took over.
+        // The will is for a connection that did not say DISCONNECT: lost,
+        // or taken over by a new one (as Mosquitto does: the old
+        // connection's end is news to whoever watches its will).
         match &end {
-            End::Lost(_) if mine => connect.last_will.clone(),
-            _ => None,
+            End::Lost(_) | End::TakenOver => connect.last_will.clone(),
+            End::Clean => None,
         }
     };
     shared.counters.connections.fetch_sub(1, Ordering::Relaxed);
@@ -302,22 +324,26 @@ pub(super) async fn connection(
     }
 }
 
-/// Reads until one whole packet is in `rd`, and returns it.
+/// Reads until one whole packet is in `rd`, checks it ([`strict`]) and
+/// returns it.
 async fn read_packet(
     stream: &mut TcpStream,
     rd: &mut BytesMut,
     max: usize,
-) -> Result<Packet, String> {
+) -> Result<Packet, Violation> {
+    let close = Violation::Close;
     loop {
-        match Packet::read(rd, max) {
-            Ok(p) => return Ok(p),
-            Err(rumqttc::mqttbytes::Error::InsufficientBytes(_)) => {}
-            Err(e) => return Err(e.to_string()),
+        if let Some(n) = strict::frame_len(rd).map_err(close)? {
+            strict::check(&rd[..n])?;
+            return Packet::read(rd, max).map_err(|e| close(e.to_string()));
+        }
+        if rd.len() > max {
+            return Err(close(format!("a packet over {max} bytes")));
         }
         match stream.read_buf(rd).await {
-            Ok(0) => return Err("closed before CONNECT".into()),
+            Ok(0) => return Err(close("closed before CONNECT".into())),
             Ok(_) => {}
-            Err(e) => return Err(e.to_string()),
+            Err(e) => return Err(close(e.to_string())),
         }
     }
 }
@@ -371,6 +397,16 @@ impl Conn {
     fn take_packets(&mut self, rd: &mut BytesMut, wr: &mut BytesMut) -> Result<bool, String> {
         let max = self.shared.options.max_packet_size;
         loop {
+            match strict::frame_len(rd) {
+                Ok(Some(n)) => match strict::check(&rd[..n]) {
+                    Ok(()) => {}
+                    Err(Violation::Close(e)) => return Err(e),
+                    Err(Violation::UnsupportedLevel(_)) => return Err("a second CONNECT".into()),
+                },
+                Ok(None) if rd.len() > max => return Err(format!("a packet over {max} bytes")),
+                Ok(None) => return Ok(true),
+                Err(e) => return Err(e),
+            }
             let packet = match Packet::read(rd, max) {
                 Ok(p) => p,
                 Err(rumqttc::mqttbytes::Error::InsufficientBytes(_)) => return Ok(true),

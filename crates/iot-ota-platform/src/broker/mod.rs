@@ -29,6 +29,7 @@
 
 mod conn;
 mod state;
+mod strict;
 mod topic;
 
 use conn::connection;

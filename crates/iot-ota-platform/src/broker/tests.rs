@@ -217,7 +217,7 @@ async fn retained_messages_reach_later_subscribers_and_are_cleared_by_empty_ones
 }
 
 #[tokio::test]
-async fn a_second_connection_takes_the_session_over_and_a_lost_one_sends_its_will() {
+async fn a_take_over_and_a_lost_connection_each_send_the_will_as_mosquitto_does() {
     let b = broker().await;
     let (w, mut wel) = client(&b, "watcher", true);
     w.subscribe("will/#", QoS::AtLeastOnce).await.unwrap();
@@ -234,7 +234,8 @@ async fn a_second_connection_takes_the_session_over_and_a_lost_one_sends_its_wil
     until(&mut el1, |p| matches!(p, Packet::ConnAck(_))).await;
     let (_c2, mut el2) = AsyncClient::new(opts, 8);
     until(&mut el2, |p| matches!(p, Packet::ConnAck(_))).await;
-    // The first connection is closed by the broker: no will for a take-over.
+    // The first connection is closed by the broker, and its will goes out
+    // (Mosquitto does: the old connection did not say DISCONNECT).
     let closed = tokio::time::timeout(Duration::from_secs(5), async {
         loop {
             if el1.poll().await.is_err() {
@@ -244,7 +245,11 @@ async fn a_second_connection_takes_the_session_over_and_a_lost_one_sends_its_wil
     })
     .await;
     assert!(closed.is_ok(), "the old connection was closed");
-    assert!(nothing_more(&mut wel).await, "no will on take-over");
+    let will = next_publish(&mut wel)
+        .await
+        .expect("the will of the one taken over");
+    assert_eq!(will.topic, "will/dev");
+    assert!(nothing_more(&mut wel).await, "one will per connection");
     // Now the second one drops without DISCONNECT: its will goes out.
     drop(el2);
     let will = next_publish(&mut wel).await.expect("the will");
@@ -398,4 +403,111 @@ async fn bad_filters_are_refused_and_a_full_queue_drops_and_counts() {
     // Nothing may be in flight: two queued, four dropped.
     let s = b.stats();
     assert_eq!((s.received, s.delivered, s.dropped), (6, 2, 4), "{s:?}");
+}
+
+/// Sends `bytes` on a raw connection and returns all the broker answers
+/// until it closes the connection (or 5 s pass: then `None`).
+async fn raw_exchange(b: &EmbeddedBroker, bytes: &[u8]) -> Option<Vec<u8>> {
+    let mut raw = TcpStream::connect(b.addr()).await.unwrap();
+    raw.write_all(bytes).await.unwrap();
+    let mut got = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), async {
+        let mut buf = [0u8; 256];
+        loop {
+            match raw.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await
+    .ok()?;
+    Some(got)
+}
+
+/// A CONNECT of protocol `name` level `level` with `flags` (client id "c").
+fn raw_connect(name: &[u8], level: u8, flags: u8) -> Vec<u8> {
+    let mut body = vec![0, name.len() as u8];
+    body.extend_from_slice(name);
+    body.extend_from_slice(&[level, flags, 0, 60, 0, 1, b'c']);
+    let mut f = vec![0x10, body.len() as u8];
+    f.extend(body);
+    f
+}
+
+#[tokio::test]
+async fn an_mqtt_3_1_client_gets_connack_1_and_can_fall_back() {
+    let b = broker().await;
+    let answer = raw_exchange(&b, &raw_connect(b"MQIsdp", 3, 0x02)).await;
+    assert_eq!(answer.as_deref(), Some(&[0x20, 2, 0, 1][..]));
+}
+
+#[tokio::test]
+async fn reserved_bits_ids_and_empty_payloads_close_the_connection() {
+    let b = broker().await;
+    let ok_connect = raw_connect(b"MQTT", 4, 0x02);
+    // Each case: a CONNECT (or a good CONNECT then a bad packet) that
+    // Mosquitto closes; the broker answers nothing to the bad packet.
+    let connack = [0x20u8, 2, 0, 0];
+    let cases: Vec<(&str, Vec<u8>, &[u8])> = vec![
+        ("CONNECT reserved flag", raw_connect(b"MQTT", 4, 0x03), &[]),
+        (
+            "password without user name",
+            raw_connect(b"MQTT", 4, 0x42),
+            &[],
+        ),
+        (
+            "SUBSCRIBE flags 0000",
+            [&ok_connect[..], &[0x80, 6, 0, 1, 0, 1, b'a', 1]].concat(),
+            &connack,
+        ),
+        (
+            "SUBSCRIBE packet id 0",
+            [&ok_connect[..], &[0x82, 6, 0, 0, 0, 1, b'a', 1]].concat(),
+            &connack,
+        ),
+        (
+            "SUBSCRIBE reserved QoS bits",
+            [&ok_connect[..], &[0x82, 6, 0, 1, 0, 1, b'a', 0x81]].concat(),
+            &connack,
+        ),
+        (
+            "UNSUBSCRIBE flags 0000",
+            [&ok_connect[..], &[0xa0, 5, 0, 1, 0, 1, b'a']].concat(),
+            &connack,
+        ),
+        (
+            "UNSUBSCRIBE with no topic",
+            [&ok_connect[..], &[0xa2, 2, 0, 1]].concat(),
+            &connack,
+        ),
+        (
+            "PUBREL flags 0000",
+            [&ok_connect[..], &[0x60, 2, 0, 1]].concat(),
+            &connack,
+        ),
+    ];
+    for (what, bytes, want) in cases {
+        let got = raw_exchange(&b, &bytes).await;
+        assert_eq!(
+            got.as_deref(),
+            Some(want),
+            "{what}: closed after exactly this"
+        );
+    }
+    // The good forms are answered and the connection stays.
+    let mut good = ok_connect.clone();
+    good.extend_from_slice(&[0x82, 6, 0, 1, 0, 1, b'a', 1]);
+    let mut raw = TcpStream::connect(b.addr()).await.unwrap();
+    raw.write_all(&good).await.unwrap();
+    let mut buf = [0u8; 9];
+    tokio::time::timeout(Duration::from_secs(5), raw.read_exact(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        buf,
+        [0x20, 2, 0, 0, 0x90, 3, 0, 1, 1],
+        "CONNACK, SUBACK granted 1"
+    );
 }
