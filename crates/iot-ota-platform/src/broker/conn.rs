@@ -20,6 +20,7 @@ use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch, Notify};
 use tokio::time::Instant;
 
+use super::budget::Ticket;
 use super::state::{min_qos, retain, Online, Session};
 use super::strict::{self, Violation};
 use super::topic;
@@ -45,9 +46,12 @@ pub(super) async fn connection(
     let _ = stream.set_nodelay(true);
     let max = shared.options.max_packet_size;
     let mut rd = BytesMut::with_capacity(512);
+    // What this connection's incomplete packets hold of the shared bound.
+    let evict = Arc::new(Notify::new());
+    let mut ticket = shared.budget.ticket(evict.clone());
     let connect = match tokio::time::timeout(
         shared.options.connect_timeout,
-        read_packet(&mut stream, &mut rd, max),
+        read_packet(&mut stream, &mut rd, max, &mut ticket, &evict),
     )
     .await
     {
@@ -177,7 +181,15 @@ pub(super) async fn connection(
     // Packet ids are 16 bits: never more in flight than there are ids.
     let max_inflight = shared.options.max_inflight.min(usize::from(u16::MAX) - 1);
     let keep_alive = Duration::from_secs(u64::from(connect.keep_alive));
-    let grace = keep_alive + keep_alive / 2;
+    // Keep-alive 0 asks for no timeout; an idle limit still bounds it.
+    let grace = if keep_alive.is_zero() {
+        shared.options.idle_timeout
+    } else {
+        keep_alive + keep_alive / 2
+    };
+    let packet_timeout = shared.options.packet_timeout;
+    // Set while a packet has begun and not ended: it must end by then.
+    let mut packet_deadline: Option<Instant> = None;
     let write_timeout = grace.max(Duration::from_secs(30));
     let mut deadline = Instant::now() + grace;
     // The CONNACK goes out before anything pipelined behind the CONNECT is
@@ -192,7 +204,12 @@ pub(super) async fn connection(
     wr.clear();
     // Packets sent right behind the CONNECT (pipelined) are already read.
     let end = match conn.take_packets(&mut rd, &mut wr) {
-        Ok(true) => None,
+        Ok(true) => {
+            if !rd.is_empty() {
+                packet_deadline = Some(Instant::now() + packet_timeout);
+            }
+            ticket.hold(held(&rd)).err().map(End::Lost)
+        }
         Ok(false) => Some(End::Clean),
         Err(e) => Some(End::Lost(e)),
     };
@@ -215,11 +232,24 @@ pub(super) async fn connection(
                 read = stream.read_buf(&mut rd) => match read {
                     Ok(0) => break End::Lost("closed by the client".into()),
                     Ok(_) => {
-                        deadline = Instant::now() + grace;
+                        let now = Instant::now();
+                        deadline = now + grace;
                         match conn.take_packets(&mut rd, &mut wr) {
                             Ok(true) => {}
                             Ok(false) => break End::Clean,
                             Err(e) => break End::Lost(e),
+                        }
+                        if rd.is_empty() {
+                            packet_deadline = None;
+                            // One big packet must not keep its buffer.
+                            if rd.capacity() > 64 * 1024 {
+                                rd = BytesMut::with_capacity(512);
+                            }
+                        } else if packet_deadline.is_none() {
+                            packet_deadline = Some(now + packet_timeout);
+                        }
+                        if let Err(e) = ticket.hold(held(&rd)) {
+                            break End::Lost(e);
                         }
                     }
                     Err(e) => break End::Lost(format!("read: {e}")),
@@ -235,8 +265,22 @@ pub(super) async fn connection(
                     }
                 }
                 _ = kick.notified() => break End::TakenOver,
-                _ = tokio::time::sleep_until(deadline), if !keep_alive.is_zero() => {
-                    break End::Lost("keep-alive timeout".into());
+                _ = tokio::time::sleep_until(deadline) => {
+                    shared.counters.timed_out.fetch_add(1, Ordering::Relaxed);
+                    break End::Lost(if keep_alive.is_zero() {
+                        "idle (keep-alive 0) past the idle limit".into()
+                    } else {
+                        "keep-alive timeout".into()
+                    });
+                }
+                _ = tokio::time::sleep_until(packet_deadline.unwrap_or(deadline)),
+                    if packet_deadline.is_some() =>
+                {
+                    shared.counters.timed_out.fetch_add(1, Ordering::Relaxed);
+                    break End::Lost(format!("a packet not finished within {packet_timeout:?}"));
+                }
+                _ = evict.notified() => {
+                    break End::Lost("closed by the bound on incomplete packets".into());
                 }
                 _ = stop.changed() => break End::Clean,
             }
@@ -324,25 +368,45 @@ pub(super) async fn connection(
     }
 }
 
+/// What a read buffer holds of the bound: nothing when empty, else its
+/// allocation.
+fn held(rd: &BytesMut) -> usize {
+    if rd.is_empty() {
+        0
+    } else {
+        rd.capacity()
+    }
+}
+
 /// Reads until one whole packet is in `rd`, checks it ([`strict`]) and
-/// returns it.
+/// returns it; its bytes count against the bound meanwhile.
 async fn read_packet(
     stream: &mut TcpStream,
     rd: &mut BytesMut,
     max: usize,
+    ticket: &mut Ticket,
+    evict: &Notify,
 ) -> Result<Packet, Violation> {
     let close = Violation::Close;
     loop {
         if let Some(n) = strict::frame_len(rd).map_err(close)? {
             strict::check(&rd[..n])?;
-            return Packet::read(rd, max).map_err(|e| close(e.to_string()));
+            let packet = Packet::read(rd, max).map_err(|e| close(e.to_string()));
+            ticket.hold(held(rd)).map_err(close)?;
+            return packet;
         }
         if rd.len() > max {
             return Err(close(format!("a packet over {max} bytes")));
         }
-        match stream.read_buf(rd).await {
+        let read = tokio::select! {
+            read = stream.read_buf(rd) => read,
+            _ = evict.notified() => {
+                return Err(close("closed by the bound on incomplete packets".into()));
+            }
+        };
+        match read {
             Ok(0) => return Err(close("closed before CONNECT".into())),
-            Ok(_) => {}
+            Ok(_) => ticket.hold(held(rd)).map_err(close)?,
             Err(e) => return Err(close(e.to_string())),
         }
     }

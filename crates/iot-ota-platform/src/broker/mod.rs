@@ -27,6 +27,7 @@
 //! by one hash lookup; the few wildcard filters (the platform's) are
 //! matched one by one.
 
+mod budget;
 mod conn;
 mod state;
 mod strict;
@@ -65,6 +66,15 @@ pub struct BrokerOptions {
     /// Retained topics kept at most; a retained message on a new topic
     /// beyond that is delivered but not kept.
     pub max_retained: usize,
+    /// Bytes that incomplete packets may hold across all connections; past
+    /// it, the connection whose incomplete packet began first is closed
+    /// (counted in [`BrokerStats::evicted`]).
+    pub max_pending_bytes: usize,
+    /// How long a packet may take from its first byte to its last; a
+    /// slower one closes the connection (counted in [`BrokerStats::timed_out`]).
+    pub packet_timeout: Duration,
+    /// How long a client with keep-alive 0 may stay silent.
+    pub idle_timeout: Duration,
 }
 
 impl Default for BrokerOptions {
@@ -77,6 +87,9 @@ impl Default for BrokerOptions {
             connect_timeout: Duration::from_secs(10),
             max_subscriptions: 1_000,
             max_retained: 100_000,
+            max_pending_bytes: 64 * 1024 * 1024,
+            packet_timeout: Duration::from_secs(30),
+            idle_timeout: Duration::from_secs(15 * 60),
         }
     }
 }
@@ -97,6 +110,17 @@ pub struct BrokerStats {
     pub dropped: u64,
     /// The longest any client's queue has been, in messages.
     pub peak_queue: u64,
+    /// Connections closed by the bound on incomplete packets
+    /// ([`BrokerOptions::max_pending_bytes`]).
+    #[serde(default)]
+    pub evicted: u64,
+    /// Connections closed for silence (keep-alive, the idle limit) or a
+    /// packet not finished in time.
+    #[serde(default)]
+    pub timed_out: u64,
+    /// Bytes incomplete packets hold now.
+    #[serde(default)]
+    pub pending_bytes: u64,
 }
 
 /// A handle that reads an [`EmbeddedBroker`]'s counters, for whoever
@@ -107,7 +131,7 @@ pub struct BrokerStatsHandle(std::sync::Weak<Shared>);
 impl BrokerStatsHandle {
     /// The counters now, or `None` once the broker has stopped.
     pub fn get(&self) -> Option<BrokerStats> {
-        self.0.upgrade().map(|s| s.counters.snapshot())
+        self.0.upgrade().map(|s| s.stats())
     }
 
     /// Whether a client with this id is connected now (`None` once the
@@ -132,6 +156,7 @@ struct Counters {
     delivered: AtomicU64,
     dropped: AtomicU64,
     peak_queue: AtomicU64,
+    timed_out: AtomicU64,
 }
 
 impl Counters {
@@ -143,6 +168,8 @@ impl Counters {
             delivered: self.delivered.load(Ordering::Relaxed),
             dropped: self.dropped.load(Ordering::Relaxed),
             peak_queue: self.peak_queue.load(Ordering::Relaxed),
+            timed_out: self.timed_out.load(Ordering::Relaxed),
+            ..BrokerStats::default()
         }
     }
 }
@@ -165,6 +192,7 @@ impl EmbeddedBroker {
             .map_err(|e| format!("the embedded MQTT broker cannot listen on {addr}: {e}"))?;
         let addr = listener.local_addr().map_err(|e| e.to_string())?;
         let shared = Arc::new(Shared {
+            budget: Arc::new(budget::Budget::new(options.max_pending_bytes)),
             options,
             state: Mutex::new(State::default()),
             counters: Counters::default(),
@@ -191,7 +219,7 @@ impl EmbeddedBroker {
 
     /// Its counters now.
     pub fn stats(&self) -> BrokerStats {
-        self.shared.counters.snapshot()
+        self.shared.stats()
     }
 
     /// A handle to read the counters from elsewhere.
@@ -218,9 +246,18 @@ struct Shared {
     options: BrokerOptions,
     state: Mutex<State>,
     counters: Counters,
+    budget: Arc<budget::Budget>,
 }
 
 impl Shared {
+    fn stats(&self) -> BrokerStats {
+        BrokerStats {
+            evicted: self.budget.evicted.load(Ordering::Relaxed),
+            pending_bytes: self.budget.used() as u64,
+            ..self.counters.snapshot()
+        }
+    }
+
     fn state(&self) -> MutexGuard<'_, State> {
         // Nothing under the lock can leave the state half-changed.
         self.state.lock().unwrap_or_else(|p| p.into_inner())

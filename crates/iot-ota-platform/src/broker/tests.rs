@@ -511,3 +511,108 @@ async fn reserved_bits_ids_and_empty_payloads_close_the_connection() {
         "CONNACK, SUBACK granted 1"
     );
 }
+
+/// A PUBLISH of `total` payload bytes on topic "t", of which only the
+/// first `sent` are written (after a good CONNECT as `id`).
+fn half_publish(id: &str, total: usize, sent: usize) -> Vec<u8> {
+    let mut out = BytesMut::new();
+    rumqttc::mqttbytes::v4::Connect::new(id)
+        .write(&mut out)
+        .unwrap();
+    let mut publish = vec![0x30u8];
+    let mut len = total + 3;
+    loop {
+        let b = (len % 128) as u8;
+        len /= 128;
+        publish.push(if len > 0 { b | 0x80 } else { b });
+        if len == 0 {
+            break;
+        }
+    }
+    publish.extend_from_slice(&[0, 1, b't']);
+    publish.resize(publish.len() + sent, 7);
+    out.extend_from_slice(&publish);
+    out.to_vec()
+}
+
+#[tokio::test]
+async fn incomplete_packets_stay_within_their_bound_and_others_are_served() {
+    let limit = 2 * 1024 * 1024;
+    let b = EmbeddedBroker::start(
+        "127.0.0.1:0".parse().unwrap(),
+        BrokerOptions {
+            max_pending_bytes: limit,
+            ..BrokerOptions::default()
+        },
+    )
+    .await
+    .unwrap();
+    let (s, mut sel) = client(&b, "sub", true);
+    s.subscribe("ok", QoS::AtLeastOnce).await.unwrap();
+    until(&mut sel, is_suback).await;
+    // 64 connections each half-send a 1 MiB packet: 32 MiB wanted, 2 allowed.
+    let mut raws = Vec::new();
+    let mut peak = 0;
+    for i in 0..64 {
+        let mut raw = TcpStream::connect(b.addr()).await.unwrap();
+        let _ = raw
+            .write_all(&half_publish(&format!("hog{i}"), 1 << 20, 512 * 1024))
+            .await;
+        raws.push(raw);
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        peak = peak.max(b.stats().pending_bytes);
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let stats = b.stats();
+    peak = peak.max(stats.pending_bytes);
+    // A margin for reads in flight: each hold follows one read.
+    assert!(
+        peak <= (limit + 2 * 1024 * 1024) as u64,
+        "incomplete packets held {peak} bytes, the bound is {limit}"
+    );
+    assert!(
+        stats.evicted >= 40,
+        "the oldest offenders were closed: {stats:?}"
+    );
+    // A device that finishes its packets is still served.
+    let (p, mut pel) = client(&b, "pub", true);
+    p.publish("ok", QoS::AtLeastOnce, false, "fine")
+        .await
+        .unwrap();
+    acked(&mut pel, 1).await;
+    let m = next_publish(&mut sel).await.expect("delivered");
+    assert_eq!(&m.payload[..], b"fine");
+}
+
+#[tokio::test]
+async fn a_slow_packet_and_a_silent_keep_alive_0_client_are_closed() {
+    let b = EmbeddedBroker::start(
+        "127.0.0.1:0".parse().unwrap(),
+        BrokerOptions {
+            packet_timeout: Duration::from_millis(300),
+            idle_timeout: Duration::from_millis(300),
+            ..BrokerOptions::default()
+        },
+    )
+    .await
+    .unwrap();
+    // Half a packet, then nothing: closed after the packet timeout.
+    let got = raw_exchange(&b, &half_publish("slow", 1000, 10)).await;
+    assert_eq!(
+        got.as_deref(),
+        Some(&[0x20, 2, 0, 0][..]),
+        "CONNACK, then closed"
+    );
+    // Keep-alive 0 and silent: closed after the idle limit.
+    let mut out = BytesMut::new();
+    let mut c = rumqttc::mqttbytes::v4::Connect::new("idle");
+    c.keep_alive = 0;
+    c.write(&mut out).unwrap();
+    let got = raw_exchange(&b, &out).await;
+    assert_eq!(
+        got.as_deref(),
+        Some(&[0x20, 2, 0, 0][..]),
+        "CONNACK, then closed"
+    );
+    assert_eq!(b.stats().timed_out, 2);
+}
