@@ -20,6 +20,7 @@ use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch, Notify};
 use tokio::time::Instant;
 
+use super::access::{Identity, Refusal};
 use super::budget::Ticket;
 use super::state::{min_qos, retain, Online, Session};
 use super::strict::{self, Violation};
@@ -93,6 +94,32 @@ pub(super) async fn connection(
             return;
         }
     }
+    // Who it is: the authenticator's word, or anyone on an open broker.
+    let identity = match &shared.options.auth {
+        None => Identity::Anonymous,
+        Some(auth) => {
+            let (user, pass) = match &connect.login {
+                Some(l) => (Some(l.username.as_str()), Some(l.password.as_bytes())),
+                None => (None, None),
+            };
+            match auth.authenticate(&connect.client_id, user, pass) {
+                Ok(identity) => identity,
+                Err(Refusal::NotAuthorized(why)) => {
+                    shared
+                        .counters
+                        .refused_connects
+                        .fetch_add(1, Ordering::Relaxed);
+                    log::info!(
+                        "embedded broker: {peer} ({:?}, user {user:?}) not authorized: {why}",
+                        connect.client_id
+                    );
+                    refuse(ConnectReturnCode::NotAuthorized, &mut wr);
+                    let _ = stream.write_all(&wr).await;
+                    return;
+                }
+            }
+        }
+    };
     let (client, persistent) = if connect.client_id.is_empty() {
         if !connect.clean_session {
             refuse(ConnectReturnCode::BadClientId, &mut wr);
@@ -111,10 +138,20 @@ pub(super) async fn connection(
     // Register: take over an existing session, keep or drop its state.
     let (tx, mut rx) = mpsc::channel::<Publish>(shared.options.max_queued.max(1));
     let kick = Arc::new(Notify::new());
+    let close = Arc::new(Notify::new());
     let registered = 'register: {
         let mut state = shared.state();
         if state.online >= shared.options.max_connections {
-            break 'register None;
+            break 'register Err(ConnectReturnCode::ServiceUnavailable);
+        }
+        // A client id is one identity's: another may not take its session
+        // over (and read what it queued, or cut it off).
+        if state
+            .sessions
+            .get(&client)
+            .is_some_and(|s| s.owner != identity)
+        {
+            break 'register Err(ConnectReturnCode::BadClientId);
         }
         state.next_conn += 1;
         let id = state.next_conn;
@@ -141,12 +178,14 @@ pub(super) async fn connection(
             persistent,
             filters: Vec::new(),
             parked: VecDeque::new(),
+            owner: identity.clone(),
         });
         session.persistent = persistent;
         session.conn = Some(Online {
             id,
             tx: tx.clone(),
             kick: kick.clone(),
+            close: close.clone(),
         });
         for p in parked {
             if tx.try_send(p).is_err() {
@@ -154,16 +193,27 @@ pub(super) async fn connection(
             }
         }
         state.online += 1;
-        Some((id, present))
+        Ok((id, present))
     };
-    let Some((conn_id, session_present)) = registered else {
-        refuse(ConnectReturnCode::ServiceUnavailable, &mut wr);
-        let _ = stream.write_all(&wr).await;
-        log::warn!(
-            "embedded broker: refused {client}: {} connections already",
-            shared.options.max_connections
-        );
-        return;
+    let (conn_id, session_present) = match registered {
+        Ok(r) => r,
+        Err(code) => {
+            refuse(code, &mut wr);
+            let _ = stream.write_all(&wr).await;
+            if code == ConnectReturnCode::ServiceUnavailable {
+                log::warn!(
+                    "embedded broker: refused {client}: {} connections already",
+                    shared.options.max_connections
+                );
+            } else {
+                shared
+                    .counters
+                    .refused_connects
+                    .fetch_add(1, Ordering::Relaxed);
+                log::info!("embedded broker: refused {client}: its session is another's");
+            }
+            return;
+        }
     };
     shared.counters.connects.fetch_add(1, Ordering::Relaxed);
     shared.counters.connections.fetch_add(1, Ordering::Relaxed);
@@ -171,6 +221,7 @@ pub(super) async fn connection(
     let _ = ConnAck::new(ConnectReturnCode::Success, session_present).write(&mut wr);
 
     let mut conn = Conn {
+        identity,
         client: client.clone(),
         shared: shared.clone(),
         own: tx,
@@ -279,6 +330,9 @@ pub(super) async fn connection(
                     shared.counters.timed_out.fetch_add(1, Ordering::Relaxed);
                     break End::Lost(format!("a packet not finished within {packet_timeout:?}"));
                 }
+                _ = close.notified() => {
+                    break End::Lost("closed by the platform (credentials revoked)".into());
+                }
                 _ = evict.notified() => {
                     break End::Lost("closed by the bound on incomplete packets".into());
                 }
@@ -356,6 +410,17 @@ pub(super) async fn connection(
         End::TakenOver => log::debug!("embedded broker: {client} taken over"),
         End::Clean => log::debug!("embedded broker: {client} disconnected"),
     }
+    let will = will.filter(|w| {
+        let allowed = conn.identity.may_use(&w.topic);
+        if !allowed {
+            shared
+                .counters
+                .refused_publishes
+                .fetch_add(1, Ordering::Relaxed);
+            log::info!("embedded broker: {client}: will on {} refused", w.topic);
+        }
+        allowed
+    });
     if let Some(w) = will {
         let mut p = Publish::from_bytes(w.topic, w.qos, w.message);
         p.retain = w.retain;
@@ -414,6 +479,8 @@ async fn read_packet(
 
 /// One connection's protocol state.
 struct Conn {
+    /// Who it is: what it may subscribe to and publish on.
+    identity: Identity,
     client: Arc<str>,
     shared: Arc<Shared>,
     /// This connection's own queue (retained messages for a new
@@ -497,7 +564,15 @@ impl Conn {
                                 let has = ses.filters.iter().any(|(x, _)| *x == f.path);
                                 ses.filters.len() + usize::from(!has)
                             });
-                            if !topic::valid_filter(&f.path)
+                            let allowed = self.identity.may_use(&f.path);
+                            if !allowed {
+                                self.shared
+                                    .counters
+                                    .refused_subscribes
+                                    .fetch_add(1, Ordering::Relaxed);
+                            }
+                            if !allowed
+                                || !topic::valid_filter(&f.path)
                                 || f.path.starts_with("$share/")
                                 || held > self.shared.options.max_subscriptions
                             {
@@ -569,6 +644,19 @@ impl Conn {
                 }
             }
         };
+        // Another's topic: acknowledged (as Mosquitto does with MQTT
+        // 3.1.1), dropped, and counted.
+        if !self.identity.may_use(&p.topic) {
+            if fresh {
+                counters.refused_publishes.fetch_add(1, Ordering::Relaxed);
+                log::info!(
+                    "embedded broker: {}: publish on {} refused",
+                    self.client,
+                    p.topic
+                );
+            }
+            return Ok(());
+        }
         if fresh {
             let mut state = self.shared.state();
             if p.retain {

@@ -27,12 +27,14 @@
 //! by one hash lookup; the few wildcard filters (the platform's) are
 //! matched one by one.
 
+mod access;
 mod budget;
 mod conn;
 mod state;
 mod strict;
 mod topic;
 
+pub use access::{Authenticator, Identity, Refusal};
 use conn::connection;
 use state::State;
 
@@ -44,9 +46,12 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-/// The embedded broker's limits.
+/// The embedded broker's limits, and who may connect.
 #[derive(Debug, Clone)]
 pub struct BrokerOptions {
+    /// Who may connect, and so to which topics ([`Authenticator`]); `None`:
+    /// anyone, to every topic (development only).
+    pub auth: Option<Arc<dyn Authenticator>>,
     /// Connections at most; more are refused with CONNACK "server
     /// unavailable". The process's open-file limit bounds it too: every
     /// connection is a descriptor (`ulimit -n`).
@@ -80,6 +85,7 @@ pub struct BrokerOptions {
 impl Default for BrokerOptions {
     fn default() -> Self {
         BrokerOptions {
+            auth: None,
             max_connections: 100_000,
             max_packet_size: 1024 * 1024,
             max_queued: 100_000,
@@ -121,6 +127,19 @@ pub struct BrokerStats {
     /// Bytes incomplete packets hold now.
     #[serde(default)]
     pub pending_bytes: u64,
+    /// CONNECTs refused: no, wrong or revoked credentials, or a client id
+    /// another identity's session holds.
+    #[serde(default)]
+    pub refused_connects: u64,
+    /// PUBLISH packets (and wills) dropped: a topic not the client's.
+    #[serde(default)]
+    pub refused_publishes: u64,
+    /// SUBSCRIBE filters refused (0x80): not the client's.
+    #[serde(default)]
+    pub refused_subscribes: u64,
+    /// Connections closed because their credentials were revoked.
+    #[serde(default)]
+    pub revoked: u64,
 }
 
 /// A handle that reads an [`EmbeddedBroker`]'s counters, for whoever
@@ -132,6 +151,39 @@ impl BrokerStatsHandle {
     /// The counters now, or `None` once the broker has stopped.
     pub fn get(&self) -> Option<BrokerStats> {
         self.0.upgrade().map(|s| s.stats())
+    }
+
+    /// Closes every connection of `identity` (its credentials were
+    /// revoked); returns how many. Its sessions go with them.
+    pub fn disconnect(&self, identity: &Identity) -> usize {
+        let Some(shared) = self.0.upgrade() else {
+            return 0;
+        };
+        let mut state = shared.state();
+        let mut n = 0;
+        let mut offline = Vec::new();
+        for (id, session) in state.sessions.iter_mut() {
+            if session.owner != *identity {
+                continue;
+            }
+            // Not kept: a revoked device's session must not fill up.
+            session.persistent = false;
+            match &session.conn {
+                Some(online) => {
+                    online.close.notify_one();
+                    n += 1;
+                }
+                None => offline.push(id.clone()),
+            }
+        }
+        for id in offline {
+            state.remove_session(&id);
+        }
+        shared
+            .counters
+            .revoked
+            .fetch_add(n as u64, Ordering::Relaxed);
+        n
     }
 
     /// Whether a client with this id is connected now (`None` once the
@@ -157,6 +209,10 @@ struct Counters {
     dropped: AtomicU64,
     peak_queue: AtomicU64,
     timed_out: AtomicU64,
+    refused_connects: AtomicU64,
+    refused_publishes: AtomicU64,
+    refused_subscribes: AtomicU64,
+    revoked: AtomicU64,
 }
 
 impl Counters {
@@ -169,6 +225,10 @@ impl Counters {
             dropped: self.dropped.load(Ordering::Relaxed),
             peak_queue: self.peak_queue.load(Ordering::Relaxed),
             timed_out: self.timed_out.load(Ordering::Relaxed),
+            refused_connects: self.refused_connects.load(Ordering::Relaxed),
+            refused_publishes: self.refused_publishes.load(Ordering::Relaxed),
+            refused_subscribes: self.refused_subscribes.load(Ordering::Relaxed),
+            revoked: self.revoked.load(Ordering::Relaxed),
             ..BrokerStats::default()
         }
     }

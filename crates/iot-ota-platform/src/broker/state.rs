@@ -10,6 +10,7 @@ use rumqttc::mqttbytes::v4::Publish;
 use rumqttc::mqttbytes::QoS;
 use tokio::sync::{mpsc, Notify};
 
+use super::access::Identity;
 use super::topic;
 use super::{BrokerOptions, Counters};
 
@@ -35,12 +36,16 @@ pub(super) struct Session {
     pub(super) filters: Vec<(String, QoS)>,
     /// QoS 1 messages kept while a persistent session is away.
     pub(super) parked: VecDeque<Publish>,
+    /// Who made it: only that identity may connect with its client id.
+    pub(super) owner: Identity,
 }
 
 pub(super) struct Online {
     pub(super) id: u64,
     pub(super) tx: mpsc::Sender<Publish>,
     pub(super) kick: Arc<Notify>,
+    /// Tells the connection to close (its credentials were revoked).
+    pub(super) close: Arc<Notify>,
 }
 
 impl State {

@@ -616,3 +616,128 @@ async fn a_slow_packet_and_a_silent_keep_alive_0_client_are_closed() {
     );
     assert_eq!(b.stats().timed_out, 2);
 }
+
+/// Two devices of product "pk" (secrets "s1", "s2") and the platform ("plat").
+#[derive(Debug)]
+struct TwoDevices;
+
+impl Authenticator for TwoDevices {
+    fn authenticate(
+        &self,
+        _client_id: &str,
+        username: Option<&str>,
+        password: Option<&[u8]>,
+    ) -> Result<Identity, Refusal> {
+        match (username, password) {
+            (Some("platform"), Some(b"plat")) => Ok(Identity::Platform),
+            (Some("pk/dev1"), Some(b"s1")) => Ok(Identity::device("/sys", "pk", "dev1")),
+            (Some("pk/dev2"), Some(b"s2")) => Ok(Identity::device("/sys", "pk", "dev2")),
+            _ => Err(Refusal::NotAuthorized("unknown".into())),
+        }
+    }
+}
+
+fn login(b: &EmbeddedBroker, id: &str, user: &str, pass: &str) -> (AsyncClient, EventLoop) {
+    let mut opts = MqttOptions::new(id, "127.0.0.1", b.addr().port());
+    opts.set_keep_alive(Duration::from_secs(5))
+        .set_credentials(user, pass);
+    AsyncClient::new(opts, 64)
+}
+
+async fn connack(el: &mut EventLoop) -> Result<(), rumqttc::ConnectionError> {
+    loop {
+        if let Event::Incoming(Packet::ConnAck(_)) = el.poll().await? {
+            return Ok(());
+        }
+    }
+}
+
+#[tokio::test]
+async fn only_known_devices_get_in_and_each_uses_only_its_own_topics() {
+    let b = EmbeddedBroker::start(
+        "127.0.0.1:0".parse().unwrap(),
+        BrokerOptions {
+            auth: Some(Arc::new(TwoDevices)),
+            ..BrokerOptions::default()
+        },
+    )
+    .await
+    .unwrap();
+    // No credentials, wrong ones: CONNACK 5.
+    let (_c, mut el) = client(&b, "anon", true);
+    let refused = connack(&mut el).await.unwrap_err();
+    assert!(
+        matches!(
+            refused,
+            rumqttc::ConnectionError::ConnectionRefused(rumqttc::ConnectReturnCode::NotAuthorized)
+        ),
+        "{refused:?}"
+    );
+    let (_c, mut el) = login(&b, "x", "pk/dev1", "wrong");
+    assert!(connack(&mut el).await.is_err());
+    assert_eq!(b.stats().refused_connects, 2);
+
+    let (plat, mut pel) = login(&b, "platform", "platform", "plat");
+    plat.subscribe("/sys/#", QoS::AtLeastOnce).await.unwrap();
+    until(&mut pel, is_suback).await;
+    let (d1, mut el1) = login(&b, "pk.dev1", "pk/dev1", "s1");
+    connack(&mut el1).await.unwrap();
+    // dev1 may not read dev2's commands, nor everything.
+    d1.subscribe("/sys/pk/dev2/ota/firmware/upgrade", QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    d1.subscribe("#", QoS::AtLeastOnce).await.unwrap();
+    d1.subscribe("/sys/pk/dev1/#", QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    let mut codes = Vec::new();
+    while codes.len() < 3 {
+        if let Event::Incoming(Packet::SubAck(a)) = el1.poll().await.unwrap() {
+            codes.extend(a.return_codes);
+        }
+    }
+    assert_eq!(
+        codes,
+        [
+            SubscribeReasonCode::Failure,
+            SubscribeReasonCode::Failure,
+            SubscribeReasonCode::Success(QoS::AtLeastOnce)
+        ]
+    );
+    // A forged report for dev2 is dropped; its own goes through.
+    d1.publish("/sys/pk/dev2/ota/inform", QoS::AtLeastOnce, false, "forged")
+        .await
+        .unwrap();
+    d1.publish("/sys/pk/dev1/ota/inform", QoS::AtLeastOnce, false, "mine")
+        .await
+        .unwrap();
+    acked(&mut el1, 5).await;
+    let m = next_publish(&mut pel).await.expect("dev1's own report");
+    assert_eq!(
+        (m.topic.as_str(), &m.payload[..]),
+        ("/sys/pk/dev1/ota/inform", &b"mine"[..])
+    );
+    assert!(nothing_more(&mut pel).await, "the forged one was dropped");
+    let s = b.stats();
+    assert_eq!((s.refused_publishes, s.refused_subscribes), (1, 2), "{s:?}");
+
+    // dev2 cannot take dev1's session over by its client id.
+    let (_d2, mut el2) = login(&b, "pk.dev1", "pk/dev2", "s2");
+    assert!(connack(&mut el2).await.is_err(), "another's client id");
+
+    // Revoked: dev1's connection is closed.
+    assert_eq!(
+        b.stats_handle()
+            .disconnect(&Identity::device("/sys", "pk", "dev1")),
+        1
+    );
+    let closed = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            if el1.poll().await.is_err() {
+                return;
+            }
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "the revoked device was disconnected");
+}
