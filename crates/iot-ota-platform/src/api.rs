@@ -66,6 +66,10 @@ pub struct DeviceView {
     pub first_seen_ms: Millis,
     /// Last message of any kind.
     pub last_seen_ms: Millis,
+    /// Its MQTT credential: `active`, `revoked`, or absent when it was
+    /// never registered (seen on an open or external broker).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credential: Option<String>,
     /// Connected to the embedded broker now (its MQTT session, pings
     /// included); absent with an external broker, where `last_seen_ms` tells.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -154,6 +158,39 @@ pub struct Excluded {
     /// Why.
     pub reason: String,
 }
+
+/// `POST /api/devices`: register devices of one product (or give a
+/// registered one a new secret). The answer holds each secret, once.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RegisterDevices {
+    /// Product key.
+    pub product: String,
+    /// Device names (1 to 100,000).
+    pub devices: Vec<String>,
+}
+
+/// One device's MQTT credential, in [`RegisteredDevices`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceCredential {
+    /// Device name.
+    pub device: String,
+    /// The MQTT user name: `{product}/{device}`.
+    pub username: String,
+    /// The MQTT password: shown here once, kept only as its SHA-256.
+    pub secret: String,
+}
+
+/// Answer to `POST /api/devices`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RegisteredDevices {
+    /// Product key.
+    pub product: String,
+    /// Each device's credential, in the request's order.
+    pub devices: Vec<DeviceCredential>,
+}
+
+/// Most devices one `POST /api/devices` registers.
+pub const MAX_REGISTER: usize = 100_000;
 
 /// Answer to `POST /api/batches`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

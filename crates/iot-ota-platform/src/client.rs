@@ -14,7 +14,10 @@ use serde::Serialize;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 
-use crate::api::{ApiError, BatchView, CreateBatch, CreatedBatch, DeviceView, FirmwareInfo};
+use crate::api::{
+    ApiError, BatchView, CreateBatch, CreatedBatch, DeviceView, FirmwareInfo, RegisterDevices,
+    RegisteredDevices,
+};
 
 /// An API call's failure: the platform's status and message, or a transport error (status 0).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -306,6 +309,42 @@ impl ApiClient {
             None => "/api/devices".into(),
         };
         self.json("GET", &path, None, b"").await
+    }
+
+    /// `POST /api/devices`: registers `devices` of `product` (or gives
+    /// them new secrets); the answer holds each secret, once.
+    pub async fn register_devices(
+        &self,
+        product: &str,
+        devices: &[String],
+    ) -> Result<RegisteredDevices, ClientError> {
+        let req = RegisterDevices {
+            product: product.to_owned(),
+            devices: devices.to_vec(),
+        };
+        self.json(
+            "POST",
+            "/api/devices",
+            Some("application/json"),
+            &Self::send_json(&req)?,
+        )
+        .await
+    }
+
+    /// `DELETE /api/devices/{product}/{device}`: revokes its credential
+    /// (the embedded broker closes its connection).
+    pub async fn revoke_device(&self, product: &str, device: &str) -> Result<(), ClientError> {
+        let path = format!("/api/devices/{}/{}", encode(product), encode(device));
+        let r = self.request("DELETE", &path, None, b"", &[]).await?;
+        if r.status == 204 {
+            return Ok(());
+        }
+        Err(ClientError {
+            status: r.status,
+            message: serde_json::from_slice::<ApiError>(&r.body)
+                .map(|e| e.error)
+                .unwrap_or_else(|_| String::from_utf8_lossy(&r.body).into_owned()),
+        })
     }
 
     /// `POST /api/batches`.

@@ -48,7 +48,8 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
                 .layer(DefaultBodyLimit::disable()),
         )
         .route("/api/firmware/:product/:version", delete(delete_firmware))
-        .route("/api/devices", get(list_devices))
+        .route("/api/devices", get(list_devices).post(register_devices))
+        .route("/api/devices/:product/:device", delete(revoke_device))
         .route("/api/batches", get(list_batches).post(create_batch))
         .route("/api/batches/:id", get(show_batch))
         .route("/api/batches/:id/terminate", post(terminate_batch))
@@ -308,6 +309,27 @@ async fn list_devices(
     Query(q): Query<ProductQuery>,
 ) -> ApiResult<Vec<crate::api::DeviceView>> {
     Ok(Json(s.list_devices(q.product.as_deref())?))
+}
+
+async fn register_devices(
+    State(s): State<Arc<Shared>>,
+    body: Bytes,
+) -> Result<(StatusCode, Json<crate::api::RegisteredDevices>), PlatformError> {
+    let req: crate::api::RegisterDevices = serde_json::from_slice(&body).map_err(|e| {
+        PlatformError::new(
+            400,
+            format!("bad device registration (want {{\"product\":..,\"devices\":[..]}}): {e}"),
+        )
+    })?;
+    Ok((StatusCode::CREATED, Json(s.register_devices(&req)?)))
+}
+
+async fn revoke_device(
+    State(s): State<Arc<Shared>>,
+    Path((product, device)): Path<(String, String)>,
+) -> Result<StatusCode, PlatformError> {
+    s.revoke_device(&product, &device)?;
+    Ok(StatusCode::NO_CONTENT)
 }
 
 async fn create_batch(

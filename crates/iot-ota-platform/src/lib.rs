@@ -25,6 +25,7 @@ pub mod api;
 pub mod batch;
 pub mod broker;
 pub mod client;
+pub mod credentials;
 mod http;
 mod service;
 pub mod signing;
@@ -100,6 +101,10 @@ pub struct PlatformConfig {
     /// firmware's manifest is signed with it and sent in commands and get
     /// replies (PROTOCOL.md, "Signed manifests").
     pub signing_key: Option<PathBuf>,
+    /// Let anyone use the embedded broker, to every topic (development
+    /// only). By default only the registered devices may connect, each to
+    /// its own topics ([`credentials`]).
+    pub mqtt_anonymous: bool,
 }
 
 impl PlatformConfig {
@@ -122,6 +127,7 @@ impl PlatformConfig {
             tls_key: None,
             api_token: None,
             signing_key: None,
+            mqtt_anonymous: false,
         }
     }
 }
@@ -254,9 +260,36 @@ impl Platform {
         }
         let store = store::Store::open(&config.data_dir.join("platform.db"))
             .map_err(|e| format!("the data directory {data}: {e}"))?;
+        // The embedded broker admits the registered devices and the
+        // platform's own client, unless it is asked to be open.
+        let embedded_auth = match (&config.broker, config.mqtt_anonymous) {
+            (BrokerChoice::Embedded(_), false) => {
+                let (secret, _) = token::load_or_create_named(
+                    &config.data_dir,
+                    credentials::PLATFORM_SECRET_FILE,
+                )?;
+                let active = store
+                    .active_credentials()
+                    .map_err(|e| format!("the data directory {data}: {e}"))?;
+                let creds = credentials::Credentials::new(&config.topic_prefix, &secret, active);
+                Some((Arc::new(creds), secret))
+            }
+            (BrokerChoice::Embedded(_), true) => {
+                log::warn!(
+                    "the embedded MQTT broker is open (--mqtt-anonymous): anyone may connect, \
+                     read every device's commands and report for any device"
+                );
+                None
+            }
+            (BrokerChoice::External(_), _) => None,
+        };
         let (embedded, broker_url) = match &config.broker {
             BrokerChoice::Embedded(addr) => {
-                let b = EmbeddedBroker::start(*addr, config.broker_options.clone()).await?;
+                let mut options = config.broker_options.clone();
+                if let Some((creds, _)) = &embedded_auth {
+                    options.auth = Some(creds.clone());
+                }
+                let b = EmbeddedBroker::start(*addr, options).await?;
                 let url = b.url();
                 (Some(b), url)
             }
@@ -290,7 +323,9 @@ impl Platform {
             // committed, not when it is read: a crash in between loses
             // nothing (the broker delivers it again).
             .set_manual_acks(true);
-        if let Some(user) = &config.mqtt_username {
+        if let Some((_, secret)) = &embedded_auth {
+            opts.set_credentials(credentials::PLATFORM_USER, secret.clone());
+        } else if let Some(user) = &config.mqtt_username {
             opts.set_credentials(user, config.mqtt_password.clone().unwrap_or_default());
         }
         if url.tls {
@@ -362,6 +397,7 @@ impl Platform {
                     signing_key,
                     api_token,
                     broker_stats: embedded.as_ref().map(EmbeddedBroker::stats_handle),
+                    credentials: embedded_auth.as_ref().map(|(c, _)| c.clone()),
                 },
             )
             .map_err(|e| e.to_string())?,
@@ -402,6 +438,28 @@ impl Platform {
             tasks,
             broker: embedded,
         })
+    }
+
+    /// Registers `devices` of `product` (as `POST /api/devices` does) and
+    /// returns their credentials, each secret once.
+    pub fn register_devices(
+        &self,
+        product: &str,
+        devices: &[String],
+    ) -> Result<Vec<api::DeviceCredential>, String> {
+        let req = api::RegisterDevices {
+            product: product.to_owned(),
+            devices: devices.to_vec(),
+        };
+        self.shared
+            .register_devices(&req)
+            .map(|r| r.devices)
+            .map_err(|e| e.to_string())
+    }
+
+    /// Whether the embedded broker lets anyone in (`mqtt_anonymous`).
+    pub fn is_open(&self) -> bool {
+        self.broker.is_some() && self.shared.credentials.is_none()
     }
 
     /// The bound HTTP address.

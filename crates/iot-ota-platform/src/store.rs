@@ -47,7 +47,21 @@ impl DeviceWrite {
 }
 
 /// The schema version this code writes.
-pub const SCHEMA_VERSION: i64 = 3;
+pub const SCHEMA_VERSION: i64 = 4;
+
+/// Version 4: each registered device's MQTT credential (the SHA-256 of its
+/// secret; the secret itself is shown once and never kept) and when it was
+/// revoked.
+const SCHEMA_V4: &str = "
+CREATE TABLE credentials (
+    product        TEXT NOT NULL,
+    device         TEXT NOT NULL,
+    secret_sha256  TEXT NOT NULL,
+    created_ms     INTEGER NOT NULL,
+    revoked_ms     INTEGER,
+    PRIMARY KEY (product, device)
+);
+";
 
 /// Version 2: a firmware's security counter and its signed manifest (the
 /// command's `manifest` and `signatures` fields, as JSON).
@@ -262,6 +276,12 @@ impl Store {
             tx.pragma_update(None, "user_version", 3)?;
             tx.commit()?;
         }
+        if version < 4 {
+            let tx = self.conn.transaction()?;
+            tx.execute_batch(SCHEMA_V4)?;
+            tx.pragma_update(None, "user_version", 4)?;
+            tx.commit()?;
+        }
         Ok(())
     }
 
@@ -410,9 +430,22 @@ impl Store {
 
     /// Known devices, of one product or all.
     pub fn list_devices(&self, product: Option<&str>) -> Result<Vec<DeviceView>> {
+        // Registered devices (seen or not yet), then devices seen without
+        // a credential (an open broker, an external one).
         let mut st = self.conn.prepare(
-            "SELECT product, device, version, first_seen_ms, last_seen_ms FROM devices
-             WHERE ?1 IS NULL OR product = ?1 ORDER BY product, device",
+            "SELECT c.product, c.device, COALESCE(d.version, ''), COALESCE(d.first_seen_ms, 0),
+                    COALESCE(d.last_seen_ms, 0),
+                    CASE WHEN c.revoked_ms IS NULL THEN 'active' ELSE 'revoked' END
+               FROM credentials c LEFT JOIN devices d
+                 ON d.product = c.product AND d.device = c.device
+              WHERE ?1 IS NULL OR c.product = ?1
+             UNION ALL
+             SELECT d.product, d.device, d.version, d.first_seen_ms, d.last_seen_ms, NULL
+               FROM devices d
+              WHERE (?1 IS NULL OR d.product = ?1)
+                AND NOT EXISTS (SELECT 1 FROM credentials c
+                                 WHERE c.product = d.product AND c.device = d.device)
+             ORDER BY 1, 2",
         )?;
         let rows = st.query_map(params![product], |r| {
             Ok(DeviceView {
@@ -421,10 +454,58 @@ impl Store {
                 version: r.get(2)?,
                 first_seen_ms: r.get(3)?,
                 last_seen_ms: r.get(4)?,
+                credential: r.get(5)?,
                 online: None,
                 record: None,
             })
         })?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    // ---- credentials
+
+    /// Registers `devices` of `product` with their secrets' SHA-256 (hex),
+    /// in one transaction; a device registered before gets the new secret
+    /// (its old one stops working) and is active again.
+    pub fn register_devices(
+        &mut self,
+        product: &str,
+        devices: &[(String, String)],
+        now: Millis,
+    ) -> Result<()> {
+        let tx = self.conn.transaction()?;
+        {
+            let mut st = tx.prepare(
+                "INSERT INTO credentials (product, device, secret_sha256, created_ms, revoked_ms)
+                 VALUES (?1, ?2, ?3, ?4, NULL)
+                 ON CONFLICT (product, device) DO UPDATE
+                    SET secret_sha256 = excluded.secret_sha256,
+                        created_ms = excluded.created_ms, revoked_ms = NULL",
+            )?;
+            for (device, hash) in devices {
+                st.execute(params![product, device, hash, now])?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Revokes a device's credential; false when it had none active.
+    pub fn revoke_device(&mut self, product: &str, device: &str, now: Millis) -> Result<bool> {
+        let n = self.conn.execute(
+            "UPDATE credentials SET revoked_ms = ?3
+              WHERE product = ?1 AND device = ?2 AND revoked_ms IS NULL",
+            params![product, device, now],
+        )?;
+        Ok(n > 0)
+    }
+
+    /// Every active credential: (product, device, secret SHA-256 hex).
+    pub fn active_credentials(&self) -> Result<Vec<(String, String, String)>> {
+        let mut st = self.conn.prepare(
+            "SELECT product, device, secret_sha256 FROM credentials WHERE revoked_ms IS NULL",
+        )?;
+        let rows = st.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
         Ok(rows.collect::<rusqlite::Result<_>>()?)
     }
 

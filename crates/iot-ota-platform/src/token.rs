@@ -10,7 +10,13 @@ pub const TOKEN_FILE: &str = "api-token";
 /// The token in `data_dir`, made there if missing. True when it was made
 /// now (the caller shows it once).
 pub fn load_or_create(data_dir: &Path) -> Result<(String, bool), String> {
-    let path = data_dir.join(TOKEN_FILE);
+    load_or_create_named(data_dir, TOKEN_FILE)
+}
+
+/// A secret of 32 random bytes (hex) in the file `name` of `data_dir`,
+/// made there (0600) if missing; true when made now.
+pub fn load_or_create_named(data_dir: &Path, name: &str) -> Result<(String, bool), String> {
+    let path = data_dir.join(name);
     match std::fs::read_to_string(&path) {
         Ok(t) if !t.trim().is_empty() => return Ok((t.trim().to_owned(), false)),
         Ok(_) => return Err(format!("{} is empty", path.display())),
@@ -19,7 +25,7 @@ pub fn load_or_create(data_dir: &Path) -> Result<(String, bool), String> {
     }
     let mut bytes = [0u8; 32];
     ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes)
-        .map_err(|_| "no randomness for the API token".to_string())?;
+        .map_err(|_| format!("no randomness for {}", path.display()))?;
     let token = iot_ota_core::digest::to_hex(&bytes);
     crate::signing::write_private(&path, format!("{token}\n").as_bytes())?;
     Ok((token, true))

@@ -19,8 +19,16 @@ use iot_ota_testkit::{Browser, ChromeDriver, TempDir};
 /// An SDK device that takes every command, "installs" it slowly enough to
 /// be watched (progress 50%, then 100%) and informs the new version; or,
 /// `stuck`, acknowledges and then never reports.
-async fn device(broker: &str, name: &str, dir: &std::path::Path, stuck: bool) {
-    let config = Config::new(broker, PK, name, "1.0.0").unwrap();
+async fn device(p: &iot_ota_platform::Platform, name: &str, dir: &std::path::Path, stuck: bool) {
+    // Registered: the embedded broker admits only known devices.
+    let cred = p
+        .register_devices(PK, &[name.to_owned()])
+        .unwrap()
+        .remove(0);
+    let config = Config::new(p.broker_url(), PK, name, "1.0.0")
+        .unwrap()
+        .username(cred.username)
+        .password(cred.secret);
     let (client, mut upgrades) = OtaClient::connect(config).await.expect("device connects");
     let dir = dir.to_owned();
     tokio::spawn(async move {
@@ -85,14 +93,13 @@ async fn the_console_uploads_runs_a_batch_live_and_terminates_one() {
         Err(e) => panic!("{e} (IOT_OTA_REQUIRE_CHROMIUM is set)"),
     };
     let dir = TempDir::new("console");
-    let p = platform(&dir.join("platform"), embedded(), any_port()).await;
+    let p = secure_platform(&dir.join("platform")).await;
     let base = p.api_url();
     let token = p.api_token().to_owned();
-    let broker = p.broker_url().to_owned();
     for name in ["dev-a", "dev-b", "dev-c"] {
-        device(&broker, name, dir.path(), false).await;
+        device(&p, name, dir.path(), false).await;
     }
-    device(&broker, "dev-stuck", dir.path(), true).await;
+    device(&p, "dev-stuck", dir.path(), true).await;
     let api = api(&p);
     listed(&api, 4).await;
     let image = dir.join("firmware-2.0.0.bin");

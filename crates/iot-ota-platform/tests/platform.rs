@@ -400,6 +400,8 @@ async fn firmware_rules() {
     config.http_addr = any_port();
     config.broker = embedded();
     config.max_firmware_size = 10_000;
+    // A recorder plays the devices (see common::platform).
+    config.mqtt_anonymous = true;
     let p = iot_ota_platform::Platform::start(config).await.unwrap();
     let api = api(&p);
     let bytes = random_bytes(2000, 7);

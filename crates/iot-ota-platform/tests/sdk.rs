@@ -45,10 +45,17 @@ async fn upgrade(
         .unwrap();
     assert!(fw.url.starts_with(p.public_url()), "{}", fw.url);
     let mut tasks = Vec::new();
-    for name in ["sdk-a", "sdk-b"] {
+    // Registered: the embedded broker admits them with their secrets (an
+    // external broker here lets anyone in, and ignores them).
+    let names = ["sdk-a".to_owned(), "sdk-b".to_owned()];
+    let creds = p.register_devices(PK, &names).unwrap();
+    for (name, cred) in names.iter().zip(creds) {
         let out = dir.join(name);
         std::fs::create_dir_all(&out).unwrap();
-        tasks.push(device(device_config(&broker, name), &out).await);
+        let config = device_config(&broker, name)
+            .username(cred.username)
+            .password(cred.secret);
+        tasks.push(device(config, &out).await);
     }
     // Both informed 1.0.0 on connecting.
     listed(&api, 2).await;

@@ -105,6 +105,8 @@ pub(crate) struct Settings {
     pub(crate) signing_key: Option<crate::signing::SigningKey>,
     pub(crate) api_token: String,
     pub(crate) broker_stats: Option<crate::broker::BrokerStatsHandle>,
+    /// The embedded broker's credentials (`None`: open, or an external broker).
+    pub(crate) credentials: Option<std::sync::Arc<crate::credentials::Credentials>>,
 }
 
 /// State shared by the HTTP handlers, the MQTT loop and the ticker.
@@ -132,6 +134,8 @@ pub(crate) struct Shared {
     pub(crate) queued: AtomicU64,
     pub(crate) peak_queued: AtomicU64,
     pub(crate) broker_stats: Option<crate::broker::BrokerStatsHandle>,
+    /// The embedded broker's credentials (`None`: open, or an external broker).
+    pub(crate) credentials: Option<std::sync::Arc<crate::credentials::Credentials>>,
 }
 
 impl Shared {
@@ -148,6 +152,7 @@ impl Shared {
             signing_key,
             api_token,
             broker_stats,
+            credentials,
         } = settings;
         let mut running = BTreeMap::new();
         for id in store.batch_ids(true)? {
@@ -177,6 +182,7 @@ impl Shared {
             peak_queued: AtomicU64::new(0),
             changes: tokio::sync::watch::Sender::new(0),
             broker_stats,
+            credentials,
         })
     }
 
@@ -339,6 +345,7 @@ mod tests {
                 signing_key: None,
                 api_token: "t".into(),
                 broker_stats: None,
+                credentials: None,
             },
         )
         .unwrap();

@@ -7,9 +7,81 @@ use crate::api::{
     batch_config, check_product, check_version, BatchView, CreateBatch, CreatedBatch, DeviceView,
     Excluded,
 };
+use crate::api::{DeviceCredential, RegisterDevices, RegisteredDevices, MAX_REGISTER};
 use crate::batch::{select_devices, Batch, DeviceInfo, Millis};
+use crate::credentials;
 
 impl Shared {
+    /// Registers devices (or gives registered ones new secrets): the
+    /// secrets are made here, returned once, and kept as their SHA-256.
+    /// With an open or external broker the credentials are still kept (for
+    /// a later start with the embedded one, or Mosquitto's password file).
+    pub(crate) fn register_devices(
+        &self,
+        req: &RegisterDevices,
+    ) -> Result<RegisteredDevices, PlatformError> {
+        let bad = |m: String| PlatformError::new(400, m);
+        check_product(&req.product).map_err(bad)?;
+        if req.devices.is_empty() || req.devices.len() > MAX_REGISTER {
+            return Err(bad(format!(
+                "devices: 1 to {MAX_REGISTER} names, got {}",
+                req.devices.len()
+            )));
+        }
+        let mut seen = std::collections::HashSet::new();
+        let mut out = Vec::with_capacity(req.devices.len());
+        let mut rows = Vec::with_capacity(req.devices.len());
+        for device in &req.devices {
+            iot_ota_core::protocol::validate_identity("device", device).map_err(bad)?;
+            if !seen.insert(device.as_str()) {
+                return Err(bad(format!("device {device} is listed twice")));
+            }
+            let secret = credentials::make_secret().map_err(|e| PlatformError::new(500, e))?;
+            rows.push((device.clone(), credentials::secret_hash(&secret)));
+            out.push(DeviceCredential {
+                device: device.clone(),
+                username: credentials::username(&req.product, device),
+                secret,
+            });
+        }
+        self.lock()
+            .store
+            .register_devices(&req.product, &rows, super::now_ms())?;
+        if let Some(c) = &self.credentials {
+            for (device, hash) in rows {
+                c.set(&req.product, &device, hash);
+            }
+        }
+        self.changed();
+        Ok(RegisteredDevices {
+            product: req.product.clone(),
+            devices: out,
+        })
+    }
+
+    /// Revokes a device's credential and closes its connection to the
+    /// embedded broker; 404 when it has none active.
+    pub(crate) fn revoke_device(&self, product: &str, device: &str) -> Result<(), PlatformError> {
+        let revoked = self
+            .lock()
+            .store
+            .revoke_device(product, device, super::now_ms())?;
+        if !revoked {
+            return Err(PlatformError::new(
+                404,
+                format!("device {product}/{device} has no active credential"),
+            ));
+        }
+        if let Some(c) = &self.credentials {
+            c.remove(product, device);
+            if let Some(b) = &self.broker_stats {
+                b.disconnect(&c.identity(product, device));
+            }
+        }
+        self.changed();
+        Ok(())
+    }
+
     pub(crate) fn list_devices(
         &self,
         product: Option<&str>,
@@ -68,6 +140,9 @@ impl Shared {
             .store
             .list_devices(Some(&req.product))?
             .into_iter()
+            // Known: informed a version; a registered device never seen, or
+            // a revoked one, is not (it cannot take a command).
+            .filter(|d| !d.version.is_empty() && d.credential.as_deref() != Some("revoked"))
             .map(|d| DeviceInfo {
                 device: d.device,
                 version: d.version,

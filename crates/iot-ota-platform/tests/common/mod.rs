@@ -17,6 +17,19 @@ pub async fn platform(dir: &Path, broker: BrokerChoice, http: SocketAddr) -> Pla
     let mut config = PlatformConfig::new(dir);
     config.http_addr = http;
     config.broker = broker;
+    // These tests play every device on one recorder connection (a
+    // superuser's view of `/sys/#`): the open broker. Credentials and
+    // topic rules have their own tests (tests/auth.rs, broker::tests).
+    config.mqtt_anonymous = true;
+    Platform::start(config).await.expect("platform starts")
+}
+
+/// A platform on the embedded broker as it ships: only registered devices
+/// get in ([`Platform::register_devices`]).
+pub async fn secure_platform(dir: &Path) -> Platform {
+    let mut config = PlatformConfig::new(dir);
+    config.http_addr = any_port();
+    config.broker = embedded();
     Platform::start(config).await.expect("platform starts")
 }
 
@@ -91,7 +104,11 @@ pub async fn command(w: &WireRecorder, dev: &str, n: usize, timeout: Duration) -
 /// connecting).
 pub async fn listed(api: &ApiClient, n: usize) {
     let deadline = Instant::now() + Duration::from_secs(10);
-    while api.list_devices(Some(PK)).await.unwrap().len() < n {
+    // Informed (a registered device is listed before it informs).
+    let informed = |d: &Vec<iot_ota_platform::api::DeviceView>| {
+        d.iter().filter(|d| !d.version.is_empty()).count()
+    };
+    while informed(&api.list_devices(Some(PK)).await.unwrap()) < n {
         assert!(Instant::now() < deadline, "devices never informed");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
