@@ -482,15 +482,69 @@ pub async fn devices(api: &ApiOpts, product: Option<String>) -> Result<ExitCode,
                 vec![
                     d.product.clone(),
                     d.device.clone(),
-                    d.version.clone(),
-                    format!("{} ago", crate::table::duration_ms(now - d.last_seen_ms)),
+                    if d.version.is_empty() {
+                        "-".into()
+                    } else {
+                        d.version.clone()
+                    },
+                    if d.last_seen_ms == 0 {
+                        "never".into()
+                    } else {
+                        format!("{} ago", crate::table::duration_ms(now - d.last_seen_ms))
+                    },
+                    d.credential.clone().unwrap_or_else(|| "none".into()),
                 ]
             })
             .collect();
         print!(
             "{}",
-            render(&["PRODUCT", "DEVICE", "VERSION", "LAST SEEN"], &rows)
+            render(
+                &["PRODUCT", "DEVICE", "VERSION", "LAST SEEN", "CREDENTIAL"],
+                &rows
+            )
         );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `iot-ota device add`.
+pub async fn add_devices(
+    api: &ApiOpts,
+    product: &str,
+    devices: &[String],
+) -> Result<ExitCode, String> {
+    let c = client(api)?;
+    let reg = c
+        .register_devices(product, devices)
+        .await
+        .map_err(|e| e.to_string())?;
+    if api.json {
+        print_json(&reg)?;
+    } else {
+        let rows: Vec<Vec<String>> = reg
+            .devices
+            .iter()
+            .map(|d| vec![d.device.clone(), d.username.clone(), d.secret.clone()])
+            .collect();
+        print!(
+            "{}",
+            render(&["DEVICE", "MQTT USER", "MQTT PASSWORD"], &rows)
+        );
+        eprintln!("iot-ota: the passwords are shown once: the platform keeps only their SHA-256");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `iot-ota device revoke`.
+pub async fn revoke_device(api: &ApiOpts, product: &str, device: &str) -> Result<ExitCode, String> {
+    let c = client(api)?;
+    c.revoke_device(product, device)
+        .await
+        .map_err(|e| e.to_string())?;
+    if api.json {
+        print_json(&serde_json::json!({"revoked": format!("{product}/{device}")}))?;
+    } else {
+        println!("revoked {product}/{device}: its connection is closed and it cannot log in");
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -85,6 +85,12 @@ enum Kind {
     Agent(bool),
 }
 
+/// A device's MQTT credential, from its registration.
+struct Login {
+    username: String,
+    secret: String,
+}
+
 /// The health check of `device-unhealthy`'s new image.
 const SICK: &str = "echo 'the new image does not bring its application up' >&2; exit 1";
 
@@ -93,6 +99,7 @@ const SICK: &str = "echo 'the new image does not bring its application up' >&2; 
 async fn supervised_agent(
     broker: String,
     name: String,
+    login: Login,
     healthy: bool,
     dir: PathBuf,
     trusted_pem: PathBuf,
@@ -135,6 +142,9 @@ async fn supervised_agent(
             PRODUCT,
         ])
         .args(["--device-name", &name, "--version", FROM])
+        .args(["--username", &login.username])
+        // Not on the command line, where `ps` shows it.
+        .env("IOT_OTA_DEVICE_PASSWORD", &login.secret)
         .arg("--work-dir")
         .arg(home.join("work"))
         .arg("--install-dir")
@@ -215,6 +225,7 @@ async fn corrupt_server(bytes: Arc<Vec<u8>>) -> std::io::Result<(String, JoinHan
 async fn simulated_device(
     broker: String,
     name: String,
+    login: Login,
     kind: Kind,
     dir: PathBuf,
     corrupt_url: Option<String>,
@@ -224,7 +235,9 @@ async fn simulated_device(
     let config = match Config::new(&broker, PRODUCT, &name, FROM) {
         Ok(c) => c
             .progress_throttle(5, Duration::from_millis(100))
-            .trust_key(trusted),
+            .trust_key(trusted)
+            .username(login.username)
+            .password(login.secret),
         Err(e) => {
             let _ = ready.send(Err(format!("{name}: {e}")));
             return;
@@ -447,14 +460,31 @@ async fn run_in(args: &DemoArgs, dir: &Path) -> Result<ExitCode, String> {
     if args.with_reboot {
         fleet.push(("device-unhealthy".into(), Kind::Agent(false)));
     }
+    // Registered, as a real fleet is: the embedded broker admits only
+    // known devices, each to its own topics.
+    let names: Vec<String> = fleet.iter().map(|(n, _)| n.clone()).collect();
+    let registered = api
+        .register_devices(PRODUCT, &names)
+        .await
+        .map_err(|e| format!("registering the devices: {e}"))?;
+    println!(
+        "devices: {} registered, each with its own MQTT secret",
+        registered.devices.len()
+    );
+    let mut logins = registered.devices.into_iter().map(|d| Login {
+        username: d.username,
+        secret: d.secret,
+    });
     let mut readies = Vec::new();
     for (name, kind) in &fleet {
+        let login = logins.next().expect("one credential per device");
         let (tx, rx) = tokio::sync::oneshot::channel();
         let broker = platform.broker_url().to_owned();
         tasks.push(match *kind {
             Kind::Agent(healthy) => tokio::spawn(supervised_agent(
                 broker,
                 name.clone(),
+                login,
                 healthy,
                 downloads.clone(),
                 trusted_pem.clone(),
@@ -463,6 +493,7 @@ async fn run_in(args: &DemoArgs, dir: &Path) -> Result<ExitCode, String> {
             _ => tokio::spawn(simulated_device(
                 broker,
                 name.clone(),
+                login,
                 *kind,
                 downloads.clone(),
                 corrupt_url.clone(),

@@ -279,6 +279,22 @@ async fn run_with(
     let names: Vec<String> = (args.first_index..args.first_index + args.devices)
         .map(|i| format!("dev-{i:05}"))
         .collect();
+    // Registered, as a real fleet is (each process its own devices): the
+    // embedded broker admits only known devices, each to its own topics.
+    let started = Instant::now();
+    let mut secrets = Vec::with_capacity(names.len());
+    for chunk in names.chunks(iot_ota_platform::api::MAX_REGISTER) {
+        let reg = api
+            .register_devices(&args.product, chunk)
+            .await
+            .map_err(|e| format!("registering the fleet's devices: {e}"))?;
+        secrets.extend(reg.devices.into_iter().map(|d| (d.username, d.secret)));
+    }
+    eprintln!(
+        "fleet: {} devices registered in {:.1} s",
+        names.len(),
+        started.elapsed().as_secs_f64()
+    );
     let (stop, stop_rx) = tokio::sync::watch::channel(false);
     let ctx = Arc::new(Ctx {
         stop: stop_rx,
@@ -294,13 +310,18 @@ async fn run_with(
     let boot = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
     let gap = Duration::from_secs_f64(1.0 / f64::from(args.connect_rate.max(1)));
-    for (i, name) in names.iter().enumerate() {
+    for (i, (name, login)) in names.iter().zip(secrets).enumerate() {
         let due = boot + gap.mul_f64(i as f64);
         let now = Instant::now();
         if due > now {
             tokio::time::sleep(due - now).await;
         }
-        tasks.spawn(device(ctx.clone(), name.clone(), args.first_index + i));
+        tasks.spawn(device(
+            ctx.clone(),
+            name.clone(),
+            args.first_index + i,
+            login,
+        ));
     }
     let deadline = boot + Duration::from_secs(args.timeout_secs);
     let mut last_line = Instant::now();
@@ -546,8 +567,10 @@ async fn ensure_firmware(args: &FleetArgs, api: &ApiClient) -> Result<(), String
 
 /// One simulated device: connects (again and again until it can), takes
 /// upgrade commands, downloads and verifies, "installs", informs.
-async fn device(ctx: Arc<Ctx>, name: String, index: usize) {
-    let config = match Config::new(&ctx.broker, &ctx.product, &name, FROM) {
+async fn device(ctx: Arc<Ctx>, name: String, index: usize, login: (String, String)) {
+    let config = match Config::new(&ctx.broker, &ctx.product, &name, FROM)
+        .map(|c| c.username(login.0).password(login.1))
+    {
         Ok(c) => c
             .connect_timeout(Duration::from_secs(30))
             .progress_throttle(25, Duration::from_secs(1)),

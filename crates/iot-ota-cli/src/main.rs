@@ -114,7 +114,36 @@ enum KeyCmd {
 #[derive(Subcommand, Debug)]
 #[allow(clippy::large_enum_variant)] // parsed once per run: size does not matter
 enum DeviceCmd {
-    /// Devices known from their version informs.
+    /// Register devices (or give registered ones new secrets): prints each
+    /// one's MQTT user name and secret, once.
+    Add {
+        #[command(flatten)]
+        api: ApiOpts,
+        /// Product key.
+        #[arg(long, visible_alias = "product-key")]
+        product: String,
+        /// Device names (repeat the flag, or give a comma-separated list).
+        #[arg(
+            long = "device",
+            visible_alias = "device-name",
+            required = true,
+            value_delimiter = ','
+        )]
+        devices: Vec<String>,
+    },
+    /// Revoke a device's credential: the embedded broker closes its
+    /// connection and refuses it from now on.
+    Revoke {
+        #[command(flatten)]
+        api: ApiOpts,
+        /// Product key.
+        #[arg(long, visible_alias = "product-key")]
+        product: String,
+        /// Device name.
+        #[arg(long, visible_alias = "device-name")]
+        device: String,
+    },
+    /// Devices: registered ones and those known from their version informs.
     List {
         #[command(flatten)]
         api: ApiOpts,
@@ -173,6 +202,11 @@ struct PlatformArgs {
     /// from `iot-ota key generate`): commands and get replies carry it.
     #[arg(long)]
     signing_key: Option<PathBuf>,
+    /// Let anyone use the embedded broker, to every topic (development
+    /// only). By default only devices registered with `iot-ota device add`
+    /// get in, each to its own topics.
+    #[arg(long)]
+    mqtt_anonymous: bool,
 }
 
 async fn run_platform(a: PlatformArgs) -> Result<(), String> {
@@ -192,7 +226,14 @@ async fn run_platform(a: PlatformArgs) -> Result<(), String> {
     config.tls_cert = a.tls_cert;
     config.tls_key = a.tls_key;
     config.signing_key = a.signing_key;
+    config.mqtt_anonymous = a.mqtt_anonymous;
     let platform = iot_ota_platform::Platform::start(config).await?;
+    if platform.is_open() {
+        eprintln!(
+            "iot-ota platform: WARNING: the embedded MQTT broker is open (--mqtt-anonymous): \
+             anyone who reaches it may read every device's commands and report for any device"
+        );
+    }
     if platform.token_made() {
         println!(
             "iot-ota platform: API token {} (shown once; kept in {})",
@@ -258,6 +299,16 @@ fn main() -> ExitCode {
             Command::Batch { api, cmd } => commands::batch(&api, cmd).await,
             Command::Device { cmd } => match cmd {
                 DeviceCmd::List { api, product } => commands::devices(&api, product).await,
+                DeviceCmd::Add {
+                    api,
+                    product,
+                    devices,
+                } => commands::add_devices(&api, &product, &devices).await,
+                DeviceCmd::Revoke {
+                    api,
+                    product,
+                    device,
+                } => commands::revoke_device(&api, &product, &device).await,
                 DeviceCmd::Run(args) => agent::run(args).await,
             },
         }

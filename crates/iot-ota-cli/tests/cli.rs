@@ -32,10 +32,22 @@ fn text(o: &Output) -> (String, String) {
     )
 }
 
+/// The platform as it ships: only registered devices use its broker
+/// (`agent_serving` registers each agent).
 async fn platform(dir: &Path) -> Platform {
     let mut c = PlatformConfig::new(dir);
     c.http_addr = ([127, 0, 0, 1], 0).into();
     c.broker = BrokerChoice::Embedded(([127, 0, 0, 1], 0).into());
+    Platform::start(c).await.unwrap()
+}
+
+/// An open broker (`--mqtt-anonymous`), for tests whose wire recorder
+/// plays or watches every device on one connection.
+async fn open_platform(dir: &Path) -> Platform {
+    let mut c = PlatformConfig::new(dir);
+    c.http_addr = ([127, 0, 0, 1], 0).into();
+    c.broker = BrokerChoice::Embedded(([127, 0, 0, 1], 0).into());
+    c.mqtt_anonymous = true;
     Platform::start(c).await.unwrap()
 }
 
@@ -58,7 +70,7 @@ async fn wait_device(api: &ApiClient, product: &str, device: &str) {
         .await
         .unwrap()
         .iter()
-        .any(|d| d.device == device)
+        .any(|d| d.device == device && !d.version.is_empty())
     {
         assert!(Instant::now() < deadline, "{device} never informed");
         tokio::time::sleep(Duration::from_millis(30)).await;
@@ -170,7 +182,7 @@ async fn demo_with_faults_shows_the_failed_records() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn api_subcommands() {
     let dir = TempDir::new("cli-api");
-    let p = platform(&dir.join("platform")).await;
+    let p = open_platform(&dir.join("platform")).await;
     let api_url = p.api_url();
     let a = ["--api", api_url.as_str(), "--token", p.api_token()];
     let api = p.client().unwrap();
@@ -237,6 +249,48 @@ async fn api_subcommands() {
         out.lines()
             .any(|l| l.starts_with("pk") && l.contains("d1") && l.contains("1.0")),
         "{out}"
+    );
+
+    // Credentials: made once, listed, revoked.
+    let o = run(&api_args(
+        &a,
+        &[
+            "device",
+            "add",
+            "--product",
+            "pk",
+            "--device",
+            "d2,d3",
+            "--json",
+        ],
+    ))
+    .await;
+    assert!(o.status.success(), "{:?}", text(&o));
+    let reg: iot_ota_platform::api::RegisteredDevices = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(reg.devices.len(), 2);
+    assert_eq!(reg.devices[0].username, "pk/d2");
+    assert_eq!(reg.devices[0].secret.len(), 64);
+    let revoke = ["device", "revoke", "--product", "pk", "--device", "d3"];
+    let o = run(&api_args(&a, &revoke)).await;
+    assert!(o.status.success(), "{:?}", text(&o));
+    let o = run(&api_args(&a, &["device", "list"])).await;
+    let (out, _) = text(&o);
+    assert!(
+        out.lines()
+            .any(|l| l.contains("d2") && l.contains("active")),
+        "{out}"
+    );
+    assert!(
+        out.lines()
+            .any(|l| l.contains("d3") && l.contains("revoked")),
+        "{out}"
+    );
+    let o = run(&api_args(&a, &revoke)).await;
+    assert_eq!(o.status.code(), Some(1), "revoked twice: {:?}", text(&o));
+    assert!(
+        text(&o).1.contains("no active credential"),
+        "{:?}",
+        text(&o)
     );
 
     let o = run(&api_args(
@@ -388,6 +442,11 @@ fn agent_serving(
 ) -> tokio::process::Command {
     let version_file = dir.join(format!("{name}.version"));
     std::fs::write(&version_file, "1.0.0\n").unwrap();
+    // Registered (again, at every start of it: a new secret each time).
+    let login = p
+        .register_devices("pk", &[name.to_owned()])
+        .unwrap()
+        .remove(0);
     let mut cmd = tokio::process::Command::new(BIN);
     cmd.args([
         "device",
@@ -402,7 +461,10 @@ fn agent_serving(
         version_file.to_str().unwrap(),
         "--work-dir",
         work.to_str().unwrap(),
+        "--username",
+        &login.username,
     ])
+    .env("IOT_OTA_DEVICE_PASSWORD", &login.secret)
     .args(extra)
     .current_dir(dir.path())
     .kill_on_drop(true)
@@ -726,7 +788,7 @@ async fn power_cut_soak_always_ends_committed_or_rolled_back() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(4);
     let dir = TempDir::new("cli-soak");
-    let p = platform(&dir.join("platform")).await;
+    let p = open_platform(&dir.join("platform")).await;
     let api = p.client().unwrap();
     let wire = WireRecorder::connect(p.broker_url(), "/sys/#");
     assert!(wire.wait_ready(Duration::from_secs(10)));
@@ -1099,6 +1161,8 @@ async fn platform_subcommand_serves_until_stopped() {
             &http,
             "--mqtt-listen",
             &mqtt,
+            // The recorder below plays a device without registering it.
+            "--mqtt-anonymous",
         ])
         .stdout(std::process::Stdio::piped())
         .kill_on_drop(true)
