@@ -85,8 +85,9 @@ enum Kind {
     Agent(bool),
 }
 
-/// A device's MQTT credential, from its registration.
+/// Where a device connects, and its MQTT credential (from its registration).
 struct Login {
+    broker: String,
     username: String,
     secret: String,
 }
@@ -223,7 +224,6 @@ async fn corrupt_server(bytes: Arc<Vec<u8>>) -> std::io::Result<(String, JoinHan
 
 /// One simulated device on the SDK: downloads, "installs" in five steps, informs the new version.
 async fn simulated_device(
-    broker: String,
     name: String,
     login: Login,
     kind: Kind,
@@ -232,7 +232,7 @@ async fn simulated_device(
     trusted: iot_ota_core::manifest::PublicKey,
     ready: tokio::sync::oneshot::Sender<Result<(), String>>,
 ) {
-    let config = match Config::new(&broker, PRODUCT, &name, FROM) {
+    let config = match Config::new(&login.broker, PRODUCT, &name, FROM) {
         Ok(c) => c
             .progress_throttle(5, Duration::from_millis(100))
             .trust_key(trusted)
@@ -472,6 +472,7 @@ async fn run_in(args: &DemoArgs, dir: &Path) -> Result<ExitCode, String> {
         registered.devices.len()
     );
     let mut logins = registered.devices.into_iter().map(|d| Login {
+        broker: platform.broker_url().to_owned(),
         username: d.username,
         secret: d.secret,
     });
@@ -491,7 +492,6 @@ async fn run_in(args: &DemoArgs, dir: &Path) -> Result<ExitCode, String> {
                 tx,
             )),
             _ => tokio::spawn(simulated_device(
-                broker,
                 name.clone(),
                 login,
                 *kind,
