@@ -37,7 +37,8 @@ pub struct Mosquitto {
 pub struct MosquittoOptions {
     tls: Option<TlsFiles>,
     require_client_cert: bool,
-    auth: Option<(String, String)>,
+    auth: Vec<(String, String)>,
+    acl: Option<String>,
 }
 
 struct TlsFiles {
@@ -73,7 +74,14 @@ impl MosquittoOptions {
     /// (`MOSQUITTO_PASSWD`, `PATH`, or beside the broker binary); without
     /// it [`MosquittoOptions::start`] returns an error.
     pub fn auth(mut self, user: &str, password: &str) -> Self {
-        self.auth = Some((user.to_string(), password.to_string()));
+        self.auth.push((user.to_string(), password.to_string()));
+        self
+    }
+
+    /// The ACL file's text (Mosquitto's `acl_file`: `user`, `topic` and
+    /// `pattern` lines).
+    pub fn acl(mut self, text: &str) -> Self {
+        self.acl = Some(text.to_string());
         self
     }
 
@@ -133,16 +141,23 @@ impl MosquittoOptions {
                 self.require_client_cert
             ));
         }
-        match &self.auth {
-            None => text.push_str("allow_anonymous true\n"),
-            Some((user, password)) => {
-                let file = dir.join("passwd");
+        if self.auth.is_empty() {
+            text.push_str("allow_anonymous true\n");
+        } else {
+            let file = dir.join("passwd");
+            File::create(&file)?;
+            for (user, password) in &self.auth {
                 make_password_file(binary, &file, user, password)?;
-                text.push_str(&format!(
-                    "allow_anonymous false\npassword_file {}\n",
-                    file.display()
-                ));
             }
+            text.push_str(&format!(
+                "allow_anonymous false\npassword_file {}\n",
+                file.display()
+            ));
+        }
+        if let Some(acl) = &self.acl {
+            let file = dir.join("acl");
+            std::fs::write(&file, acl)?;
+            text.push_str(&format!("acl_file {}\n", file.display()));
         }
         Ok(text)
     }
@@ -292,6 +307,7 @@ impl Drop for Mosquitto {
 }
 
 /// Writes a password file for one user with `mosquitto_passwd -b`.
+/// Adds `user` to the password `file` (which must exist).
 fn make_password_file(broker: &Path, file: &Path, user: &str, password: &str) -> io::Result<()> {
     let beside = broker.with_file_name("mosquitto_passwd");
     let fallbacks = [
@@ -301,9 +317,8 @@ fn make_password_file(broker: &Path, file: &Path, user: &str, password: &str) ->
     ];
     let tool = find_binary("MOSQUITTO_PASSWD", "mosquitto_passwd", &fallbacks)
         .ok_or_else(|| not_found("mosquitto_passwd not found: password auth unavailable"))?;
-    // An empty file first, then `-b` without `-c`: the one form every 1.x
-    // and 2.x version accepts.
-    File::create(file)?;
+    // An empty file first (the caller's), then `-b` without `-c`: the one
+    // form every 1.x and 2.x version accepts.
     let out = Command::new(&tool)
         .arg("-b")
         .arg(file)
