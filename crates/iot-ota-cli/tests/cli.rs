@@ -1315,3 +1315,116 @@ fn table_rig() -> iot_ota_testkit::Rig {
 mod agent_table {
     iot_ota_testkit::acceptance_table!(super::agent_frontend(), super::table_rig(), "a");
 }
+
+/// `VmHWM` (peak resident) and `VmRSS` of a process, in KiB.
+fn rss_kib(pid: u32) -> (u64, u64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    (field("VmHWM:"), field("VmRSS:"))
+}
+
+/// 2,000 outsiders each half-send a 1 MiB CONNECT (1 GiB wanted): the
+/// platform process stays within the broker's 64 MiB bound plus a margin,
+/// the oldest offenders are closed and counted, and a registered device
+/// is still served.
+#[cfg(target_os = "linux")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thousands_of_half_sent_packets_stay_within_the_memory_bound() {
+    use tokio::io::AsyncWriteExt;
+    let dir = TempDir::new("cli-membound");
+    let http = format!("127.0.0.1:{}", iot_ota_testkit::free_port());
+    let mqtt = format!("127.0.0.1:{}", iot_ota_testkit::free_port());
+    let mut child = tokio::process::Command::new(BIN)
+        .args(["platform", "--data-dir", dir.join("data").to_str().unwrap()])
+        .args(["--http", &http, "--mqtt-listen", &mqtt])
+        .stdout(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let pid = child.id().unwrap();
+    let token_file = dir.join("data").join("api-token");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !(token_file.exists()
+        && ApiClient::new(&format!("http://{http}"))
+            .unwrap()
+            .health()
+            .await
+            .is_ok())
+    {
+        assert!(Instant::now() < deadline, "the platform never answered");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let token = std::fs::read_to_string(&token_file).unwrap();
+    let api = ApiClient::new(&format!("http://{http}"))
+        .unwrap()
+        .with_token(token.trim());
+    let (_, before) = rss_kib(pid);
+
+    // A CONNECT announcing 1 MiB, of which 512 KiB are sent.
+    let mut half = vec![0x10u8, 0x80, 0x80, 0x40]; // remaining length 1 MiB
+    half.extend_from_slice(&[0, 4, b'M', b'Q', b'T', b'T', 4, 2, 0, 60]);
+    half.resize(512 * 1024, b'x');
+    let half = std::sync::Arc::new(half);
+    let mut hogs = Vec::new();
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..2000 {
+        let Ok(mut s) = tokio::net::TcpStream::connect(&mqtt).await else {
+            continue;
+        };
+        let half = half.clone();
+        tasks.spawn(async move {
+            let _ = tokio::time::timeout(Duration::from_secs(20), s.write_all(&half)).await;
+            s
+        });
+        while tasks.len() >= 64 {
+            if let Some(Ok(s)) = tasks.join_next().await {
+                hogs.push(s);
+            }
+        }
+    }
+    while let Some(r) = tasks.join_next().await {
+        if let Ok(s) = r {
+            hogs.push(s);
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (peak, now) = rss_kib(pid);
+    let stats = api.stats().await.unwrap().broker.unwrap();
+    eprintln!(
+        "RSS before {before} KiB, peak {peak} KiB, now {now} KiB; {} evicted, {} bytes pending",
+        stats.evicted, stats.pending_bytes
+    );
+    // The bound (64 MiB) plus a margin for reads in flight and the
+    // allocator's slack.
+    assert!(
+        peak < before + 64 * 1024 + 64 * 1024,
+        "peak RSS {peak} KiB, {before} KiB before"
+    );
+    assert!(stats.evicted > 1000, "{stats:?}");
+    assert!(
+        stats.pending_bytes <= 64 * 1024 * 1024 + 2 * 1024 * 1024,
+        "{stats:?}"
+    );
+
+    // A registered device is served meanwhile (the hogs are still open).
+    let reg = api
+        .register_devices("pk", &["served".into()])
+        .await
+        .unwrap();
+    let config = iot_ota_device::Config::new(&format!("mqtt://{mqtt}"), "pk", "served", "1.0.0")
+        .unwrap()
+        .username(reg.devices[0].username.clone())
+        .password(reg.devices[0].secret.clone());
+    let (client, _upgrades) = iot_ota_device::OtaClient::connect(config).await.unwrap();
+    wait_device(&api, "pk", "served").await;
+    client.disconnect().await;
+    drop(hogs);
+    child.kill().await.unwrap();
+}

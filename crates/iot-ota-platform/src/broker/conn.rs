@@ -296,8 +296,13 @@ pub(super) async fn connection(
                             if rd.capacity() > 64 * 1024 {
                                 rd = BytesMut::with_capacity(512);
                             }
-                        } else if packet_deadline.is_none() {
-                            packet_deadline = Some(now + packet_timeout);
+                        } else {
+                            if packet_deadline.is_none() {
+                                packet_deadline = Some(now + packet_timeout);
+                            }
+                            if let Err(e) = make_room(&mut rd, max) {
+                                break End::Lost(e);
+                            }
                         }
                         if let Err(e) = ticket.hold(held(&rd)) {
                             break End::Lost(e);
@@ -433,6 +438,23 @@ pub(super) async fn connection(
     }
 }
 
+/// Gives a read buffer that holds the start of a packet room for all of
+/// it, at once: one allocation of the announced size (whose untouched pages
+/// cost no memory) instead of doublings that leave freed copies behind in
+/// the allocator. `Err` for a packet announced over `max`.
+fn make_room(rd: &mut BytesMut, max: usize) -> Result<(), String> {
+    if let Some(total) = strict::announced_len(rd)? {
+        // `max` bounds what follows the fixed header (at most 5 bytes).
+        if total > max + 5 {
+            return Err(format!("a packet of {total} bytes, over {max}"));
+        }
+        if total > rd.len() {
+            rd.reserve(total - rd.len());
+        }
+    }
+    Ok(())
+}
+
 /// What a read buffer holds of the bound: nothing when empty, else its
 /// allocation.
 fn held(rd: &BytesMut) -> usize {
@@ -460,9 +482,8 @@ async fn read_packet(
             ticket.hold(held(rd)).map_err(close)?;
             return packet;
         }
-        if rd.len() > max {
-            return Err(close(format!("a packet over {max} bytes")));
-        }
+        make_room(rd, max).map_err(close)?;
+        ticket.hold(held(rd)).map_err(close)?;
         let read = tokio::select! {
             read = stream.read_buf(rd) => read,
             _ = evict.notified() => {

@@ -24,6 +24,12 @@ fn close(why: impl Into<String>) -> Violation {
 /// length), `None` while it is incomplete; `Err` for a remaining length
 /// longer than MQTT's four bytes.
 pub(super) fn frame_len(buf: &[u8]) -> Result<Option<usize>, String> {
+    Ok(announced_len(buf)?.filter(|total| buf.len() >= *total))
+}
+
+/// The length the first frame in `buf` announces (fixed header included),
+/// once its fixed header is complete, whether or not the rest has come.
+pub(super) fn announced_len(buf: &[u8]) -> Result<Option<usize>, String> {
     let mut len = 0usize;
     for i in 0..4 {
         let Some(&b) = buf.get(1 + i) else {
@@ -31,8 +37,7 @@ pub(super) fn frame_len(buf: &[u8]) -> Result<Option<usize>, String> {
         };
         len |= usize::from(b & 0x7f) << (7 * i);
         if b & 0x80 == 0 {
-            let total = 2 + i + len;
-            return Ok((buf.len() >= total).then_some(total));
+            return Ok(Some(2 + i + len));
         }
     }
     Err("malformed remaining length".into())
@@ -169,6 +174,8 @@ mod tests {
         assert_eq!(frame_len(&[0xc0]), Ok(None));
         assert_eq!(frame_len(&[0xc0, 0]), Ok(Some(2)));
         assert_eq!(frame_len(&[0x30, 3, 0, 1]), Ok(None));
+        assert_eq!(announced_len(&[0x30, 3, 0, 1]), Ok(Some(5)));
+        assert_eq!(announced_len(&[0x30, 0x80]), Ok(None));
         assert_eq!(frame_len(&[0x30, 3, 0, 1, b'a', 9]), Ok(Some(5)));
         // 200 bytes: two length bytes.
         let mut f = vec![0x30, 0xc8, 0x01];
