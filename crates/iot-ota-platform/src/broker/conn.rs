@@ -22,7 +22,7 @@ use tokio::time::Instant;
 
 use super::access::{Identity, Refusal};
 use super::budget::Ticket;
-use super::state::{min_qos, retain, Online, Session};
+use super::state::{min_qos, retain, Online, Queued, Session};
 use super::strict::{self, Violation};
 use super::topic;
 use super::Shared;
@@ -136,7 +136,7 @@ pub(super) async fn connection(
     };
 
     // Register: take over an existing session, keep or drop its state.
-    let (tx, mut rx) = mpsc::channel::<Publish>(shared.options.max_queued.max(1));
+    let (tx, mut rx) = mpsc::channel::<Queued>(shared.options.max_queued.max(1));
     let kick = Arc::new(Notify::new());
     let close = Arc::new(Notify::new());
     let registered = 'register: {
@@ -362,10 +362,10 @@ pub(super) async fn connection(
             let session = state.sessions.get_mut(&client).expect("mine");
             session.conn = None;
             if session.persistent {
-                let mut parked: VecDeque<Publish> =
+                let mut parked: VecDeque<Queued> =
                     conn.inflight.drain(..).map(|(_, p)| p).collect();
                 while let Ok(p) = rx.try_recv() {
-                    if p.qos != QoS::AtMostOnce {
+                    if p.publish.qos != QoS::AtMostOnce {
                         parked.push_back(p);
                     }
                 }
@@ -384,7 +384,7 @@ pub(super) async fn connection(
             // session's new connection gets what this one had in flight or
             // queued.
             if let (true, Some(online)) = (session.persistent, &session.conn) {
-                let pending: Vec<Publish> = conn
+                let pending: Vec<Queued> = conn
                     .inflight
                     .drain(..)
                     .map(|(_, p)| p)
@@ -506,9 +506,10 @@ struct Conn {
     shared: Arc<Shared>,
     /// This connection's own queue (retained messages for a new
     /// subscription go through it, under the in-flight limit like the rest).
-    own: mpsc::Sender<Publish>,
-    /// QoS 1 messages sent and not acknowledged, oldest first.
-    inflight: VecDeque<(u16, Publish)>,
+    own: mpsc::Sender<Queued>,
+    /// QoS 1 messages sent and not acknowledged, oldest first (still
+    /// charged to the pool of queued bytes).
+    inflight: VecDeque<(u16, Queued)>,
     next_pkid: u16,
     /// QoS 2 packet ids received and not released yet.
     qos2_in: Vec<u16>,
@@ -516,7 +517,8 @@ struct Conn {
 
 impl Conn {
     /// Writes `p` to the client; a QoS 1 message gets a packet id and waits for its PUBACK.
-    fn send(&mut self, mut p: Publish, wr: &mut BytesMut) {
+    fn send(&mut self, mut q: Queued, wr: &mut BytesMut) {
+        let p = &mut q.publish;
         if p.qos != QoS::AtMostOnce {
             p.qos = QoS::AtLeastOnce;
             // A message sent before (kept by a persistent session) goes
@@ -528,9 +530,11 @@ impl Conn {
             } else {
                 p.pkid = self.pkid();
             }
-            self.inflight.push_back((p.pkid, p.clone()));
+            let _ = p.write(wr);
+            self.inflight.push_back((p.pkid, q));
+        } else {
+            let _ = p.write(wr);
         }
-        let _ = p.write(wr);
     }
 
     /// A free packet id. Terminates: fewer than 65,535 are ever in flight
@@ -614,7 +618,11 @@ impl Conn {
                     }
                     let _ = SubAck::new(s.pkid, codes).write(wr);
                     for p in retained {
-                        if self.own.try_send(p).is_err() {
+                        let sent = match self.shared.pool.charge(p) {
+                            Some(q) => self.own.try_send(q).is_ok(),
+                            None => false,
+                        };
+                        if !sent {
                             self.shared.counters.dropped.fetch_add(1, Ordering::Relaxed);
                         }
                     }

@@ -75,6 +75,11 @@ pub struct BrokerOptions {
     /// it, the connection whose incomplete packet began first is closed
     /// (counted in [`BrokerStats::evicted`]).
     pub max_pending_bytes: usize,
+    /// Bytes that queued messages (waiting for a client, parked for a
+    /// persistent session, or in flight until acknowledged) may hold across
+    /// all clients; past it new messages are dropped and counted
+    /// ([`BrokerStats::dropped`]), as a full queue's are.
+    pub max_queued_bytes: usize,
     /// How long a packet may take from its first byte to its last; a
     /// slower one closes the connection (counted in [`BrokerStats::timed_out`]).
     pub packet_timeout: Duration,
@@ -94,6 +99,7 @@ impl Default for BrokerOptions {
             max_subscriptions: 1_000,
             max_retained: 100_000,
             max_pending_bytes: 64 * 1024 * 1024,
+            max_queued_bytes: 256 * 1024 * 1024,
             packet_timeout: Duration::from_secs(30),
             idle_timeout: Duration::from_secs(15 * 60),
         }
@@ -127,6 +133,9 @@ pub struct BrokerStats {
     /// Bytes incomplete packets hold now.
     #[serde(default)]
     pub pending_bytes: u64,
+    /// Bytes queued messages hold now.
+    #[serde(default)]
+    pub queued_bytes: u64,
     /// CONNECTs refused: no, wrong or revoked credentials, or a client id
     /// another identity's session holds.
     #[serde(default)]
@@ -251,10 +260,12 @@ impl EmbeddedBroker {
             .await
             .map_err(|e| format!("the embedded MQTT broker cannot listen on {addr}: {e}"))?;
         let addr = listener.local_addr().map_err(|e| e.to_string())?;
+        let pool = state::QueuePool::new(options.max_queued_bytes);
         let shared = Arc::new(Shared {
             budget: Arc::new(budget::Budget::new(options.max_pending_bytes)),
             options,
-            state: Mutex::new(State::default()),
+            state: Mutex::new(State::new(pool.clone())),
+            pool,
             counters: Counters::default(),
         });
         let (shutdown, stop) = watch::channel(false);
@@ -307,6 +318,7 @@ struct Shared {
     state: Mutex<State>,
     counters: Counters,
     budget: Arc<budget::Budget>,
+    pool: Arc<state::QueuePool>,
 }
 
 impl Shared {
@@ -314,6 +326,7 @@ impl Shared {
         BrokerStats {
             evicted: self.budget.evicted.load(Ordering::Relaxed),
             pending_bytes: self.budget.used() as u64,
+            queued_bytes: self.pool.used() as u64,
             ..self.counters.snapshot()
         }
     }

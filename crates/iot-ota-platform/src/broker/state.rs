@@ -3,7 +3,7 @@
 //! every call is a few map operations under the one lock in [`super::Shared`].
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use rumqttc::mqttbytes::v4::Publish;
@@ -14,9 +14,66 @@ use super::access::Identity;
 use super::topic;
 use super::{BrokerOptions, Counters};
 
+/// The bound on what queued messages hold across all clients: every
+/// message waiting in a client's queue, parked for a persistent session, or
+/// in flight until its PUBACK holds a [`Queued`] charge, given back when it
+/// is dropped, however that happens (delivered, discarded with its
+/// session, a take-over), so the count cannot drift. A copy of a message
+/// for each subscriber is charged in full: the payload is shared between
+/// them, so the bound is conservative.
+#[derive(Debug)]
+pub(super) struct QueuePool {
+    limit: usize,
+    used: AtomicUsize,
+}
+
+impl QueuePool {
+    /// A pool of `limit` bytes.
+    pub(super) fn new(limit: usize) -> Arc<QueuePool> {
+        Arc::new(QueuePool {
+            limit,
+            used: AtomicUsize::new(0),
+        })
+    }
+
+    /// Bytes held now.
+    pub(super) fn used(&self) -> usize {
+        self.used.load(Ordering::Relaxed)
+    }
+
+    /// `publish`, charged; `None` (dropped) when the pool is full.
+    pub(super) fn charge(self: &Arc<QueuePool>, publish: Publish) -> Option<Queued> {
+        // The topic and payload, and the message's own bookkeeping.
+        let bytes = publish.topic.len() + publish.payload.len() + 96;
+        let before = self.used.fetch_add(bytes, Ordering::Relaxed);
+        if before + bytes > self.limit {
+            self.used.fetch_sub(bytes, Ordering::Relaxed);
+            return None;
+        }
+        Some(Queued {
+            publish,
+            bytes,
+            pool: self.clone(),
+        })
+    }
+}
+
+/// A message queued for one client, holding its share of the [`QueuePool`].
+#[derive(Debug)]
+pub(super) struct Queued {
+    pub(super) publish: Publish,
+    bytes: usize,
+    pool: Arc<QueuePool>,
+}
+
+impl Drop for Queued {
+    fn drop(&mut self) {
+        self.pool.used.fetch_sub(self.bytes, Ordering::Relaxed);
+    }
+}
+
 /// The routing table and the sessions. One lock; every critical section
 /// is a few map operations.
-#[derive(Default)]
 pub(super) struct State {
     pub(super) sessions: HashMap<Arc<str>, Session>,
     /// Filters without wildcards: filter → (client, granted QoS).
@@ -26,6 +83,8 @@ pub(super) struct State {
     pub(super) retained: HashMap<String, Publish>,
     pub(super) next_conn: u64,
     pub(super) online: usize,
+    /// What queued messages hold, across all clients.
+    pub(super) pool: Arc<QueuePool>,
 }
 
 pub(super) struct Session {
@@ -35,20 +94,33 @@ pub(super) struct Session {
     /// Its subscriptions (filter, granted QoS), for unsubscribing and cleanup.
     pub(super) filters: Vec<(String, QoS)>,
     /// QoS 1 messages kept while a persistent session is away.
-    pub(super) parked: VecDeque<Publish>,
+    pub(super) parked: VecDeque<Queued>,
     /// Who made it: only that identity may connect with its client id.
     pub(super) owner: Identity,
 }
 
 pub(super) struct Online {
     pub(super) id: u64,
-    pub(super) tx: mpsc::Sender<Publish>,
+    pub(super) tx: mpsc::Sender<Queued>,
     pub(super) kick: Arc<Notify>,
     /// Tells the connection to close (its credentials were revoked).
     pub(super) close: Arc<Notify>,
 }
 
 impl State {
+    /// No sessions yet; queued messages charged to `pool`.
+    pub(super) fn new(pool: Arc<QueuePool>) -> State {
+        State {
+            sessions: HashMap::new(),
+            exact: HashMap::new(),
+            wild: Vec::new(),
+            retained: HashMap::new(),
+            next_conn: 0,
+            online: 0,
+            pool,
+        }
+    }
+
     pub(super) fn subscribe(&mut self, client: &Arc<str>, filter: &str, qos: QoS) {
         let Some(session) = self.sessions.get_mut(client) else {
             return;
@@ -133,39 +205,47 @@ impl State {
             let Some(session) = self.sessions.get_mut(&client) else {
                 continue;
             };
+            // Online, or a persistent session away that keeps QoS 1.
+            let qos = min_qos(publish.qos, granted);
+            if session.conn.is_none() && !(session.persistent && qos != QoS::AtMostOnce) {
+                continue;
+            }
             let mut out = publish.clone();
-            out.qos = min_qos(publish.qos, granted);
+            out.qos = qos;
             out.retain = false;
             out.dup = false;
             out.pkid = 0;
-            let queued = match &session.conn {
-                Some(online) => {
-                    let sent = online.tx.try_send(out).is_ok();
-                    let depth = (online.tx.max_capacity() - online.tx.capacity()) as u64;
-                    counters.peak_queue.fetch_max(depth, Ordering::Relaxed);
-                    sent
-                }
-                None if session.persistent && out.qos != QoS::AtMostOnce => {
-                    if session.parked.len() < options.max_queued {
-                        session.parked.push_back(out);
-                        true
-                    } else {
-                        false
+            let queued = match self.pool.charge(out) {
+                None => Err("the broker's queues are full"),
+                Some(q) => match &session.conn {
+                    Some(online) => {
+                        let sent = online.tx.try_send(q).is_ok();
+                        let depth = (online.tx.max_capacity() - online.tx.capacity()) as u64;
+                        counters.peak_queue.fetch_max(depth, Ordering::Relaxed);
+                        sent.then_some(()).ok_or("its queue is full")
                     }
-                }
-                None => continue,
+                    None if session.parked.len() < options.max_queued => {
+                        session.parked.push_back(q);
+                        Ok(())
+                    }
+                    None => Err("its queue is full"),
+                },
             };
-            if queued {
-                counters.delivered.fetch_add(1, Ordering::Relaxed);
-            } else {
-                let n = counters.dropped.fetch_add(1, Ordering::Relaxed) + 1;
-                if n.is_power_of_two() {
-                    log::warn!(
-                        "embedded broker: the queue of {client} is full ({} messages): \
-                         dropped a message on {} ({n} dropped in all)",
-                        options.max_queued,
-                        publish.topic
-                    );
+            match queued {
+                Ok(()) => {
+                    counters.delivered.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(why) => {
+                    let n = counters.dropped.fetch_add(1, Ordering::Relaxed) + 1;
+                    if n.is_power_of_two() {
+                        log::warn!(
+                            "embedded broker: a message on {} for {client} dropped: {why} \
+                             ({} messages per client, {} bytes in all; {n} dropped in all)",
+                            publish.topic,
+                            options.max_queued,
+                            options.max_queued_bytes
+                        );
+                    }
                 }
             }
         }

@@ -745,3 +745,49 @@ async fn only_known_devices_get_in_and_each_uses_only_its_own_topics() {
     .await;
     assert!(closed.is_ok(), "the revoked device was disconnected");
 }
+
+#[tokio::test]
+async fn queued_messages_stay_within_their_bytes_and_are_given_back() {
+    let b = EmbeddedBroker::start(
+        "127.0.0.1:0".parse().unwrap(),
+        BrokerOptions {
+            max_queued_bytes: 64 * 1024,
+            max_inflight: 0,
+            ..BrokerOptions::default()
+        },
+    )
+    .await
+    .unwrap();
+    // A raw subscriber that never reads nor acks: everything queues.
+    let mut raw = TcpStream::connect(b.addr()).await.unwrap();
+    let mut out = BytesMut::new();
+    rumqttc::mqttbytes::v4::Connect::new("slow")
+        .write(&mut out)
+        .unwrap();
+    let mut sub = rumqttc::mqttbytes::v4::Subscribe::new("t", QoS::AtLeastOnce);
+    sub.pkid = 1;
+    sub.write(&mut out).unwrap();
+    raw.write_all(&out).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (p, mut pel) = client(&b, "pub", true);
+    for _ in 0..20 {
+        p.publish("t", QoS::AtLeastOnce, false, vec![7u8; 8 * 1024])
+            .await
+            .unwrap();
+    }
+    acked(&mut pel, 20).await;
+    let s = b.stats();
+    assert!(s.queued_bytes <= 64 * 1024, "{s:?}");
+    assert!(
+        s.dropped >= 12,
+        "8 KiB messages past 64 KiB are dropped: {s:?}"
+    );
+    assert_eq!(s.delivered + s.dropped, 20, "{s:?}");
+    // Its session goes (clean): every byte is given back.
+    drop(raw);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while b.stats().queued_bytes != 0 {
+        assert!(Instant::now() < deadline, "{:?}", b.stats());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
