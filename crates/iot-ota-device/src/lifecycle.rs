@@ -124,6 +124,18 @@ pub struct Lifecycle<I: Installer> {
 
 const COUNTER_FILE: &str = "security-counter";
 
+/// How a sequence ended, for an error message. (Not `Debug`: that would
+/// pull the formatting of every type a `Done` holds into the C library.)
+fn ended(done: Option<&Done>) -> &'static str {
+    match done {
+        None => "waiting for another step",
+        Some(Done::Settled(_)) => "settled",
+        Some(Done::Rebooting) => "asking for a reboot",
+        Some(Done::Failed(_)) => "failed",
+        Some(Done::Stuck(_)) => "stuck",
+    }
+}
+
 /// The counter file's value: 0 when absent; `u64::MAX` when it is there but
 /// unreadable (it is written atomically: damage means a bad disk or
 /// tampering), so that no signed firmware passes until a person looks.
@@ -242,7 +254,8 @@ impl<I: Installer> Lifecycle<I> {
         match self.run_with(Path::new(""), health, &mut |_| {})? {
             Some(Done::Settled(start)) => Ok(start),
             other => Err(Error::Install(format!(
-                "the start-up decision ended in {other:?}"
+                "the start-up decision ended {}",
+                ended(other.as_ref())
             ))),
         }
     }
@@ -272,8 +285,9 @@ impl<I: Installer> Lifecycle<I> {
             Ok(None) if self.flow.is_fetching() => Ok(()),
             Ok(Some(Done::Failed(why))) => Err(why),
             Ok(other) => Err(format!(
-                "the upgrade to {} ended in {other:?}",
-                firmware.version
+                "the upgrade to {} ended {}",
+                firmware.version,
+                ended(other.as_ref())
             )),
             Err(e) => Err(e.to_string()),
         }
@@ -291,7 +305,7 @@ impl<I: Installer> Lifecycle<I> {
         let firmware = match (done, self.flow.journal().and_then(Journal::firmware)) {
             (None, Some(fw)) => fw,
             (Some(Done::Failed(why)), _) => return Err(why),
-            (other, _) => return Err(format!("the resume ended in {other:?}")),
+            (other, _) => return Err(format!("the resume ended {}", ended(other.as_ref()))),
         };
         let session = self.session.clone();
         let taken = session
@@ -342,7 +356,10 @@ impl<I: Installer> Lifecycle<I> {
         self.flow.handle_fetched(result);
         match self.run()? {
             Some(Done::Failed(_)) | None => Ok(()),
-            Some(other) => Err(Error::Install(format!("the download ended in {other:?}"))),
+            Some(other) => Err(Error::Install(format!(
+                "the download ended {}",
+                ended(Some(&other))
+            ))),
         }
     }
 
@@ -390,7 +407,10 @@ impl<I: Installer> Lifecycle<I> {
                 Ok(Installed::Settled(Box::new(start)))
             }
             Some(Done::Failed(why)) => Err(Error::Install(why)),
-            other => Err(Error::Install(format!("the install ended in {other:?}"))),
+            other => Err(Error::Install(format!(
+                "the install ended {}",
+                ended(other.as_ref())
+            ))),
         }
     }
 
