@@ -38,11 +38,27 @@ pub(super) async fn exchange(
         let config = tls_config(opts)?;
         let name = ServerName::try_from(parts.host.to_owned())
             .map_err(|e| HttpError::BadUrl(format!("{}: {e}", parts.host)))?;
-        // rustls encrypts the request before it hands the keys over.
-        let handshake = records::connect(tcp, config, name, request.as_bytes());
-        Stream::Tls(Box::new(
-            before(deadline, "TLS handshake", handshake).await?,
-        ))
+        if records::hands_over(&config) {
+            // rustls encrypts the request before it hands the keys over.
+            let handshake = records::connect(tcp, config, name, request.as_bytes());
+            Stream::Tls(Box::new(
+                before(deadline, "TLS handshake", handshake).await?,
+            ))
+        } else {
+            // A provider whose suites keep their keys: rustls reads.
+            let handshake = async {
+                let mut tls = tokio_rustls::TlsConnector::from(config)
+                    .connect(name, tcp)
+                    .await
+                    .map_err(tls_error)?;
+                tls.write_all(request.as_bytes()).await.map_err(tls_error)?;
+                tls.flush().await.map_err(tls_error)?;
+                Ok::<_, HttpError>(tls)
+            };
+            Stream::Rustls(Box::new(
+                before(deadline, "TLS handshake", handshake).await?,
+            ))
+        }
     } else {
         let mut tcp = tcp;
         let sent = async {
@@ -140,7 +156,19 @@ pub(super) async fn before<T>(
 /// type, compiled once.
 pub(super) enum Stream {
     Plain(TcpStream),
+    /// Records opened here ([`records`]).
     Tls(Box<TlsStream>),
+    /// Records opened by rustls (a provider that keeps its keys).
+    Rustls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+/// A TLS error from rustls's own stream: the `rustls::Error` inside, when
+/// there is one.
+fn tls_error(e: io::Error) -> HttpError {
+    match e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) {
+        Some(tls) => HttpError::Tls(tls.clone()),
+        None => HttpError::Io(e),
+    }
 }
 
 impl Stream {
@@ -148,6 +176,7 @@ impl Stream {
         match self {
             Self::Plain(s) => s.read(buf).await,
             Self::Tls(s) => s.read(buf).await,
+            Self::Rustls(s) => s.read(buf).await,
         }
     }
 }

@@ -68,9 +68,11 @@ pub struct HttpOptions {
     ///
     /// rustls runs the handshake with this configuration (its provider,
     /// roots, client certificate, versions and suites); the server's
-    /// records are then opened by this client, with ring, whatever the
-    /// provider. `enable_secret_extraction` need not be set: a
-    /// configuration without it is copied with it on, per connection.
+    /// records are then opened by this client with the negotiated suite's
+    /// decrypter from that provider (ring, aws-lc-rs, a FIPS build), or by
+    /// rustls's own reader when a suite of the provider cannot hand its keys
+    /// over. `enable_secret_extraction` need not be set: a configuration
+    /// without it is copied with it on, per connection.
     pub tls: Option<Arc<ClientConfig>>,
     /// The `User-Agent` header's value.
     pub user_agent: String,
@@ -1137,6 +1139,148 @@ mod tests {
             let url = format!("https://{host}:{port}/fw.bin");
             let mut body = Body::open(&url, 0, &opts).await.unwrap();
             assert_eq!(read_all(&mut body, 5).await.unwrap(), b"secure bytes");
+        }
+    }
+
+    /// A crypto provider of ring's TLS 1.3 AES-128-GCM suite whose
+    /// decrypters count the records they open, and which can refuse to
+    /// hand its keys over.
+    mod counting {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+
+        use rustls::crypto::cipher::{
+            AeadKey, InboundOpaqueMessage, InboundPlainMessage, Iv, MessageDecrypter,
+            MessageEncrypter, Tls13AeadAlgorithm, UnsupportedOperationError,
+        };
+        use rustls::{ConnectionTrafficSecrets, SupportedCipherSuite, Tls13CipherSuite};
+
+        pub struct Counting {
+            inner: &'static dyn Tls13AeadAlgorithm,
+            pub opened: &'static AtomicUsize,
+            hand_over: bool,
+        }
+
+        struct CountingDecrypter(Box<dyn MessageDecrypter>, &'static AtomicUsize);
+
+        impl MessageDecrypter for CountingDecrypter {
+            fn decrypt<'a>(
+                &mut self,
+                msg: InboundOpaqueMessage<'a>,
+                seq: u64,
+            ) -> Result<InboundPlainMessage<'a>, rustls::Error> {
+                self.1.fetch_add(1, Ordering::Relaxed);
+                self.0.decrypt(msg, seq)
+            }
+        }
+
+        impl Tls13AeadAlgorithm for Counting {
+            fn encrypter(&self, key: AeadKey, iv: Iv) -> Box<dyn MessageEncrypter> {
+                self.inner.encrypter(key, iv)
+            }
+            fn decrypter(&self, key: AeadKey, iv: Iv) -> Box<dyn MessageDecrypter> {
+                Box::new(CountingDecrypter(
+                    self.inner.decrypter(key, iv),
+                    self.opened,
+                ))
+            }
+            fn key_len(&self) -> usize {
+                self.inner.key_len()
+            }
+            fn extract_keys(
+                &self,
+                key: AeadKey,
+                iv: Iv,
+            ) -> Result<ConnectionTrafficSecrets, UnsupportedOperationError> {
+                if self.hand_over {
+                    self.inner.extract_keys(key, iv)
+                } else {
+                    Err(UnsupportedOperationError)
+                }
+            }
+        }
+
+        /// The provider, and its count of records opened.
+        pub fn provider(hand_over: bool) -> (rustls::crypto::CryptoProvider, &'static AtomicUsize) {
+            let SupportedCipherSuite::Tls13(base) =
+                rustls::crypto::ring::cipher_suite::TLS13_AES_128_GCM_SHA256
+            else {
+                unreachable!("a TLS 1.3 suite")
+            };
+            let opened: &'static AtomicUsize = Box::leak(Box::new(AtomicUsize::new(0)));
+            let aead: &'static Counting = Box::leak(Box::new(Counting {
+                inner: base.aead_alg,
+                opened,
+                hand_over,
+            }));
+            let suite: &'static Tls13CipherSuite = Box::leak(Box::new(Tls13CipherSuite {
+                common: rustls::CipherSuiteCommon {
+                    suite: base.common.suite,
+                    hash_provider: base.common.hash_provider,
+                    confidentiality_limit: base.common.confidentiality_limit,
+                },
+                hkdf_provider: base.hkdf_provider,
+                aead_alg: aead,
+                quic: base.quic,
+            }));
+            let provider = rustls::crypto::CryptoProvider {
+                cipher_suites: vec![SupportedCipherSuite::Tls13(suite)],
+                ..rustls::crypto::ring::default_provider()
+            };
+            (provider, opened)
+        }
+    }
+
+    /// A client configuration over `provider`, trusting `ca_pem`.
+    fn config_with(provider: rustls::crypto::CryptoProvider, ca_pem: &str) -> Arc<ClientConfig> {
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in rustls_pemfile::certs(&mut ca_pem.as_bytes()) {
+            roots.add(cert.unwrap()).unwrap();
+        }
+        Arc::new(
+            ClientConfig::builder_with_provider(Arc::new(provider))
+                .with_protocol_versions(&[&rustls::version::TLS13])
+                .unwrap()
+                .with_root_certificates(roots)
+                .with_no_client_auth(),
+        )
+    }
+
+    /// The caller's provider opens the records (on main, ring did whatever
+    /// the provider: its decrypters saw only the handshake's few); one that
+    /// keeps its keys gets rustls's own reader, and the download works.
+    #[tokio::test]
+    async fn the_callers_crypto_provider_opens_the_records() {
+        let body: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+        for hand_over in [true, false] {
+            let (ca_pem, acceptor) = pki();
+            let served = body.clone();
+            let server = Server::start(Some(acceptor), move |_, _| {
+                let mut head = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n",
+                    served.len()
+                )
+                .into_bytes();
+                head.extend_from_slice(&served);
+                vec![write(head)]
+            })
+            .await;
+            let (provider, opened) = counting::provider(hand_over);
+            let config = config_with(provider, &ca_pem);
+            assert_eq!(records::hands_over(&config), hand_over);
+            let opts = HttpOptions {
+                tls: Some(config),
+                ..HttpOptions::default()
+            };
+            let url = format!("https://localhost:{}/fw.bin", server.addr.port());
+            let mut got = Body::open(&url, 0, &opts).await.unwrap();
+            assert_eq!(read_all(&mut got, 64 * 1024).await.unwrap(), body);
+            // 300 kB is at least 19 records of 16 KiB, each opened by the
+            // provider's decrypter (by ours, or by rustls's reader).
+            let n = opened.load(std::sync::atomic::Ordering::Relaxed);
+            assert!(
+                n >= 19,
+                "the provider opened {n} records (hand over: {hand_over})"
+            );
         }
     }
 

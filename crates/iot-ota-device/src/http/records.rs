@@ -1,8 +1,13 @@
 //! HTTPS with one copy of each byte: rustls makes the connection (the
 //! handshake, the certificate checks) and keeps what it needs later (new
 //! keys on a TLS 1.3 key update, session tickets); the server's records are
-//! then opened in place, in one receive buffer, with ring's AEAD, and each
-//! byte of plaintext is copied once, into the caller's buffer.
+//! then opened in place, in one receive buffer, by the negotiated suite's
+//! own AEAD from the configuration's crypto provider (ring by default,
+//! aws-lc-rs, a FIPS build: rustls's `MessageDecrypter`), and each byte of
+//! plaintext is copied once, into the caller's buffer. This module keeps
+//! only the framing: record boundaries, limits, alerts, handshake
+//! messages after the handshake. A provider whose suites cannot hand their
+//! keys over ([`hands_over`] false) gets rustls's own reader instead.
 //!
 //! Why: rustls's own reader hands plaintext over through three more copies
 //! (from a read buffer into its deframer, from there into a `Vec` per
@@ -26,29 +31,50 @@ use std::io;
 use std::ops::Range;
 use std::sync::Arc;
 
-use ring::aead::{
-    Aad, LessSafeKey, Nonce, UnboundKey, AES_128_GCM, AES_256_GCM, CHACHA20_POLY1305,
-};
 use rustls::client::{ClientConnectionData, UnbufferedClientConnection};
-use rustls::crypto::cipher::Iv;
+use rustls::crypto::cipher::{AeadKey, InboundOpaqueMessage, Iv, MessageDecrypter};
 use rustls::kernel::KernelConnection;
 use rustls::pki_types::ServerName;
 use rustls::unbuffered::{ConnectionState, EncodeError, EncryptError, UnbufferedStatus};
 use rustls::{
     AlertDescription, ClientConfig, ConnectionTrafficSecrets, ContentType, Error, HandshakeType,
-    InvalidMessage, PeerMisbehaved, ProtocolVersion,
+    InvalidMessage, PeerMisbehaved, ProtocolVersion, SupportedCipherSuite,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use super::HttpError;
 
+/// Whether every cipher suite `config` may negotiate can hand its traffic
+/// keys over (rustls's `extract_keys`), so that [`connect`] can open the
+/// records itself. Asked before a connection: handing over consumes it, and
+/// a suite that cannot would fail only after the request was sent.
+pub(super) fn hands_over(config: &ClientConfig) -> bool {
+    config
+        .crypto_provider()
+        .cipher_suites
+        .iter()
+        .all(|suite| match suite {
+            SupportedCipherSuite::Tls13(s) => s
+                .aead_alg
+                .extract_keys(AeadKey::from([0; 32]), Iv::from([0; 12]))
+                .is_ok(),
+            SupportedCipherSuite::Tls12(s) => {
+                let shape = s.aead_alg.key_block_shape();
+                let iv = vec![0u8; shape.fixed_iv_len];
+                let explicit = vec![0u8; shape.explicit_nonce_len];
+                s.aead_alg
+                    .extract_keys(AeadKey::from([0; 32]), &iv, &explicit)
+                    .is_ok()
+            }
+        })
+}
+
 /// A record's header: content type, version, payload length.
 const HEADER: usize = 5;
 /// The AEAD tag after each record's ciphertext.
+#[cfg(test)]
 const TAG: usize = 16;
-/// TLS 1.2's explicit nonce before an AES-GCM record's ciphertext.
-const EXPLICIT_NONCE: usize = 8;
 /// The most plaintext a record may carry (RFC 8446 5.1, RFC 5246 6.2.1).
 const MAX_PLAINTEXT: usize = 1 << 14;
 /// The longest record payload: 2^14 plus the expansion TLS 1.2 allows
@@ -239,7 +265,7 @@ pub(super) async fn connect(
         .map_err(HttpError::Tls)?;
     let version = kernel.protocol_version();
     let (seq, secrets) = secrets.rx;
-    let rx = Opener::new(version, secrets, seq).map_err(HttpError::Tls)?;
+    let rx = Opener::new(kernel.negotiated_cipher_suite(), secrets, seq).map_err(HttpError::Tls)?;
     Ok(TlsStream {
         tcp,
         kernel,
@@ -484,7 +510,7 @@ impl TlsStream {
                         PeerMisbehaved::TooManyKeyUpdateRequests,
                     )?;
                     let (seq, secrets) = self.kernel.update_rx_secret()?;
-                    self.rx = Opener::new(self.version, secrets, seq)?;
+                    self.rx = Opener::new(self.kernel.negotiated_cipher_suite(), secrets, seq)?;
                 }
                 (ProtocolVersion::TLSv1_2, HandshakeType::HelloRequest) if len == 0 => {
                     Limits::spend(
@@ -517,38 +543,40 @@ fn invalid(e: Error) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, e)
 }
 
-/// Opens the server's records: its key and IV, and the next record's
+/// Opens the server's records: the negotiated suite's decrypter (the
+/// provider's AEAD, nonce and additional data) and the next record's
 /// sequence number.
 struct Opener {
-    key: LessSafeKey,
-    iv: Iv,
+    decrypter: Box<dyn MessageDecrypter>,
     seq: u64,
-    /// TLS 1.2 AES-GCM: each record carries the nonce's last 8 bytes.
-    explicit_nonce: bool,
 }
 
 impl Opener {
     fn new(
-        version: ProtocolVersion,
+        suite: SupportedCipherSuite,
         secrets: ConnectionTrafficSecrets,
         seq: u64,
     ) -> Result<Self, Error> {
-        let (algorithm, key, iv, gcm) = match secrets {
-            ConnectionTrafficSecrets::Aes128Gcm { key, iv } => (&AES_128_GCM, key, iv, true),
-            ConnectionTrafficSecrets::Aes256Gcm { key, iv } => (&AES_256_GCM, key, iv, true),
-            ConnectionTrafficSecrets::Chacha20Poly1305 { key, iv } => {
-                (&CHACHA20_POLY1305, key, iv, false)
-            }
+        let (key, iv) = match secrets {
+            ConnectionTrafficSecrets::Aes128Gcm { key, iv }
+            | ConnectionTrafficSecrets::Aes256Gcm { key, iv }
+            | ConnectionTrafficSecrets::Chacha20Poly1305 { key, iv } => (key, iv),
             _ => return Err(Error::General("unsupported TLS cipher suite".into())),
         };
-        let key = UnboundKey::new(algorithm, key.as_ref())
-            .map_err(|_| Error::General("bad TLS traffic key".into()))?;
-        Ok(Opener {
-            key: LessSafeKey::new(key),
-            iv,
-            seq,
-            explicit_nonce: gcm && version == ProtocolVersion::TLSv1_2,
-        })
+        let decrypter = match suite {
+            SupportedCipherSuite::Tls13(s) => s.aead_alg.decrypter(key, iv),
+            // The key block's fixed IV: GCM's 4-byte salt (the records
+            // carry the rest), ChaCha20-Poly1305's 12 bytes.
+            SupportedCipherSuite::Tls12(s) => {
+                let fixed = s.aead_alg.key_block_shape().fixed_iv_len;
+                let iv = iv
+                    .as_ref()
+                    .get(..fixed)
+                    .ok_or_else(|| Error::General("bad TLS traffic IV".into()))?;
+                s.aead_alg.decrypter(key, iv)
+            }
+        };
+        Ok(Opener { decrypter, seq })
     }
 
     /// Decrypts and authenticates one record's payload in place. Returns
@@ -562,68 +590,49 @@ impl Opener {
         let seq = self.seq;
         self.seq = seq.checked_add(1).ok_or(Error::DecryptError)?;
         if version == ProtocolVersion::TLSv1_3 {
-            // RFC 8446 5.2: the outer type is always application_data, the
-            // header is the additional data, the real type ends the content.
+            // RFC 8446 5.1, 5.2: the outer type is always application_data
+            // and the legacy version 0x0303 (the provider's additional data
+            // assumes both: they are checked here, not trusted).
             if header[0] != u8::from(ContentType::ApplicationData) {
                 return Err(Error::InappropriateMessage {
                     expect_types: vec![ContentType::ApplicationData],
                     got_type: ContentType::from(header[0]),
                 });
             }
-            let nonce =
-                Nonce::assume_unique_for_key(rustls::crypto::cipher::Nonce::new(&self.iv, seq).0);
-            let inner = self
-                .key
-                .open_in_place(nonce, Aad::from(header), payload)
-                .map_err(|_| Error::DecryptError)?;
-            // Zero padding, then the type (RFC 8446 5.4); 2^14 + 1 at most.
-            if inner.len() > MAX_PLAINTEXT + 1 {
-                return Err(Error::PeerSentOversizedRecord);
+            if header[1..3] != [3, 3] {
+                return Err(Error::InvalidMessage(
+                    InvalidMessage::UnknownProtocolVersion,
+                ));
             }
-            let Some(last) = inner.iter().rposition(|&b| b != 0) else {
-                return Err(PeerMisbehaved::IllegalTlsInnerPlaintext.into());
-            };
-            return Ok((ContentType::from(inner[last]), 0..last));
         }
-        // TLS 1.2 (RFC 5246 6.2.3.3): the additional data is the sequence
-        // number, the type, the version and the plaintext's length.
-        let (skip, nonce) = if self.explicit_nonce {
-            // RFC 5288 3: a 4-byte salt from the key block, 8 bytes sent.
-            let Some(explicit) = payload.first_chunk::<EXPLICIT_NONCE>() else {
-                return Err(Error::DecryptError);
-            };
-            let mut nonce = [0u8; 12];
-            nonce[..4].copy_from_slice(&self.iv.as_ref()[..4]);
-            nonce[4..].copy_from_slice(explicit);
-            (EXPLICIT_NONCE, nonce)
+        let base = payload.as_ptr() as usize;
+        let message = InboundOpaqueMessage::new(
+            ContentType::from(header[0]),
+            ProtocolVersion::from(u16::from_be_bytes([header[1], header[2]])),
+            payload,
+        );
+        // TLS 1.3: the padding is stripped and the inner type found (RFC
+        // 8446 5.4); both versions: the size limits of the plaintext.
+        let plain = self.decrypter.decrypt(message, seq)?;
+        // Where the plaintext is depends on the provider (ring moves a TLS
+        // 1.2 record's to the front, aws-lc-rs leaves it after the nonce).
+        let range = if plain.payload.is_empty() {
+            0..0
         } else {
-            (0, rustls::crypto::cipher::Nonce::new(&self.iv, seq).0)
+            let start = plain.payload.as_ptr() as usize - base;
+            start..start + plain.payload.len()
         };
-        let Some(len) = payload.len().checked_sub(skip + TAG) else {
-            return Err(Error::DecryptError);
-        };
-        if len > MAX_PLAINTEXT {
-            return Err(Error::PeerSentOversizedRecord);
-        }
-        let mut aad = [0u8; 13];
-        aad[..8].copy_from_slice(&seq.to_be_bytes());
-        aad[8..11].copy_from_slice(&header[..3]);
-        aad[11..].copy_from_slice(&(len as u16).to_be_bytes());
-        self.key
-            .open_in_place(
-                Nonce::assume_unique_for_key(nonce),
-                Aad::from(aad),
-                &mut payload[skip..],
-            )
-            .map_err(|_| Error::DecryptError)?;
-        Ok((ContentType::from(header[0]), skip..skip + len))
+        Ok((plain.typ, range))
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    // The crafted server seals its own records (the client opens them
+    // through the provider).
     use iot_ota_testkit::TestCa;
+    use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_128_GCM};
     use rustls::crypto::ring::cipher_suite as suites;
     use rustls::server::ServerConnection;
     use rustls::{ServerConfig, SupportedCipherSuite};
