@@ -1284,6 +1284,56 @@ mod tests {
         }
     }
 
+    /// An aws-lc-rs configuration downloads over TLS 1.2 and 1.3 (its TLS
+    /// 1.2 GCM plaintext stays after the explicit nonce, where ring moves
+    /// it to the front: the layer asks where it is). On main the TLS 1.3
+    /// download decrypted with ring whatever the provider said.
+    #[tokio::test]
+    async fn an_aws_lc_rs_configuration_downloads_over_tls_1_2_and_1_3() {
+        let body: Vec<u8> = (0..200_000u32).map(|i| (i % 253) as u8).collect();
+        for version in [&rustls::version::TLS12, &rustls::version::TLS13] {
+            let (ca_pem, acceptor) = pki();
+            let served = body.clone();
+            let server = Server::start(Some(acceptor), move |_, _| {
+                let mut head = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n",
+                    served.len()
+                )
+                .into_bytes();
+                head.extend_from_slice(&served);
+                vec![write(head)]
+            })
+            .await;
+            let mut roots = rustls::RootCertStore::empty();
+            for cert in rustls_pemfile::certs(&mut ca_pem.as_bytes()) {
+                roots.add(cert.unwrap()).unwrap();
+            }
+            let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+            let config = Arc::new(
+                ClientConfig::builder_with_provider(provider)
+                    .with_protocol_versions(&[version])
+                    .unwrap()
+                    .with_root_certificates(roots)
+                    .with_no_client_auth(),
+            );
+            assert!(
+                records::hands_over(&config),
+                "aws-lc-rs hands its keys over"
+            );
+            let opts = HttpOptions {
+                tls: Some(config),
+                ..HttpOptions::default()
+            };
+            let url = format!("https://localhost:{}/fw.bin", server.addr.port());
+            let mut got = Body::open(&url, 0, &opts).await.unwrap();
+            assert_eq!(
+                read_all(&mut got, 64 * 1024).await.unwrap(),
+                body,
+                "{version:?}"
+            );
+        }
+    }
+
     #[tokio::test]
     async fn an_https_redirect_to_plain_http_is_refused() {
         let (ca_pem, acceptor) = pki();
