@@ -68,7 +68,11 @@ pub enum TlsError {
         missing: &'static str,
     },
     /// No trusted root at all: the system has none and no CA file was given.
-    NoRoots,
+    NoRoots {
+        /// What was wrong with the system's roots (a file that could not be
+        /// read, bad sections): a mistyped `SSL_CERT_FILE` is named here.
+        problems: Vec<String>,
+    },
     /// rustls refused the client certificate and key (unsupported key type,
     /// or a key that does not match the certificate).
     ClientAuth {
@@ -99,9 +103,15 @@ impl fmt::Display for TlsError {
                 "client certificate and key are both needed: {} was given, {missing} is missing",
                 given.display()
             ),
-            Self::NoRoots => f.write_str(
-                "no trusted root certificate: the system has none and no CA file was given",
-            ),
+            Self::NoRoots { problems } => {
+                f.write_str(
+                    "no trusted root certificate: the system has none and no CA file was given",
+                )?;
+                if !problems.is_empty() {
+                    write!(f, " ({})", problems.join("; "))?;
+                }
+                Ok(())
+            }
             Self::ClientAuth { cert, key, source } => write!(
                 f,
                 "client certificate {} with key {} refused: {source}",
@@ -167,7 +177,7 @@ pub fn client_config(opts: &TlsOptions) -> Result<Arc<ClientConfig>, TlsError> {
 
 fn root_store(ca_file: Option<&Path>) -> Result<RootCertStore, TlsError> {
     let mut roots = RootCertStore::empty();
-    add_system_roots(&mut roots);
+    let problems = add_system_roots(&mut roots);
     if let Some(path) = ca_file {
         for cert in read_certs(path)? {
             roots.add(cert).map_err(|e| TlsError::Malformed {
@@ -177,7 +187,7 @@ fn root_store(ca_file: Option<&Path>) -> Result<RootCertStore, TlsError> {
         }
     }
     if roots.is_empty() {
-        return Err(TlsError::NoRoots);
+        return Err(TlsError::NoRoots { problems });
     }
     Ok(roots)
 }
@@ -196,20 +206,29 @@ fn root_store(ca_file: Option<&Path>) -> Result<RootCertStore, TlsError> {
 /// about 0.3 MiB of heap at once on a device that keeps only the trust
 /// anchors. A certificate seen before (the bundle and the directory hold
 /// the same ones) is added once: its SHA-256 is remembered, not its bytes.
+///
+/// What was skipped is said (a warning each) and returned: a mistyped
+/// `SSL_CERT_FILE` must not read as "the system has no roots".
 #[cfg(not(target_os = "macos"))]
-fn add_system_roots(roots: &mut RootCertStore) {
+fn add_system_roots(roots: &mut RootCertStore) -> Vec<String> {
     let (file, dirs) = system_root_paths();
-    let files = add_roots_from(file.as_deref(), &dirs, roots);
+    let (files, problems) = add_roots_from(file.as_deref(), &dirs, roots);
+    for p in &problems {
+        log::warn!("system root certificates: {p}");
+    }
     log::debug!(
         "{} trusted root certificates from {files} files of the system's",
         roots.len()
     );
+    problems
 }
 
 /// macOS keeps its roots in the keychain, which rustls-native-certs reads.
 #[cfg(target_os = "macos")]
-fn add_system_roots(roots: &mut RootCertStore) {
-    roots.add_parsable_certificates(rustls_native_certs::load_native_certs().certs);
+fn add_system_roots(roots: &mut RootCertStore) -> Vec<String> {
+    let found = rustls_native_certs::load_native_certs();
+    roots.add_parsable_certificates(found.certs);
+    found.errors.iter().map(ToString::to_string).collect()
 }
 
 /// Where the system's roots are: `SSL_CERT_FILE` and `SSL_CERT_DIR` when
@@ -233,19 +252,31 @@ fn system_root_paths() -> (Option<PathBuf>, Vec<PathBuf>) {
 }
 
 /// Adds every certificate of `file` and of the files in `dirs`, each file
-/// and each certificate once. Returns how many files it read.
+/// and each certificate once. Returns how many files it read, and what it
+/// skipped (files it could not read, sections that were no certificate).
 #[cfg(not(target_os = "macos"))]
-fn add_roots_from(file: Option<&Path>, dirs: &[PathBuf], roots: &mut RootCertStore) -> usize {
+fn add_roots_from(
+    file: Option<&Path>,
+    dirs: &[PathBuf],
+    roots: &mut RootCertStore,
+) -> (usize, Vec<String>) {
     let mut seen = SeenRoots::default();
     if let Some(file) = file {
-        if let Ok(meta) = std::fs::metadata(file) {
-            seen.first_visit(&meta);
+        match std::fs::metadata(file) {
+            Ok(meta) => {
+                seen.first_visit(&meta);
+                seen.load(file, roots);
+            }
+            Err(e) => seen.problems.push(format!("{}: {e}", file.display())),
         }
-        seen.load(file, roots);
     }
     for dir in dirs {
-        let Ok(entries) = std::fs::read_dir(dir) else {
-            continue;
+        let entries = match std::fs::read_dir(dir) {
+            Ok(entries) => entries,
+            Err(e) => {
+                seen.problems.push(format!("{}: {e}", dir.display()));
+                continue;
+            }
         };
         for entry in entries.flatten() {
             let path = entry.path();
@@ -256,7 +287,7 @@ fn add_roots_from(file: Option<&Path>, dirs: &[PathBuf], roots: &mut RootCertSto
             }
         }
     }
-    seen.files.len()
+    (seen.files.len(), seen.problems)
 }
 
 /// The files and certificates [`add_system_roots`] has taken.
@@ -267,6 +298,8 @@ struct SeenRoots {
     files: std::collections::HashSet<(u64, u64)>,
     /// SHA-256 of each certificate added.
     certs: std::collections::HashSet<[u8; 32]>,
+    /// What was skipped, said.
+    problems: Vec<String>,
 }
 
 #[cfg(not(target_os = "macos"))]
@@ -280,25 +313,39 @@ impl SeenRoots {
     /// Adds each certificate of the PEM file at `path` not added before.
     fn load(&mut self, path: &Path, roots: &mut RootCertStore) {
         use rustls::pki_types::pem::{self, PemObject};
-        let Ok(certs) = CertificateDer::pem_file_iter(path) else {
-            return;
+        let certs = match CertificateDer::pem_file_iter(path) {
+            Ok(certs) => certs,
+            Err(e) => {
+                self.problems.push(format!("{}: {e}", path.display()));
+                return;
+            }
         };
+        let mut bad = 0;
         for cert in certs {
             match cert {
                 Ok(cert) => {
                     let digest = ring::digest::digest(&ring::digest::SHA256, &cert);
                     let mut id = [0u8; 32];
                     id.copy_from_slice(digest.as_ref());
-                    if self.certs.insert(id) {
-                        // Not a usable trust anchor: skipped, as above.
-                        let _ = roots.add(cert);
+                    // Not a usable trust anchor: skipped, as above.
+                    if self.certs.insert(id) && roots.add(cert).is_err() {
+                        bad += 1;
                     }
                 }
                 // The iterator ends after a read error: so does this file.
-                Err(pem::Error::Io(_)) => return,
+                Err(pem::Error::Io(e)) => {
+                    self.problems.push(format!("{}: {e}", path.display()));
+                    return;
+                }
                 // A bad section is passed over; the next one may be fine.
-                Err(_) => {}
+                Err(_) => bad += 1,
             }
+        }
+        if bad > 0 {
+            self.problems.push(format!(
+                "{}: {bad} sections skipped (not a usable certificate)",
+                path.display()
+            ));
         }
     }
 }
@@ -415,7 +462,17 @@ pub(crate) mod tests {
 
         let mut roots = RootCertStore::empty();
         // The bundle (once, though also linked), more.pem, notes.txt, bad.pem.
-        assert_eq!(add_roots_from(Some(&bundle), &dirs, &mut roots), 4);
+        let (files, problems) = add_roots_from(Some(&bundle), &dirs, &mut roots);
+        assert_eq!(files, 4);
+        // The bad file and the missing directory are said.
+        assert!(
+            problems.iter().any(|p| p.contains("bad.pem")),
+            "{problems:?}"
+        );
+        assert!(
+            problems.iter().any(|p| p.contains("missing")),
+            "{problems:?}"
+        );
         let mut expected = RootCertStore::empty();
         for pem in &certs {
             let der = CertificateDer::from_pem_slice(pem.as_bytes()).unwrap();
@@ -424,10 +481,13 @@ pub(crate) mod tests {
         assert_eq!(roots.len(), 4);
         assert_eq!(anchors(&roots), anchors(&expected));
 
-        // Nothing there: no roots, no panic.
+        // Nothing there: no roots, no panic, and the error names why (a
+        // mistyped SSL_CERT_FILE).
         let mut none = RootCertStore::empty();
-        add_roots_from(Some(&dir.join("absent.pem")), &dirs[1..], &mut none);
+        let (_, problems) = add_roots_from(Some(&dir.join("absent.pem")), &dirs[1..], &mut none);
         assert!(none.is_empty());
+        let e = TlsError::NoRoots { problems }.to_string();
+        assert!(e.contains("absent.pem: No such file"), "{e}");
     }
 
     fn ca() -> (String, String) {
