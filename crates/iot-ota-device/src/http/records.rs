@@ -32,7 +32,10 @@ use std::ops::Range;
 use std::sync::Arc;
 
 use rustls::client::{ClientConnectionData, UnbufferedClientConnection};
-use rustls::crypto::cipher::{AeadKey, InboundOpaqueMessage, Iv, MessageDecrypter};
+use rustls::crypto::cipher::{
+    AeadKey, InboundOpaqueMessage, Iv, MessageDecrypter, MessageEncrypter, OutboundChunks,
+    OutboundPlainMessage,
+};
 use rustls::kernel::KernelConnection;
 use rustls::pki_types::ServerName;
 use rustls::unbuffered::{ConnectionState, EncodeError, EncryptError, UnbufferedStatus};
@@ -98,6 +101,11 @@ pub(super) struct TlsStream {
     kernel: KernelConnection<ClientConnectionData>,
     version: ProtocolVersion,
     rx: Opener,
+    /// Seals the alerts this client sends: bad_record_mac for a record
+    /// that does not open, no_renegotiation, close_notify.
+    tx: Sealer,
+    /// Sealed alerts not written yet.
+    outgoing: Vec<u8>,
     /// Received bytes: `buf[start..end]` is not opened yet.
     buf: Box<[u8]>,
     start: usize,
@@ -264,13 +272,18 @@ pub(super) async fn connect(
         .dangerous_into_kernel_connection()
         .map_err(HttpError::Tls)?;
     let version = kernel.protocol_version();
-    let (seq, secrets) = secrets.rx;
-    let rx = Opener::new(kernel.negotiated_cipher_suite(), secrets, seq).map_err(HttpError::Tls)?;
+    let suite = kernel.negotiated_cipher_suite();
+    let (seq, rx_secrets) = secrets.rx;
+    let rx = Opener::new(suite, rx_secrets, seq).map_err(HttpError::Tls)?;
+    let (seq, tx_secrets) = secrets.tx;
+    let tx = Sealer::new(suite, tx_secrets, seq).map_err(HttpError::Tls)?;
     Ok(TlsStream {
         tcp,
         kernel,
         version,
         rx,
+        tx,
+        outgoing: Vec::new(),
         buf,
         start: 0,
         end,
@@ -329,6 +342,7 @@ impl TlsStream {
         let mut n = 0;
         loop {
             n += self.take_plain(&mut out[n..]);
+            self.flush_alerts();
             if n == out.len() || self.closed {
                 return Ok(n);
             }
@@ -336,7 +350,13 @@ impl TlsStream {
                 match self.open_record() {
                     Ok(true) => continue,
                     Ok(false) => {}
-                    Err(e) => self.error = Some(e),
+                    Err(e) => {
+                        // RFC 8446 5.2 / 6: a record that does not open
+                        // gets bad_record_mac; other errors their alert.
+                        self.send_alert(2, fatal_alert(&e));
+                        self.flush_alerts();
+                        self.error = Some(e);
+                    }
                 }
             }
             // The bytes before an error are good: they go out first.
@@ -347,6 +367,35 @@ impl TlsStream {
                 return Err(invalid(e.clone()));
             }
             self.fill().await?;
+        }
+    }
+
+    /// Seals an alert (level 1 warning, 2 fatal) to go out with the next
+    /// [`TlsStream::flush_alerts`].
+    fn send_alert(&mut self, level: u8, description: AlertDescription) {
+        match self
+            .tx
+            .seal(ContentType::Alert, &[level, u8::from(description)])
+        {
+            Ok(record) => self.outgoing.extend_from_slice(&record),
+            Err(e) => log::debug!("TLS alert {description:?} not sealed: {e}"),
+        }
+    }
+
+    /// Writes the sealed alerts, without waiting (a few dozen bytes: the
+    /// socket's buffer takes them; if not, they are best effort). Keeps
+    /// [`TlsStream::read`] cancel-safe.
+    fn flush_alerts(&mut self) {
+        while !self.outgoing.is_empty() {
+            match self.tcp.try_write(&self.outgoing) {
+                Ok(0) | Err(_) => {
+                    self.outgoing.clear();
+                    return;
+                }
+                Ok(n) => {
+                    self.outgoing.drain(..n);
+                }
+            }
         }
     }
 
@@ -459,7 +508,11 @@ impl TlsStream {
             && (description == AlertDescription::UserCanceled
                 || self.version != ProtocolVersion::TLSv1_3);
         match description {
-            AlertDescription::CloseNotify => self.closed = true,
+            AlertDescription::CloseNotify => {
+                self.closed = true;
+                // Answered in kind (RFC 8446 6.1), before the TCP close.
+                self.send_alert(1, AlertDescription::CloseNotify);
+            }
             _ if tolerated => Limits::spend(
                 &mut self.limits.warning_alerts,
                 PeerMisbehaved::TooManyWarningAlertsReceived,
@@ -471,7 +524,7 @@ impl TlsStream {
 
     /// Handshake messages after the handshake: TLS 1.3's session tickets
     /// and key updates (rustls takes both), TLS 1.2's request to
-    /// renegotiate (ignored, as RFC 5246 7.4.1.1 allows).
+    /// renegotiate (answered with a no_renegotiation warning, as rustls does).
     fn handshake_record(&mut self, range: Range<usize>) -> Result<(), Error> {
         // RFC 8446 5.1: handshake records are never empty. (What is kept
         // stays bounded: each message's length is checked as soon as its
@@ -516,7 +569,11 @@ impl TlsStream {
                     Limits::spend(
                         &mut self.limits.hello_requests,
                         PeerMisbehaved::TooManyRenegotiationRequests,
-                    )?
+                    )?;
+                    // Said, as rustls does (RFC 5746 4.2): a server that
+                    // waits for the renegotiation learns there is none,
+                    // instead of stalling the download.
+                    self.send_alert(1, AlertDescription::NoRenegotiation);
                 }
                 (_, other) => {
                     return Err(Error::InappropriateHandshakeMessage {
@@ -541,6 +598,70 @@ fn payload_len(header: &[u8; HEADER]) -> usize {
 /// TLS error inside again: `HttpError::Tls`).
 fn invalid(e: Error) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, e)
+}
+
+/// The alert a failed record gets.
+fn fatal_alert(e: &Error) -> AlertDescription {
+    match e {
+        Error::DecryptError => AlertDescription::BadRecordMac,
+        Error::PeerSentOversizedRecord => AlertDescription::RecordOverflow,
+        Error::InvalidMessage(_) => AlertDescription::DecodeError,
+        Error::InappropriateMessage { .. } | Error::InappropriateHandshakeMessage { .. } => {
+            AlertDescription::UnexpectedMessage
+        }
+        _ => AlertDescription::InternalError,
+    }
+}
+
+/// Seals this client's own records after the handover (only alerts: the
+/// request went out before it): the negotiated suite's encrypter.
+struct Sealer {
+    encrypter: Box<dyn MessageEncrypter>,
+    seq: u64,
+}
+
+impl Sealer {
+    fn new(
+        suite: SupportedCipherSuite,
+        secrets: ConnectionTrafficSecrets,
+        seq: u64,
+    ) -> Result<Self, Error> {
+        let (key, iv) = match secrets {
+            ConnectionTrafficSecrets::Aes128Gcm { key, iv }
+            | ConnectionTrafficSecrets::Aes256Gcm { key, iv }
+            | ConnectionTrafficSecrets::Chacha20Poly1305 { key, iv } => (key, iv),
+            _ => return Err(Error::General("unsupported TLS cipher suite".into())),
+        };
+        let encrypter = match suite {
+            SupportedCipherSuite::Tls13(s) => s.aead_alg.encrypter(key, iv),
+            // The key block's fixed IV, then the explicit nonce's seed.
+            SupportedCipherSuite::Tls12(s) => {
+                let shape = s.aead_alg.key_block_shape();
+                let fixed = shape.fixed_iv_len;
+                let all = iv.as_ref();
+                let (Some(iv), Some(extra)) = (
+                    all.get(..fixed),
+                    all.get(fixed..fixed + shape.explicit_nonce_len),
+                ) else {
+                    return Err(Error::General("bad TLS traffic IV".into()));
+                };
+                s.aead_alg.encrypter(key, iv, extra)
+            }
+        };
+        Ok(Sealer { encrypter, seq })
+    }
+
+    /// One record of `typ` holding `payload`, sealed, with its header.
+    fn seal(&mut self, typ: ContentType, payload: &[u8]) -> Result<Vec<u8>, Error> {
+        let seq = self.seq;
+        self.seq = seq.checked_add(1).ok_or(Error::EncryptError)?;
+        let message = OutboundPlainMessage {
+            typ,
+            version: ProtocolVersion::TLSv1_2,
+            payload: OutboundChunks::Single(payload),
+        };
+        Ok(self.encrypter.encrypt(message, seq)?.encode())
+    }
 }
 
 /// Opens the server's records: the negotiated suite's decrypter (the
@@ -922,15 +1043,35 @@ mod tests {
 
     /// A TCP proxy for one connection, passing the client's bytes as they
     /// are and the server's record by record, tampering with record `nth`.
-    async fn proxy(upstream: SocketAddr, nth: usize, tamper: Tamper) -> SocketAddr {
+    async fn proxy(
+        upstream: SocketAddr,
+        nth: usize,
+        tamper: Tamper,
+    ) -> (SocketAddr, Arc<std::sync::Mutex<Vec<u8>>>) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
+        // What the client sent, as sent.
+        let sent = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let log = sent.clone();
         tokio::spawn(async move {
             let (client, _) = listener.accept().await.unwrap();
             let server = TcpStream::connect(upstream).await.unwrap();
             let (mut cr, mut cw) = client.into_split();
             let (mut sr, mut sw) = server.into_split();
-            tokio::spawn(async move { tokio::io::copy(&mut cr, &mut sw).await });
+            tokio::spawn(async move {
+                let mut chunk = [0u8; 4096];
+                loop {
+                    match cr.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => {
+                            log.lock().unwrap().extend_from_slice(&chunk[..n]);
+                            if sw.write_all(&chunk[..n]).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                }
+            });
             let (mut count, mut previous) = (0, Vec::new());
             loop {
                 let mut header = [0u8; HEADER];
@@ -982,7 +1123,19 @@ mod tests {
                 }
             }
         });
-        addr
+        (addr, sent)
+    }
+
+    /// The records in `bytes` (a TLS stream from its start): (type, length).
+    fn records_in(bytes: &[u8]) -> Vec<(u8, usize)> {
+        let mut out = Vec::new();
+        let mut at = 0;
+        while let Some(h) = bytes.get(at..at + HEADER) {
+            let len = usize::from(u16::from_be_bytes([h[3], h[4]]));
+            out.push((h[0], len));
+            at += HEADER + len;
+        }
+        out
     }
 
     /// Reads `body` from a server for `suite` through `proxy`, tampering
@@ -997,11 +1150,66 @@ mod tests {
         let config = ca.server_config_for(suite);
         let (upstream, server) =
             serve(config, body.to_vec(), &[16_384], no_pause, End::Clean).await;
-        let addr = proxy(upstream, nth, tamper).await;
+        let (addr, _) = proxy(upstream, nth, tamper).await;
         let mut s = open(addr, client_config(ca)).await;
         let read = read_all(&mut s, &[5000]).await;
         server.abort();
         read
+    }
+
+    /// The server's close_notify is answered with the client's own (RFC
+    /// 8446 6.1; on main: a TCP close only).
+    #[tokio::test]
+    async fn a_close_notify_is_answered_in_kind() {
+        let ca = TestCa::new();
+        let expected = body(50_000);
+        let config = ca.server_config_for(suites::TLS13_AES_128_GCM_SHA256);
+        let (upstream, server) =
+            serve(config, expected.clone(), &[16_384], no_pause, End::Clean).await;
+        let (addr, sent) = proxy(upstream, usize::MAX, Tamper::Flip).await;
+        let mut s = open(addr, client_config(&ca)).await;
+        let (got, end) = read_all(&mut s, &[5000]).await;
+        assert!(end.is_ok() && got == expected);
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        drop(s);
+        server.abort();
+        let records = records_in(&sent.lock().unwrap());
+        assert_eq!(*records.last().unwrap(), (23, 2 + 1 + TAG), "{records:?}");
+    }
+
+    /// A record that does not open gets a bad_record_mac alert before the
+    /// connection closes (RFC 8446 5.2; on main: a TCP close, no alert).
+    #[tokio::test]
+    async fn a_record_that_does_not_open_is_answered_with_bad_record_mac() {
+        let ca = TestCa::new();
+        let expected = body(200_000);
+        for suite in SUITES {
+            let config = ca.server_config_for(suite);
+            let (upstream, server) =
+                serve(config, expected.clone(), &[16_384], no_pause, End::Clean).await;
+            let (addr, sent) = proxy(upstream, 6, Tamper::Flip).await;
+            let mut s = open(addr, client_config(&ca)).await;
+            let (_, end) = read_all(&mut s, &[5000]).await;
+            assert_eq!(
+                end.as_ref().map_err(tls_error).err().flatten(),
+                Some(&Error::DecryptError)
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            drop(s);
+            server.abort();
+            let records = records_in(&sent.lock().unwrap());
+            let last = *records.last().unwrap();
+            // Sealed: TLS 1.2 shows the alert type outside (and GCM's 8-byte
+            // nonce); TLS 1.3 hides it in application data (type byte).
+            let want = match suite {
+                SupportedCipherSuite::Tls13(_) => (23, 2 + 1 + TAG),
+                SupportedCipherSuite::Tls12(s) => (
+                    21,
+                    s.aead_alg.key_block_shape().explicit_nonce_len + 2 + TAG,
+                ),
+            };
+            assert_eq!(last, want, "{suite:?}: the client's last record");
+        }
     }
 
     #[tokio::test]
