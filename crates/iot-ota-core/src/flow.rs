@@ -1002,6 +1002,17 @@ mod tests {
             names
         }
 
+        /// Writes the journals the flow asks for and nothing else: the
+        /// fetch it asks for is never answered (a power cut during it).
+        fn persist_only(&mut self, flow: &mut Flow) {
+            while let Some(a) = flow.poll_action() {
+                if let Action::Persist(j) = a {
+                    self.disk = Some(j);
+                    flow.handle_saved(Ok(()));
+                }
+            }
+        }
+
         fn last_start(&self) -> Start {
             match self.done.last() {
                 Some(Done::Settled(s)) => s.clone(),
@@ -1213,12 +1224,7 @@ mod tests {
         let mut flow = Flow::new(None, 0);
         flow.handle_command("1.0", &firmware("2.0"), "m1");
         // Power cut during the fetch: the action is out, never answered.
-        while let Some(a) = flow.poll_action() {
-            if let Action::Persist(j) = a {
-                sim.disk = Some(j);
-                flow.handle_saved(Ok(()));
-            }
-        }
+        sim.persist_only(&mut flow);
         let mut flow = sim.power_cycle();
         flow.start();
         sim.drive(&mut flow);
@@ -1302,12 +1308,7 @@ mod tests {
         let mut sim = Sim::new();
         let mut flow = Flow::new(None, 0);
         flow.handle_command("1.0", &firmware("2.0"), "m1");
-        while let Some(a) = flow.poll_action() {
-            if let Action::Persist(j) = a {
-                sim.disk = Some(j);
-                flow.handle_saved(Ok(()));
-            }
-        }
+        sim.persist_only(&mut flow);
         flow.abandon("No space left on device");
         assert_eq!(sim.drive(&mut flow), ["persist", "done"]);
         let j = sim.disk.as_ref().unwrap();

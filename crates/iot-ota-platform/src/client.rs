@@ -287,16 +287,7 @@ impl ApiClient {
     /// `DELETE /api/firmware/{product}/{version}`.
     pub async fn delete_firmware(&self, product: &str, version: &str) -> Result<(), ClientError> {
         let path = format!("/api/firmware/{}/{}", encode(product), encode(version));
-        let r = self.request("DELETE", &path, None, b"", &[]).await?;
-        if r.status == 204 {
-            return Ok(());
-        }
-        Err(ClientError {
-            status: r.status,
-            message: serde_json::from_slice::<ApiError>(&r.body)
-                .map(|e| e.error)
-                .unwrap_or_else(|_| String::from_utf8_lossy(&r.body).into_owned()),
-        })
+        no_content(self.request("DELETE", &path, None, b"", &[]).await?)
     }
 
     /// `GET /api/devices`.
@@ -335,16 +326,7 @@ impl ApiClient {
     /// (the embedded broker closes its connection).
     pub async fn revoke_device(&self, product: &str, device: &str) -> Result<(), ClientError> {
         let path = format!("/api/devices/{}/{}", encode(product), encode(device));
-        let r = self.request("DELETE", &path, None, b"", &[]).await?;
-        if r.status == 204 {
-            return Ok(());
-        }
-        Err(ClientError {
-            status: r.status,
-            message: serde_json::from_slice::<ApiError>(&r.body)
-                .map(|e| e.error)
-                .unwrap_or_else(|_| String::from_utf8_lossy(&r.body).into_owned()),
-        })
+        no_content(self.request("DELETE", &path, None, b"", &[]).await?)
     }
 
     /// `POST /api/batches`.
@@ -402,6 +384,19 @@ pub fn encode(s: &str) -> String {
 }
 
 /// One request over `io`, the whole answer read.
+/// A 204 as `Ok`; any other answer as the API's error.
+fn no_content(r: RawResponse) -> Result<(), ClientError> {
+    if r.status == 204 {
+        return Ok(());
+    }
+    Err(ClientError {
+        status: r.status,
+        message: serde_json::from_slice::<ApiError>(&r.body)
+            .map(|e| e.error)
+            .unwrap_or_else(|_| String::from_utf8_lossy(&r.body).into_owned()),
+    })
+}
+
 async fn send<IO>(io: IO, req: hyper::Request<Full<Bytes>>) -> Result<RawResponse, ClientError>
 where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,

@@ -33,10 +33,7 @@ pub fn username(product: &str, device: &str) -> String {
 
 /// A new secret: 32 random bytes, hex.
 pub fn make_secret() -> Result<String, String> {
-    let mut bytes = [0u8; 32];
-    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes)
-        .map_err(|_| "no randomness for a device secret".to_string())?;
-    Ok(iot_ota_core::digest::to_hex(&bytes))
+    crate::token::random_secret().map_err(|e| format!("a device secret: {e}"))
 }
 
 /// The SHA-256 of a secret, hex: what is kept.

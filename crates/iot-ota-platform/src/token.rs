@@ -23,12 +23,18 @@ pub fn load_or_create_named(data_dir: &Path, name: &str) -> Result<(String, bool
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(format!("{}: {e}", path.display())),
     }
-    let mut bytes = [0u8; 32];
-    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes)
-        .map_err(|_| format!("no randomness for {}", path.display()))?;
-    let token = iot_ota_core::digest::to_hex(&bytes);
+    let token = random_secret().map_err(|e| format!("{}: {e}", path.display()))?;
     crate::signing::write_private(&path, format!("{token}\n").as_bytes())?;
     Ok((token, true))
+}
+
+/// 32 random bytes, hex: the API token, the platform's MQTT secret, each
+/// device's secret.
+pub fn random_secret() -> Result<String, String> {
+    let mut bytes = [0u8; 32];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes)
+        .map_err(|_| "no randomness".to_string())?;
+    Ok(iot_ota_core::digest::to_hex(&bytes))
 }
 
 /// Compares without leaking where the first difference is.

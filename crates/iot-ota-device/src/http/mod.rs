@@ -1230,19 +1230,42 @@ mod tests {
         }
     }
 
-    /// A client configuration over `provider`, trusting `ca_pem`.
-    fn config_with(provider: rustls::crypto::CryptoProvider, ca_pem: &str) -> Arc<ClientConfig> {
+    /// A client configuration over `provider` and TLS `version`, trusting
+    /// `ca_pem`.
+    fn config_with(
+        provider: rustls::crypto::CryptoProvider,
+        version: &'static rustls::SupportedProtocolVersion,
+        ca_pem: &str,
+    ) -> Arc<ClientConfig> {
         let mut roots = rustls::RootCertStore::empty();
         for cert in rustls_pemfile::certs(&mut ca_pem.as_bytes()) {
             roots.add(cert.unwrap()).unwrap();
         }
         Arc::new(
             ClientConfig::builder_with_provider(Arc::new(provider))
-                .with_protocol_versions(&[&rustls::version::TLS13])
+                .with_protocol_versions(&[version])
                 .unwrap()
                 .with_root_certificates(roots)
                 .with_no_client_auth(),
         )
+    }
+
+    /// An HTTPS server (with a fresh CA, returned) that answers every GET
+    /// with `body`.
+    async fn https_serving(body: &[u8]) -> (String, Server) {
+        let (ca_pem, acceptor) = pki();
+        let served = body.to_vec();
+        let server = Server::start(Some(acceptor), move |_, _| {
+            let mut head = format!(
+                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n",
+                served.len()
+            )
+            .into_bytes();
+            head.extend_from_slice(&served);
+            vec![write(head)]
+        })
+        .await;
+        (ca_pem, server)
     }
 
     /// The caller's provider opens the records (on main, ring did whatever
@@ -1252,20 +1275,9 @@ mod tests {
     async fn the_callers_crypto_provider_opens_the_records() {
         let body: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
         for hand_over in [true, false] {
-            let (ca_pem, acceptor) = pki();
-            let served = body.clone();
-            let server = Server::start(Some(acceptor), move |_, _| {
-                let mut head = format!(
-                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n",
-                    served.len()
-                )
-                .into_bytes();
-                head.extend_from_slice(&served);
-                vec![write(head)]
-            })
-            .await;
+            let (ca_pem, server) = https_serving(&body).await;
             let (provider, opened) = counting::provider(hand_over);
-            let config = config_with(provider, &ca_pem);
+            let config = config_with(provider, &rustls::version::TLS13, &ca_pem);
             assert_eq!(records::hands_over(&config), hand_over);
             let opts = HttpOptions {
                 tls: Some(config),
@@ -1292,30 +1304,9 @@ mod tests {
     async fn an_aws_lc_rs_configuration_downloads_over_tls_1_2_and_1_3() {
         let body: Vec<u8> = (0..200_000u32).map(|i| (i % 253) as u8).collect();
         for version in [&rustls::version::TLS12, &rustls::version::TLS13] {
-            let (ca_pem, acceptor) = pki();
-            let served = body.clone();
-            let server = Server::start(Some(acceptor), move |_, _| {
-                let mut head = format!(
-                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n",
-                    served.len()
-                )
-                .into_bytes();
-                head.extend_from_slice(&served);
-                vec![write(head)]
-            })
-            .await;
-            let mut roots = rustls::RootCertStore::empty();
-            for cert in rustls_pemfile::certs(&mut ca_pem.as_bytes()) {
-                roots.add(cert.unwrap()).unwrap();
-            }
-            let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-            let config = Arc::new(
-                ClientConfig::builder_with_provider(provider)
-                    .with_protocol_versions(&[version])
-                    .unwrap()
-                    .with_root_certificates(roots)
-                    .with_no_client_auth(),
-            );
+            let (ca_pem, server) = https_serving(&body).await;
+            let provider = rustls::crypto::aws_lc_rs::default_provider();
+            let config = config_with(provider, version, &ca_pem);
             assert!(
                 records::hands_over(&config),
                 "aws-lc-rs hands its keys over"

@@ -33,8 +33,8 @@ use std::sync::Arc;
 
 use rustls::client::{ClientConnectionData, UnbufferedClientConnection};
 use rustls::crypto::cipher::{
-    AeadKey, InboundOpaqueMessage, Iv, MessageDecrypter, MessageEncrypter, OutboundChunks,
-    OutboundPlainMessage,
+    AeadKey, InboundOpaqueMessage, Iv, KeyBlockShape, MessageDecrypter, MessageEncrypter,
+    OutboundChunks, OutboundPlainMessage,
 };
 use rustls::kernel::KernelConnection;
 use rustls::pki_types::ServerName;
@@ -613,6 +613,31 @@ fn fatal_alert(e: &Error) -> AlertDescription {
     }
 }
 
+/// The key and IV of a direction's traffic secrets.
+fn traffic_key(secrets: ConnectionTrafficSecrets) -> Result<(AeadKey, Iv), Error> {
+    match secrets {
+        ConnectionTrafficSecrets::Aes128Gcm { key, iv }
+        | ConnectionTrafficSecrets::Aes256Gcm { key, iv }
+        | ConnectionTrafficSecrets::Chacha20Poly1305 { key, iv } => Ok((key, iv)),
+        _ => Err(Error::General("unsupported TLS cipher suite".into())),
+    }
+}
+
+/// A TLS 1.2 traffic IV cut as the key block has it: the fixed IV (GCM's
+/// 4-byte salt, ChaCha20-Poly1305's 12 bytes), then the explicit nonce's
+/// seed (GCM's 8 bytes; the records carry the nonces themselves).
+fn tls12_iv(iv: &Iv, shape: KeyBlockShape) -> Result<(&[u8], &[u8]), Error> {
+    let all = iv.as_ref();
+    let fixed = shape.fixed_iv_len;
+    match (
+        all.get(..fixed),
+        all.get(fixed..fixed + shape.explicit_nonce_len),
+    ) {
+        (Some(fixed), Some(explicit)) => Ok((fixed, explicit)),
+        _ => Err(Error::General("bad TLS traffic IV".into())),
+    }
+}
+
 /// Seals this client's own records after the handover (only alerts: the
 /// request went out before it): the negotiated suite's encrypter.
 struct Sealer {
@@ -626,26 +651,12 @@ impl Sealer {
         secrets: ConnectionTrafficSecrets,
         seq: u64,
     ) -> Result<Self, Error> {
-        let (key, iv) = match secrets {
-            ConnectionTrafficSecrets::Aes128Gcm { key, iv }
-            | ConnectionTrafficSecrets::Aes256Gcm { key, iv }
-            | ConnectionTrafficSecrets::Chacha20Poly1305 { key, iv } => (key, iv),
-            _ => return Err(Error::General("unsupported TLS cipher suite".into())),
-        };
+        let (key, iv) = traffic_key(secrets)?;
         let encrypter = match suite {
             SupportedCipherSuite::Tls13(s) => s.aead_alg.encrypter(key, iv),
-            // The key block's fixed IV, then the explicit nonce's seed.
             SupportedCipherSuite::Tls12(s) => {
-                let shape = s.aead_alg.key_block_shape();
-                let fixed = shape.fixed_iv_len;
-                let all = iv.as_ref();
-                let (Some(iv), Some(extra)) = (
-                    all.get(..fixed),
-                    all.get(fixed..fixed + shape.explicit_nonce_len),
-                ) else {
-                    return Err(Error::General("bad TLS traffic IV".into()));
-                };
-                s.aead_alg.encrypter(key, iv, extra)
+                let (fixed, explicit) = tls12_iv(&iv, s.aead_alg.key_block_shape())?;
+                s.aead_alg.encrypter(key, fixed, explicit)
             }
         };
         Ok(Sealer { encrypter, seq })
@@ -678,23 +689,12 @@ impl Opener {
         secrets: ConnectionTrafficSecrets,
         seq: u64,
     ) -> Result<Self, Error> {
-        let (key, iv) = match secrets {
-            ConnectionTrafficSecrets::Aes128Gcm { key, iv }
-            | ConnectionTrafficSecrets::Aes256Gcm { key, iv }
-            | ConnectionTrafficSecrets::Chacha20Poly1305 { key, iv } => (key, iv),
-            _ => return Err(Error::General("unsupported TLS cipher suite".into())),
-        };
+        let (key, iv) = traffic_key(secrets)?;
         let decrypter = match suite {
             SupportedCipherSuite::Tls13(s) => s.aead_alg.decrypter(key, iv),
-            // The key block's fixed IV: GCM's 4-byte salt (the records
-            // carry the rest), ChaCha20-Poly1305's 12 bytes.
             SupportedCipherSuite::Tls12(s) => {
-                let fixed = s.aead_alg.key_block_shape().fixed_iv_len;
-                let iv = iv
-                    .as_ref()
-                    .get(..fixed)
-                    .ok_or_else(|| Error::General("bad TLS traffic IV".into()))?;
-                s.aead_alg.decrypter(key, iv)
+                let (fixed, _) = tls12_iv(&iv, s.aead_alg.key_block_shape())?;
+                s.aead_alg.decrypter(key, fixed)
             }
         };
         Ok(Opener { decrypter, seq })

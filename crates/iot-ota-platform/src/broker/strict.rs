@@ -156,18 +156,23 @@ fn check_connect(body: &[u8]) -> Result<(), Violation> {
     Ok(())
 }
 
+/// A CONNECT of protocol `name` level `level` with `flags` (client id
+/// "c"), for tests.
+#[cfg(test)]
+pub(super) fn connect_frame(name: &[u8], level: u8, flags: u8) -> Vec<u8> {
+    let mut body = vec![0, name.len() as u8];
+    body.extend_from_slice(name);
+    body.extend_from_slice(&[level, flags, 0, 60, 0, 1, b'c']);
+    let mut f = vec![0x10, body.len() as u8];
+    f.extend(body);
+    f
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn connect(name: &[u8], level: u8, flags: u8) -> Vec<u8> {
-        let mut body = vec![0, name.len() as u8];
-        body.extend_from_slice(name);
-        body.extend_from_slice(&[level, flags, 0, 60, 0, 1, b'c']);
-        let mut f = vec![0x10, body.len() as u8];
-        f.extend(body);
-        f
-    }
+    use super::connect_frame as connect;
 
     #[test]
     fn frames_are_cut_by_their_remaining_length() {

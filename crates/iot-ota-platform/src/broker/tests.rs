@@ -362,14 +362,10 @@ async fn bad_filters_are_refused_and_a_full_queue_drops_and_counts() {
     .unwrap();
     // A raw client that subscribes and never reads nor acks.
     let mut raw = TcpStream::connect(b.addr()).await.unwrap();
-    let mut out = BytesMut::new();
-    rumqttc::mqttbytes::v4::Connect::new("slow")
-        .write(&mut out)
-        .unwrap();
-    let mut sub = rumqttc::mqttbytes::v4::Subscribe::new("t", QoS::AtLeastOnce);
-    sub.pkid = 1;
-    sub.add("a/#/b".into(), QoS::AtMostOnce);
-    sub.write(&mut out).unwrap();
+    let out = connect_and_subscribe(
+        "slow",
+        &[("t", QoS::AtLeastOnce), ("a/#/b", QoS::AtMostOnce)],
+    );
     raw.write_all(&out).await.unwrap();
     let mut rd = BytesMut::new();
     let ack = loop {
@@ -425,14 +421,24 @@ async fn raw_exchange(b: &EmbeddedBroker, bytes: &[u8]) -> Option<Vec<u8>> {
     Some(got)
 }
 
-/// A CONNECT of protocol `name` level `level` with `flags` (client id "c").
-fn raw_connect(name: &[u8], level: u8, flags: u8) -> Vec<u8> {
-    let mut body = vec![0, name.len() as u8];
-    body.extend_from_slice(name);
-    body.extend_from_slice(&[level, flags, 0, 60, 0, 1, b'c']);
-    let mut f = vec![0x10, body.len() as u8];
-    f.extend(body);
-    f
+// A CONNECT of protocol `name` level `level` with `flags` (client id "c").
+use super::strict::connect_frame as raw_connect;
+
+/// The bytes of a CONNECT as `id`, then one SUBSCRIBE (packet id 1) to
+/// `filters` (at least one).
+fn connect_and_subscribe(id: &str, filters: &[(&str, QoS)]) -> Vec<u8> {
+    let mut out = BytesMut::new();
+    rumqttc::mqttbytes::v4::Connect::new(id)
+        .write(&mut out)
+        .unwrap();
+    let (first, rest) = filters.split_first().expect("a filter");
+    let mut sub = rumqttc::mqttbytes::v4::Subscribe::new(first.0, first.1);
+    sub.pkid = 1;
+    for (filter, qos) in rest {
+        sub.add((*filter).into(), *qos);
+    }
+    sub.write(&mut out).unwrap();
+    out.to_vec()
 }
 
 #[tokio::test]
@@ -760,13 +766,7 @@ async fn queued_messages_stay_within_their_bytes_and_are_given_back() {
     .unwrap();
     // A raw subscriber that never reads nor acks: everything queues.
     let mut raw = TcpStream::connect(b.addr()).await.unwrap();
-    let mut out = BytesMut::new();
-    rumqttc::mqttbytes::v4::Connect::new("slow")
-        .write(&mut out)
-        .unwrap();
-    let mut sub = rumqttc::mqttbytes::v4::Subscribe::new("t", QoS::AtLeastOnce);
-    sub.pkid = 1;
-    sub.write(&mut out).unwrap();
+    let out = connect_and_subscribe("slow", &[("t", QoS::AtLeastOnce)]);
     raw.write_all(&out).await.unwrap();
     tokio::time::sleep(Duration::from_millis(200)).await;
     let (p, mut pel) = client(&b, "pub", true);
