@@ -1,4 +1,5 @@
-//! The web console in a real headless Chromium over WebDriver: log in,
+//! The web console in a real headless Chromium over WebDriver (the
+//! `fantoccini` client): log in,
 //! upload a firmware, start a batch on SDK devices and watch its records go
 //! to success live (server-sent events, no reload), terminate a batch, list
 //! the devices. It writes a screenshot of the batch page to
@@ -13,8 +14,12 @@ mod common;
 use std::time::Duration;
 
 use common::*;
+use fantoccini::elements::Element;
+use fantoccini::{Client, ClientBuilder, Locator};
+use hyper_util::client::legacy::connect::HttpConnector;
 use iot_ota_device::{Config, OtaClient, Status};
-use iot_ota_testkit::{Browser, ChromeDriver, TempDir};
+use iot_ota_testkit::{ChromeDriver, TempDir};
+use tokio::time::Instant;
 
 /// An SDK device that takes every command, "installs" it slowly enough to
 /// be watched (progress 50%, then 100%) and informs the new version; or,
@@ -52,34 +57,204 @@ async fn device(p: &iot_ota_platform::Platform, name: &str, dir: &std::path::Pat
     });
 }
 
+/// A WebDriver failure, with what was being waited for.
+type Res<T> = Result<T, String>;
+
+fn cmd<T>(r: Result<T, fantoccini::error::CmdError>, what: &str) -> Res<T> {
+    r.map_err(|e| format!("{what}: {e}"))
+}
+
+/// Waits up to `wait` for an element matching `css`.
+async fn wait_for(b: &Client, css: &str, wait: Duration) -> Res<Element> {
+    let found = b
+        .wait()
+        .at_most(wait)
+        .every(Duration::from_millis(50))
+        .for_element(Locator::Css(css))
+        .await;
+    match found {
+        Ok(e) => Ok(e),
+        Err(e) => Err(format!(
+            "no {css:?} within {wait:?} ({e}); page: {}",
+            page_text(b).await
+        )),
+    }
+}
+
+/// Waits up to `wait` until `css`'s text satisfies `pred`; returns that text.
+async fn wait_text(
+    b: &Client,
+    css: &str,
+    wait: Duration,
+    pred: impl Fn(&str) -> bool,
+) -> Res<String> {
+    let deadline = Instant::now() + wait;
+    let mut last = String::new();
+    loop {
+        // The element may be replaced between find and read (a live page).
+        if let Ok(e) = b.find(Locator::Css(css)).await {
+            if let Ok(t) = e.text().await {
+                if pred(&t) {
+                    return Ok(t);
+                }
+                last = t;
+            }
+        }
+        if Instant::now() > deadline {
+            return Err(format!(
+                "{css:?} never matched within {wait:?}; last text {last:?}"
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The whole page's text (for failure messages).
+async fn page_text(b: &Client) -> String {
+    match b.find(Locator::Css("body")).await {
+        Ok(body) => body.text().await.unwrap_or_default(),
+        Err(_) => String::new(),
+    }
+}
+
+async fn click(b: &Client, css: &str, wait: Duration) -> Res<()> {
+    cmd(wait_for(b, css, wait).await?.click().await, css)
+}
+
+async fn type_into(b: &Client, css: &str, text: &str, wait: Duration) -> Res<()> {
+    cmd(wait_for(b, css, wait).await?.send_keys(text).await, css)
+}
+
 /// Logs in on the console's login page with `token`.
-fn log_in(b: &Browser, base: &str, token: &str, wait: Duration) -> std::io::Result<()> {
-    b.goto(&format!("{base}/#/login"))?;
-    let input = b.wait_for("#token", wait)?;
-    b.send_keys(&input, token)?;
-    b.click(&b.wait_for("#login-form button", wait)?)
+async fn log_in(b: &Client, base: &str, token: &str, wait: Duration) -> Res<()> {
+    cmd(b.goto(&format!("{base}/#/login")).await, "login page")?;
+    type_into(b, "#token", token, wait).await?;
+    click(b, "#login-form button", wait).await
 }
 
 /// Creates a batch from the batch form: firmware `version` for `devices`
 /// (comma-separated).
-fn create_batch(
-    b: &Browser,
+async fn create_batch(
+    b: &Client,
     base: &str,
     version: &str,
     devices: &str,
     wait: Duration,
-) -> std::io::Result<()> {
-    b.goto(&format!("{base}/#/batches"))?;
-    b.wait_for("#batch-form", wait)?;
-    b.execute(&format!(
-        "const s = document.querySelector('#batch-form select[name=firmware]');\
-         s.value = [...s.options].find(o => o.text.endsWith(' {version}')).value;"
-    ))?;
-    b.send_keys(
-        &b.wait_for("#batch-form input[name=devices]", wait)?,
-        devices,
+) -> Res<()> {
+    cmd(b.goto(&format!("{base}/#/batches")).await, "batches page")?;
+    wait_for(b, "#batch-form", wait).await?;
+    cmd(
+        b.execute(
+            &format!(
+                "const s = document.querySelector('#batch-form select[name=firmware]');\
+                 s.value = [...s.options].find(o => o.text.endsWith(' {version}')).value;"
+            ),
+            vec![],
+        )
+        .await,
+        "choose the firmware",
     )?;
-    b.click(&b.wait_for("#batch-form button[type=submit]", wait)?)
+    type_into(b, "#batch-form input[name=devices]", devices, wait).await?;
+    click(b, "#batch-form button[type=submit]", wait).await
+}
+
+/// The console's walk-through; returns the batch page's screenshot.
+async fn walk_through(
+    b: &Client,
+    base: &str,
+    token: &str,
+    image_path: &str,
+    md5: &str,
+) -> Res<Vec<u8>> {
+    let wait = Duration::from_secs(30);
+    // Without a token, nothing can be changed.
+    cmd(b.goto(&format!("{base}/#/firmware")).await, "firmware page")?;
+    wait_text(b, "main", wait, |t| {
+        t.contains("Log in with the platform's API token")
+    })
+    .await?;
+    // A wrong token is refused, the right one accepted.
+    log_in(b, base, "not-the-token", wait).await?;
+    wait_text(b, "#error", wait, |t| t.contains("API token")).await?;
+    cmd(b.goto(&format!("{base}/#/devices")).await, "devices page")?;
+    wait_for(b, "#devices", wait).await?;
+    log_in(b, base, token, wait).await?;
+    wait_for(b, "#batch-form", wait).await?;
+
+    // Upload: size, MD5, SHA-256, signed or not.
+    cmd(b.goto(&format!("{base}/#/firmware")).await, "firmware page")?;
+    type_into(b, "#upload-form input[name=product]", PK, wait).await?;
+    type_into(b, "#upload-form input[name=version]", "2.0.0", wait).await?;
+    type_into(b, "#upload-form input[type=file]", image_path, wait).await?;
+    click(b, "#upload-form button", wait).await?;
+    let added = wait_text(b, "#upload-result", wait, |t| t.contains("Added")).await?;
+    assert!(added.contains("300,000 bytes"), "{added}");
+    assert!(added.contains(md5), "{added}");
+    assert!(added.contains("not signed"), "{added}");
+    let row = wait_text(b, "tr[data-version='2.0.0']", wait, |t| t.contains(md5)).await;
+    let row = match row {
+        Ok(row) => row,
+        Err(e) => return Err(format!("{e}; page: {}", page_text(b).await)),
+    };
+    assert!(row.contains("firmware-2.0.0.bin"), "{row}");
+
+    // A batch of the three devices that install.
+    create_batch(b, base, "2.0.0", "dev-a,dev-b,dev-c", wait).await?;
+    // Live: the page shows the batch running, then every record in
+    // success, without a reload (the devices take 1.5 s to install).
+    let running = wait_text(b, "#counts", wait, |t| {
+        t.contains("success: 0") || t.contains("upgrading")
+    })
+    .await?;
+    assert!(!running.contains("success: 3"), "{running}");
+    cmd(
+        b.execute("window.__same_page = true;", vec![]).await,
+        "mark the page",
+    )?;
+    wait_text(b, "#batch-state", wait, |t| t == "completed").await?;
+    let counts = wait_text(b, "#counts", wait, |t| t.contains("success: 3")).await?;
+    assert!(counts.contains("failed: 0"), "{counts}");
+    let same = cmd(
+        b.execute("return window.__same_page === true;", vec![])
+            .await,
+        "read the mark",
+    )?;
+    assert_eq!(same, serde_json::json!(true), "no reload");
+    let rows = cmd(
+        b.find_all(Locator::Css("#records tr.success")).await,
+        "records",
+    )?;
+    assert_eq!(rows.len(), 3);
+    assert!(
+        b.find(Locator::Css("#chart polyline")).await.is_ok(),
+        "the chart of states"
+    );
+    let png = cmd(b.screenshot().await, "screenshot")?;
+    // The failed-only filter hides them all.
+    click(b, "#failed-only", wait).await?;
+    wait_text(b, "#records", wait, |t| !t.contains("dev-a")).await?;
+
+    // A batch on the device that never reports: terminated from its page.
+    create_batch(b, base, "3.0.0", "dev-stuck", wait).await?;
+    wait_text(b, "#counts", wait, |t| t.contains("pending: 1")).await?;
+    click(b, "button.terminate", wait).await?;
+    cmd(b.accept_alert().await, "accept the confirm()")?;
+    wait_text(b, "#batch-state", wait, |t| t == "terminated").await?;
+    wait_text(b, "#records", wait, |t| t.contains("batch_terminated")).await?;
+
+    // The batch list, and the devices with their versions and presence.
+    cmd(b.goto(&format!("{base}/#/batches")).await, "batches page")?;
+    wait_text(b, "#batches", wait, |t| {
+        t.contains("terminated") && t.contains("completed")
+    })
+    .await?;
+    cmd(b.goto(&format!("{base}/#/devices")).await, "devices page")?;
+    let a = wait_text(b, "#devices tr[data-device='dev-a']", wait, |t| {
+        t.contains("2.0.0")
+    })
+    .await?;
+    assert!(a.contains("online"), "{a}");
+    Ok(png)
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -112,95 +287,16 @@ async fn the_console_uploads_runs_a_batch_live_and_terminates_one() {
         .unwrap();
 
     let image_path = image.to_string_lossy().into_owned();
-    let wait = Duration::from_secs(30);
-    // WebDriver calls block: run the browser on a thread of its own.
-    let shot =
-        tokio::task::spawn_blocking(move || -> std::io::Result<Vec<u8>> {
-            let b = driver.browser()?;
-            // Without a token, nothing can be changed.
-            b.goto(&format!("{base}/#/firmware"))?;
-            b.wait_text("main", wait, |t| {
-                t.contains("Log in with the platform's API token")
-            })?;
-            // A wrong token is refused, the right one accepted.
-            log_in(&b, &base, "not-the-token", wait)?;
-            b.wait_text("#error", wait, |t| t.contains("API token"))?;
-            b.goto(&format!("{base}/#/devices"))?;
-            b.wait_for("#devices", wait)?;
-            log_in(&b, &base, &token, wait)?;
-            b.wait_for("#batch-form", wait)?;
-
-            // Upload: size, MD5, SHA-256, signed or not.
-            b.goto(&format!("{base}/#/firmware"))?;
-            b.send_keys(&b.wait_for("#upload-form input[name=product]", wait)?, PK)?;
-            b.send_keys(
-                &b.wait_for("#upload-form input[name=version]", wait)?,
-                "2.0.0",
-            )?;
-            b.send_keys(
-                &b.wait_for("#upload-form input[type=file]", wait)?,
-                &image_path,
-            )?;
-            b.click(&b.wait_for("#upload-form button", wait)?)?;
-            let added = b.wait_text("#upload-result", wait, |t| t.contains("Added"))?;
-            assert!(added.contains("300,000 bytes"), "{added}");
-            assert!(added.contains(&md5), "{added}");
-            assert!(added.contains("not signed"), "{added}");
-            let row =
-                b.wait_text("tr[data-version='2.0.0']", wait, |t| t.contains(&md5))
-                    .map_err(|e| {
-                        std::io::Error::other(format!("{e}; page: {}; js: {:?}", b.page_text(),
-                b.execute("return document.querySelector(\"tr[data-version='2.0.0']\").innerText")))
-                    })?;
-            assert!(row.contains("firmware-2.0.0.bin"), "{row}");
-
-            // A batch of the three devices that install.
-            create_batch(&b, &base, "2.0.0", "dev-a,dev-b,dev-c", wait)?;
-            // Live: the page shows the batch running, then every record in
-            // success, without a reload (the devices take 1.5 s to install).
-            let running = b.wait_text("#counts", wait, |t| {
-                t.contains("success: 0") || t.contains("upgrading")
-            })?;
-            assert!(!running.contains("success: 3"), "{running}");
-            b.execute("window.__same_page = true;")?;
-            b.wait_text("#batch-state", wait, |t| t == "completed")?;
-            let counts = b.wait_text("#counts", wait, |t| t.contains("success: 3"))?;
-            assert!(counts.contains("failed: 0"), "{counts}");
-            assert_eq!(
-                b.execute("return window.__same_page === true;")?,
-                serde_json::json!(true),
-                "no reload"
-            );
-            assert_eq!(b.find_all("#records tr.success").len(), 3);
-            assert!(b.find("#chart polyline").is_some(), "the chart of states");
-            let png = b.screenshot()?;
-            // The failed-only filter hides them all.
-            b.click(&b.wait_for("#failed-only", wait)?)?;
-            b.wait_text("#records", wait, |t| !t.contains("dev-a"))?;
-
-            // A batch on the device that never reports: terminated from its page.
-            create_batch(&b, &base, "3.0.0", "dev-stuck", wait)?;
-            b.wait_text("#counts", wait, |t| t.contains("pending: 1"))?;
-            b.click(&b.wait_for("button.terminate", wait)?)?;
-            b.accept_dialog()?;
-            b.wait_text("#batch-state", wait, |t| t == "terminated")?;
-            b.wait_text("#records", wait, |t| t.contains("batch_terminated"))?;
-
-            // The batch list, and the devices with their versions and presence.
-            b.goto(&format!("{base}/#/batches"))?;
-            b.wait_text("#batches", wait, |t| {
-                t.contains("terminated") && t.contains("completed")
-            })?;
-            b.goto(&format!("{base}/#/devices"))?;
-            let a = b.wait_text("#devices tr[data-device='dev-a']", wait, |t| {
-                t.contains("2.0.0")
-            })?;
-            assert!(a.contains("online"), "{a}");
-            Ok(png)
-        })
+    let browser = ClientBuilder::new(HttpConnector::new())
+        .capabilities(ChromeDriver::capabilities())
+        .connect(&driver.url())
         .await
-        .unwrap()
-        .unwrap();
+        .expect("a headless Chromium session");
+    let shot = walk_through(&browser, &base, &token, &image_path, &md5).await;
+    // The session ends whatever happened, then the driver stops (drop).
+    let _ = browser.close().await;
+    drop(driver);
+    let shot = shot.unwrap();
     assert!(shot.starts_with(b"\x89PNG"), "a PNG screenshot");
     let target =
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/console-batch.png");

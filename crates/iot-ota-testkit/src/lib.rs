@@ -63,4 +63,4 @@ pub use rig::{assert_progress_never_goes_back, assert_success_statuses, Rig, RIG
 pub use signing::TestKey;
 pub use tempdir::TempDir;
 pub use util::{free_port, random_bytes, upgrade_command, write_random_file};
-pub use webdriver::{Browser, ChromeDriver, Element};
+pub use webdriver::ChromeDriver;
