@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use rumqttc::mqttbytes::v4::{
-    ConnAck, ConnectReturnCode, Packet, PubAck, PubComp, PubRec, Publish, SubAck,
+    ConnAck, ConnectReturnCode, Packet, PubAck, PubComp, PubRec, PubRel, Publish, SubAck,
     SubscribeReasonCode, UnsubAck,
 };
 use rumqttc::mqttbytes::QoS;
@@ -157,7 +157,8 @@ pub(super) async fn connection(
         let id = state.next_conn;
         let mut present = false;
         let mut parked = VecDeque::new();
-        let mut keep_filters = false;
+        let mut qos2_in = Vec::new();
+        state.came_back(&client);
         if let Some(old) = state.sessions.get_mut(&client) {
             if let Some(o) = old.conn.take() {
                 o.kick.notify_one();
@@ -166,11 +167,11 @@ pub(super) async fn connection(
             let old = state.sessions.get_mut(&client).expect("just found");
             if persistent && old.persistent {
                 present = true;
-                keep_filters = true;
                 parked = std::mem::take(&mut old.parked);
+                qos2_in = std::mem::take(&mut old.qos2_in);
             }
         }
-        if !keep_filters {
+        if !present {
             state.remove_session(&client);
         }
         let session = state.sessions.entry(client.clone()).or_insert(Session {
@@ -179,6 +180,8 @@ pub(super) async fn connection(
             filters: Vec::new(),
             parked: VecDeque::new(),
             owner: identity.clone(),
+            qos2_in: Vec::new(),
+            away_since: None,
         });
         session.persistent = persistent;
         session.conn = Some(Online {
@@ -193,9 +196,9 @@ pub(super) async fn connection(
             }
         }
         state.online += 1;
-        Ok((id, present))
+        Ok((id, present, qos2_in))
     };
-    let (conn_id, session_present) = match registered {
+    let (conn_id, session_present, qos2_in) = match registered {
         Ok(r) => r,
         Err(code) => {
             refuse(code, &mut wr);
@@ -227,7 +230,7 @@ pub(super) async fn connection(
         own: tx,
         inflight: VecDeque::new(),
         next_pkid: 0,
-        qos2_in: Vec::new(),
+        qos2_in,
     };
     // Packet ids are 16 bits: never more in flight than there are ids.
     let max_inflight = shared.options.max_inflight.min(usize::from(u16::MAX) - 1);
@@ -376,6 +379,20 @@ pub(super) async fn connection(
                     session.parked.pop_back();
                     dropped += 1;
                 }
+                session.qos2_in = std::mem::take(&mut conn.qos2_in);
+                let (expired, evicted) = state.went_away(
+                    &client,
+                    Instant::now(),
+                    shared.options.session_expiry,
+                    shared.options.max_kept_sessions,
+                );
+                let counters = &shared.counters;
+                counters
+                    .expired_sessions
+                    .fetch_add(expired as u64, Ordering::Relaxed);
+                counters
+                    .evicted_sessions
+                    .fetch_add(evicted as u64, Ordering::Relaxed);
             } else {
                 state.remove_session(&client);
             }
@@ -507,8 +524,8 @@ struct Conn {
     /// This connection's own queue (retained messages for a new
     /// subscription go through it, under the in-flight limit like the rest).
     own: mpsc::Sender<Queued>,
-    /// QoS 1 messages sent and not acknowledged, oldest first (still
-    /// charged to the pool of queued bytes).
+    /// QoS 1 and 2 messages sent and not acknowledged (PUBACK, PUBCOMP),
+    /// oldest first (still charged to the pool of queued bytes).
     inflight: VecDeque<(u16, Queued)>,
     next_pkid: u16,
     /// QoS 2 packet ids received and not released yet.
@@ -516,25 +533,42 @@ struct Conn {
 }
 
 impl Conn {
-    /// Writes `p` to the client; a QoS 1 message gets a packet id and waits for its PUBACK.
+    /// Writes `q` to the client; a QoS 1 or 2 message gets a packet id
+    /// and waits for its PUBACK, or its PUBREC and then its PUBCOMP.
     fn send(&mut self, mut q: Queued, wr: &mut BytesMut) {
-        let p = &mut q.publish;
-        if p.qos != QoS::AtMostOnce {
-            p.qos = QoS::AtLeastOnce;
-            // A message sent before (kept by a persistent session) goes
-            // again with its packet id and DUP, as the spec wants: a late
-            // PUBACK for that id then acknowledges this very message.
-            let again = p.pkid != 0 && !self.inflight.iter().any(|(i, _)| *i == p.pkid);
-            if again {
-                p.dup = true;
-            } else {
-                p.pkid = self.pkid();
-            }
-            let _ = p.write(wr);
-            self.inflight.push_back((p.pkid, q));
-        } else {
-            let _ = p.write(wr);
+        if q.publish.qos == QoS::AtMostOnce {
+            let _ = q.publish.write(wr);
+            return;
         }
+        // A message sent before (kept by a persistent session) goes again
+        // with its packet id, as the spec wants (MQTT-4.4.0-1): a late
+        // acknowledgement for that id is then this very message's.
+        let id = q.publish.pkid;
+        let again = id != 0 && !self.inflight.iter().any(|(i, _)| *i == id);
+        match (again, q.released) {
+            // The client has it (PUBREC came): only the PUBREL again.
+            (true, true) => {
+                let _ = PubRel::new(id).write(wr);
+            }
+            (true, false) => {
+                q.publish.dup = true;
+                let _ = q.publish.write(wr);
+            }
+            // Received already, and its id taken meanwhile: nothing to send.
+            (false, true) => return,
+            (false, false) => {
+                q.publish.pkid = self.pkid();
+                let _ = q.publish.write(wr);
+            }
+        }
+        self.inflight.push_back((q.publish.pkid, q));
+    }
+
+    /// The message in flight with packet id `id` at `qos`, if any.
+    fn in_flight(&self, id: u16, qos: QoS) -> Option<usize> {
+        self.inflight
+            .iter()
+            .position(|(i, q)| *i == id && q.publish.qos == qos)
     }
 
     /// A free packet id. Terminates: fewer than 65,535 are ever in flight
@@ -571,8 +605,23 @@ impl Conn {
             match packet {
                 Packet::Publish(p) => self.publish(p, wr)?,
                 Packet::PubAck(ack) => {
-                    if let Some(i) = self.inflight.iter().position(|(id, _)| *id == ack.pkid) {
+                    if let Some(i) = self.in_flight(ack.pkid, QoS::AtLeastOnce) {
                         self.inflight.remove(i);
+                    }
+                }
+                Packet::PubRec(rec) => {
+                    // The client has the message: it is released, and its
+                    // id stays taken until the PUBCOMP.
+                    if let Some(i) = self.in_flight(rec.pkid, QoS::ExactlyOnce) {
+                        self.inflight[i].1.released = true;
+                    }
+                    let _ = PubRel::new(rec.pkid).write(wr);
+                }
+                Packet::PubComp(comp) => {
+                    if let Some(i) = self.in_flight(comp.pkid, QoS::ExactlyOnce) {
+                        if self.inflight[i].1.released {
+                            self.inflight.remove(i);
+                        }
                     }
                 }
                 Packet::PubRel(rel) => {
@@ -604,7 +653,7 @@ impl Conn {
                                 codes.push(SubscribeReasonCode::Failure);
                                 continue;
                             }
-                            let qos = min_qos(f.qos, QoS::AtLeastOnce);
+                            let qos = f.qos;
                             state.subscribe(&self.client, &f.path, qos);
                             codes.push(SubscribeReasonCode::Success(qos));
                             for (t, p) in &state.retained {
@@ -640,11 +689,6 @@ impl Conn {
                     let _ = Packet::PingResp.write(wr, usize::MAX);
                 }
                 Packet::Disconnect => return Ok(false),
-                Packet::PubRec(r) => {
-                    // We never send QoS 2; answer as the spec's sender would.
-                    let _ = rumqttc::mqttbytes::v4::PubRel::new(r.pkid).write(wr);
-                }
-                Packet::PubComp(_) => {}
                 Packet::Connect(_) => return Err("a second CONNECT".into()),
                 other => return Err(format!("unexpected {other:?} from a client")),
             }
@@ -667,6 +711,12 @@ impl Conn {
                 let _ = PubRec::new(p.pkid).write(wr);
                 if self.qos2_in.contains(&p.pkid) {
                     false
+                } else if self.qos2_in.len() >= self.shared.options.max_inflight {
+                    return Err(format!(
+                        "{} QoS 2 messages not released (PUBREL), at most {}",
+                        self.qos2_in.len() + 1,
+                        self.shared.options.max_inflight
+                    ));
                 } else {
                     self.qos2_in.push(p.pkid);
                     true

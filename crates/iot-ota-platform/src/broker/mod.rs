@@ -7,19 +7,21 @@
 //! code. What it implements:
 //!
 //! - CONNECT with clean or persistent sessions (kept in memory while the
-//!   process runs: subscriptions, and QoS 1 messages queued while the client
-//!   is away, up to [`BrokerOptions::max_queued`]), session take-over by a
-//!   second connection with the same client id, keep-alive (a client silent
-//!   for 1.5 × its keep-alive is dropped), last will;
-//! - PUBLISH at QoS 0, 1 and 2 from clients; delivery at QoS 0 or 1 (a
-//!   subscription asking for 2 is granted 1, as the spec allows); retained
-//!   messages;
+//!   process runs: subscriptions, QoS 1 and 2 messages queued while the
+//!   client is away, up to [`BrokerOptions::max_queued`], and the ids of
+//!   QoS 2 messages it has not released; a session away expires after
+//!   [`BrokerOptions::session_expiry`], and at most
+//!   [`BrokerOptions::max_kept_sessions`] are kept away), session take-over
+//!   by a second connection with the same client id, keep-alive (a client
+//!   silent for 1.5 × its keep-alive is dropped), last will;
+//! - PUBLISH at QoS 0, 1 and 2, both ways; retained messages;
 //! - SUBSCRIBE / UNSUBSCRIBE with `+` and `#`, `$`-topics kept from
 //!   wildcards; PINGREQ; DISCONNECT.
 //!
-//! Not implemented: TLS (use an external broker), authentication (the
-//! embedded broker is meant for loopback or a trusted network), MQTT 5,
-//! shared subscriptions. A slow subscriber whose queue is full loses the
+//! - who may connect and to which topics ([`Authenticator`]).
+//!
+//! Not implemented: TLS (use an external broker), MQTT 5, shared
+//! subscriptions. A slow subscriber whose queue is full loses the
 //! newest messages (counted in [`BrokerStats::dropped`], and logged), as
 //! Mosquitto's `max_queued_messages` does.
 //!
@@ -61,8 +63,9 @@ pub struct BrokerOptions {
     /// Messages queued per client (online and not reading fast enough, or a
     /// persistent session that is away) before new ones are dropped.
     pub max_queued: usize,
-    /// QoS 1 messages sent to one client and not acknowledged yet, at most;
-    /// the rest wait in its queue.
+    /// QoS 1 and 2 messages sent to one client and not acknowledged yet, at
+    /// most (the rest wait in its queue); and QoS 2 messages received from
+    /// it and not released yet (one more closes the connection).
     pub max_inflight: usize,
     /// How long a new connection may take to send its CONNECT.
     pub connect_timeout: Duration,
@@ -85,6 +88,14 @@ pub struct BrokerOptions {
     pub packet_timeout: Duration,
     /// How long a client with keep-alive 0 may stay silent.
     pub idle_timeout: Duration,
+    /// How long a persistent session (clean session 0) is kept once its
+    /// client is gone: its subscriptions and queued messages, as MQTT 5's
+    /// session expiry interval (zero: it ends with its connection).
+    pub session_expiry: Duration,
+    /// Persistent sessions kept while their clients are away, at most;
+    /// past it the one away longest goes (counted in
+    /// [`BrokerStats::evicted_sessions`]).
+    pub max_kept_sessions: usize,
 }
 
 impl Default for BrokerOptions {
@@ -102,6 +113,8 @@ impl Default for BrokerOptions {
             max_queued_bytes: 256 * 1024 * 1024,
             packet_timeout: Duration::from_secs(30),
             idle_timeout: Duration::from_secs(15 * 60),
+            session_expiry: Duration::from_secs(7 * 24 * 3600),
+            max_kept_sessions: 100_000,
         }
     }
 }
@@ -149,6 +162,15 @@ pub struct BrokerStats {
     /// Connections closed because their credentials were revoked.
     #[serde(default)]
     pub revoked: u64,
+    /// Persistent sessions forgotten after [`BrokerOptions::session_expiry`] away.
+    #[serde(default)]
+    pub expired_sessions: u64,
+    /// Persistent sessions dropped by [`BrokerOptions::max_kept_sessions`].
+    #[serde(default)]
+    pub evicted_sessions: u64,
+    /// Persistent sessions kept now with no connection.
+    #[serde(default)]
+    pub sessions_away: u64,
 }
 
 /// A handle that reads an [`EmbeddedBroker`]'s counters, for whoever
@@ -222,6 +244,8 @@ struct Counters {
     refused_publishes: AtomicU64,
     refused_subscribes: AtomicU64,
     revoked: AtomicU64,
+    expired_sessions: AtomicU64,
+    evicted_sessions: AtomicU64,
 }
 
 impl Counters {
@@ -238,6 +262,8 @@ impl Counters {
             refused_publishes: self.refused_publishes.load(Ordering::Relaxed),
             refused_subscribes: self.refused_subscribes.load(Ordering::Relaxed),
             revoked: self.revoked.load(Ordering::Relaxed),
+            expired_sessions: self.expired_sessions.load(Ordering::Relaxed),
+            evicted_sessions: self.evicted_sessions.load(Ordering::Relaxed),
             ..BrokerStats::default()
         }
     }
@@ -269,6 +295,7 @@ impl EmbeddedBroker {
             counters: Counters::default(),
         });
         let (shutdown, stop) = watch::channel(false);
+        tokio::spawn(expiry_loop(shared.clone(), stop.clone()));
         tokio::spawn(accept_loop(listener, shared.clone(), stop));
         log::info!("embedded MQTT broker listening on {addr}");
         Ok(EmbeddedBroker {
@@ -327,6 +354,7 @@ impl Shared {
             evicted: self.budget.evicted.load(Ordering::Relaxed),
             pending_bytes: self.budget.used() as u64,
             queued_bytes: self.pool.used() as u64,
+            sessions_away: self.state().away.len() as u64,
             ..self.counters.snapshot()
         }
     }
@@ -334,6 +362,30 @@ impl Shared {
     fn state(&self) -> MutexGuard<'_, State> {
         // Nothing under the lock can leave the state half-changed.
         self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Forgets the persistent sessions away past their expiry, waking when
+/// the next one is due. (A session that goes away later expires later than
+/// any now away, so sleeping until the first deadline, or a whole expiry
+/// when none is away, misses none.)
+async fn expiry_loop(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
+    let expiry = shared.options.session_expiry;
+    if expiry.is_zero() {
+        return; // Sessions end with their connections.
+    }
+    loop {
+        let now = tokio::time::Instant::now();
+        let (gone, next) = shared.state().expire(now, expiry);
+        shared
+            .counters
+            .expired_sessions
+            .fetch_add(gone as u64, Ordering::Relaxed);
+        let wake = next.unwrap_or(now + expiry);
+        tokio::select! {
+            _ = tokio::time::sleep_until(wake) => {}
+            _ = stop.changed() => return,
+        }
     }
 }
 

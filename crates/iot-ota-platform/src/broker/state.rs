@@ -2,13 +2,15 @@
 //! routing a message to its subscribers' queues. No sockets and no waiting:
 //! every call is a few map operations under the one lock in [`super::Shared`].
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use rumqttc::mqttbytes::v4::Publish;
 use rumqttc::mqttbytes::QoS;
 use tokio::sync::{mpsc, Notify};
+use tokio::time::Instant;
 
 use super::access::Identity;
 use super::topic;
@@ -52,6 +54,7 @@ impl QueuePool {
         }
         Some(Queued {
             publish,
+            released: false,
             bytes,
             pool: self.clone(),
         })
@@ -62,6 +65,9 @@ impl QueuePool {
 #[derive(Debug)]
 pub(super) struct Queued {
     pub(super) publish: Publish,
+    /// A QoS 2 message whose PUBREC came (the client has it) and whose
+    /// PUBREL went out: sent again, it is its PUBREL, not the message.
+    pub(super) released: bool,
     bytes: usize,
     pool: Arc<QueuePool>,
 }
@@ -85,6 +91,8 @@ pub(super) struct State {
     pub(super) online: usize,
     /// What queued messages hold, across all clients.
     pub(super) pool: Arc<QueuePool>,
+    /// Persistent sessions away (no connection), by when they went away.
+    pub(super) away: BTreeSet<(Instant, Arc<str>)>,
 }
 
 pub(super) struct Session {
@@ -93,10 +101,17 @@ pub(super) struct Session {
     pub(super) persistent: bool,
     /// Its subscriptions (filter, granted QoS), for unsubscribing and cleanup.
     pub(super) filters: Vec<(String, QoS)>,
-    /// QoS 1 messages kept while a persistent session is away.
+    /// QoS 1 and 2 messages kept while a persistent session is away.
     pub(super) parked: VecDeque<Queued>,
     /// Who made it: only that identity may connect with its client id.
     pub(super) owner: Identity,
+    /// The ids of QoS 2 messages the client sent and has not released
+    /// (PUBREL) yet, kept across connections: a message sent again after
+    /// a reconnect is not delivered twice.
+    pub(super) qos2_in: Vec<u16>,
+    /// When a persistent session lost its connection (its key in
+    /// [`State::away`]).
+    pub(super) away_since: Option<Instant>,
 }
 
 pub(super) struct Online {
@@ -118,7 +133,78 @@ impl State {
             next_conn: 0,
             online: 0,
             pool,
+            away: BTreeSet::new(),
         }
+    }
+
+    /// `client`'s persistent session lost its connection at `now`: it is
+    /// kept, for `expiry` (zero: not at all), and within `max_kept`
+    /// sessions away (past it, the one away longest goes). Returns how
+    /// many sessions went: `(expired, evicted)`.
+    pub(super) fn went_away(
+        &mut self,
+        client: &Arc<str>,
+        now: Instant,
+        expiry: Duration,
+        max_kept: usize,
+    ) -> (usize, usize) {
+        if expiry.is_zero() || max_kept == 0 {
+            self.remove_session(client);
+            return (1, 0);
+        }
+        let Some(session) = self.sessions.get_mut(client) else {
+            return (0, 0);
+        };
+        if let Some(before) = session.away_since.replace(now) {
+            self.away.remove(&(before, client.clone()));
+        }
+        self.away.insert((now, client.clone()));
+        let mut evicted = 0;
+        while self.away.len() > max_kept {
+            let Some((_, oldest)) = self.away.pop_first() else {
+                break;
+            };
+            log::info!(
+                "embedded broker: the session of {oldest} is dropped: {max_kept} sessions \
+                 kept away already"
+            );
+            if let Some(s) = self.sessions.get_mut(&oldest) {
+                s.away_since = None;
+            }
+            self.remove_session(&oldest);
+            evicted += 1;
+        }
+        (0, evicted)
+    }
+
+    /// `client`'s session has a connection again: it no longer expires.
+    pub(super) fn came_back(&mut self, client: &Arc<str>) {
+        if let Some(since) = self
+            .sessions
+            .get_mut(client)
+            .and_then(|s| s.away_since.take())
+        {
+            self.away.remove(&(since, client.clone()));
+        }
+    }
+
+    /// Forgets the sessions away for `expiry` or longer at `now`. Returns
+    /// how many went, and when the next one expires (`None`: none is away).
+    pub(super) fn expire(&mut self, now: Instant, expiry: Duration) -> (usize, Option<Instant>) {
+        let mut n = 0;
+        while let Some((since, client)) = self.away.first().cloned() {
+            if since + expiry > now {
+                return (n, Some(since + expiry));
+            }
+            self.away.pop_first();
+            if let Some(s) = self.sessions.get_mut(&client) {
+                s.away_since = None;
+            }
+            log::debug!("embedded broker: the session of {client} expired");
+            self.remove_session(&client);
+            n += 1;
+        }
+        (n, None)
     }
 
     pub(super) fn subscribe(&mut self, client: &Arc<str>, filter: &str, qos: QoS) {
@@ -164,6 +250,9 @@ impl State {
 
     pub(super) fn remove_session(&mut self, client: &Arc<str>) {
         if let Some(session) = self.sessions.remove(client) {
+            if let Some(since) = session.away_since {
+                self.away.remove(&(since, client.clone()));
+            }
             for (filter, _) in session.filters {
                 if topic::is_wildcard(&filter) {
                     self.wild.retain(|(f, c, _)| !(*f == filter && c == client));
@@ -205,7 +294,7 @@ impl State {
             let Some(session) = self.sessions.get_mut(&client) else {
                 continue;
             };
-            // Online, or a persistent session away that keeps QoS 1.
+            // Online, or a persistent session away that keeps QoS 1 and 2.
             let qos = min_qos(publish.qos, granted);
             if session.conn.is_none() && !(session.persistent && qos != QoS::AtMostOnce) {
                 continue;

@@ -791,3 +791,236 @@ async fn queued_messages_stay_within_their_bytes_and_are_given_back() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// A client written packet by packet, to see exactly what the broker
+/// sends and when (rumqttc would answer for us).
+struct Raw {
+    s: TcpStream,
+    rd: BytesMut,
+}
+
+impl Raw {
+    /// Connected as `id` (`clean` or persistent), with the CONNACK read:
+    /// returns the client and whether a session was present.
+    async fn connect(b: &EmbeddedBroker, id: &str, clean: bool) -> (Raw, bool) {
+        let mut raw = Raw {
+            s: TcpStream::connect(b.addr()).await.unwrap(),
+            rd: BytesMut::new(),
+        };
+        let mut c = rumqttc::mqttbytes::v4::Connect::new(id);
+        c.clean_session = clean;
+        raw.send(|w| c.write(w)).await;
+        match raw.next().await {
+            Some(Packet::ConnAck(a)) => {
+                assert_eq!(a.code, rumqttc::mqttbytes::v4::ConnectReturnCode::Success);
+                (raw, a.session_present)
+            }
+            other => panic!("no CONNACK: {other:?}"),
+        }
+    }
+
+    async fn send(
+        &mut self,
+        write: impl FnOnce(&mut BytesMut) -> Result<usize, rumqttc::mqttbytes::Error>,
+    ) {
+        let mut out = BytesMut::new();
+        write(&mut out).unwrap();
+        self.s.write_all(&out).await.unwrap();
+    }
+
+    /// The next packet within 2 s (`None`: none came, or the broker closed).
+    async fn next(&mut self) -> Option<Packet> {
+        let deadline = Instant::now() + Duration::from_secs(2);
+        loop {
+            match Packet::read(&mut self.rd, 1 << 20) {
+                Ok(p) => return Some(p),
+                Err(rumqttc::mqttbytes::Error::InsufficientBytes(_)) => {}
+                Err(e) => panic!("{e}"),
+            }
+            match tokio::time::timeout_at(deadline, self.s.read_buf(&mut self.rd)).await {
+                Ok(Ok(n)) if n > 0 => {}
+                _ => return None,
+            }
+        }
+    }
+
+    async fn subscribe(&mut self, filter: &str, qos: QoS) {
+        let mut sub = rumqttc::mqttbytes::v4::Subscribe::new(filter, qos);
+        sub.pkid = 1;
+        self.send(|w| sub.write(w)).await;
+        match self.next().await {
+            Some(Packet::SubAck(a)) => {
+                assert_eq!(a.return_codes, [SubscribeReasonCode::Success(qos)])
+            }
+            other => panic!("no SUBACK: {other:?}"),
+        }
+    }
+
+    async fn publish(&mut self, topic: &str, qos: QoS, pkid: u16, payload: &str) {
+        let mut p = Publish::new(topic, qos, payload.as_bytes().to_vec());
+        p.pkid = pkid;
+        self.send(|w| p.write(w)).await;
+    }
+}
+
+#[tokio::test]
+async fn qos_2_goes_out_as_qos_2_and_a_released_message_resumes_at_its_pubrel() {
+    use rumqttc::mqttbytes::v4::{PubComp, PubRec, PubRel};
+    let b = broker().await;
+    let (mut sub, _) = Raw::connect(&b, "sub", false).await;
+    sub.subscribe("up/#", QoS::ExactlyOnce).await;
+    let (mut dev, _) = Raw::connect(&b, "dev", true).await;
+    dev.publish("up/a", QoS::ExactlyOnce, 7, "once").await;
+    assert_eq!(dev.next().await, Some(Packet::PubRec(PubRec::new(7))));
+    let Some(Packet::Publish(p)) = sub.next().await else {
+        panic!("not delivered")
+    };
+    assert_eq!(
+        (p.qos, &p.payload[..], p.dup),
+        (QoS::ExactlyOnce, &b"once"[..], false)
+    );
+    // Gone before the PUBREC: the message again, same id, DUP.
+    drop(sub);
+    let (mut sub, present) = Raw::connect(&b, "sub", false).await;
+    assert!(present);
+    let Some(Packet::Publish(again)) = sub.next().await else {
+        panic!("not sent again")
+    };
+    assert_eq!(
+        (again.pkid, again.dup, &again.payload[..]),
+        (p.pkid, true, &b"once"[..])
+    );
+    // PUBREC: the broker releases it; gone before the PUBCOMP: only the
+    // PUBREL again, never the message a second time.
+    sub.send(|w| PubRec::new(p.pkid).write(w)).await;
+    assert_eq!(sub.next().await, Some(Packet::PubRel(PubRel::new(p.pkid))));
+    drop(sub);
+    let (mut sub, _) = Raw::connect(&b, "sub", false).await;
+    assert_eq!(sub.next().await, Some(Packet::PubRel(PubRel::new(p.pkid))));
+    sub.send(|w| PubComp::new(p.pkid).write(w)).await;
+    assert_eq!(sub.next().await, None, "done: nothing more");
+    assert_eq!(b.stats().queued_bytes, 0, "{:?}", b.stats());
+    assert_eq!(b.stats().delivered, 1);
+}
+
+#[tokio::test]
+async fn a_qos_2_message_sent_again_after_a_reconnect_is_delivered_once() {
+    use rumqttc::mqttbytes::v4::{PubComp, PubRec, PubRel};
+    let b = broker().await;
+    let (mut sub, _) = Raw::connect(&b, "sub", true).await;
+    sub.subscribe("up/#", QoS::AtLeastOnce).await;
+    let (mut dev, _) = Raw::connect(&b, "dev", false).await;
+    dev.publish("up/a", QoS::ExactlyOnce, 9, "once").await;
+    assert_eq!(dev.next().await, Some(Packet::PubRec(PubRec::new(9))));
+    // The PUBREC was lost with the connection: the device sends the
+    // message again (DUP) on its next one, then releases it.
+    drop(dev);
+    let (mut dev, present) = Raw::connect(&b, "dev", false).await;
+    assert!(present);
+    let mut p = Publish::new("up/a", QoS::ExactlyOnce, b"once".to_vec());
+    p.pkid = 9;
+    p.dup = true;
+    dev.send(|w| p.write(w)).await;
+    assert_eq!(dev.next().await, Some(Packet::PubRec(PubRec::new(9))));
+    dev.send(|w| PubRel::new(9).write(w)).await;
+    assert_eq!(dev.next().await, Some(Packet::PubComp(PubComp::new(9))));
+    let Some(Packet::Publish(first)) = sub.next().await else {
+        panic!("not delivered")
+    };
+    assert_eq!(&first.payload[..], b"once");
+    sub.send(|w| rumqttc::mqttbytes::v4::PubAck::new(first.pkid).write(w))
+        .await;
+    assert_eq!(sub.next().await, None, "delivered once");
+    // Released: the same id is a new message now.
+    dev.publish("up/a", QoS::ExactlyOnce, 9, "twice").await;
+    assert_eq!(dev.next().await, Some(Packet::PubRec(PubRec::new(9))));
+    let Some(Packet::Publish(second)) = sub.next().await else {
+        panic!("the new message not delivered")
+    };
+    assert_eq!(&second.payload[..], b"twice");
+}
+
+#[tokio::test]
+async fn persistent_sessions_expire_and_their_count_is_capped() {
+    // Expiry zero: a persistent session ends with its connection.
+    let b = EmbeddedBroker::start(
+        "127.0.0.1:0".parse().unwrap(),
+        BrokerOptions {
+            session_expiry: Duration::ZERO,
+            ..BrokerOptions::default()
+        },
+    )
+    .await
+    .unwrap();
+    let (mut a, _) = Raw::connect(&b, "a", false).await;
+    a.subscribe("up/#", QoS::AtLeastOnce).await;
+    drop(a);
+    let (_a, present) = Raw::connect(&b, "a", false).await;
+    assert!(!present, "expired at once");
+    assert_eq!(b.stats().expired_sessions, 1);
+
+    // At most two kept away: the third to go away drops the first.
+    let b = EmbeddedBroker::start(
+        "127.0.0.1:0".parse().unwrap(),
+        BrokerOptions {
+            max_kept_sessions: 2,
+            ..BrokerOptions::default()
+        },
+    )
+    .await
+    .unwrap();
+    for id in ["a", "b", "c"] {
+        let (mut c, _) = Raw::connect(&b, id, false).await;
+        c.subscribe("up/#", QoS::AtLeastOnce).await;
+        c.send(|w| Packet::Disconnect.write(w, 1 << 20)).await;
+        assert_eq!(c.next().await, None, "closed after DISCONNECT");
+        // Gone in this order.
+        while b.stats().connections > 0 {
+            tokio::task::yield_now().await;
+        }
+    }
+    let s = b.stats();
+    assert_eq!((s.sessions_away, s.evicted_sessions), (2, 1), "{s:?}");
+    let (_a, a_present) = Raw::connect(&b, "a", false).await;
+    let (_c, c_present) = Raw::connect(&b, "c", false).await;
+    assert!(!a_present && c_present, "the oldest away went");
+}
+
+/// Sessions away expire by the time they are given (instants a week
+/// apart here, with no waiting).
+#[test]
+fn sessions_away_expire_in_the_order_they_went_and_say_the_next_deadline() {
+    {
+        let mut state = State::new(state::QueuePool::new(1 << 20));
+        let week = Duration::from_secs(7 * 24 * 3600);
+        let t0 = Instant::now();
+        for (i, id) in ["a", "b"].iter().enumerate() {
+            let id: Arc<str> = Arc::from(*id);
+            state.sessions.insert(
+                id.clone(),
+                state::Session {
+                    conn: None,
+                    persistent: true,
+                    filters: vec![("up/#".into(), QoS::AtLeastOnce)],
+                    parked: Default::default(),
+                    owner: Identity::Anonymous,
+                    qos2_in: Vec::new(),
+                    away_since: None,
+                },
+            );
+            state.subscribe(&id, "up/#", QoS::AtLeastOnce);
+            let at = t0 + Duration::from_secs(60 * i as u64);
+            assert_eq!(state.went_away(&id, at, week, 10), (0, 0));
+        }
+        assert_eq!(state.expire(t0, week), (0, Some(t0 + week)));
+        // A week after "a" went: "a" goes, "b" is due a minute later.
+        let (gone, next) = state.expire(t0 + week, week);
+        assert_eq!((gone, next), (1, Some(t0 + week + Duration::from_secs(60))));
+        assert!(!state.sessions.contains_key("a"));
+        assert_eq!(state.wild.len(), 1, "its subscription went with it");
+        // "b" came back: it no longer expires.
+        state.came_back(&Arc::from("b"));
+        assert_eq!(state.expire(t0 + 2 * week, week), (0, None));
+        assert!(state.sessions.contains_key("b"));
+    }
+}
