@@ -39,10 +39,11 @@ pub(super) async fn exchange(
         let name = ServerName::try_from(parts.host.to_owned())
             .map_err(|e| HttpError::BadUrl(format!("{}: {e}", parts.host)))?;
         if records::hands_over(&config) {
-            // rustls encrypts the request before it hands the keys over.
+            // rustls encrypts the request, and reads up to the answer's
+            // first record, before it hands the keys over.
             let handshake = records::connect(tcp, config, name, request.as_bytes());
             Stream::Tls(Box::new(
-                before(deadline, "TLS handshake", handshake).await?,
+                before(deadline, "TLS handshake or response head", handshake).await?,
             ))
         } else {
             // A provider whose suites keep their keys: rustls reads.

@@ -166,11 +166,17 @@ impl std::fmt::Debug for TlsStream {
     }
 }
 
-/// Makes a TLS connection over `tcp` and sends `request` on it.
+/// Makes a TLS connection over `tcp`, sends `request` on it, and waits
+/// for the first record of the answer.
 ///
 /// rustls runs the handshake over our own buffers (its unbuffered API), so
 /// whatever the server sent after the handshake stays in the buffer the
-/// records are then read from.
+/// records are then read from. rustls also reads everything up to the
+/// first record of application data: a handshake message after the
+/// handshake (a session ticket, sent by some servers with their first
+/// flight) may span records, and only at application data is none left
+/// half-read (RFC 8446 5.1: handshake messages are not interleaved with
+/// other records). The keys are handed over there.
 pub(super) async fn connect(
     mut tcp: TcpStream,
     config: Arc<ClientConfig>,
@@ -181,10 +187,18 @@ pub(super) async fn connect(
     let mut buf = vec![0u8; BUFFER].into_boxed_slice();
     let mut end = 0;
     let mut send = Vec::new();
+    let mut sent = false;
+    // The first application data rustls opened (one record's worth).
+    let mut first = Vec::new();
+    let closed = |when: &str| {
+        HttpError::Io(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            format!("the server closed the connection {when}"),
+        ))
+    };
     loop {
-        let UnbufferedStatus { discard, state } = conn.process_tls_records(&mut buf[..end]);
+        let UnbufferedStatus { mut discard, state } = conn.process_tls_records(&mut buf[..end]);
         let mut read = false;
-        let mut sent = false;
         let state = match state {
             Ok(state) => state,
             Err(e) => {
@@ -206,7 +220,7 @@ pub(super) async fn connect(
                 data.done();
             }
             ConnectionState::BlockedHandshake => read = true,
-            ConnectionState::WriteTraffic(mut traffic) => {
+            ConnectionState::WriteTraffic(mut traffic) if !sent => {
                 send.clear();
                 encode(&mut send, |out| match traffic.encrypt(request, out) {
                     Ok(n) => Ok(n),
@@ -214,18 +228,28 @@ pub(super) async fn connect(
                     Err(_) => Err(None),
                 })?;
                 tcp.write_all(&send).await.map_err(HttpError::Io)?;
+                send.clear();
                 sent = true;
             }
-            ConnectionState::ReadTraffic(_) => {
+            // Sent: nothing more to read in the buffer yet.
+            ConnectionState::WriteTraffic(_) => read = true,
+            ConnectionState::ReadTraffic(_) if !sent => {
                 return Err(HttpError::BadResponse(
                     "the server sent data before the request".into(),
                 ))
             }
+            ConnectionState::ReadTraffic(mut traffic) => {
+                while let Some(record) = traffic.next_record() {
+                    let record = record.map_err(HttpError::Tls)?;
+                    discard += record.discard;
+                    first.extend_from_slice(record.payload);
+                }
+            }
+            ConnectionState::PeerClosed | ConnectionState::Closed if sent => {
+                return Err(closed("before its answer"))
+            }
             ConnectionState::PeerClosed | ConnectionState::Closed => {
-                return Err(HttpError::Io(io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    "the server closed the connection during the TLS handshake",
-                )))
+                return Err(closed("during the TLS handshake"))
             }
             other => {
                 return Err(HttpError::Tls(Error::General(format!(
@@ -237,7 +261,12 @@ pub(super) async fn connect(
             buf.copy_within(discard..end, 0);
             end -= discard;
         }
-        if sent {
+        if !first.is_empty() {
+            // What rustls encoded and had no turn to ask us to send (its
+            // answer to a TLS 1.2 HelloRequest just before the data).
+            if !send.is_empty() {
+                tcp.write_all(&send).await.map_err(HttpError::Io)?;
+            }
             break;
         }
         if read {
@@ -247,25 +276,10 @@ pub(super) async fn connect(
                 )));
             }
             match tcp.read(&mut buf[end..]).await.map_err(HttpError::Io)? {
-                0 => {
-                    return Err(HttpError::Io(io::Error::new(
-                        io::ErrorKind::UnexpectedEof,
-                        "the server closed the connection during the TLS handshake",
-                    )))
-                }
+                0 if sent => return Err(closed("before its answer")),
+                0 => return Err(closed("during the TLS handshake")),
                 n => end += n,
             }
-        }
-    }
-    // rustls opens every whole record before it lets the request out; a
-    // whole one left means it holds part of a handshake message (already
-    // opened, in place) that straddles the handover: a server breaking RFC
-    // 8446 4.6.1 (a ticket before the client's Finished).
-    if let Some(header) = buf[..end].first_chunk::<HEADER>() {
-        if end >= HEADER + payload_len(header) {
-            return Err(HttpError::Tls(Error::PeerMisbehaved(
-                PeerMisbehaved::KeyEpochWithPendingFragment,
-            )));
         }
     }
     let (secrets, kernel) = conn
@@ -277,6 +291,11 @@ pub(super) async fn connect(
     let rx = Opener::new(suite, rx_secrets, seq).map_err(HttpError::Tls)?;
     let (seq, tx_secrets) = secrets.tx;
     let tx = Sealer::new(suite, tx_secrets, seq).map_err(HttpError::Tls)?;
+    // The buffer holds the first plaintext, then the records not opened
+    // yet. They fit: that plaintext came out of a record no longer there.
+    let n = first.len();
+    buf.copy_within(..end, n);
+    buf[..n].copy_from_slice(&first);
     Ok(TlsStream {
         tcp,
         kernel,
@@ -285,9 +304,9 @@ pub(super) async fn connect(
         tx,
         outgoing: Vec::new(),
         buf,
-        start: 0,
-        end,
-        plain: 0..0,
+        start: n,
+        end: n + end,
+        plain: 0..n,
         handshake: Vec::new(),
         closed: false,
         error: None,
@@ -1345,55 +1364,112 @@ mod tests {
     }
 
     /// A TLS 1.3 server whose handshake is rustls's, and whose records
-    /// after the request it seals itself (with the keys rustls hands over),
-    /// to send what a rustls server never would. Ends with a TCP close.
+    /// after the request it seals itself, to send what a rustls server
+    /// never would. Ends with a TCP close.
     async fn crafted(ca: &TestCa, records: Vec<Rec>) -> SocketAddr {
+        crafted_flights(ca, Vec::new(), records).await
+    }
+
+    /// The server's records, sealed with the keys of its traffic secret
+    /// (as rustls logs it), and after a KeyUpdate with the next secret's.
+    struct Keys {
+        secret: Vec<u8>,
+        key: LessSafeKey,
+        iv: Iv,
+        seq: u64,
+    }
+
+    impl Keys {
+        fn new(secret: Vec<u8>) -> Keys {
+            let key = expand_label(&secret, "key", 16);
+            let iv = Iv::copy(&expand_label(&secret, "iv", 12));
+            Keys {
+                key: LessSafeKey::new(UnboundKey::new(&AES_128_GCM, &key).unwrap()),
+                iv,
+                secret,
+                seq: 0,
+            }
+        }
+
+        /// `rec` as a record on the wire.
+        fn seal(&mut self, rec: Rec) -> Vec<u8> {
+            let mut inner = rec.content;
+            inner.push(u8::from(rec.kind));
+            inner.resize(inner.len() + rec.padding, 0);
+            let len = (inner.len() + TAG) as u16;
+            let [hi, lo] = len.to_be_bytes();
+            let header = [23, 3, 3, hi, lo];
+            let nonce = rustls::crypto::cipher::Nonce::new(&self.iv, self.seq).0;
+            self.key
+                .seal_in_place_append_tag(
+                    Nonce::assume_unique_for_key(nonce),
+                    Aad::from(header),
+                    &mut inner,
+                )
+                .unwrap();
+            if rec.corrupt {
+                inner[0] ^= 1;
+            }
+            self.seq += 1;
+            if rec.rotate {
+                *self = Keys::new(expand_label(&self.secret, "traffic upd", self.secret.len()));
+            }
+            [&header[..], &inner].concat()
+        }
+    }
+
+    /// [`crafted`], with `first` sent right behind the server's first
+    /// flight (its Finished), before the client's Finished is in: what Go's
+    /// crypto/tls does with its session tickets.
+    async fn crafted_flights(ca: &TestCa, first: Vec<Rec>, records: Vec<Rec>) -> SocketAddr {
+        use std::io::Read;
         let mut config = (*ca.server_config_for(suites::TLS13_AES_128_GCM_SHA256)).clone();
-        config.enable_secret_extraction = true;
         config.send_tls13_tickets = 0;
         let logged = Arc::new(ServerSecret::default());
         config.key_log = logged.clone();
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         tokio::spawn(async move {
-            let (s, _) = accept(listener, Arc::new(config)).await;
-            let (mut tcp, conn) = s.into_inner();
-            #[allow(deprecated)] // rustls's own key updates and tickets are not needed
-            let secrets = conn.dangerous_extract_secrets().unwrap();
-            let (mut seq, ConnectionTrafficSecrets::Aes128Gcm { key, iv }) = secrets.tx else {
-                panic!("not AES-128-GCM");
-            };
-            let mut key = LessSafeKey::new(UnboundKey::new(&AES_128_GCM, key.as_ref()).unwrap());
-            let mut iv = iv;
-            let mut secret = logged.0.lock().unwrap().clone();
-            for rec in records {
-                let rotate = rec.rotate;
-                let mut inner = rec.content;
-                inner.push(u8::from(rec.kind));
-                inner.resize(inner.len() + rec.padding, 0);
-                let len = (inner.len() + TAG) as u16;
-                let [hi, lo] = len.to_be_bytes();
-                let header = [23, 3, 3, hi, lo];
-                let nonce = rustls::crypto::cipher::Nonce::new(&iv, seq).0;
-                key.seal_in_place_append_tag(
-                    Nonce::assume_unique_for_key(nonce),
-                    Aad::from(header),
-                    &mut inner,
-                )
-                .unwrap();
-                if rec.corrupt {
-                    inner[0] ^= 1;
+            let (mut tcp, _) = listener.accept().await.unwrap();
+            let mut conn = ServerConnection::new(Arc::new(config)).unwrap();
+            let mut inbuf = vec![0u8; 1 << 16];
+            // rustls's handshake, up to its Finished (its traffic secret
+            // is logged then).
+            while logged.0.lock().unwrap().is_empty() || conn.wants_write() {
+                if conn.wants_write() {
+                    let mut out = Vec::new();
+                    while conn.wants_write() {
+                        conn.write_tls(&mut out).unwrap();
+                    }
+                    tcp.write_all(&out).await.unwrap();
+                    continue;
                 }
-                seq += 1;
-                if tcp.write_all(&header).await.is_err() || tcp.write_all(&inner).await.is_err() {
+                let n = tcp.read(&mut inbuf).await.unwrap();
+                assert!(n > 0, "the client left during the handshake");
+                conn.read_tls(&mut &inbuf[..n]).unwrap();
+                conn.process_new_packets().unwrap();
+            }
+            let mut keys = Keys::new(logged.0.lock().unwrap().clone());
+            for rec in first {
+                tcp.write_all(&keys.seal(rec)).await.unwrap();
+            }
+            // The client's Finished and its request.
+            let mut head = Vec::new();
+            while !head.ends_with(b"\r\n\r\n") {
+                let n = tcp.read(&mut inbuf).await.unwrap();
+                if n == 0 {
                     return;
                 }
-                if rotate {
-                    secret = expand_label(&secret, "traffic upd", secret.len());
-                    let k = expand_label(&secret, "key", 16);
-                    key = LessSafeKey::new(UnboundKey::new(&AES_128_GCM, &k).unwrap());
-                    iv = Iv::copy(&expand_label(&secret, "iv", 12));
-                    seq = 0;
+                conn.read_tls(&mut &inbuf[..n]).unwrap();
+                conn.process_new_packets().unwrap();
+                let mut b = [0u8; 512];
+                while let Ok(n @ 1..) = conn.reader().read(&mut b) {
+                    head.extend_from_slice(&b[..n]);
+                }
+            }
+            for rec in records {
+                if tcp.write_all(&keys.seal(rec)).await.is_err() {
+                    return;
                 }
             }
         });
@@ -1441,6 +1517,130 @@ mod tests {
         let (got, end) = read_all(&mut s, &[7, 5000]).await;
         end.unwrap();
         assert!(got == [&b"hello world"[..], &full, b"!"].concat());
+    }
+
+    /// A session ticket sent with the server's first flight, split across
+    /// two records of which the second comes only after the request, is
+    /// read as rustls reads it (on main: rustls held the first half when
+    /// it handed the keys over, and the second half was an error).
+    #[tokio::test]
+    async fn a_first_flight_ticket_split_across_records_is_taken() {
+        let ca = TestCa::new();
+        let t = ticket();
+        for cut in [1, 4, 10] {
+            let addr = crafted_flights(
+                &ca,
+                vec![handshake(&t[..cut])],
+                vec![handshake(&t[cut..]), data(b"hello"), alert(1, 0)],
+            )
+            .await;
+            let mut s = open(addr, client_config(&ca)).await;
+            let (got, end) = read_all(&mut s, &[4096]).await;
+            end.unwrap_or_else(|e| panic!("cut at {cut}: {e}"));
+            assert_eq!(got, b"hello", "cut at {cut}");
+        }
+        // And a whole ticket there, then one split after the request.
+        let addr = crafted_flights(
+            &ca,
+            vec![handshake(&t)],
+            vec![
+                handshake(&t[..7]),
+                handshake(&t[7..]),
+                data(b"hi"),
+                alert(1, 0),
+            ],
+        )
+        .await;
+        let mut s = open(addr, client_config(&ca)).await;
+        let (got, end) = read_all(&mut s, &[4096]).await;
+        end.unwrap();
+        assert_eq!(got, b"hi");
+    }
+
+    /// A TLS 1.2 server that asks to renegotiate (HelloRequest) before or
+    /// in the middle of its answer, and sends the rest only once it hears
+    /// back (or after 5 s): returns the client's answer, opened.
+    async fn renegotiating(
+        ca: &TestCa,
+        hello_first: bool,
+    ) -> (
+        SocketAddr,
+        tokio::task::JoinHandle<Option<(ContentType, Vec<u8>)>>,
+    ) {
+        let suite = suites::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256;
+        let mut config = (*ca.server_config_for(suite)).clone();
+        config.enable_secret_extraction = true;
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(async move {
+            let (s, _) = accept(listener, Arc::new(config)).await;
+            let (mut tcp, conn) = s.into_inner();
+            let secrets = conn.dangerous_extract_secrets().unwrap();
+            let (seq, tx) = secrets.tx;
+            let mut sealer = Sealer::new(suite, tx, seq).unwrap();
+            let (seq, rx) = secrets.rx;
+            let mut opener = Opener::new(suite, rx, seq).unwrap();
+            let mut flight = Vec::new();
+            for at in 0..2 {
+                let record = if (at == 0) == hello_first {
+                    sealer.seal(ContentType::Handshake, &[0, 0, 0, 0])
+                } else {
+                    sealer.seal(ContentType::ApplicationData, b"first ")
+                };
+                flight.extend(record.unwrap());
+            }
+            tcp.write_all(&flight).await.unwrap();
+            // The client's answer, or none within 5 s.
+            let mut header = [0u8; HEADER];
+            let heard = tokio::time::timeout(Duration::from_secs(5), tcp.read_exact(&mut header))
+                .await
+                .is_ok_and(|r| r.is_ok());
+            let answer = if heard {
+                let mut payload = vec![0u8; payload_len(&header)];
+                tcp.read_exact(&mut payload).await.unwrap();
+                let (kind, range) = opener
+                    .open(ProtocolVersion::TLSv1_2, header, &mut payload)
+                    .unwrap();
+                Some((kind, payload[range].to_vec()))
+            } else {
+                None
+            };
+            let rest = [
+                sealer
+                    .seal(ContentType::ApplicationData, b"second")
+                    .unwrap(),
+                sealer.seal(ContentType::Alert, &[1, 0]).unwrap(),
+            ];
+            let _ = tcp.write_all(&rest.concat()).await;
+            answer
+        });
+        (addr, server)
+    }
+
+    /// A TLS 1.2 HelloRequest gets a no_renegotiation warning (RFC 5746
+    /// 4.2), before the answer (rustls's own reply) and in the middle of
+    /// it (this layer's); on main the second was ignored, and a server
+    /// waiting for the renegotiation stalled the download until the idle
+    /// timeout.
+    #[tokio::test]
+    async fn a_tls12_hello_request_is_answered_with_no_renegotiation() {
+        let ca = TestCa::new();
+        for hello_first in [false, true] {
+            let (addr, server) = renegotiating(&ca, hello_first).await;
+            let mut s = open(addr, client_config(&ca)).await;
+            let (got, end) = read_all(&mut s, &[4096]).await;
+            end.unwrap_or_else(|e| panic!("hello first {hello_first}: {e}"));
+            assert_eq!(got, b"first second", "hello first {hello_first}");
+            let answer = server.await.unwrap();
+            assert_eq!(
+                answer,
+                Some((
+                    ContentType::Alert,
+                    vec![1, u8::from(AlertDescription::NoRenegotiation)]
+                )),
+                "hello first {hello_first}"
+            );
+        }
     }
 
     #[tokio::test]
