@@ -207,6 +207,15 @@ struct PlatformArgs {
     /// get in, each to its own topics.
     #[arg(long)]
     mqtt_anonymous: bool,
+    /// How long the embedded broker keeps a persistent session once its
+    /// client is gone, in seconds (as MQTT 5's session expiry; 0: it ends
+    /// with its connection). Default a week.
+    #[arg(long, default_value_t = 7 * 24 * 3600)]
+    mqtt_session_expiry: u64,
+    /// Persistent sessions the embedded broker keeps with their clients
+    /// away, at most; past it the one away longest goes.
+    #[arg(long, default_value_t = 100_000)]
+    mqtt_max_kept_sessions: usize,
 }
 
 async fn run_platform(a: PlatformArgs) -> Result<(), String> {
@@ -227,6 +236,8 @@ async fn run_platform(a: PlatformArgs) -> Result<(), String> {
     config.tls_key = a.tls_key;
     config.signing_key = a.signing_key;
     config.mqtt_anonymous = a.mqtt_anonymous;
+    config.broker_options.session_expiry = std::time::Duration::from_secs(a.mqtt_session_expiry);
+    config.broker_options.max_kept_sessions = a.mqtt_max_kept_sessions;
     let platform = iot_ota_platform::Platform::start(config).await?;
     if platform.is_open() {
         eprintln!(
