@@ -60,6 +60,9 @@ pub enum FetchError {
         /// the download (404, 403, ...): callers can match on it.
         http_status: Option<u16>,
     },
+    /// A delta update's chunk index, or a chunk fetched with it, is not
+    /// what it must be (its SHA-256): VERIFY_FAILED, like a bad image.
+    DeltaMismatch(String),
     /// Writing the image to storage failed.
     Storage(String),
     /// The download was cancelled by the application or a destroy.
@@ -72,7 +75,9 @@ impl FetchError {
     /// The status to report for this failure.
     pub fn status(&self) -> Status {
         match self {
-            FetchError::DigestMismatch { .. } => Status::VerifyFailed,
+            FetchError::DigestMismatch { .. } | FetchError::DeltaMismatch(_) => {
+                Status::VerifyFailed
+            }
             FetchError::Storage(_) => Status::FlashFailed,
             _ => Status::DownloadFailed,
         }
@@ -114,6 +119,7 @@ impl fmt::Display for FetchError {
             } => write!(f, "{method} mismatch: expected {expected}, got {actual}"),
             FetchError::Transport { message, .. } => f.write_str(message),
             FetchError::Storage(m) => write!(f, "writing the image failed: {m}"),
+            FetchError::DeltaMismatch(m) => write!(f, "delta update refused: {m}"),
             FetchError::Cancelled => f.write_str("download cancelled"),
             FetchError::Finished => f.write_str("the download has already ended"),
         }

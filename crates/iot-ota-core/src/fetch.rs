@@ -120,6 +120,11 @@ pub struct Fetch {
     meter: ProgressMeter,
     state: FetchState,
     outcome: Option<Result<Verified, FetchError>>,
+    /// A delta update's count: (bytes to fetch, fetched so far). Progress
+    /// is then the fetched part of what is to fetch.
+    delta: Option<(u64, u64)>,
+    /// The `desc` of DOWNLOADING reports: the delta planner's decision.
+    desc: String,
 }
 
 impl Fetch {
@@ -139,7 +144,62 @@ impl Fetch {
             meter: ProgressMeter::new(throttle),
             state: FetchState::Fetching,
             outcome: None,
+            delta: None,
+            desc: String::new(),
         }
+    }
+
+    /// The download is a delta: `to_fetch` bytes come from the server, the
+    /// rest is copied ([`Fetch::handle_copied`]); progress counts the
+    /// fetched bytes only, and DOWNLOADING reports say `desc` (the plan).
+    pub fn plan_delta(&mut self, to_fetch: u64, desc: impl Into<String>) {
+        self.delta = Some((to_fetch, 0));
+        self.desc = desc.into();
+    }
+
+    /// The delta is given up for the full download (`desc` says why): the
+    /// count and digest start again from byte 0; the progress meter stays,
+    /// so the platform never sees the percent go back.
+    pub fn restart_full(&mut self, desc: impl Into<String>) {
+        self.hasher = Hasher::new(self.firmware.sign_method);
+        if let Some((_, Some(second))) = &mut self.manifest_sha256 {
+            *second = Hasher::new(crate::digest::SignMethod::Sha256);
+        }
+        self.received = 0;
+        self.total = self.firmware.size;
+        self.delta = None;
+        self.desc = desc.into();
+    }
+
+    /// Bytes of the new image copied from the old one (a delta's): hashed
+    /// and counted like received bytes, but not as fetched.
+    pub fn handle_copied(&mut self, bytes: &[u8]) -> Result<(), FetchError> {
+        self.take(bytes)
+    }
+
+    /// Counts and hashes bytes of the image, fetched or copied.
+    fn take(&mut self, bytes: &[u8]) -> Result<(), FetchError> {
+        self.ensure_fetching()?;
+        let after = self.received + bytes.len() as u64;
+        if let Some(total) = self.total {
+            if after > total {
+                return Err(self.fail(FetchError::TooLong {
+                    expected: total,
+                    received: after,
+                }));
+            }
+        }
+        self.hasher.update(bytes);
+        if let Some((_, Some(second))) = &mut self.manifest_sha256 {
+            second.update(bytes);
+        }
+        self.received = after;
+        Ok(())
+    }
+
+    /// The `desc` the DOWNLOADING reports carry (empty but for a delta).
+    pub fn desc(&self) -> &str {
+        &self.desc
     }
 
     /// The firmware being downloaded.
@@ -162,9 +222,14 @@ impl Fetch {
         self.total
     }
 
-    /// Percent received, computed in 64-bit arithmetic (0 when the size is unknown).
+    /// Percent received, computed in 64-bit arithmetic (0 when the size is
+    /// unknown); for a delta, the percent fetched of what is to fetch.
     pub fn percent(&self) -> u32 {
-        percent_of(self.received, self.total)
+        match self.delta {
+            Some((0, _)) => percent_of(self.received, self.total),
+            Some((to_fetch, fetched)) => percent_of(fetched, Some(to_fetch)),
+            None => percent_of(self.received, self.total),
+        }
     }
 
     /// The outcome once the download has ended.
@@ -189,7 +254,7 @@ impl Fetch {
     /// The first report of a download: DOWNLOADING at 0%, sent at once.
     pub fn begin(&mut self, now: Instant) -> Progress {
         self.meter.begin(now);
-        self.report(Status::Downloading, 0, String::new())
+        self.report(Status::Downloading, 0, self.desc.clone())
     }
 
     /// A response arrived that carries the body from byte `offset`, with
@@ -234,24 +299,17 @@ impl Fetch {
         bytes: &[u8],
         now: Instant,
     ) -> Result<Option<Progress>, FetchError> {
-        self.ensure_fetching()?;
-        let after = self.received + bytes.len() as u64;
-        if let Some(total) = self.total {
-            if after > total {
-                return Err(self.fail(FetchError::TooLong {
-                    expected: total,
-                    received: after,
-                }));
-            }
+        self.take(bytes)?;
+        if let Some(d) = &mut self.delta {
+            d.1 += bytes.len() as u64;
         }
-        self.hasher.update(bytes);
-        if let Some((_, Some(second))) = &mut self.manifest_sha256 {
-            second.update(bytes);
-        }
-        self.received = after;
         let pct = self.percent();
         if !bytes.is_empty() && self.meter.due(pct, now) {
-            return Ok(Some(self.report(Status::Downloading, pct, String::new())));
+            return Ok(Some(self.report(
+                Status::Downloading,
+                pct,
+                self.desc.clone(),
+            )));
         }
         Ok(None)
     }
@@ -349,6 +407,7 @@ mod tests {
                     size: body.len() as u64,
                     sha256,
                     counter: 1,
+                    index_sha256: None,
                 };
                 firmware.signed = Some(Box::new(Signed::sign(m, &[&Ed::new()]).unwrap()));
                 let mut f = Fetch::new(firmware, Throttle::default());
@@ -374,6 +433,7 @@ mod tests {
             sign_method: method,
             policy: None,
             signed: None,
+            delta: None,
         }
     }
 

@@ -46,6 +46,7 @@
 //!     sign_method: SignMethod::Md5,
 //!     policy: None,
 //!     signed: None,
+//!     delta: None,
 //! };
 //! let mut disk = None; // the journal as a driver would persist it
 //! let mut flow = Flow::new(None, 0);
@@ -884,6 +885,7 @@ mod tests {
             sign_method: SignMethod::Md5,
             policy: None,
             signed: None,
+            delta: None,
         }
     }
 

@@ -124,6 +124,9 @@ pub struct Journal {
     pub policy: Option<Policy>,
     /// The command's signed manifest: a resumed upgrade is checked again.
     pub signed: Option<Box<crate::manifest::Signed>>,
+    /// The command's chunk index (a delta update), so that a resumed
+    /// download goes on as a delta.
+    pub delta: Option<Box<crate::protocol::DeltaRef>>,
     /// Boots of the new image so far without a commit.
     pub boot_attempts: u32,
     /// Boots allowed before the device gives up on the new image.
@@ -150,6 +153,7 @@ impl Journal {
             size: None,
             policy: None,
             signed: None,
+            delta: None,
             boot_attempts: 0,
             max_boot_attempts: DEFAULT_MAX_BOOTS,
             security_counter: 0,
@@ -167,6 +171,7 @@ impl Journal {
         j.size = firmware.size;
         j.policy = firmware.policy;
         j.signed = firmware.signed.clone();
+        j.delta = firmware.delta.clone();
         j
     }
 
@@ -182,6 +187,7 @@ impl Journal {
             sign_method,
             policy: self.policy,
             signed: self.signed.clone(),
+            delta: self.delta.clone(),
         })
     }
 
@@ -207,6 +213,9 @@ impl Journal {
         });
         if let (Some(signed), Some(obj)) = (&self.signed, line.as_object_mut()) {
             obj.extend(signed.to_fields());
+        }
+        if let (Some(d), Some(obj)) = (&self.delta, line.as_object_mut()) {
+            obj.insert("delta".into(), crate::protocol::delta_json(d));
         }
         let line = line.to_string();
         let sum = digest_hex(SignMethod::Sha256, line.as_bytes());
@@ -276,6 +285,13 @@ impl Journal {
                 Some(obj) => crate::manifest::Signed::from_data(obj)
                     .map_err(|r| corrupt(&format!("manifest: {}", r.message)))?
                     .map(Box::new),
+                None => None,
+            },
+            delta: match v["delta"].as_object() {
+                Some(d) => Some(Box::new(
+                    crate::protocol::parse_delta(d, &crate::protocol::Limits::default())
+                        .map_err(|r| corrupt(&format!("delta: {}", r.message)))?,
+                )),
                 None => None,
             },
             boot_attempts: count("bootAttempts")?,

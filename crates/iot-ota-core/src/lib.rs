@@ -124,6 +124,7 @@
 
 mod backoff;
 mod broker_url;
+pub mod delta;
 pub mod digest;
 mod error;
 mod fetch;
@@ -142,6 +143,6 @@ pub use fetch::{percent_of, Fetch, FetchState, ProgressMeter, Throttle, Verified
 pub use ota::{compare_versions, Config, Event, Ota, Output};
 pub use pace::{Pace, PaceRules};
 pub use protocol::{
-    Firmware, GetError, GetReply, Limits, Policy, Progress, Rejection, ReplyCode, Status, Topics,
-    UpgradeCommand,
+    DeltaRef, Firmware, GetError, GetReply, Limits, Policy, Progress, Rejection, ReplyCode, Status,
+    Topics, UpgradeCommand,
 };

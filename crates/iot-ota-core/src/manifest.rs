@@ -66,15 +66,23 @@ pub struct Manifest {
     pub sha256: String,
     /// Its security counter: a device refuses a lower one than it runs.
     pub counter: u64,
+    /// The SHA-256 of its chunk index (delta updates), lowercase hex: a
+    /// device that pins keys uses an index only if it has this digest.
+    pub index_sha256: Option<String>,
 }
 
 impl Manifest {
     /// The manifest's bytes, as a platform signs them:
-    /// `{"product":..,"firmwareVersion":..,"size":..,"sha256":..,"counter":..}`.
+    /// `{"product":..,"firmwareVersion":..,"size":..,"sha256":..,"counter":..}`,
+    /// and `"indexSha256":..` last when the image has a chunk index.
     pub fn encode(&self) -> Vec<u8> {
         let s = |v: &str| Value::String(v.to_owned()).to_string();
+        let index = match &self.index_sha256 {
+            Some(i) => format!(r#","indexSha256":{}"#, s(i)),
+            None => String::new(),
+        };
         format!(
-            r#"{{"product":{},"firmwareVersion":{},"size":{},"sha256":{},"counter":{}}}"#,
+            r#"{{"product":{},"firmwareVersion":{},"size":{},"sha256":{},"counter":{}{index}}}"#,
             s(&self.product),
             s(&self.firmware_version),
             self.size,
@@ -104,12 +112,20 @@ impl Manifest {
         if sha256.len() != 64 || !sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
             return Err("manifest sha256 is not 64 hex digits".into());
         }
+        let index_sha256 = match obj.get("indexSha256") {
+            None | Some(Value::Null) => None,
+            Some(Value::String(h)) if h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()) => {
+                Some(h.to_ascii_lowercase())
+            }
+            Some(_) => return Err("manifest indexSha256 is not 64 hex digits".into()),
+        };
         Ok(Manifest {
             product: text("product")?,
             firmware_version: text("firmwareVersion")?,
             size: number("size")?,
             sha256: sha256.to_ascii_lowercase(),
             counter: number("counter")?,
+            index_sha256,
         })
     }
 }
@@ -582,6 +598,7 @@ mod tests {
             size: 432_945,
             sha256: "ab".repeat(32),
             counter,
+            index_sha256: None,
         }
     }
 

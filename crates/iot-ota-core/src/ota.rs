@@ -778,6 +778,7 @@ mod tests {
                 size: 10,
                 sha256: "cd".repeat(32),
                 counter,
+                index_sha256: None,
             };
             let s = Signed::sign(m, &[&key]).unwrap();
             let mut v: Value = serde_json::from_slice(&command("2", "2.0")).unwrap();
@@ -1052,6 +1053,7 @@ mod tests {
             sign_method: SignMethod::Md5,
             policy: None,
             signed: None,
+            delta: None,
         };
         o.accept_firmware(&fw).unwrap();
         assert!(matches!(o.accept_firmware(&fw), Err(Error::Busy { .. })));

@@ -42,6 +42,7 @@ fn firmware() -> impl Strategy<Value = Firmware> {
                 sign_method: method,
                 policy,
                 signed: None,
+                delta: None,
             },
         )
 }
@@ -106,6 +107,7 @@ proptest! {
             size,
             sha256: iot_ota_core::digest::to_hex(&sha),
             counter,
+            index_sha256: None,
         };
         prop_assert_eq!(Manifest::parse(&m.encode()).unwrap(), m);
     }

@@ -618,6 +618,7 @@ mod tests {
             sign_method: SignMethod::Md5,
             policy: None,
             signed: None,
+            delta: None,
         }
     }
 
@@ -638,6 +639,7 @@ mod tests {
                 size: 3,
                 sha256: "0".repeat(64),
                 counter,
+                index_sha256: None,
             };
             Box::new(Signed {
                 bytes: manifest.encode(),

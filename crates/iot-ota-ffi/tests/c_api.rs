@@ -185,6 +185,7 @@ fn firmware(version: &str, url: &str, body: &[u8]) -> Firmware {
         sign_method: SignMethod::Md5,
         policy: None,
         signed: None,
+        delta: None,
     }
 }
 

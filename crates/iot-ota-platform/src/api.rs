@@ -51,6 +51,10 @@ pub struct FirmwareInfo {
     /// The ids of the keys that signed its manifest (empty: unsigned).
     #[serde(default)]
     pub key_ids: Vec<String>,
+    /// The SHA-256 of its chunk index (delta updates), served at `url`
+    /// with `.idx` appended; none for a firmware stored before indexes.
+    #[serde(default)]
+    pub index_sha256: Option<String>,
 }
 
 /// A device known from its informs.

@@ -157,6 +157,7 @@ mod tests {
             size: 3,
             sha256: "ab".repeat(32),
             counter: 1,
+            index_sha256: None,
         };
         let signed = Signed::sign(m, &[&loaded]).unwrap();
         let trust = TrustStore {

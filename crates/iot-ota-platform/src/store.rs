@@ -47,7 +47,14 @@ impl DeviceWrite {
 }
 
 /// The schema version this code writes.
-pub const SCHEMA_VERSION: i64 = 4;
+pub const SCHEMA_VERSION: i64 = 5;
+
+/// Version 5: a firmware's chunk index (delta updates): its SHA-256 and
+/// size; the file is the image's path with `.idx` appended.
+const SCHEMA_V5: &str = "
+ALTER TABLE firmware ADD COLUMN index_sha256 TEXT;
+ALTER TABLE firmware ADD COLUMN index_size INTEGER;
+";
 
 /// Version 4: each registered device's MQTT credential (the SHA-256 of its
 /// secret; the secret itself is shown once and never kept) and when it was
@@ -184,9 +191,30 @@ pub struct FirmwareRow {
     /// The signed manifest: the command's `manifest` and `signatures`
     /// fields as a JSON object, when the platform signs.
     pub signed: Option<String>,
+    /// The chunk index's SHA-256 and size, when it has one (delta
+    /// updates; the file is [`FirmwareRow::index_path`]).
+    pub index: Option<(String, u64)>,
 }
 
 impl FirmwareRow {
+    /// Where its chunk index is kept: the image's path with `.idx`.
+    pub fn index_path(&self) -> String {
+        format!("{}.idx", self.path)
+    }
+
+    /// The `delta` of its commands, with the index's URL under `base`.
+    pub fn delta(&self, base: &str) -> Option<Box<iot_ota_core::DeltaRef>> {
+        let (sha256, size) = self.index.clone()?;
+        Some(Box::new(iot_ota_core::DeltaRef {
+            index_url: format!(
+                "{}.idx",
+                firmware_url(base, &self.product, &self.version, &self.name)
+            ),
+            index_sha256: sha256,
+            index_size: size,
+        }))
+    }
+
     /// The signed manifest, read back.
     pub fn signed_manifest(&self) -> Option<Box<iot_ota_core::manifest::Signed>> {
         let text = self.signed.as_deref()?;
@@ -208,6 +236,7 @@ impl FirmwareRow {
             sha256: self.sha256.clone(),
             created_ms: self.created_ms,
             url: firmware_url(base, &self.product, &self.version, &self.name),
+            index_sha256: self.index.as_ref().map(|i| i.0.clone()),
             counter: self.counter,
             key_ids: self
                 .signed_manifest()
@@ -282,6 +311,12 @@ impl Store {
             tx.pragma_update(None, "user_version", 4)?;
             tx.commit()?;
         }
+        if version < 5 {
+            let tx = self.conn.transaction()?;
+            tx.execute_batch(SCHEMA_V5)?;
+            tx.pragma_update(None, "user_version", 5)?;
+            tx.commit()?;
+        }
         Ok(())
     }
 
@@ -297,9 +332,9 @@ impl Store {
     /// Registers a firmware; false when the product already has that version.
     pub fn insert_firmware(&self, f: &FirmwareRow) -> Result<bool> {
         let n = self.conn.execute(
-            "INSERT OR IGNORE INTO firmware (product, version, name, size, md5, sha256, path, created_ms, counter, signed)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
-            params![f.product, f.version, f.name, f.size as i64, f.md5, f.sha256, f.path, f.created_ms, f.counter.map(|c| c as i64), f.signed],
+            "INSERT OR IGNORE INTO firmware (product, version, name, size, md5, sha256, path, created_ms, counter, signed, index_sha256, index_size)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+            params![f.product, f.version, f.name, f.size as i64, f.md5, f.sha256, f.path, f.created_ms, f.counter.map(|c| c as i64), f.signed, f.index.as_ref().map(|i| i.0.clone()), f.index.as_ref().map(|i| i.1 as i64)],
         )?;
         Ok(n == 1)
     }
@@ -316,6 +351,13 @@ impl Store {
             created_ms: r.get(7)?,
             counter: r.get::<_, Option<i64>>(8)?.map(|c| c as u64),
             signed: r.get(9)?,
+            index: match (
+                r.get::<_, Option<String>>(10)?,
+                r.get::<_, Option<i64>>(11)?,
+            ) {
+                (Some(sha256), Some(size)) => Some((sha256, size as u64)),
+                _ => None,
+            },
         })
     }
 
@@ -324,7 +366,7 @@ impl Store {
         Ok(self
             .conn
             .query_row(
-                "SELECT product, version, name, size, md5, sha256, path, created_ms, counter, signed FROM firmware
+                "SELECT product, version, name, size, md5, sha256, path, created_ms, counter, signed, index_sha256, index_size FROM firmware
                  WHERE product = ?1 AND version = ?2",
                 params![product, version],
                 Self::firmware_row,
@@ -335,7 +377,7 @@ impl Store {
     /// Every firmware, of one product or all.
     pub fn list_firmware(&self, product: Option<&str>) -> Result<Vec<FirmwareRow>> {
         let mut st = self.conn.prepare(
-            "SELECT product, version, name, size, md5, sha256, path, created_ms, counter, signed FROM firmware
+            "SELECT product, version, name, size, md5, sha256, path, created_ms, counter, signed, index_sha256, index_size FROM firmware
              WHERE ?1 IS NULL OR product = ?1 ORDER BY product, created_ms, version",
         )?;
         let rows = st.query_map(params![product], Self::firmware_row)?;
@@ -899,6 +941,7 @@ mod tests {
             created_ms: 1,
             counter: Some(3),
             signed: Some(r#"{"manifest":"e30=","signatures":[]}"#.into()),
+            index: None,
         };
         assert!(store.insert_firmware(&row).unwrap());
         assert!(!store.insert_firmware(&row).unwrap(), "duplicate version");

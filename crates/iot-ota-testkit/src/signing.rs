@@ -53,6 +53,24 @@ impl TestKey {
         )
     }
 
+    /// [`TestKey::sign_command`] whose manifest also names a chunk index
+    /// (`indexSha256`, delta updates).
+    pub fn sign_command_indexed(
+        &self,
+        command: &str,
+        product: &str,
+        body: &[u8],
+        index_sha256: &str,
+    ) -> String {
+        self.signed_command(
+            command,
+            product,
+            &digest_hex(SignMethod::Sha256, body),
+            0,
+            Some(index_sha256),
+        )
+    }
+
     /// [`TestKey::sign_command`] with any `sha256` (a manifest that lies).
     pub fn sign_command_as(
         &self,
@@ -60,6 +78,17 @@ impl TestKey {
         product: &str,
         sha256: &str,
         counter: u64,
+    ) -> String {
+        self.signed_command(command, product, sha256, counter, None)
+    }
+
+    fn signed_command(
+        &self,
+        command: &str,
+        product: &str,
+        sha256: &str,
+        counter: u64,
+        index_sha256: Option<&str>,
     ) -> String {
         let mut v: serde_json::Value = serde_json::from_str(command).expect("a JSON command");
         let data = &v["data"];
@@ -69,6 +98,7 @@ impl TestKey {
             size: data["size"].as_u64().unwrap_or(0),
             sha256: sha256.to_owned(),
             counter,
+            index_sha256: index_sha256.map(str::to_owned),
         };
         let signed = Signed::sign(manifest, &[self]).expect("signing");
         for (k, f) in signed.to_fields() {

@@ -56,7 +56,15 @@ fn firmware_json(fw: &Firmware) -> Map<String, Value> {
     if let Some(signed) = &fw.signed {
         data.extend(signed.to_fields());
     }
+    if let Some(d) = &fw.delta {
+        data.insert("delta".into(), delta_json(d));
+    }
     data
+}
+
+/// A command's `delta` object (PROTOCOL.md, "Delta updates").
+pub fn delta_json(d: &crate::protocol::DeltaRef) -> Value {
+    json!({"index": d.index_url, "indexSha256": d.index_sha256, "indexSize": d.index_size})
 }
 
 /// Encodes an upgrade command (message 1); the platform's side.

@@ -265,6 +265,22 @@ pub struct Firmware {
     /// The signed manifest, when the platform sent one (PROTOCOL.md,
     /// "Signed manifests"); checked only by a device that pins keys.
     pub signed: Option<Box<crate::manifest::Signed>>,
+    /// Where the image's chunk index is, when the platform made one (a
+    /// delta update's; PROTOCOL.md, "Delta updates"). Seed devices ignore it.
+    pub delta: Option<Box<DeltaRef>>,
+}
+
+/// The chunk index of a firmware, as a command names it
+/// (`data.delta`): a plain file beside the image ([`crate::delta::Index`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeltaRef {
+    /// Its `http://` or `https://` URL.
+    pub index_url: String,
+    /// Its SHA-256, lowercase hex. A device that pins keys trusts the
+    /// signed manifest's `indexSha256` instead.
+    pub index_sha256: String,
+    /// Its size in bytes.
+    pub index_size: u64,
 }
 
 /// A parsed and validated upgrade command (message 1).

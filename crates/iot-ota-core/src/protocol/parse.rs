@@ -323,6 +323,12 @@ pub fn parse_firmware(
         None
     };
 
+    let delta = match field(data, "delta") {
+        None | Some(Value::Null) => None,
+        Some(Value::Object(d)) => Some(Box::new(parse_delta(d, limits)?)),
+        Some(_) => return Err(Rejection::bad("field delta must be an object")),
+    };
+
     Ok(Firmware {
         version: version.to_owned(),
         url: url.to_owned(),
@@ -331,8 +337,63 @@ pub fn parse_firmware(
         sign_method,
         policy,
         signed,
+        delta,
     })
 }
+
+/// Reads a command's `delta`: the chunk index's URL (held to the same
+/// rules as the image's), SHA-256 and size.
+pub fn parse_delta(d: &Map<String, Value>, limits: &Limits) -> Result<DeltaRef, Rejection> {
+    let url = d
+        .get("index")
+        .and_then(Value::as_str)
+        .ok_or_else(|| Rejection::bad("delta.index must be a URL string"))?;
+    if url.len() > MAX_URL_LEN {
+        return Err(Rejection::bad(format!(
+            "delta.index is longer than {MAX_URL_LEN} characters"
+        )));
+    }
+    let parts = parse_url(url).map_err(|e| Rejection::bad(format!("delta.index: {e}")))?;
+    if limits.require_https && !parts.https {
+        return Err(Rejection::refused(
+            "http:// delta.index refused: this device requires https",
+        ));
+    }
+    if !limits.allowed_hosts.is_empty()
+        && !limits
+            .allowed_hosts
+            .iter()
+            .any(|h| h.eq_ignore_ascii_case(parts.host))
+    {
+        return Err(Rejection::refused(format!(
+            "delta.index host {} is not in the allowed hosts",
+            parts.host
+        )));
+    }
+    let sha256 = d
+        .get("indexSha256")
+        .and_then(Value::as_str)
+        .filter(|s| s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit()))
+        .ok_or_else(|| Rejection::bad("delta.indexSha256 must be 64 hex digits"))?;
+    let size = d
+        .get("indexSize")
+        .and_then(Value::as_u64)
+        .filter(|n| (1..=MAX_INDEX_SIZE).contains(n))
+        .ok_or_else(|| {
+            Rejection::bad(format!(
+                "delta.indexSize must be an integer from 1 to {MAX_INDEX_SIZE}"
+            ))
+        })?;
+    Ok(DeltaRef {
+        index_url: url.to_owned(),
+        index_sha256: sha256.to_ascii_lowercase(),
+        index_size: size,
+    })
+}
+
+/// The largest chunk index a device fetches: 36 bytes a chunk, so 64 MiB
+/// of index is 1.8 million chunks (over 100 GiB of image at 64 KiB).
+pub const MAX_INDEX_SIZE: u64 = 64 << 20;
 
 /// Parses an upgrade command (message 1).
 ///

@@ -89,6 +89,7 @@ mod tests {
             sign_method: SignMethod::Md5,
             policy: None,
             signed: None,
+            delta: None,
         }
     }
 

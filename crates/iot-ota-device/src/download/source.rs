@@ -67,6 +67,11 @@ impl Source {
         }
     }
 
+    /// Its options.
+    pub(super) fn options(&self) -> &DownloadOptions {
+        &self.options
+    }
+
     /// The URL downloaded.
     pub(super) fn url(&self) -> &str {
         &self.url

@@ -15,7 +15,7 @@ use tokio::net::TcpStream;
 use tokio::time::{timeout, timeout_at, Instant};
 
 use super::records::{self, TlsStream};
-use super::wire::{parse_head, request_head, Head, MAX_HEAD};
+use super::wire::{parse_head, request_head, Head, Span, MAX_HEAD};
 use super::{HttpError, HttpOptions};
 use crate::tls::{client_config, TlsOptions};
 
@@ -25,7 +25,7 @@ const INITIAL_BUF: usize = 8 * 1024;
 /// One connection: connect, send the request, read the response head.
 pub(super) async fn exchange(
     url: &str,
-    offset: u64,
+    span: Span,
     opts: &HttpOptions,
     deadline: Instant,
 ) -> Result<(Conn, Head), HttpError> {
@@ -33,7 +33,7 @@ pub(super) async fn exchange(
     let tcp = before(deadline, "connect", tcp_connect(parts.host, parts.port)).await?;
     // The request is one write; no reason to let Nagle hold any of it.
     let _ = tcp.set_nodelay(true);
-    let request = request_head(&parts, offset, &opts.user_agent);
+    let request = request_head(&parts, span, &opts.user_agent);
     let stream = if parts.https {
         let config = tls_config(opts)?;
         let name = ServerName::try_from(parts.host.to_owned())

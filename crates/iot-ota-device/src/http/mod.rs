@@ -39,7 +39,7 @@ use tokio::time::{timeout, Instant};
 
 use crate::tls::TlsError;
 use conn::{exchange, Conn};
-use wire::{plan_body, resolve_location, Chunk, Framing, Head, MAX_CHUNK_LINE};
+use wire::{plan_body, resolve_location, Chunk, Framing, Head, Span, MAX_CHUNK_LINE};
 
 fn is_https(url: &str) -> bool {
     url.get(..8)
@@ -303,13 +303,42 @@ impl Body {
     /// to a request with `offset > 0` is [`HttpError::RangeIgnored`]; a `206`
     /// must start at `offset`.
     pub async fn open(url: &str, offset: u64, opts: &HttpOptions) -> Result<Body, HttpError> {
+        Body::open_span(url, offset.into(), opts).await
+    }
+
+    /// GET bytes `start..=end` of `url` (`Range: bytes=start-end`),
+    /// following redirects: what a delta update fetches.
+    ///
+    /// The answer must be a `206` of exactly that range (ending at the
+    /// file's last byte when `end` is past it); a `200` (a server that
+    /// ignores Range) is [`HttpError::RangeIgnored`], any other range
+    /// [`HttpError::RangeMismatch`].
+    pub async fn open_range(
+        url: &str,
+        start: u64,
+        end: u64,
+        opts: &HttpOptions,
+    ) -> Result<Body, HttpError> {
+        if end < start {
+            return Err(HttpError::BadUrl(format!(
+                "an empty range {start}-{end} of {url}"
+            )));
+        }
+        let span = Span {
+            start,
+            end: Some(end),
+        };
+        Body::open_span(url, span, opts).await
+    }
+
+    async fn open_span(url: &str, span: Span, opts: &HttpOptions) -> Result<Body, HttpError> {
         let mut url = url.to_owned();
         let mut redirects = 0u8;
         loop {
             let deadline = Instant::now() + opts.connect_timeout;
-            let (conn, head) = exchange(&url, offset, opts, deadline).await?;
+            let (conn, head) = exchange(&url, span, opts, deadline).await?;
             match head.code {
-                200 | 206 => return Body::new(conn, head, offset, url),
+                200 | 206 => return Body::new(conn, head, span, url),
                 301 | 302 | 303 | 307 | 308 => {
                     if redirects >= opts.max_redirects {
                         return Err(HttpError::TooManyRedirects {
@@ -343,8 +372,8 @@ impl Body {
         }
     }
 
-    fn new(conn: Conn, head: Head, requested: u64, url: String) -> Result<Body, HttpError> {
-        let plan = plan_body(&head, requested)?;
+    fn new(conn: Conn, head: Head, span: Span, url: String) -> Result<Body, HttpError> {
+        let plan = plan_body(&head, span)?;
         Ok(Body {
             conn,
             framing: plan.framing,

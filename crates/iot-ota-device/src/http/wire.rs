@@ -91,15 +91,31 @@ pub(super) struct BodyPlan {
     pub(super) framing: Framing,
 }
 
-/// The body rules of a 200 or 206 answer to a request from byte `requested`.
-pub(super) fn plan_body(head: &Head, requested: u64) -> Result<BodyPlan, HttpError> {
+/// What a request asks for: the body from byte `start`, to byte `end`
+/// (inclusive) or to the end of the file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Span {
+    pub(super) start: u64,
+    pub(super) end: Option<u64>,
+}
+
+impl From<u64> for Span {
+    fn from(start: u64) -> Span {
+        Span { start, end: None }
+    }
+}
+
+/// The body rules of a 200 or 206 answer to a request for `span`.
+pub(super) fn plan_body(head: &Head, span: impl Into<Span>) -> Result<BodyPlan, HttpError> {
+    let span = span.into();
+    let requested = span.start;
     if let Some(coding) = &head.content_encoding {
         return Err(HttpError::BadResponse(format!(
             "unsupported Content-Encoding {coding} (identity was asked for)"
         )));
     }
     let (offset, total_size, expected) = match head.code {
-        200 if requested > 0 => return Err(HttpError::RangeIgnored),
+        200 if requested > 0 || span.end.is_some() => return Err(HttpError::RangeIgnored),
         // RFC 9112 6.3: with chunked, Content-Length is ignored.
         200 if head.chunked => (0, None, None),
         200 => (0, head.content_length, head.content_length),
@@ -114,6 +130,14 @@ pub(super) fn plan_body(head: &Head, requested: u64) -> Result<BodyPlan, HttpErr
                 .and_then(parse_content_range)
                 .filter(|&(start, _, _)| start == requested)
                 .ok_or_else(mismatch)?;
+            // A bounded request: the answer ends where asked (or at the
+            // file's last byte, when asked past it).
+            if let Some(want) = span.end {
+                let last = total.map_or(want, |t| want.min(t.saturating_sub(1)));
+                if end != last {
+                    return Err(mismatch());
+                }
+            }
             let len = end - start + 1;
             match head.content_length {
                 Some(cl) if !head.chunked && cl != len => {
@@ -141,7 +165,8 @@ pub(super) fn plan_body(head: &Head, requested: u64) -> Result<BodyPlan, HttpErr
     })
 }
 
-pub(super) fn request_head(url: &UrlParts<'_>, offset: u64, user_agent: &str) -> String {
+pub(super) fn request_head(url: &UrlParts<'_>, span: impl Into<Span>, user_agent: &str) -> String {
+    let span = span.into();
     use std::fmt::Write;
     // A CR or LF in the configured agent would inject headers.
     let agent: String = user_agent.chars().filter(|c| !c.is_control()).collect();
@@ -153,8 +178,17 @@ pub(super) fn request_head(url: &UrlParts<'_>, offset: u64, user_agent: &str) ->
         url.path,
         host_header(url)
     );
-    if offset > 0 {
-        let _ = write!(req, "Range: bytes={offset}-\r\n");
+    match span {
+        Span {
+            start,
+            end: Some(end),
+        } => {
+            let _ = write!(req, "Range: bytes={start}-{end}\r\n");
+        }
+        Span { start, end: None } if start > 0 => {
+            let _ = write!(req, "Range: bytes={start}-\r\n");
+        }
+        _ => {}
     }
     req.push_str("\r\n");
     req

@@ -46,8 +46,12 @@ impl Shared {
                 "counter is for signed manifests: start the platform with a signing key",
             ));
         }
+        // The chunk index (delta updates), made before the lock: reading
+        // the whole image takes a while.
+        let (index_bytes, index_sha256) = make_index(&tmp)?;
         let dir = self.data_dir.join("firmware").join(product).join(version);
         let path = dir.join(name);
+        let index_path = dir.join(format!("{name}.idx"));
         let inner = self.lock();
         if inner.store.firmware(product, version)?.is_some() {
             return Err(PlatformError::new(
@@ -55,8 +59,12 @@ impl Shared {
                 format!("product {product} already has a firmware version {version}"),
             ));
         }
-        if let Err(e) = std::fs::create_dir_all(&dir).and_then(|_| std::fs::rename(&tmp, &path)) {
-            // No record without its file, and no directory without its record.
+        let stored = std::fs::create_dir_all(&dir)
+            .and_then(|_| std::fs::write(&index_path, &index_bytes))
+            .and_then(|_| std::fs::rename(&tmp, &path));
+        if let Err(e) = stored {
+            // No record without its files, and no directory without its record.
+            let _ = std::fs::remove_file(&index_path);
             let _ = std::fs::remove_dir(&dir);
             return Err(PlatformError::new(
                 500,
@@ -71,6 +79,7 @@ impl Shared {
                     size,
                     sha256: sha256.clone(),
                     counter: counter.unwrap_or(0),
+                    index_sha256: Some(index_sha256.clone()),
                 };
                 let signed = iot_ota_core::manifest::Signed::sign(manifest, &[key])
                     .map_err(|e| PlatformError::new(500, format!("signing the manifest: {e}")))?;
@@ -91,6 +100,7 @@ impl Shared {
             created_ms: now,
             counter: signed.as_ref().map(|_| counter.unwrap_or(0)),
             signed,
+            index: Some((index_sha256, index_bytes.len() as u64)),
         };
         if !inner.store.insert_firmware(&row)? {
             return Err(PlatformError::new(409, "duplicate version"));
@@ -118,6 +128,7 @@ impl Shared {
         }
         inner.store.delete_firmware(product, version)?;
         let _ = std::fs::remove_file(&row.path);
+        let _ = std::fs::remove_file(row.index_path());
         if let Some(dir) = Path::new(&row.path).parent() {
             let _ = std::fs::remove_dir(dir);
         }
@@ -133,7 +144,34 @@ impl Shared {
         let inner = self.lock();
         match inner.store.firmware(product, version)? {
             Some(row) if row.name == name => Ok(row),
+            // Its chunk index: served as a file of its own.
+            Some(row) if name.strip_suffix(".idx") == Some(row.name.as_str()) => {
+                match row.index.clone() {
+                    Some((sha256, size)) => Ok(FirmwareRow {
+                        path: row.index_path(),
+                        size,
+                        sha256,
+                        ..row
+                    }),
+                    None => Err(PlatformError::new(404, "this firmware has no chunk index")),
+                }
+            }
             _ => Err(PlatformError::new(404, "no such firmware file")),
         }
     }
+}
+
+/// The chunk index of the image at `path` (delta updates: content-defined
+/// chunks, each with its SHA-256; `iot_ota_core::delta`), encoded, and its
+/// SHA-256 in hex.
+fn make_index(path: &Path) -> Result<(Vec<u8>, String), PlatformError> {
+    use iot_ota_core::delta::{chunk, Index, Params};
+    let fail = |e: String| PlatformError::new(500, format!("indexing {}: {e}", path.display()));
+    let file = std::fs::File::open(path).map_err(|e| fail(e.to_string()))?;
+    let mut reader = std::io::BufReader::with_capacity(1 << 20, file);
+    let params = Params::default();
+    let chunks = chunk(params, &mut reader).map_err(fail)?;
+    let bytes = Index::build(params, &chunks).encode();
+    let sha256 = iot_ota_core::digest::digest_hex(iot_ota_core::SignMethod::Sha256, &bytes);
+    Ok((bytes, sha256))
 }

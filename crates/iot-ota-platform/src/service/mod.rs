@@ -330,6 +330,7 @@ mod tests {
                 created_ms: t0,
                 counter: None,
                 signed: None,
+                index: None,
             })
             .unwrap();
         store.device_informed("pk", "d1", "1.0", t0).unwrap();

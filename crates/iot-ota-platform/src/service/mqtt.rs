@@ -182,6 +182,7 @@ impl Shared {
                     sign_method: iot_ota_core::SignMethod::Md5,
                     policy: None,
                     signed: fw.signed_manifest(),
+                    delta: fw.delta(&self.public_url),
                 },
             ),
             None => encode_get_not_found(&msg_id, &version),
@@ -279,6 +280,7 @@ impl Shared {
             sign_method: b.config.sign_method,
             policy: Some(b.config.policy),
             signed: fw.signed_manifest(),
+            delta: fw.delta(&self.public_url),
         };
         Ok((
             self.topics(&b.product, device).upgrade,
