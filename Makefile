@@ -27,6 +27,13 @@ LDFLAGS     ?= -Wl,--gc-sections -Wl,-z,noexecstack -static-libgcc -s
 # `lean` compiles out the SDK's log statements, which a C program could never
 # see (it cannot install a Rust logger): about 70 KB smaller.
 FEATURES    ?= lean
+# The device profile aborts on a panic (Cargo.toml): nothing unwinds, so the
+# Rust code needs no unwind tables (.eh_frame): about 200 KB smaller. A
+# panic still prints its message and location; only a RUST_BACKTRACE
+# backtrace stops at the first frame of ours. UNWIND_TABLES=1 keeps them.
+ifneq ($(UNWIND_TABLES),1)
+DEVICE_RUSTFLAGS := -C force-unwind-tables=no
+endif
 
 # DT_RELR packs the position-independent executable's relocations (about
 # 120 KB smaller, ASLR kept) but needs binutils >= 2.38 to link and glibc >=
@@ -55,7 +62,7 @@ all: libs headers pkgconfig example
 
 # cargo decides what is stale; always ask it.
 libs:
-	$(CARGO) build -p iot-ota-ffi --lib --profile $(PROFILE) --features "$(FEATURES)"
+	RUSTFLAGS="$(RUSTFLAGS) $(DEVICE_RUSTFLAGS)" $(CARGO) build -p iot-ota-ffi --lib --profile $(PROFILE) --features "$(FEATURES)"
 	mkdir -p $(BUILD)/lib
 	cp $(CARGO_OUT)/libiot_ota.a $(CARGO_OUT)/libiot_ota.so $(BUILD)/lib/
 

@@ -1316,6 +1316,17 @@ mod agent_table {
     iot_ota_testkit::acceptance_table!(super::agent_frontend(), super::table_rig(), "a");
 }
 
+/// `--delta-base`: a delta update from the running image.
+#[test]
+fn the_agent_does_a_delta_update_from_its_delta_base() {
+    iot_ota_testkit::acceptance::delta_update(
+        &agent_frontend(),
+        &table_rig(),
+        "adelta",
+        Some("--delta-base"),
+    );
+}
+
 /// `VmHWM` (peak resident) and `VmRSS` of a process, in KiB.
 fn rss_kib(pid: u32) -> (u64, u64) {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();

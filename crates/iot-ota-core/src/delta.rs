@@ -37,7 +37,6 @@
 //! }
 //! ```
 
-use std::collections::HashMap;
 use std::io::Read;
 
 use sha2::{Digest as _, Sha256};
@@ -247,10 +246,10 @@ pub struct PlanOptions {
     /// A gap between two ranges shorter than this is fetched with them
     /// (one request instead of two costs a round trip more than the bytes).
     pub gap: u64,
-    /// The most of the image a delta may fetch, as a fraction of its size;
+    /// The most of the image a delta may fetch, in percent of its size;
     /// above it the full image is downloaded (a delta costs chunking the
     /// old image and its own requests: it must save at least a fifth).
-    pub max_fraction: f64,
+    pub max_percent: u8,
 }
 
 impl Default for PlanOptions {
@@ -258,7 +257,7 @@ impl Default for PlanOptions {
         PlanOptions {
             max_requests: 64,
             gap: 64 * 1024,
-            max_fraction: 0.8,
+            max_percent: 80,
         }
     }
 }
@@ -341,9 +340,11 @@ impl Plan {
     }
 }
 
-/// `bytes` in MiB with one decimal.
+/// `bytes` in MiB with one decimal, rounded (integer arithmetic: no float
+/// formatting in the C library).
 fn mib(bytes: u64) -> String {
-    format!("{:.1} MiB", bytes as f64 / (1024.0 * 1024.0))
+    let tenths = (u128::from(bytes) * 10 + (1 << 19)) >> 20;
+    format!("{}.{} MiB", tenths / 10, tenths % 10)
 }
 
 /// What to do for a new image.
@@ -358,14 +359,21 @@ pub enum Decision {
 /// Plans the new image `new` from the chunks `have` of the image the device
 /// has (cut with `new.params`; see [`chunk`]).
 pub fn plan(new: &Index, have: &[Chunk], options: &PlanOptions) -> Decision {
-    let mut known: HashMap<[u8; 32], u64> = HashMap::with_capacity(have.len());
-    for c in have {
-        known.entry(c.sha256).or_insert(c.offset);
-    }
+    // The base's chunks by digest (sorted: a binary search each; the first
+    // of equal chunks is kept).
+    let mut known: Vec<([u8; 32], u64)> = have.iter().map(|c| (c.sha256, c.offset)).collect();
+    known.sort_by(|a, b| a.0.cmp(&b.0).then(a.1.cmp(&b.1)));
+    known.dedup_by(|later, first| later.0 == first.0);
+    let find = |sha: &[u8; 32]| {
+        known
+            .binary_search_by(|(k, _)| k.cmp(sha))
+            .ok()
+            .map(|i| known[i].1)
+    };
     // Runs of chunks to fetch, as chunk index ranges.
     let mut runs: Vec<std::ops::Range<usize>> = Vec::new();
     for (i, c) in new.chunks.iter().enumerate() {
-        if known.contains_key(&c.sha256) {
+        if find(&c.sha256).is_some() {
             continue;
         }
         match runs.last_mut() {
@@ -399,12 +407,13 @@ pub fn plan(new: &Index, have: &[Chunk], options: &PlanOptions) -> Decision {
         merged[i].end = next.end;
     }
     let fetch_bytes: u64 = merged.iter().map(bytes_of).sum();
-    if new.size == 0 || fetch_bytes as f64 > options.max_fraction * new.size as f64 {
+    let limit = u128::from(new.size) * u128::from(options.max_percent) / 100;
+    if new.size == 0 || u128::from(fetch_bytes) > limit {
         return Decision::Full(format!(
-            "delta would fetch {} of {} (more than {:.0}%): full download",
+            "delta would fetch {} of {} (more than {}%): full download",
             mib(fetch_bytes),
             mib(new.size),
-            options.max_fraction * 100.0
+            options.max_percent
         ));
     }
     let mut steps = Vec::with_capacity(new.chunks.len());
@@ -419,7 +428,7 @@ pub fn plan(new: &Index, have: &[Chunk], options: &PlanOptions) -> Decision {
             });
             i = r.end;
         } else {
-            let from = known[&new.chunks[i].sha256];
+            let from = find(&new.chunks[i].sha256).expect("a chunk not fetched is known");
             steps.push(Step::Copy { chunk: i, from });
             i += 1;
         }
@@ -568,7 +577,7 @@ mod tests {
         let have = chunk(idx.params, &mut &old[..]).unwrap();
         let loose = PlanOptions {
             gap: 0,
-            max_fraction: 1.0,
+            max_percent: 100,
             ..PlanOptions::default()
         };
         let Decision::Delta(all) = plan(&idx, &have, &loose) else {

@@ -56,6 +56,13 @@ impl Installer for FileInstall {
         Ok(self.running.clone())
     }
 
+    /// The running version's file, if there is one: the base of a delta
+    /// update (only the chunks it lacks are fetched).
+    fn running_image(&self) -> Option<PathBuf> {
+        let path = self.path(&self.running);
+        path.is_file().then_some(path)
+    }
+
     fn install(
         &mut self,
         staged: &Path,

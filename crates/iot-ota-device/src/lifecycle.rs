@@ -120,6 +120,9 @@ pub struct Lifecycle<I: Installer> {
     error: Option<Error>,
     /// Whether a settled install informs the running version.
     inform: bool,
+    /// The base of delta updates, when the caller names one (else the
+    /// installer's running image).
+    delta_base: Option<PathBuf>,
 }
 
 const COUNTER_FILE: &str = "security-counter";
@@ -179,6 +182,7 @@ impl<I: Installer> Lifecycle<I> {
             set_aside: None,
             error: None,
             inform: true,
+            delta_base: None,
         })
     }
 
@@ -338,9 +342,30 @@ impl<I: Installer> Lifecycle<I> {
         download: Download,
         image: &Path,
     ) -> Result<Verified, Error> {
+        let download = match self.delta_base() {
+            Some(base) => download.delta_from(base),
+            None => download,
+        };
         let result = download.download_to(image).await;
         self.fetched(result.as_ref().map(|_| ()).map_err(ToString::to_string))?;
         result
+    }
+
+    /// Makes every download a delta update from `base` (a file or block
+    /// device holding the image the device runs) when its command names a
+    /// chunk index: see [`Download::delta_from`]. Without it, the
+    /// installer's running image is the base ([`Installer::running_image`]),
+    /// if it knows one.
+    pub fn set_delta_base(&mut self, base: Option<PathBuf>) {
+        self.delta_base = base;
+    }
+
+    /// The base of the next delta update: the caller's, or the installer's
+    /// running image.
+    pub fn delta_base(&self) -> Option<PathBuf> {
+        self.delta_base
+            .clone()
+            .or_else(|| self.installer.running_image())
     }
 
     /// The download the flow asked for ended (for a caller that downloads

@@ -431,3 +431,10 @@ fn rust_example() -> iot_ota_testkit::acceptance::Frontend {
 mod table {
     iot_ota_testkit::acceptance_table!(super::rust_example(), super::rig(), "r");
 }
+
+/// A delta update from the running version's file (the example's
+/// `running_image`).
+#[test]
+fn example_does_a_delta_update_from_the_running_file() {
+    iot_ota_testkit::acceptance::delta_update(&rust_example(), &rig(), "rdelta", None);
+}

@@ -21,7 +21,9 @@
  * failure (the Rust example's codes); 64 for bad usage. With --to-file the
  * library writes the file itself (iot_ota_fetch_to_file: its own pipeline
  * and buffers, resuming S/firmware-<version>.bin.part after a crash), for a
- * program that only wants the verified file.
+ * program that only wants the verified file; and, when DIR holds the running
+ * version's file, as a delta update from it (iot_ota_set_delta_base: only
+ * the chunks it lacks are fetched, when the command names a chunk index).
  */
 #define _POSIX_C_SOURCE 200809L
 
@@ -215,6 +217,15 @@ static int upgrade(void *ota, const char *dir, const char *state_dir, int to_fil
     snprintf(path, path_len, "%s/firmware-%s.bin", dir, fw.version);
     snprintf(part, path_len, "%s/firmware-%s.bin.part", state_dir, fw.version);
     if (to_file) {
+        /* A delta update when the running version's file is here: only the
+         * chunks it lacks are fetched (when the command names an index). */
+        size_t base_len = strlen(dir) + strlen(version) + 32;
+        char *base = malloc(base_len);
+        if (base) {
+            snprintf(base, base_len, "%s/firmware-%s.bin", dir, version);
+            iot_ota_set_delta_base(ota, access(base, R_OK) == 0 ? base : NULL);
+            free(base);
+        }
         /* part is the library's staged file here (it adds its own .part). */
         snprintf(part, path_len, "%s/firmware-%s.bin", state_dir, fw.version);
         if (fetch_to_file(ota, part, path) != 0) {

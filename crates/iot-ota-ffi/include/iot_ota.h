@@ -191,6 +191,19 @@ int iot_ota_report_status(void *handle, iot_ota_status_t status, uint32_t progre
  * IOT_OTA_ERR_INVALID_PARAM for a bad handle or path. */
 int iot_ota_fetch_to_file(void *handle, const char *path);
 
+/* Delta updates: base_path is the image the device runs (a file, or a block
+ * device such as /dev/mmcblk0p2). From then on, iot_ota_fetch_to_file() of
+ * an upgrade whose command names a chunk index fetches only the chunks
+ * base_path lacks (HTTP Range) and copies the rest from it; every chunk is
+ * checked against the index and the whole image exactly as a full download
+ * (a bad chunk or index: IOT_OTA_ERR_VERIFY_FAILED, reported). When a delta
+ * would not save enough, the server ignores Range, or base_path changes
+ * while it is read, the full download runs instead; the DOWNLOADING
+ * reports' desc says which. NULL stops using a base. iot_ota_fetch_yield()
+ * always downloads whole. Returns 0; IOT_OTA_ERR_INVALID_PARAM for a bad
+ * handle or a non-UTF-8 or empty path. */
+int iot_ota_set_delta_base(void *handle, const char *base_path);
+
 /* The download state (an iot_ota_fetch_state_t), or IOT_OTA_ERR_INVALID_PARAM. */
 int iot_ota_fetch_state(void *handle);
 

@@ -838,6 +838,15 @@ mod example_to_file_table {
     iot_ota_testkit::acceptance_table!(frontend(), super::rig(), "cf");
 }
 
+/// `--to-file` with the running version's file in the output directory: a
+/// delta update (`iot_ota_set_delta_base`, `iot_ota_fetch_to_file`).
+#[test]
+fn example_to_file_does_a_delta_update_from_the_running_file() {
+    let mut fe = c_example();
+    fe.trailing.push("--to-file".into());
+    iot_ota_testkit::acceptance::delta_update(&fe, &rig(), "cfdelta", None);
+}
+
 /// One start of the C "device" (c_api_test boot): the start-up decision
 /// (`boot=N`) and, with `upgrade`, one upgrade installed for a reboot.
 fn boot(rig: &Rig, dev: &str, running: &str, healthy: bool, upgrade: bool) -> Exit {

@@ -9,6 +9,7 @@
 //! | [`resume_after_kill`] | a kill -9 mid-download, a restart: the same upgrade goes on from the part file (one Range request) |
 //! | [`progress_goes_forward`] | within each status the percent never goes back, ending DOWNLOADED, UPGRADING, SUCCESS |
 //! | [`full_disk`] | FLASH_FAILED with the reason in `desc`, and no file of the upgrade left behind |
+//! | [`delta_update`] | with the running version's image at hand and a command naming a chunk index, only the changed chunks are fetched (Range), the image verified, the desc says the plan |
 //!
 //! The programs take the Rust example's flags (`--broker`, `--product-key`,
 //! `--device-name`, `--firmware-version 1.0.0`, `--output-dir DIR`,
@@ -52,6 +53,11 @@ impl Frontend {
 
     /// Starts the program for device `dev` of the rig, once (`--once`).
     pub fn start(&self, rig: &Rig, dev: &str) -> Child {
+        self.start_with(rig, dev, &[])
+    }
+
+    /// [`Frontend::start`] with `extra` arguments at the end.
+    pub fn start_with(&self, rig: &Rig, dev: &str, extra: &[String]) -> Child {
         Command::new(&self.program)
             .args(&self.leading)
             .args(["--broker", &rig.broker.url(), "--product-key", &rig.pk])
@@ -60,6 +66,7 @@ impl Frontend {
             .arg(dir(rig, dev))
             .arg("--once")
             .args(&self.trailing)
+            .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -215,6 +222,119 @@ pub fn progress_goes_forward(fe: &Frontend, rig: &Rig, dev: &str) {
         assert_progress_never_goes_back(&statuses);
         assert_forward(&statuses);
     }
+}
+
+/// Bytes shaped like a filesystem image: data, and runs of zeros.
+pub fn fs_image(len: usize, seed: u64) -> Vec<u8> {
+    let mut out = random_bytes(len, seed);
+    for (i, b) in out.iter_mut().enumerate() {
+        if (i / 65536) % 5 == 0 {
+            *b = 0;
+        }
+    }
+    out
+}
+
+/// A "monthly" change of `old`: an edit, an insertion, a removal.
+pub fn monthly_change(old: &[u8]) -> Vec<u8> {
+    let mut new = old.to_vec();
+    let n = new.len();
+    new[n / 7..n / 7 + 10_000].fill(7);
+    new.splice(n / 2..n / 2, random_bytes(20_000, 77));
+    new.drain(n * 3 / 4..n * 3 / 4 + 30_000);
+    new
+}
+
+/// The chunk index of `image`, as the platform makes it.
+pub fn chunk_index(image: &[u8]) -> Vec<u8> {
+    use iot_ota_core::delta::{chunk, Index, Params};
+    let params = Params::default();
+    Index::build(params, &chunk(params, &mut &image[..]).expect("chunking")).encode()
+}
+
+/// `command` with a `delta` naming `index` at `index_url`.
+pub fn with_delta(command: &str, index_url: &str, index: &[u8]) -> String {
+    let mut v: serde_json::Value = serde_json::from_str(command).expect("a JSON command");
+    v["data"]["delta"] = serde_json::json!({
+        "index": index_url,
+        "indexSha256": digest_hex(SignMethod::Sha256, index),
+        "indexSize": index.len(),
+    });
+    v.to_string()
+}
+
+/// The bytes and number of the Range requests the server got for `path`.
+pub fn ranged(rig: &Rig, path: &str) -> (u64, usize) {
+    let mut bytes = 0;
+    let mut n = 0;
+    for r in rig.files.requests().iter().filter(|r| r.path == path) {
+        let Some(range) = r.range.as_deref().and_then(|r| r.strip_prefix("bytes=")) else {
+            continue;
+        };
+        let Some((a, b)) = range.split_once('-') else {
+            continue;
+        };
+        if let (Ok(a), Ok(b)) = (a.parse::<u64>(), b.parse::<u64>()) {
+            bytes += b - a + 1;
+            n += 1;
+        }
+    }
+    (bytes, n)
+}
+
+/// A delta update: the running version's image (1.0.0) is in the output
+/// directory as `firmware-1.0.0.bin` (the examples' own base; the agent is
+/// told with `base_flag`, its `--delta-base`), the command names the new
+/// image's chunk index: the program fetches at most a quarter of the image,
+/// in ranges only, informs 2.0.0, and its DOWNLOADING reports say the plan.
+pub fn delta_update(fe: &Frontend, rig: &Rig, dev: &str, base_flag: Option<&str>) {
+    let old = fs_image(2 << 20, 5);
+    let new = monthly_change(&old);
+    let index = chunk_index(&new);
+    std::fs::create_dir_all(dir(rig, dev)).expect("the device's directory");
+    let base = dir(rig, dev).join("firmware-1.0.0.bin");
+    std::fs::write(&base, &old).expect("the running image");
+    let path = format!("/{dev}-delta.bin");
+    let url = rig.files.add(&path, Route::file(new.clone()));
+    let index_url = rig
+        .files
+        .add(&format!("{path}.idx"), Route::file(index.clone()));
+    let extra: Vec<String> = match base_flag {
+        Some(flag) => vec![flag.to_owned(), base.display().to_string()],
+        None => Vec::new(),
+    };
+    let child = fe.start_with(rig, dev, &extra);
+    rig.expect_version(dev, "inform", "1.0.0");
+    rig.push(
+        dev,
+        with_delta(&command("d1", "2.0.0", &url, &new), &index_url, &index),
+    );
+    let exit = finish(child);
+    assert_exit(&exit, 0);
+    rig.expect_version(dev, "inform", "2.0.0");
+    let (bytes, requests) = ranged(rig, &path);
+    assert!(
+        bytes > 0 && bytes <= new.len() as u64 / 4,
+        "{bytes} of {} bytes fetched\n{}",
+        new.len(),
+        exit.stderr
+    );
+    assert!((1..=64).contains(&requests), "{requests} requests");
+    assert!(
+        rig.files
+            .requests()
+            .iter()
+            .all(|r| r.path != path || r.range.is_some()),
+        "a whole GET of the image"
+    );
+    let descs: Vec<String> = rig
+        .all(dev, "progress")
+        .iter()
+        .filter(|m| m["data"]["status"] == 1)
+        .filter_map(|m| m["data"]["desc"].as_str().map(str::to_owned))
+        .collect();
+    assert!(descs.iter().any(|d| d.starts_with("delta: ")), "{descs:?}");
+    assert_forward(&rig.statuses(dev));
 }
 
 /// DOWNLOADING from 0 to 100, DOWNLOADED 100, UPGRADING (any steps) to

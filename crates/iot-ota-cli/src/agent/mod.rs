@@ -317,6 +317,7 @@ pub async fn run(args: AgentArgs) -> Result<ExitCode, String> {
         config = config.report_at_start(report);
     }
     let (client, mut upgrades) = connect(config.clone()).await?;
+    life.set_delta_base(agent.delta_base.clone());
     life.attach(client.session().clone());
     eprintln!(
         "iot-ota device: {}/{} running {}, waiting for upgrades",

@@ -80,6 +80,12 @@ pub struct AgentArgs {
     /// Refuse http:// firmware URLs (412): only https:// downloads.
     #[arg(long)]
     pub require_https: bool,
+    /// The image the device runs (a file, or a block device such as
+    /// /dev/mmcblk0p2): an upgrade whose command names a chunk index then
+    /// fetches only the chunks this image lacks (a delta update). With
+    /// --install-dir the booted slot's image is the default.
+    #[arg(long)]
+    pub delta_base: Option<PathBuf>,
     /// Exit after the first upgrade attempt: 0 on success, 1 on failure.
     #[arg(long)]
     pub once: bool,
@@ -107,6 +113,7 @@ pub(super) struct FileConfig {
     revoked_keys: Vec<String>,
     #[serde(default)]
     require_https: bool,
+    delta_base: Option<PathBuf>,
     #[serde(default)]
     install: InstallConfig,
     #[serde(default)]
@@ -165,6 +172,7 @@ pub(super) struct Agent {
     pub(super) boot_limit: u32,
     pub(super) window: Option<(u32, u32)>,
     pub(super) trigger: PathBuf,
+    pub(super) delta_base: Option<PathBuf>,
     pub(super) once: bool,
 }
 
@@ -337,6 +345,7 @@ pub(super) fn resolve(args: AgentArgs) -> Result<Agent, String> {
             .unwrap_or(DEFAULT_MAX_BOOTS),
         window,
         trigger,
+        delta_base: args.delta_base.or(file.delta_base),
         once: args.once,
     })
 }

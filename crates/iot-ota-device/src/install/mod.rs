@@ -53,6 +53,13 @@ pub trait Installer: Send {
         progress: &mut dyn FnMut(u32),
     ) -> Result<(), String>;
 
+    /// The image the device runs, as a file or block device it can read,
+    /// when the back-end knows it: the base of a delta update
+    /// ([`crate::Download::delta_from`]). The default knows none.
+    fn running_image(&self) -> Option<std::path::PathBuf> {
+        None
+    }
+
     /// Whether [`Installer::install`] needs a reboot to take effect. When
     /// false, the installed version runs as soon as the install returns
     /// (an application updated in place): it is checked and committed at once.
@@ -95,6 +102,9 @@ impl<T: Installer + ?Sized> Installer for Box<T> {
         progress: &mut dyn FnMut(u32),
     ) -> Result<(), String> {
         (**self).install(image, version, progress)
+    }
+    fn running_image(&self) -> Option<std::path::PathBuf> {
+        (**self).running_image()
     }
     fn needs_reboot(&self) -> bool {
         (**self).needs_reboot()

@@ -205,6 +205,13 @@ impl SlotDirs {
 }
 
 impl Installer for SlotDirs {
+    /// The booted slot's image, once one was installed there (the factory
+    /// slot has none until its first upgrade).
+    fn running_image(&self) -> Option<PathBuf> {
+        let image = self.dir.join(self.booted).join("firmware.bin");
+        image.is_file().then_some(image)
+    }
+
     fn name(&self) -> &str {
         "slots"
     }

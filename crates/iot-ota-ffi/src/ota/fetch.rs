@@ -191,6 +191,10 @@ pub unsafe extern "C" fn iot_ota_fetch_to_file(handle: *mut c_void, path: *const
             }
         };
         let firmware = download.firmware().clone();
+        let download = match &st.delta_base {
+            Some(base) => download.delta_from(base),
+            None => download,
+        };
         let outcome = {
             let _context = h.mqtt.rt.enter();
             h.mqtt.block_on(download.download_to(&path))
@@ -207,6 +211,38 @@ pub unsafe extern "C" fn iot_ota_fetch_to_file(handle: *mut c_void, path: *const
         drop(st);
         h.mqtt.deliver();
         code
+    })
+}
+
+/// `int iot_ota_set_delta_base(void *handle, const char *base_path)`: the
+/// image the device runs, the base of delta updates for
+/// `iot_ota_fetch_to_file` (NULL: none). Returns 0;
+/// `IOT_OTA_ERR_INVALID_PARAM` for a bad handle, or a path that is empty
+/// or not UTF-8.
+///
+/// # Safety
+/// `base_path` is NULL or a NUL-terminated string (copied).
+#[no_mangle]
+pub unsafe extern "C" fn iot_ota_set_delta_base(
+    handle: *mut c_void,
+    base_path: *const c_char,
+) -> c_int {
+    guard(IOT_OTA_ERR_GENERAL, || {
+        let h = match live(handle) {
+            Ok(h) => h,
+            Err(e) => return e,
+        };
+        let base = if base_path.is_null() {
+            None
+        } else {
+            // SAFETY: the caller's contract.
+            match unsafe { c_str(base_path) } {
+                Ok(p) if !p.is_empty() => Some(std::path::PathBuf::from(p)),
+                _ => return IOT_OTA_ERR_INVALID_PARAM,
+            }
+        };
+        h.state().delta_base = base;
+        IOT_OTA_ERR_NONE
     })
 }
 

@@ -91,6 +91,8 @@ struct OtaState {
     /// The upgrade journal, once `iot_ota_set_state_dir` has named its
     /// directory.
     life: Option<Lifecycle<Application>>,
+    /// The image the device runs, for delta updates (`iot_ota_set_delta_base`).
+    delta_base: Option<std::path::PathBuf>,
 }
 
 /// The download of an upgrade, before and after the first `iot_ota_fetch_yield`.
