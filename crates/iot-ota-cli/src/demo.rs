@@ -26,6 +26,13 @@
 //! fails with `rolled back: ...` (after the batch's one retry does the
 //! same). Each agent's log is in `DIR/devices/NAME/agent.log` (`--keep`).
 //!
+//! `--delta` makes it a delta update: the firmware is a filesystem-like
+//! image, 2.0.0 a "monthly" change of 1.0.0 (a few edits, an insertion, a
+//! removal), every device holds the 1.0.0 image it runs, and the platform's
+//! chunk index lets each fetch only the chunks it lacks. The demo prints
+//! the bytes the firmware server sent against what the full images would
+//! have been.
+//!
 //! The exit status is 0 only when every record succeeded, so the demo with
 //! faults or with the reboot exits 1 by design.
 
@@ -67,6 +74,10 @@ pub struct DemoArgs {
     /// Firmware size in MiB.
     #[arg(long, default_value_t = 4)]
     pub size_mib: u64,
+    /// A delta update: each device runs 1.0.0 and fetches only the chunks
+    /// of 2.0.0 it lacks; the demo shows the bytes saved.
+    #[arg(long, conflicts_with = "with_reboot")]
+    pub delta: bool,
     /// Keep the temporary directory (database, firmware, downloads) and print its path.
     #[arg(long)]
     pub keep: bool,
@@ -179,7 +190,13 @@ async fn supervised_agent(
 
 /// Deterministic-enough filler: splitmix64 seeded by the clock.
 pub(crate) fn random_bytes(len: usize) -> Vec<u8> {
-    let mut state = iot_ota_platform::now_ms() as u64 ^ 0x9e37_79b9_7f4a_7c15;
+    seeded_bytes(len, iot_ota_platform::now_ms() as u64)
+}
+
+/// `len` bytes of splitmix64 from `seed`: the same for the same seed (the
+/// fleet's processes agree on the images of a delta run).
+pub(crate) fn seeded_bytes(len: usize, seed: u64) -> Vec<u8> {
+    let mut state = seed ^ 0x9e37_79b9_7f4a_7c15;
     let mut out = Vec::with_capacity(len + 8);
     while out.len() < len {
         state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
@@ -190,6 +207,31 @@ pub(crate) fn random_bytes(len: usize) -> Vec<u8> {
     }
     out.truncate(len);
     out
+}
+
+/// A filesystem-like image of `len` bytes: data, and runs of zeros (free
+/// blocks).
+pub(crate) fn fs_like_image(len: usize) -> Vec<u8> {
+    let mut out = seeded_bytes(len, 1);
+    for (i, b) in out.iter_mut().enumerate() {
+        if (i / 65536) % 5 == 0 {
+            *b = 0;
+        }
+    }
+    out
+}
+
+/// A "monthly" change of `old`: some bytes edited in three places, 20 KB
+/// inserted, 30 KB removed.
+pub(crate) fn monthly_change(old: &[u8]) -> Vec<u8> {
+    let mut new = old.to_vec();
+    let n = new.len();
+    for at in [n / 9, n / 3, n * 2 / 3] {
+        new[at..at + 4096].fill(0x5a);
+    }
+    new.splice(n / 2..n / 2, seeded_bytes(20_000, 2));
+    new.drain(n * 4 / 5..n * 4 / 5 + 30_000);
+    new
 }
 
 /// A one-route HTTP server that serves `bytes` to any GET: the "bad mirror".
@@ -229,6 +271,7 @@ async fn simulated_device(
     kind: Kind,
     dir: PathBuf,
     corrupt_url: Option<String>,
+    base: Option<Arc<Vec<u8>>>,
     trusted: iot_ota_core::manifest::PublicKey,
     ready: tokio::sync::oneshot::Sender<Result<(), String>>,
 ) {
@@ -256,6 +299,14 @@ async fn simulated_device(
         let _ = ready.send(Ok(()));
         return;
     }
+    // The image it runs, for a delta update.
+    let base_path = dir.join(format!("{name}-{FROM}.bin"));
+    if let Some(bytes) = &base {
+        if let Err(e) = std::fs::write(&base_path, bytes.as_slice()) {
+            let _ = ready.send(Err(format!("{}: {e}", base_path.display())));
+            return;
+        }
+    }
     let _ = ready.send(Ok(()));
     let mut attempt = 0;
     while let Some(cmd) = upgrades.next().await {
@@ -267,7 +318,11 @@ async fn simulated_device(
             }
         }
         let path = dir.join(format!("{name}-{}.bin", cmd.firmware.version));
-        if client.download(&cmd_used).download_to(&path).await.is_err() {
+        let mut download = client.download(&cmd_used);
+        if base.is_some() {
+            download = download.delta_from(&base_path);
+        }
+        if download.download_to(&path).await.is_err() {
             // The SDK reported DOWNLOAD_FAILED or VERIFY_FAILED; wait for a retry.
             continue;
         }
@@ -419,11 +474,25 @@ async fn run_in(args: &DemoArgs, dir: &Path) -> Result<ExitCode, String> {
     );
     let api = platform.client()?;
 
-    let image = random_bytes((args.size_mib.max(1) * 1024 * 1024) as usize);
+    let size = (args.size_mib.max(1) * 1024 * 1024) as usize;
+    // With --delta: 2.0.0 is a monthly change of the 1.0.0 each device runs.
+    let (base, image) = if args.delta {
+        let old = fs_like_image(size);
+        let new = monthly_change(&old);
+        (Some(Arc::new(old)), new)
+    } else {
+        (None, random_bytes(size))
+    };
     let fw = api
         .add_firmware(PRODUCT, TO, &format!("firmware-{TO}.bin"), &image)
         .await
         .map_err(|e| e.to_string())?;
+    if args.delta {
+        println!(
+            "delta: every device runs {FROM}; {TO} changes a few places of it; \
+             the platform's chunk index lets each fetch only what it lacks"
+        );
+    }
     println!(
         "firmware: {PRODUCT} {TO}, {} bytes, md5 {}, signed by key {} (pinned by every device)",
         fw.size,
@@ -497,13 +566,32 @@ async fn run_in(args: &DemoArgs, dir: &Path) -> Result<ExitCode, String> {
                 *kind,
                 downloads.clone(),
                 corrupt_url.clone(),
+                base.clone(),
                 trusted.clone(),
                 tx,
             )),
         });
         readies.push(rx);
     }
+    let served_before = api.stats().await.map_err(|e| e.to_string())?;
     let outcome = drive(args, &api, &fleet, readies, started).await;
+    if outcome.is_ok() {
+        let served = api.stats().await.map_err(|e| e.to_string())?;
+        let bytes = served.firmware_bytes_served - served_before.firmware_bytes_served;
+        let requests = served.firmware_requests - served_before.firmware_requests;
+        let whole =
+            image.len() as u64 * fleet.iter().filter(|(_, k)| *k != Kind::Offline).count() as u64;
+        println!(
+            "firmware server: {} sent in {requests} requests; the full images: {}{}",
+            crate::table::bytes(bytes),
+            crate::table::bytes(whole),
+            if whole > 0 {
+                format!(" ({}% of it)", bytes * 100 / whole)
+            } else {
+                String::new()
+            }
+        );
+    }
     for t in tasks {
         t.abort();
     }

@@ -109,6 +109,13 @@ pub struct FleetArgs {
     /// Give up after this many seconds (the batch is then terminated).
     #[arg(long, default_value_t = 600)]
     pub timeout_secs: u64,
+    /// A delta update: every device runs the same filesystem-like 1.0.0
+    /// image, the upgrade is a "monthly" change of it (uploaded when the
+    /// platform does not have it), and each device fetches only the chunks
+    /// it lacks (written to a temporary file, then removed). The summary
+    /// says the bytes served with and without deltas.
+    #[arg(long)]
+    pub delta: bool,
     /// Print the summary as JSON.
     #[arg(long)]
     pub json: bool,
@@ -124,6 +131,9 @@ struct Ctx {
     connected: AtomicUsize,
     connect_retries: AtomicUsize,
     fail_percent: u32,
+    /// With --delta: the 1.0.0 image every device runs, and where each
+    /// writes its new image.
+    delta: Option<(std::path::PathBuf, std::path::PathBuf)>,
     /// Set when the run is over: every device disconnects.
     stop: tokio::sync::watch::Receiver<bool>,
 }
@@ -212,6 +222,12 @@ struct Summary {
     broker_peak_queue: Option<u64>,
     /// Messages the embedded broker dropped at a full queue.
     broker_dropped: Option<u64>,
+    /// Firmware bytes the platform's server sent over the batch, and in
+    /// how many requests.
+    served_bytes: u64,
+    served_requests: u64,
+    /// What the full image would have cost each device that succeeded.
+    full_image_bytes: u64,
     /// This process's peak RSS.
     fleet_peak_rss_kib: u64,
     /// The same per device (with the platform in this process, that is included).
@@ -296,7 +312,20 @@ async fn run_with(
         started.elapsed().as_secs_f64()
     );
     let (stop, stop_rx) = tokio::sync::watch::channel(false);
+    // --delta: the 1.0.0 image every device runs, once, on disk.
+    let delta = if args.delta {
+        let work = std::env::temp_dir().join(format!("iot-ota-fleet-{}-delta", std::process::id()));
+        std::fs::create_dir_all(&work).map_err(|e| format!("{}: {e}", work.display()))?;
+        let base = work.join(format!("{FROM}.img"));
+        let size = (args.size_mib.max(1) * 1024 * 1024) as usize;
+        std::fs::write(&base, crate::demo::fs_like_image(size))
+            .map_err(|e| format!("{}: {e}", base.display()))?;
+        Some((base, work))
+    } else {
+        None
+    };
     let ctx = Arc::new(Ctx {
+        delta: delta.clone(),
         stop: stop_rx,
         broker: broker.to_owned(),
         product: args.product.clone(),
@@ -469,14 +498,24 @@ async fn run_with(
     .await;
     tasks.abort_all();
 
+    if let Some((_, work)) = &delta {
+        let _ = std::fs::remove_dir_all(work);
+    }
+    let image_size = api
+        .list_firmware(Some(&args.product))
+        .await
+        .map_err(|e| e.to_string())?
+        .iter()
+        .find(|f| f.version == batch.firmware_version)
+        .map_or(0, |f| f.size);
     let summary = summarize(
         args,
         &batch,
         &ours,
         &stats_before,
         &stats_after,
-        connect_ms,
-        ctx.connect_retries.load(Ordering::Relaxed),
+        (connect_ms, ctx.connect_retries.load(Ordering::Relaxed)),
+        image_size,
         in_process,
     );
     if args.json {
@@ -548,7 +587,12 @@ async fn ensure_firmware(args: &FleetArgs, api: &ApiClient) -> Result<(), String
         );
         return Ok(());
     }
-    let image = random_bytes((args.size_mib.max(1) * 1024 * 1024) as usize);
+    let size = (args.size_mib.max(1) * 1024 * 1024) as usize;
+    let image = if args.delta {
+        crate::demo::monthly_change(&crate::demo::fs_like_image(size))
+    } else {
+        random_bytes(size)
+    };
     let fw = api
         .add_firmware(
             &args.product,
@@ -632,6 +676,17 @@ async fn download(ctx: &Ctx, client: &OtaClient, cmd: &iot_ota_device::UpgradeCo
     let Ok(_permit) = ctx.downloads.acquire().await else {
         return false;
     };
+    if let Some((base, work)) = &ctx.delta {
+        let path = work.join(format!("{}.bin", client.config().device_name()));
+        let done = client
+            .download(cmd)
+            .delta_from(base)
+            .download_to(&path)
+            .await
+            .is_ok();
+        let _ = std::fs::remove_file(&path);
+        return done;
+    }
     let mut download = client.download(cmd);
     let mut buf = vec![0u8; CHUNK];
     loop {
@@ -656,8 +711,8 @@ fn summarize(
     ours: &std::collections::HashSet<&str>,
     before: &StatsView,
     after: &StatsView,
-    connect_ms: u64,
-    connect_retries: usize,
+    (connect_ms, connect_retries): (u64, usize),
+    image_size: u64,
     in_process: bool,
 ) -> Summary {
     let mine: Vec<&RecordView> = b
@@ -725,6 +780,13 @@ fn summarize(
     s.platform_peak_queue = after.peak_queued;
     s.broker_peak_queue = after.broker.map(|b| b.peak_queue);
     s.broker_dropped = after.broker.map(|b| b.dropped);
+    s.served_bytes = after
+        .firmware_bytes_served
+        .saturating_sub(before.firmware_bytes_served);
+    s.served_requests = after
+        .firmware_requests
+        .saturating_sub(before.firmware_requests);
+    s.full_image_bytes = image_size * s.success as u64;
     let (_, peak, _) = iot_ota_platform::process_usage();
     s.fleet_peak_rss_kib = peak;
     s.fleet_rss_per_device_kib = peak as f64 / args.devices as f64;
@@ -773,6 +835,18 @@ fn print_summary(s: &Summary) {
     if let (Some(q), Some(d)) = (s.broker_peak_queue, s.broker_dropped) {
         println!("  embedded broker: longest queue {q} messages, {d} dropped");
     }
+    println!(
+        "  firmware server: {} sent in {} requests; full images for the {} successes: {}{}",
+        crate::table::bytes(s.served_bytes),
+        s.served_requests,
+        s.success,
+        crate::table::bytes(s.full_image_bytes),
+        if s.full_image_bytes > 0 {
+            format!(" ({}% of it)", s.served_bytes * 100 / s.full_image_bytes)
+        } else {
+            String::new()
+        }
+    );
     println!(
         "  fleet process: peak RSS {:.1} MiB, {:.1} KiB per device{}",
         s.fleet_peak_rss_kib as f64 / 1024.0,

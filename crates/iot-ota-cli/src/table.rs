@@ -75,6 +75,15 @@ pub fn overall_percent(r: &RecordView) -> u32 {
     }
 }
 
+/// Bytes in MiB with one decimal (`12.3 MiB`), KiB below one MiB.
+pub fn bytes(n: u64) -> String {
+    if n < 1 << 20 {
+        format!("{:.1} KiB", n as f64 / 1024.0)
+    } else {
+        format!("{:.1} MiB", n as f64 / (1024.0 * 1024.0))
+    }
+}
+
 /// `1 device`, `2 devices`.
 pub fn count(n: u64, noun: &str) -> String {
     if n == 1 {

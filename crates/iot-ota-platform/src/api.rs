@@ -693,6 +693,13 @@ pub struct StatsView {
     pub peak_rss_kib: u64,
     /// CPU time of the process (user + system), in milliseconds.
     pub cpu_ms: u64,
+    /// Bytes of firmware images and chunk indexes answered (whole files
+    /// and Range requests alike), since the start.
+    #[serde(default)]
+    pub firmware_bytes_served: u64,
+    /// Firmware and chunk index requests answered with data.
+    #[serde(default)]
+    pub firmware_requests: u64,
     /// The embedded broker's counters (absent with an external broker).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub broker: Option<crate::broker::BrokerStats>,

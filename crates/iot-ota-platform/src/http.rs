@@ -558,6 +558,8 @@ async fn serve_firmware(
     file.seek(SeekFrom::Start(start))
         .await
         .map_err(|e| PlatformError::new(500, e.to_string()))?;
+    s.served_bytes.fetch_add(len, Ordering::Relaxed);
+    s.served_requests.fetch_add(1, Ordering::Relaxed);
     let body = Body::from_stream(ReaderStream::with_capacity(file.take(len), 64 * 1024));
     let mut resp = Response::new(body);
     *resp.status_mut() = status;

@@ -82,6 +82,8 @@ impl Download {
             },
             None => (dref.index_sha256.clone(), "the command"),
         };
+        // DOWNLOADING 0 at once: reading the index and the base takes a while.
+        self.begin();
         let http = self.source.options().http.clone();
         let bytes = match fetch_index(&dref.index_url, dref.index_size, &http).await {
             Ok(b) => b,
@@ -137,7 +139,6 @@ impl Download {
             base.display()
         );
         self.fetch.plan_delta(plan.fetch_bytes, plan.describe());
-        self.begin();
 
         // The part file: what a cut download of this image left, kept up to
         // its last chunk that still matches.

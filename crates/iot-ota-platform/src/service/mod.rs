@@ -127,6 +127,9 @@ pub(crate) struct Shared {
     /// Device messages handled, and the microseconds spent on them.
     pub(crate) messages: AtomicU64,
     pub(crate) busy_us: AtomicU64,
+    /// Firmware (and chunk index) bytes answered, and the requests.
+    pub(crate) served_bytes: AtomicU64,
+    pub(crate) served_requests: AtomicU64,
     /// Bumped by every change of a batch or a device (what the console's
     /// live pages wait for).
     pub(crate) changes: tokio::sync::watch::Sender<u64>,
@@ -178,6 +181,8 @@ impl Shared {
             stopping: AtomicBool::new(false),
             messages: AtomicU64::new(0),
             busy_us: AtomicU64::new(0),
+            served_bytes: AtomicU64::new(0),
+            served_requests: AtomicU64::new(0),
             queued: AtomicU64::new(0),
             peak_queued: AtomicU64::new(0),
             changes: tokio::sync::watch::Sender::new(0),
@@ -197,6 +202,8 @@ impl Shared {
             rss_kib,
             peak_rss_kib,
             cpu_ms,
+            firmware_bytes_served: self.served_bytes.load(Ordering::Relaxed),
+            firmware_requests: self.served_requests.load(Ordering::Relaxed),
             broker: self.broker_stats.as_ref().and_then(|h| h.get()),
         }
     }
