@@ -264,14 +264,22 @@ async fn corrupt_server(bytes: Arc<Vec<u8>>) -> std::io::Result<(String, JoinHan
     Ok((format!("http://{addr}/mirror/firmware-{TO}.bin"), task))
 }
 
+/// Where a simulated device's images come from, beside the command.
+#[derive(Clone)]
+struct Images {
+    /// The bad mirror of `device-corrupt`'s first attempt.
+    corrupt_url: Option<String>,
+    /// The 1.0.0 image it runs (`--delta`).
+    base: Option<Arc<Vec<u8>>>,
+}
+
 /// One simulated device on the SDK: downloads, "installs" in five steps, informs the new version.
 async fn simulated_device(
     name: String,
     login: Login,
     kind: Kind,
     dir: PathBuf,
-    corrupt_url: Option<String>,
-    base: Option<Arc<Vec<u8>>>,
+    images: Images,
     trusted: iot_ota_core::manifest::PublicKey,
     ready: tokio::sync::oneshot::Sender<Result<(), String>>,
 ) {
@@ -300,6 +308,7 @@ async fn simulated_device(
         return;
     }
     // The image it runs, for a delta update.
+    let Images { corrupt_url, base } = images;
     let base_path = dir.join(format!("{name}-{FROM}.bin"));
     if let Some(bytes) = &base {
         if let Err(e) = std::fs::write(&base_path, bytes.as_slice()) {
@@ -565,8 +574,10 @@ async fn run_in(args: &DemoArgs, dir: &Path) -> Result<ExitCode, String> {
                 login,
                 *kind,
                 downloads.clone(),
-                corrupt_url.clone(),
-                base.clone(),
+                Images {
+                    corrupt_url: corrupt_url.clone(),
+                    base: base.clone(),
+                },
                 trusted.clone(),
                 tx,
             )),
@@ -585,10 +596,9 @@ async fn run_in(args: &DemoArgs, dir: &Path) -> Result<ExitCode, String> {
             "firmware server: {} sent in {requests} requests; the full images: {}{}",
             crate::table::bytes(bytes),
             crate::table::bytes(whole),
-            if whole > 0 {
-                format!(" ({}% of it)", bytes * 100 / whole)
-            } else {
-                String::new()
+            match (bytes * 100).checked_div(whole) {
+                Some(pct) => format!(" ({pct}% of it)"),
+                None => String::new(),
             }
         );
     }

@@ -841,10 +841,9 @@ fn print_summary(s: &Summary) {
         s.served_requests,
         s.success,
         crate::table::bytes(s.full_image_bytes),
-        if s.full_image_bytes > 0 {
-            format!(" ({}% of it)", s.served_bytes * 100 / s.full_image_bytes)
-        } else {
-            String::new()
+        match (s.served_bytes * 100).checked_div(s.full_image_bytes) {
+            Some(pct) => format!(" ({pct}% of it)"),
+            None => String::new(),
         }
     );
     println!(
