@@ -31,8 +31,11 @@ FEATURES    ?= lean
 # Rust code needs no unwind tables (.eh_frame): about 200 KB smaller. A
 # panic still prints its message and location; only a RUST_BACKTRACE
 # backtrace stops at the first frame of ours. UNWIND_TABLES=1 keeps them.
+# (A build that unwinds, CARGO_PROFILE_DEVICE_PANIC=unwind, needs them.)
 ifneq ($(UNWIND_TABLES),1)
+ifneq ($(CARGO_PROFILE_DEVICE_PANIC),unwind)
 DEVICE_RUSTFLAGS := -C force-unwind-tables=no
+endif
 endif
 
 # DT_RELR packs the position-independent executable's relocations (about
