@@ -118,6 +118,27 @@ async fn demo_exits_0() {
     assert!(out.contains("signed by key"), "the demo signs: {out}");
 }
 
+/// `demo --delta`: every device fetches only the changed chunks of 2.0.0
+/// (signed, its manifest naming the chunk index), and the demo says how
+/// much the firmware server sent against the full images.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn demo_delta_fetches_a_small_part_of_the_images() {
+    let o = run(&["demo", "--delta", "--devices", "3"]).await;
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "stdout:\n{out}\nstderr:\n{err}");
+    assert!(out.contains("completed: 3 records, 3 success"), "{out}");
+    let line = out
+        .lines()
+        .find(|l| l.starts_with("firmware server: "))
+        .unwrap_or_else(|| panic!("no firmware server line: {out}"));
+    let pct: u64 = line
+        .rsplit_once('(')
+        .and_then(|(_, p)| p.split('%').next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no percent in {line}"));
+    assert!(pct <= 25, "{line}");
+    assert!(line.contains("the full images: 12.0 MiB"), "{line}");
+}
+
 /// The line of the final table that starts with `name`.
 fn row_of(out: &str, name: &str) -> String {
     out.lines()

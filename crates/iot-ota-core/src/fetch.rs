@@ -585,4 +585,33 @@ mod tests {
         assert_eq!(f.percent(), 0);
         assert_eq!(f.handle_end().unwrap().status, Status::Downloaded);
     }
+
+    /// A delta: copied bytes are hashed, not counted as fetched; the
+    /// percent is the fetched part of what is to fetch; reports carry the
+    /// plan; a restart for the full download never reports a lower percent.
+    #[test]
+    fn a_delta_counts_what_it_fetches_and_a_restart_never_goes_back() {
+        let body = vec![7u8; 1000];
+        let fw = fw(&body, Some(1000), SignMethod::Md5);
+        let t0 = Instant::now();
+        let mut f = Fetch::new(fw, Throttle::default());
+        f.plan_delta(200, "delta: 0.0 MiB of 0.0 MiB in 1 request");
+        assert_eq!(f.begin(t0).desc, "delta: 0.0 MiB of 0.0 MiB in 1 request");
+        f.handle_copied(&body[..800]).unwrap();
+        assert_eq!((f.received(), f.percent()), (800, 0));
+        let later = t0 + Duration::from_secs(5);
+        let report = f.handle_data(&body[800..900], later).unwrap().unwrap();
+        assert_eq!((report.progress, report.desc.as_str()), (50, f.desc()));
+        // Given up for the full download: the count restarts, the meter
+        // does not report below 50 again.
+        f.restart_full("the server ignores Range requests: full download");
+        assert_eq!((f.received(), f.percent()), (0, 0));
+        let much_later = later + Duration::from_secs(5);
+        assert!(f.handle_data(&body[..300], much_later).unwrap().is_none());
+        let r = f.handle_data(&body[300..600], much_later + Duration::from_secs(5));
+        assert_eq!(r.unwrap().map(|r| r.progress), Some(60));
+        f.handle_data(&body[600..], much_later + Duration::from_secs(10))
+            .unwrap();
+        assert!(f.handle_end().is_ok(), "the whole image verifies");
+    }
 }

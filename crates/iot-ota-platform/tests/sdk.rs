@@ -200,3 +200,55 @@ async fn the_api_client_speaks_https() {
     assert!(e.message.contains("TLS"), "{e}");
     p.shutdown().await;
 }
+
+/// Each upload gets its chunk index: served beside the image, named by the
+/// firmware's `index_sha256`, and it covers the image chunk by chunk. The
+/// platform's firmware server answers the Range requests a delta makes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_gets_a_chunk_index_served_beside_it() {
+    use iot_ota_core::delta::{sha256, Index};
+    use iot_ota_device::http::{Body, HttpOptions};
+    let dir = TempDir::new("index");
+    let p = secure_platform(&dir.join("platform")).await;
+    let api = api(&p);
+    let image = random_bytes(1_500_000, 3);
+    let fw = api
+        .add_firmware(PK, "2.0.0", "fw.bin", &image)
+        .await
+        .unwrap();
+    let expected = fw.index_sha256.clone().expect("an index");
+    let read_all = |url: String, range: Option<(u64, u64)>| async move {
+        let opts = HttpOptions::default();
+        let mut body = match range {
+            Some((a, b)) => Body::open_range(&url, a, b, &opts).await.unwrap(),
+            None => Body::open(&url, 0, &opts).await.unwrap(),
+        };
+        let mut out = Vec::new();
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            let n = body.read(&mut buf).await.unwrap();
+            if n == 0 {
+                return out;
+            }
+            out.extend_from_slice(&buf[..n]);
+        }
+    };
+    let bytes = read_all(format!("{}.idx", fw.url), None).await;
+    assert_eq!(
+        iot_ota_core::digest::digest_hex(iot_ota_core::SignMethod::Sha256, &bytes),
+        expected
+    );
+    let index = Index::parse(&bytes).unwrap();
+    assert_eq!(index.size, image.len() as u64);
+    // A chunk from the middle, by Range, is the one the index names.
+    let c = index.chunks[index.chunks.len() / 2];
+    let got = read_all(fw.url.clone(), Some((c.offset, c.end() - 1))).await;
+    assert_eq!(sha256(&got), c.sha256);
+    assert!(got == image[c.offset as usize..c.end() as usize]);
+    let stats = api.stats().await.unwrap();
+    assert_eq!(stats.firmware_requests, 2);
+    assert_eq!(
+        stats.firmware_bytes_served,
+        bytes.len() as u64 + u64::from(c.len)
+    );
+}
