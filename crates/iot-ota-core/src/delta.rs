@@ -203,6 +203,15 @@ impl Index {
         if count > MAX_CHUNKS {
             return Err(format!("{count} chunks, more than {MAX_CHUNKS}"));
         }
+        // The header is 32 bytes; every chunk 36 (checked before the
+        // allocation a hostile count would make).
+        if bytes.len() != 32 + count * 36 {
+            return Err(format!(
+                "{count} chunks need {} bytes, the index has {}",
+                32 + count * 36,
+                bytes.len()
+            ));
+        }
         let mut chunks = Vec::with_capacity(count);
         let mut offset = 0u64;
         for i in 0..count {
@@ -221,9 +230,6 @@ impl Index {
                 sha256,
             });
             offset += u64::from(len);
-        }
-        if !r.is_empty() {
-            return Err("bytes after the last chunk".into());
         }
         if offset != size {
             return Err(format!(
@@ -491,7 +497,8 @@ mod tests {
         let cases: Vec<(Vec<u8>, &str)> = vec![
             (b"IOTADLT2".to_vec(), "not a chunk index"),
             (good[..20].to_vec(), "ends before"),
-            ([&good[..], b"x"].concat(), "after the last chunk"),
+            ([&good[..], b"x"].concat(), "chunks need"),
+            (good[..good.len() - 1].to_vec(), "chunks need"),
             (
                 {
                     let mut b = good.clone();

@@ -149,11 +149,12 @@ impl Fetch {
         }
     }
 
-    /// The download is a delta: `to_fetch` bytes come from the server, the
-    /// rest is copied ([`Fetch::handle_copied`]); progress counts the
-    /// fetched bytes only, and DOWNLOADING reports say `desc` (the plan).
-    pub fn plan_delta(&mut self, to_fetch: u64, desc: impl Into<String>) {
-        self.delta = Some((to_fetch, 0));
+    /// The download is a delta: `to_fetch` bytes come from the server (of
+    /// which a cut attempt fetched `fetched` already: a resume), the rest
+    /// is copied ([`Fetch::handle_copied`]); progress counts the fetched
+    /// bytes only, and DOWNLOADING reports say `desc` (the plan).
+    pub fn plan_delta(&mut self, to_fetch: u64, fetched: u64, desc: impl Into<String>) {
+        self.delta = Some((to_fetch, fetched.min(to_fetch)));
         self.desc = desc.into();
     }
 
@@ -595,7 +596,7 @@ mod tests {
         let fw = fw(&body, Some(1000), SignMethod::Md5);
         let t0 = Instant::now();
         let mut f = Fetch::new(fw, Throttle::default());
-        f.plan_delta(200, "delta: 0.0 MiB of 0.0 MiB in 1 request");
+        f.plan_delta(200, 0, "delta: 0.0 MiB of 0.0 MiB in 1 request");
         assert_eq!(f.begin(t0).desc, "delta: 0.0 MiB of 0.0 MiB in 1 request");
         f.handle_copied(&body[..800]).unwrap();
         assert_eq!((f.received(), f.percent()), (800, 0));

@@ -345,3 +345,75 @@ async fn a_base_that_changes_while_it_is_read_is_detected() {
         "{descs:?}"
     );
 }
+
+/// A server that answers a bounded Range with the rest of the file from its
+/// start (`bytes=A-B` → `A-(size-1)`): the delta hands over to the full
+/// download, which resumes from the bytes written (open-ended ranges are
+/// what this server does answer).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_that_answers_other_ranges_still_gives_the_image() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let rig = rig();
+    let base = rig.dir.path().join("running.img");
+    let (s, _, index_url) = setup(&rig, &base, Route::file);
+    let image = std::sync::Arc::new(s.new.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let served = image.clone();
+    tokio::spawn(async move {
+        while let Ok((mut sock, _)) = listener.accept().await {
+            let image = served.clone();
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match sock.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
+                let start: usize = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("range: bytes="))
+                    .and_then(|r| r.split('-').next()?.trim().parse().ok())
+                    .unwrap_or(0);
+                let total = image.len();
+                let answer = if head.contains("range:") {
+                    format!(
+                        "HTTP/1.1 206 Partial Content\r\nContent-Length: {}\r\n\
+                         Content-Range: bytes {start}-{}/{total}\r\nConnection: close\r\n\r\n",
+                        total - start,
+                        total - 1
+                    )
+                } else {
+                    format!(
+                        "HTTP/1.1 200 OK\r\nContent-Length: {total}\r\nConnection: close\r\n\r\n"
+                    )
+                };
+                if sock.write_all(answer.as_bytes()).await.is_ok() {
+                    let _ = sock.write_all(&image[start..]).await;
+                }
+            });
+        }
+    });
+    let url = format!("http://{addr}/fw.bin");
+    let (client, mut upgrades) = connect(&rig, "d7", None).await;
+    rig.push("d7", delta_command("1", &url, &s.new, &index_url, &s.index));
+    let cmd = upgrades.next().await.unwrap();
+    let out = rig.dir.path().join("new.img");
+    client
+        .download(&cmd)
+        .delta_from(&base)
+        .download_to(&out)
+        .await
+        .expect("the full download took over");
+    assert!(std::fs::read(&out).unwrap() == s.new);
+    let descs = downloading_descs(&rig, "d7");
+    assert!(
+        descs
+            .iter()
+            .any(|d| d.contains("does not answer the ranges")),
+        "{descs:?}"
+    );
+}

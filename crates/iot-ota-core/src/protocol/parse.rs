@@ -325,7 +325,14 @@ pub fn parse_firmware(
 
     let delta = match field(data, "delta") {
         None | Some(Value::Null) => None,
-        Some(Value::Object(d)) => Some(Box::new(parse_delta(d, limits)?)),
+        Some(Value::Object(d)) => match parse_delta(d, limits) {
+            Ok(d) => Some(Box::new(d)),
+            // An index this device may not use (an http:// one where https
+            // is required, another host, too large): the image alone is
+            // fine, it downloads whole.
+            Err(r) if r.code == ReplyCode::Refused => None,
+            Err(r) => return Err(r),
+        },
         Some(_) => return Err(Rejection::bad("field delta must be an object")),
     };
 
@@ -378,12 +385,13 @@ pub fn parse_delta(d: &Map<String, Value>, limits: &Limits) -> Result<DeltaRef, 
     let size = d
         .get("indexSize")
         .and_then(Value::as_u64)
-        .filter(|n| (1..=MAX_INDEX_SIZE).contains(n))
-        .ok_or_else(|| {
-            Rejection::bad(format!(
-                "delta.indexSize must be an integer from 1 to {MAX_INDEX_SIZE}"
-            ))
-        })?;
+        .filter(|n| *n >= 1)
+        .ok_or_else(|| Rejection::bad("delta.indexSize must be a positive integer"))?;
+    if size > MAX_INDEX_SIZE {
+        return Err(Rejection::refused(format!(
+            "delta.indexSize {size} is over the device limit of {MAX_INDEX_SIZE} bytes"
+        )));
+    }
     Ok(DeltaRef {
         index_url: url.to_owned(),
         index_sha256: sha256.to_ascii_lowercase(),

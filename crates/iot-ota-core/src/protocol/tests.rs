@@ -224,3 +224,76 @@ fn status_codes() {
     assert!(Status::Success.is_terminal());
     assert!(!Status::Downloaded.is_terminal());
 }
+
+/// A command's `delta`: parsed, kept in the journal's encoding; a malformed
+/// one is a 400 naming the field; one this device may not use (http where
+/// https is required, an index over the limit) is dropped, and the image
+/// downloads whole.
+#[test]
+fn a_delta_is_parsed_refused_when_malformed_and_dropped_when_not_allowed() {
+    let sha = "ab".repeat(32);
+    let with = |delta: &str| {
+        good().replace(
+            r#""signMethod":"Md5""#,
+            &format!(r#""signMethod":"Md5","delta":{delta}"#),
+        )
+    };
+    let ok = with(&format!(
+        r#"{{"index":"https://h/f.idx","indexSha256":"{sha}","indexSize":360}}"#
+    ));
+    let c = parse_upgrade(
+        &cmd(&ok.replace("http://h/f\"", "https://h/f\"")),
+        &Limits::default(),
+    )
+    .unwrap();
+    let d = c.firmware.delta.clone().expect("a delta");
+    assert_eq!(
+        (d.index_url.as_str(), d.index_size),
+        ("https://h/f.idx", 360)
+    );
+    assert_eq!(encode_upgrade("1", &c.firmware), {
+        let back = parse_upgrade(&encode_upgrade("1", &c.firmware), &Limits::default()).unwrap();
+        encode_upgrade("1", &back.firmware)
+    });
+    for (bad, says) in [
+        (r#""x""#.to_string(), "delta must be an object"),
+        (
+            format!(r#"{{"indexSha256":"{sha}","indexSize":1}}"#),
+            "delta.index",
+        ),
+        (
+            r#"{"index":"https://h/i","indexSha256":"zz","indexSize":1}"#.to_string(),
+            "delta.indexSha256",
+        ),
+        (
+            format!(r#"{{"index":"https://h/i","indexSha256":"{sha}","indexSize":0}}"#),
+            "delta.indexSize",
+        ),
+    ] {
+        let r = reject(&cmd(&with(&bad)));
+        assert_eq!(r.code, ReplyCode::BadRequest, "{bad}");
+        assert!(r.message.contains(says), "{} / {says}", r.message);
+    }
+    let https_only = Limits {
+        require_https: true,
+        ..Limits::default()
+    };
+    let http_index = with(&format!(
+        r#"{{"index":"http://h/f.idx","indexSha256":"{sha}","indexSize":360}}"#
+    ))
+    .replace("http://h/f\"", "https://h/f\"");
+    let c = parse_upgrade(&cmd(&http_index), &https_only).unwrap();
+    assert!(
+        c.firmware.delta.is_none(),
+        "dropped: the image downloads whole"
+    );
+    let huge = with(&format!(
+        r#"{{"index":"https://h/f.idx","indexSha256":"{sha}","indexSize":{}}}"#,
+        MAX_INDEX_SIZE + 1
+    ));
+    assert!(parse_upgrade(&cmd(&huge), &Limits::default())
+        .unwrap()
+        .firmware
+        .delta
+        .is_none());
+}

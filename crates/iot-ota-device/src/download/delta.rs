@@ -19,17 +19,22 @@
 //! 5. The whole image's digest (and a signed manifest's SHA-256) is checked
 //!    at the end, as for any download.
 //!
-//! A server that ignores Range (answers 200) ends the delta the same way:
-//! the full download takes over.
+//! A server that ignores Range (answers 200), or answers another range
+//! than asked, ends the delta the same way: the full download takes over.
+//! The delta keeps the full download's bounds: the minimum rate and the
+//! overall deadline ([`super::DownloadOptions`]), its resumes of a broken
+//! transfer, and the idle timeout of every read. Copying from the base
+//! yields to the runtime after each chunk, so the MQTT link (the C API's
+//! runs on the same thread) keeps its keep-alive.
 
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::Path;
-use std::time::Duration;
 
-use iot_ota_core::delta::{chunk, plan, sha256, Decision, Index, PlanOptions, Step};
-use iot_ota_core::{digest, FetchError, SignMethod, Verified};
+use iot_ota_core::delta::{chunk, plan, sha256, Decision, Index, Step};
+use iot_ota_core::{digest, FetchError, Pace, SignMethod, Verified};
 
 use super::part::{meta_path, open_part, part_path, resumable_len};
+use super::source::{now, pace};
 use super::Download;
 use crate::error::Error;
 use crate::fsutil::rename_durable;
@@ -84,8 +89,15 @@ impl Download {
         };
         // DOWNLOADING 0 at once: reading the index and the base takes a while.
         self.begin();
-        let http = self.source.options().http.clone();
-        let bytes = match fetch_index(&dref.index_url, dref.index_size, &http).await {
+        let options = self.source.options().clone();
+        let http = options.http.clone();
+        // The bounds of the whole delta: the index and every range.
+        let mut pace = pace(
+            &options,
+            &fw.url,
+            Some(fw.size.unwrap_or(0) + dref.index_size),
+        );
+        let bytes = match fetch_index(&dref.index_url, dref.index_size, &http, &mut pace).await {
             Ok(b) => b,
             Err(IndexError::Unreachable(e)) => {
                 return Ok(DeltaEnd::Full(format!(
@@ -95,6 +107,7 @@ impl Download {
             Err(IndexError::Size(e)) => {
                 return Err(self.fail(FetchError::DeltaMismatch(format!("the chunk index: {e}"))))
             }
+            Err(IndexError::TooSlow(e)) => return Err(self.fail(e)),
         };
         let got = digest::digest_hex(SignMethod::Sha256, &bytes);
         if got != trusted {
@@ -114,13 +127,14 @@ impl Download {
         let have = {
             let base = base.to_path_buf();
             let params = index.params;
+            // What a new image can reuse lies in about as many bytes of the
+            // base: a block device is not read to its end.
+            let limit = index.size.saturating_mul(2).saturating_add(1 << 20);
             let cut = tokio::task::spawn_blocking(move || -> Result<_, String> {
                 let file = std::fs::File::open(&base)
                     .map_err(|e| format!("cannot read the base {}: {e}", base.display()))?;
-                chunk(
-                    params,
-                    &mut std::io::BufReader::with_capacity(1 << 20, file),
-                )
+                let reader = std::io::BufReader::with_capacity(1 << 20, file);
+                chunk(params, &mut reader.take(limit))
             });
             match cut.await {
                 Ok(Ok(have)) => have,
@@ -128,17 +142,17 @@ impl Download {
                 Err(e) => return Ok(DeltaEnd::Full(format!("chunking the base: {e}"))),
             }
         };
-        let plan = match plan(&index, &have, &PlanOptions::default()) {
+        let plan = match plan(&index, &have, &options.delta) {
             Decision::Delta(p) => p,
             Decision::Full(why) => return Ok(DeltaEnd::Full(why)),
         };
+        drop(have);
         log::info!(
             "{}: {} from {}",
             fw.version,
             plan.describe(),
             base.display()
         );
-        self.fetch.plan_delta(plan.fetch_bytes, plan.describe());
 
         // The part file: what a cut download of this image left, kept up to
         // its last chunk that still matches.
@@ -152,10 +166,23 @@ impl Download {
                 return Err(self.fail(FetchError::Storage(msg)));
             }
         };
-        let first = match self.keep_written(&mut file, &part, &index, keep) {
+        let first = match self.keep_written(&mut file, &part, &index, keep).await {
             Ok(n) => n,
             Err(e) => return Err(self.fail(e)),
         };
+        // A resume: what the cut attempt fetched counts as fetched.
+        let fetched_before: u64 = plan
+            .steps
+            .iter()
+            .filter_map(|s| match s {
+                Step::Fetch { chunks, .. } => Some(chunks.start..chunks.end.min(first)),
+                Step::Copy { .. } => None,
+            })
+            .flatten()
+            .map(|i| u64::from(index.chunks[i].len))
+            .sum();
+        self.fetch
+            .plan_delta(plan.fetch_bytes, fetched_before, plan.describe());
         if first > 0 {
             log::info!(
                 "resuming the delta of {} at chunk {first} of {}",
@@ -171,10 +198,13 @@ impl Download {
         for step in plan.from_chunk(first, &index) {
             let done = match step {
                 Step::Copy { chunk, from } => {
-                    self.copy_chunk(&mut base_file, &mut file, &index, chunk, from)
+                    let done = self.copy_chunk(&mut base_file, &mut file, &index, chunk, from);
+                    // The rest of the runtime (the MQTT link) gets its turn.
+                    tokio::task::yield_now().await;
+                    done
                 }
                 Step::Fetch { chunks, .. } => {
-                    self.fetch_chunks(&mut file, &index, chunks, &fw.url, &http)
+                    self.fetch_chunks(&mut file, &index, chunks, &fw.url, &http, &mut pace)
                         .await
                 }
             };
@@ -224,7 +254,7 @@ impl Download {
     /// Hashes the whole chunks of the first `keep` bytes of the part file
     /// that still match the index, cuts the file after them, and returns
     /// the first chunk to write.
-    fn keep_written(
+    async fn keep_written(
         &mut self,
         file: &mut std::fs::File,
         part: &Path,
@@ -246,6 +276,7 @@ impl Download {
             }
             self.fetch.handle_copied(&buf)?;
             done += 1;
+            tokio::task::yield_now().await;
         }
         let at = index.chunks.get(done).map_or(index.size, |c| c.offset);
         file.set_len(at).map_err(storage)?;
@@ -279,7 +310,8 @@ impl Download {
     }
 
     /// Fetches `chunks` of the new image with one Range request (more, if
-    /// the connection breaks: each goes on at the first chunk not written).
+    /// the connection breaks: each goes on at the first chunk not written,
+    /// after the pause and within the resumes `pace` allows).
     async fn fetch_chunks(
         &mut self,
         out: &mut std::fs::File,
@@ -287,40 +319,54 @@ impl Download {
         chunks: std::ops::Range<usize>,
         url: &str,
         http: &HttpOptions,
+        pace: &mut Pace,
     ) -> Result<(), Stop> {
-        let retries = self.source.options().retries;
-        let mut failures = 0;
         let mut i = chunks.start;
         let mut buf = Vec::new();
         let end = index.chunks[chunks.end - 1].end() - 1;
         while i < chunks.end {
+            if let Some(at) = pace.resume_at() {
+                tokio::time::sleep_until(tokio::time::Instant::from_std(at)).await;
+                pace.resumed();
+            }
+            pace.check_deadline(now())?;
             let broke = match Body::open_range(url, index.chunks[i].offset, end, http).await {
                 Err(HttpError::RangeIgnored) => {
                     return Err(Stop::FullFromStart(
                         "the server ignores Range requests: full download".into(),
                     ))
                 }
+                Err(e @ HttpError::RangeMismatch { .. })
+                | Err(e @ HttpError::Status { code: 416, .. }) => {
+                    return Err(Stop::Full(format!(
+                        "the server does not answer the ranges asked for ({e}): full download"
+                    )))
+                }
                 Err(e) => FetchError::from(e),
-                Ok(mut body) => match self
-                    .read_chunks(&mut body, out, index, &mut i, chunks.end, &mut buf)
-                    .await
-                {
-                    Ok(()) => continue,
-                    Err(Stop::Fail(e @ FetchError::Transport { .. })) => e,
-                    Err(other) => return Err(other),
-                },
+                Ok(mut body) => {
+                    pace.opened(now());
+                    let read = self
+                        .read_chunks(&mut body, out, index, &mut i, chunks.end, &mut buf, pace)
+                        .await;
+                    match read {
+                        Ok(()) => continue,
+                        Err(Stop::Fail(e @ FetchError::Transport { .. })) if e.is_retryable() => e,
+                        Err(other) => return Err(other),
+                    }
+                }
             };
-            failures += 1;
-            if !broke.is_retryable() || failures > retries {
-                return Err(Stop::Fail(broke));
-            }
-            log::warn!("delta range interrupted ({broke}); again from chunk {i}");
-            tokio::time::sleep(Duration::from_millis(500) * failures).await;
+            let message = broke.to_string();
+            let at = pace.interrupted(broke, now())?;
+            log::warn!(
+                "delta range interrupted ({message}); again from chunk {i} in {:.1?}",
+                at.saturating_duration_since(now())
+            );
         }
         Ok(())
     }
 
     /// Reads chunks `*i..end` from `body`, checks and writes each.
+    #[allow(clippy::too_many_arguments)] // one range's whole state
     async fn read_chunks(
         &mut self,
         body: &mut Body,
@@ -329,6 +375,7 @@ impl Download {
         i: &mut usize,
         end: usize,
         buf: &mut Vec<u8>,
+        pace: &mut Pace,
     ) -> Result<(), Stop> {
         while *i < end {
             let c = index.chunks[*i];
@@ -343,7 +390,11 @@ impl Download {
                             http_status: None,
                         }))
                     }
-                    Ok(n) => have += n,
+                    Ok(n) => {
+                        have += n;
+                        pace.received(n as u64, now())?;
+                        pace.check_deadline(now())?;
+                    }
                     Err(e) => return Err(Stop::Fail(e.into())),
                 }
             }
@@ -372,19 +423,32 @@ enum IndexError {
     Unreachable(String),
     /// It is not the size the command says: not the index it names.
     Size(String),
+    /// Below the minimum rate, or past the deadline.
+    TooSlow(FetchError),
 }
 
-/// The chunk index: exactly `size` bytes (the command's).
-async fn fetch_index(url: &str, size: u64, http: &HttpOptions) -> Result<Vec<u8>, IndexError> {
+/// The chunk index: exactly `size` bytes (the command's), within `pace`.
+async fn fetch_index(
+    url: &str,
+    size: u64,
+    http: &HttpOptions,
+    pace: &mut Pace,
+) -> Result<Vec<u8>, IndexError> {
     let unreachable = |e: HttpError| IndexError::Unreachable(e.to_string());
+    pace.check_deadline(now()).map_err(IndexError::TooSlow)?;
     let mut body = Body::open(url, 0, http).await.map_err(unreachable)?;
-    let mut bytes = Vec::with_capacity(size as usize);
+    pace.opened(now());
+    // Grown as bytes come: the command's size is not trusted with memory.
+    let mut bytes = Vec::with_capacity(size.min(1 << 20) as usize);
     let mut buf = [0u8; 16 * 1024];
     loop {
         let n = body.read(&mut buf).await.map_err(unreachable)?;
         if n == 0 {
             break;
         }
+        pace.received(n as u64, now())
+            .map_err(IndexError::TooSlow)?;
+        pace.check_deadline(now()).map_err(IndexError::TooSlow)?;
         bytes.extend_from_slice(&buf[..n]);
         if bytes.len() as u64 > size {
             return Err(IndexError::Size(format!(
@@ -392,9 +456,10 @@ async fn fetch_index(url: &str, size: u64, http: &HttpOptions) -> Result<Vec<u8>
             )));
         }
     }
-    if (bytes.len() as u64) != size {
-        return Err(IndexError::Size(format!(
-            "{} bytes, the command says {size}",
+    if (bytes.len() as u64) < size {
+        // Cut short (a body framed by the connection's end): not a forgery.
+        return Err(IndexError::Unreachable(format!(
+            "{} of its {size} bytes came",
             bytes.len()
         )));
     }

@@ -58,6 +58,10 @@ pub struct DownloadOptions {
     pub rate_window: Duration,
     /// The fixed part of the overall deadline.
     pub deadline_base: Duration,
+    /// How a delta update plans ([`Download::delta_from`]): at most so many
+    /// Range requests, gaps fetched under a size, and the most of the image
+    /// it may fetch before the full download is cheaper.
+    pub delta: iot_ota_core::delta::PlanOptions,
 }
 
 impl Default for DownloadOptions {
@@ -68,6 +72,7 @@ impl Default for DownloadOptions {
             min_rate: 1024,
             rate_window: Duration::from_secs(60),
             deadline_base: Duration::from_secs(300),
+            delta: iot_ota_core::delta::PlanOptions::default(),
         }
     }
 }

@@ -44,22 +44,28 @@ pub(super) struct Source {
 }
 
 /// Now, on tokio's clock (paused in tests), as the core takes it.
-fn now() -> std::time::Instant {
+pub(super) fn now() -> std::time::Instant {
     Instant::now().into_std()
+}
+
+/// The minimum rate, overall deadline and resumes of a transfer of `size`
+/// bytes from `url` under `options`.
+pub(super) fn pace(options: &DownloadOptions, url: &str, size: Option<u64>) -> Pace {
+    let rules = PaceRules {
+        retries: options.retries,
+        min_rate: options.min_rate,
+        rate_window: options.rate_window,
+        deadline_base: options.deadline_base,
+    };
+    let backoff =
+        crate::link::seeded_backoff(url, Duration::from_millis(500), Duration::from_secs(32));
+    Pace::new(rules, size, backoff)
 }
 
 impl Source {
     pub(super) fn new(url: String, size: Option<u64>, options: DownloadOptions) -> Source {
-        let rules = PaceRules {
-            retries: options.retries,
-            min_rate: options.min_rate,
-            rate_window: options.rate_window,
-            deadline_base: options.deadline_base,
-        };
-        let backoff =
-            crate::link::seeded_backoff(&url, Duration::from_millis(500), Duration::from_secs(32));
         Source {
-            pace: Pace::new(rules, size, backoff),
+            pace: pace(&options, &url, size),
             url,
             options,
             body: None,

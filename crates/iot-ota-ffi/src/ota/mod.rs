@@ -328,10 +328,11 @@ impl OtaHandle {
     }
 }
 
-/// The error code of a failed download.
+/// The error code of a failed download: VERIFY_FAILED exactly when its
+/// report is (a digest, or a delta's chunk or index), else FETCH_FAILED.
 fn fetch_error_code(e: &FetchError) -> c_int {
-    match e {
-        FetchError::DigestMismatch { .. } => IOT_OTA_ERR_VERIFY_FAILED,
+    match e.status() {
+        Status::VerifyFailed => IOT_OTA_ERR_VERIFY_FAILED,
         _ => IOT_OTA_ERR_FETCH_FAILED,
     }
 }
@@ -607,6 +608,24 @@ mod tests {
         for bad in ["", "a/b", "a+b", "a#", "a b", "a\tb"] {
             assert!(!valid_identity(bad), "{bad:?}");
         }
+    }
+
+    /// VERIFY_FAILED exactly when the report is: a digest, a delta's bad
+    /// chunk or index (header: "a bad chunk or index: VERIFY_FAILED").
+    #[test]
+    fn verify_failures_are_verify_failed() {
+        let digest = FetchError::DigestMismatch {
+            method: iot_ota_core::SignMethod::Md5,
+            expected: "a".into(),
+            actual: "b".into(),
+        };
+        let delta = FetchError::DeltaMismatch("chunk 3 is not the index's".into());
+        assert_eq!(fetch_error_code(&digest), IOT_OTA_ERR_VERIFY_FAILED);
+        assert_eq!(fetch_error_code(&delta), IOT_OTA_ERR_VERIFY_FAILED);
+        assert_eq!(
+            fetch_error_code(&FetchError::Storage("full".into())),
+            IOT_OTA_ERR_FETCH_FAILED
+        );
     }
 
     #[test]
