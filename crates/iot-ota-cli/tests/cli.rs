@@ -1460,3 +1460,14 @@ async fn thousands_of_half_sent_packets_stay_within_the_memory_bound() {
     drop(hogs);
     child.kill().await.unwrap();
 }
+
+/// A delta cut by a kill -9 goes on after the restart.
+#[test]
+fn the_agent_resumes_a_delta_after_kill_9() {
+    iot_ota_testkit::acceptance::delta_resume_after_kill(
+        &agent_frontend(),
+        &table_rig(),
+        "adkill",
+        Some("--delta-base"),
+    );
+}

@@ -438,3 +438,9 @@ mod table {
 fn example_does_a_delta_update_from_the_running_file() {
     iot_ota_testkit::acceptance::delta_update(&rust_example(), &rig(), "rdelta", None);
 }
+
+/// A delta cut by a kill -9 goes on after the restart.
+#[test]
+fn example_resumes_a_delta_after_kill_9() {
+    iot_ota_testkit::acceptance::delta_resume_after_kill(&rust_example(), &rig(), "rdkill", None);
+}

@@ -1219,3 +1219,11 @@ fn example_upgrade_under_valgrind_has_no_leaks_and_no_errors() {
     );
     assert!(exit.stderr.contains("upgraded to 2.0.0"), "{}", exit.stderr);
 }
+
+/// `--to-file`: a delta cut by a kill -9 goes on after the restart.
+#[test]
+fn example_to_file_resumes_a_delta_after_kill_9() {
+    let mut fe = c_example();
+    fe.trailing.push("--to-file".into());
+    iot_ota_testkit::acceptance::delta_resume_after_kill(&fe, &rig(), "cfdkill", None);
+}

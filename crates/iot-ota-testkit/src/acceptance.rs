@@ -10,6 +10,7 @@
 //! | [`progress_goes_forward`] | within each status the percent never goes back, ending DOWNLOADED, UPGRADING, SUCCESS |
 //! | [`full_disk`] | FLASH_FAILED with the reason in `desc`, and no file of the upgrade left behind |
 //! | [`delta_update`] | with the running version's image at hand and a command naming a chunk index, only the changed chunks are fetched (Range), the image verified, the desc says the plan |
+//! | [`delta_resume_after_kill`] | a kill -9 mid-delta, a restart: the delta goes on after the chunks written (Range requests only, none of them from the start) |
 //!
 //! The programs take the Rust example's flags (`--broker`, `--product-key`,
 //! `--device-name`, `--firmware-version 1.0.0`, `--output-dir DIR`,
@@ -335,6 +336,70 @@ pub fn delta_update(fe: &Frontend, rig: &Rig, dev: &str, base_flag: Option<&str>
         .collect();
     assert!(descs.iter().any(|d| d.starts_with("delta: ")), "{descs:?}");
     assert_forward(&rig.statuses(dev));
+}
+
+/// A delta cut by a kill -9 goes on after a restart (the journal names the
+/// upgrade and its chunk index): the part file's whole chunks are kept,
+/// and only Range requests from past them follow.
+pub fn delta_resume_after_kill(fe: &Frontend, rig: &Rig, dev: &str, base_flag: Option<&str>) {
+    let old = fs_image(2 << 20, 6);
+    // Changed at the start: the first step is a long fetch.
+    let mut new = old.clone();
+    new[..400_000].copy_from_slice(&random_bytes(400_000, 66));
+    let index = chunk_index(&new);
+    std::fs::create_dir_all(dir(rig, dev)).expect("the device's directory");
+    let base = dir(rig, dev).join("firmware-1.0.0.bin");
+    std::fs::write(&base, &old).expect("the running image");
+    let path = format!("/{dev}-dkill.bin");
+    let url = rig.files.add(&path, Route::slow(new.clone(), 100_000));
+    let index_url = rig
+        .files
+        .add(&format!("{path}.idx"), Route::file(index.clone()));
+    let extra: Vec<String> = match base_flag {
+        Some(flag) => vec![flag.to_owned(), base.display().to_string()],
+        None => Vec::new(),
+    };
+    let mut child = fe.start_with(rig, dev, &extra);
+    rig.expect_version(dev, "inform", "1.0.0");
+    rig.push(
+        dev,
+        with_delta(&command("k1", "2.0.0", &url, &new), &index_url, &index),
+    );
+    let part = dir(rig, dev).join("firmware-2.0.0.bin.part");
+    let deadline = Instant::now() + WAIT;
+    while std::fs::metadata(&part).map_or(0, |m| m.len()) < 150_000 {
+        assert!(Instant::now() < deadline, "the delta did not get going");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.kill().expect("kill -9");
+    let _ = child.wait();
+    let written = std::fs::metadata(&part).map_or(0, |m| m.len());
+    rig.files.clear_requests();
+    rig.files.set(&path, Route::file(new.clone()));
+    let exit = finish(fe.start_with(rig, dev, &extra));
+    assert_exit(&exit, 0);
+    rig.expect_version(dev, "inform", "2.0.0");
+    let image_requests: Vec<_> = rig
+        .files
+        .requests()
+        .into_iter()
+        .filter(|r| r.path == path)
+        .collect();
+    assert!(!image_requests.is_empty(), "{}", exit.stderr);
+    for r in &image_requests {
+        let from: u64 = r
+            .range
+            .as_deref()
+            .and_then(|r| r.strip_prefix("bytes="))
+            .and_then(|r| r.split('-').next()?.parse().ok())
+            .unwrap_or_else(|| panic!("not a Range request: {r:?}"));
+        // At most the chunk that was being written is asked for again.
+        assert!(
+            from + 64 * 1024 >= written,
+            "from {from}, {written} written"
+        );
+    }
+    assert!(leftovers(rig, dev, "2.0.0").is_empty());
 }
 
 /// DOWNLOADING from 0 to 100, DOWNLOADED 100, UPGRADING (any steps) to
