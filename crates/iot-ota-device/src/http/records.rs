@@ -102,8 +102,9 @@ pub(super) struct TlsStream {
     version: ProtocolVersion,
     rx: Opener,
     /// Seals the alerts this client sends: bad_record_mac for a record
-    /// that does not open, no_renegotiation, close_notify.
-    tx: Sealer,
+    /// that does not open, no_renegotiation, close_notify. None when the
+    /// server can no longer open them (see [`connect`]): none are sent.
+    tx: Option<Sealer>,
     /// Sealed alerts not written yet.
     outgoing: Vec<u8>,
     /// Received bytes: `buf[start..end]` is not opened yet.
@@ -290,7 +291,17 @@ pub(super) async fn connect(
     let (seq, rx_secrets) = secrets.rx;
     let rx = Opener::new(suite, rx_secrets, seq).map_err(HttpError::Tls)?;
     let (seq, tx_secrets) = secrets.tx;
-    let tx = Sealer::new(suite, tx_secrets, seq).map_err(HttpError::Tls)?;
+    // A TLS 1.3 key update the server asked for before its data made
+    // rustls switch its sending keys (the sequence restarts at 0; the
+    // request went out before, so it is at least 1 otherwise) and keep the
+    // KeyUpdate message it owes, which the hand-over drops: the server
+    // could not open what this client sealed from then on. It sends no
+    // alerts then (they are a courtesy; the download is unaffected).
+    let tx = if version == ProtocolVersion::TLSv1_3 && seq == 0 {
+        None
+    } else {
+        Some(Sealer::new(suite, tx_secrets, seq).map_err(HttpError::Tls)?)
+    };
     // The buffer holds the first plaintext, then the records not opened
     // yet. They fit: that plaintext came out of a record no longer there.
     let n = first.len();
@@ -392,10 +403,10 @@ impl TlsStream {
     /// Seals an alert (level 1 warning, 2 fatal) to go out with the next
     /// [`TlsStream::flush_alerts`].
     fn send_alert(&mut self, level: u8, description: AlertDescription) {
-        match self
-            .tx
-            .seal(ContentType::Alert, &[level, u8::from(description)])
-        {
+        let Some(tx) = self.tx.as_mut() else {
+            return;
+        };
+        match tx.seal(ContentType::Alert, &[level, u8::from(description)]) {
             Ok(record) => self.outgoing.extend_from_slice(&record),
             Err(e) => log::debug!("TLS alert {description:?} not sealed: {e}"),
         }
@@ -1555,6 +1566,25 @@ mod tests {
         let (got, end) = read_all(&mut s, &[4096]).await;
         end.unwrap();
         assert_eq!(got, b"hi");
+    }
+
+    /// A key update the server asks for before its first data: rustls
+    /// takes it before the hand-over and switches its own sending keys, so
+    /// this client sends no alert the server could not open; the data is
+    /// read all the same.
+    #[tokio::test]
+    async fn a_key_update_before_the_data_is_read_and_silences_the_alerts() {
+        let ca = TestCa::new();
+        let addr = crafted(&ca, vec![key_update(true), data(b"hi"), alert(1, 0)]).await;
+        let mut s = open(addr, client_config(&ca)).await;
+        assert!(s.tx.is_none(), "no sealer for keys the server lacks");
+        let (got, end) = read_all(&mut s, &[4096]).await;
+        end.unwrap();
+        assert_eq!(got, b"hi");
+        // A key update that was not requested leaves the sending keys.
+        let addr = crafted(&ca, vec![key_update(false), data(b"hi"), alert(1, 0)]).await;
+        let s = open(addr, client_config(&ca)).await;
+        assert!(s.tx.is_some());
     }
 
     /// A TLS 1.2 server that asks to renegotiate (HelloRequest) before or

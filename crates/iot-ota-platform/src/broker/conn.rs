@@ -27,6 +27,10 @@ use super::strict::{self, Violation};
 use super::topic;
 use super::Shared;
 
+/// How long a take-over waits for the connection it took over to end and
+/// leave its state (it hears the take-over at once, even mid-write).
+const HANDOVER_WAIT: Duration = Duration::from_secs(10);
+
 /// Why a connection ended.
 enum End {
     /// DISCONNECT, or the broker stopping: no will.
@@ -139,6 +143,7 @@ pub(super) async fn connection(
     let (tx, mut rx) = mpsc::channel::<Queued>(shared.options.max_queued.max(1));
     let kick = Arc::new(Notify::new());
     let close = Arc::new(Notify::new());
+    let gone = Arc::new(Notify::new());
     let registered = 'register: {
         let mut state = shared.state();
         if state.online >= shared.options.max_connections {
@@ -158,10 +163,14 @@ pub(super) async fn connection(
         let mut present = false;
         let mut parked = VecDeque::new();
         let mut qos2_in = Vec::new();
+        // The connection this one takes over, if any: what it holds comes
+        // to the session when it ends, and this one waits for that.
+        let mut taken: Option<(u64, Arc<Notify>)> = None;
         state.came_back(&client);
         if let Some(old) = state.sessions.get_mut(&client) {
             if let Some(o) = old.conn.take() {
                 o.kick.notify_one();
+                taken = Some((o.id, o.gone.clone()));
                 state.online -= 1;
             }
             let old = state.sessions.get_mut(&client).expect("just found");
@@ -182,13 +191,17 @@ pub(super) async fn connection(
             owner: identity.clone(),
             qos2_in: Vec::new(),
             away_since: None,
+            taking_over: None,
         });
         session.persistent = persistent;
+        // Only a session that goes on gets the old connection's state.
+        session.taking_over = taken.as_ref().filter(|_| present).map(|t| t.0);
         session.conn = Some(Online {
             id,
             tx: tx.clone(),
             kick: kick.clone(),
             close: close.clone(),
+            gone: gone.clone(),
         });
         for p in parked {
             if tx.try_send(p).is_err() {
@@ -196,9 +209,10 @@ pub(super) async fn connection(
             }
         }
         state.online += 1;
-        Ok((id, present, qos2_in))
+        let waits = taken.filter(|_| present).map(|t| t.1);
+        Ok((id, present, qos2_in, waits))
     };
-    let (conn_id, session_present, qos2_in) = match registered {
+    let (conn_id, session_present, mut qos2_in, waits) = match registered {
         Ok(r) => r,
         Err(code) => {
             refuse(code, &mut wr);
@@ -218,6 +232,37 @@ pub(super) async fn connection(
             return;
         }
     };
+    // A take-over of a session that goes on: the old connection leaves
+    // what it held (in flight, queued, the QoS 2 ids it has not seen
+    // released) to the session as it ends; they are taken before this one
+    // sends anything, so its packet ids cannot collide with theirs and a
+    // message the client sends again is still known.
+    if let Some(gone) = waits {
+        if tokio::time::timeout(HANDOVER_WAIT, gone.notified())
+            .await
+            .is_err()
+        {
+            log::warn!("embedded broker: {client}: the connection taken over did not end in time");
+        }
+        let mut state = shared.state();
+        if let Some(session) = state.sessions.get_mut(&client) {
+            if session.conn.as_ref().is_some_and(|o| o.id == conn_id) {
+                session.taking_over = None;
+                for id in std::mem::take(&mut session.qos2_in) {
+                    if !qos2_in.contains(&id) {
+                        qos2_in.push(id);
+                    }
+                }
+                // Older than anything routed here since: first in the queue.
+                let newer: Vec<Queued> = std::iter::from_fn(|| rx.try_recv().ok()).collect();
+                for p in std::mem::take(&mut session.parked).into_iter().chain(newer) {
+                    if tx.try_send(p).is_err() {
+                        shared.counters.dropped.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+        }
+    }
     shared.counters.connects.fetch_add(1, Ordering::Relaxed);
     shared.counters.connections.fetch_add(1, Ordering::Relaxed);
     log::debug!("embedded broker: {client} connected from {peer}");
@@ -274,7 +319,13 @@ pub(super) async fn connection(
             if !wr.is_empty() {
                 // A client that stops reading cannot hold this task (and
                 // the broker's stop, a take-over) forever.
-                match tokio::time::timeout(write_timeout, stream.write_all(&wr)).await {
+                // A take-over is heard during a write too: the new
+                // connection waits for this one to end.
+                let written = tokio::select! {
+                    w = tokio::time::timeout(write_timeout, stream.write_all(&wr)) => w,
+                    _ = kick.notified() => break End::TakenOver,
+                };
+                match written {
                     Ok(Ok(())) => {}
                     Ok(Err(e)) => break End::Lost(format!("write: {e}")),
                     Err(_) => break End::Lost("not reading: a write timed out".into()),
@@ -397,19 +448,28 @@ pub(super) async fn connection(
                 state.remove_session(&client);
             }
         } else if let Some(session) = state.sessions.get_mut(&client) {
-            // Taken over, whatever ended this connection first: a persistent
-            // session's new connection gets what this one had in flight or
-            // queued.
-            if let (true, Some(online)) = (session.persistent, &session.conn) {
+            // Taken over, whatever ended this connection first: a session
+            // that goes on gets what this one had in flight or queued, and
+            // the QoS 2 ids it has not seen released; the new connection
+            // waits for them (`gone`, below) before it sends anything.
+            if session.taking_over == Some(conn_id) {
                 let pending: Vec<Queued> = conn
                     .inflight
                     .drain(..)
                     .map(|(_, p)| p)
                     .chain(std::iter::from_fn(|| rx.try_recv().ok()))
+                    .filter(|p| p.publish.qos != QoS::AtMostOnce)
                     .collect();
-                for p in pending {
-                    if online.tx.try_send(p).is_err() {
-                        dropped += 1;
+                for p in pending.into_iter().rev() {
+                    session.parked.push_front(p);
+                }
+                while session.parked.len() > shared.options.max_queued {
+                    session.parked.pop_back();
+                    dropped += 1;
+                }
+                for id in std::mem::take(&mut conn.qos2_in) {
+                    if !session.qos2_in.contains(&id) {
+                        session.qos2_in.push(id);
                     }
                 }
             }
@@ -427,6 +487,8 @@ pub(super) async fn connection(
         }
     };
     shared.counters.connections.fetch_sub(1, Ordering::Relaxed);
+    // What this connection held is with its session now.
+    gone.notify_one();
     match &end {
         End::Lost(why) => log::debug!("embedded broker: {client} lost: {why}"),
         End::TakenOver => log::debug!("embedded broker: {client} taken over"),

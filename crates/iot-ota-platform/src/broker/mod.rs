@@ -381,7 +381,11 @@ async fn expiry_loop(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
             .counters
             .expired_sessions
             .fetch_add(gone as u64, Ordering::Relaxed);
-        let wake = next.unwrap_or(now + expiry);
+        // None away (or an expiry past what an Instant holds): look again
+        // after an expiry, or a day.
+        let wake = next
+            .or_else(|| now.checked_add(expiry))
+            .unwrap_or(now + Duration::from_secs(86_400));
         tokio::select! {
             _ = tokio::time::sleep_until(wake) => {}
             _ = stop.changed() => return,

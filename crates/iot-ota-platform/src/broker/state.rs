@@ -112,6 +112,9 @@ pub(super) struct Session {
     /// When a persistent session lost its connection (its key in
     /// [`State::away`]).
     pub(super) away_since: Option<Instant>,
+    /// The connection taken over whose state this session waits for: that
+    /// one parks what it held here when it ends (and only that one).
+    pub(super) taking_over: Option<u64>,
 }
 
 pub(super) struct Online {
@@ -120,6 +123,9 @@ pub(super) struct Online {
     pub(super) kick: Arc<Notify>,
     /// Tells the connection to close (its credentials were revoked).
     pub(super) close: Arc<Notify>,
+    /// Signalled once the connection has ended and left what it held (in
+    /// flight, queued, QoS 2 ids) to its session: a take-over waits for it.
+    pub(super) gone: Arc<Notify>,
 }
 
 impl State {
@@ -193,8 +199,12 @@ impl State {
     pub(super) fn expire(&mut self, now: Instant, expiry: Duration) -> (usize, Option<Instant>) {
         let mut n = 0;
         while let Some((since, client)) = self.away.first().cloned() {
-            if since + expiry > now {
-                return (n, Some(since + expiry));
+            // An expiry past what an Instant holds: never.
+            let Some(due) = since.checked_add(expiry) else {
+                return (n, None);
+            };
+            if due > now {
+                return (n, Some(due));
             }
             self.away.pop_first();
             if let Some(s) = self.sessions.get_mut(&client) {

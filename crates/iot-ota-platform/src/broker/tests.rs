@@ -1006,6 +1006,7 @@ fn sessions_away_expire_in_the_order_they_went_and_say_the_next_deadline() {
                     owner: Identity::Anonymous,
                     qos2_in: Vec::new(),
                     away_since: None,
+                    taking_over: None,
                 },
             );
             state.subscribe(&id, "up/#", QoS::AtLeastOnce);
@@ -1023,4 +1024,58 @@ fn sessions_away_expire_in_the_order_they_went_and_say_the_next_deadline() {
         assert_eq!(state.expire(t0 + 2 * week, week), (0, None));
         assert!(state.sessions.contains_key("b"));
     }
+}
+
+/// A take-over (the old connection still open, as after a half-open link):
+/// the new connection gets the QoS 2 ids the old one had not seen released
+/// (a message sent again is delivered once), and the old one's in-flight
+/// messages keep their ids, before the new one uses any id of its own.
+#[tokio::test]
+async fn a_take_over_keeps_qos_2_ids_and_in_flight_ids() {
+    use rumqttc::mqttbytes::v4::{PubComp, PubRec, PubRel};
+    let b = broker().await;
+    // The device's side: id 9 received on the first connection.
+    let (mut sub, _) = Raw::connect(&b, "sub", true).await;
+    sub.subscribe("up/#", QoS::AtLeastOnce).await;
+    let (mut dev, _) = Raw::connect(&b, "dev", false).await;
+    dev.publish("up/a", QoS::ExactlyOnce, 9, "once").await;
+    assert_eq!(dev.next().await, Some(Packet::PubRec(PubRec::new(9))));
+    let (mut dev2, present) = Raw::connect(&b, "dev", false).await;
+    assert!(present);
+    let mut again = Publish::new("up/a", QoS::ExactlyOnce, b"once".to_vec());
+    again.pkid = 9;
+    again.dup = true;
+    dev2.send(|w| again.write(w)).await;
+    assert_eq!(dev2.next().await, Some(Packet::PubRec(PubRec::new(9))));
+    dev2.send(|w| PubRel::new(9).write(w)).await;
+    assert_eq!(dev2.next().await, Some(Packet::PubComp(PubComp::new(9))));
+    let Some(Packet::Publish(first)) = sub.next().await else {
+        panic!("not delivered")
+    };
+    sub.send(|w| rumqttc::mqttbytes::v4::PubAck::new(first.pkid).write(w))
+        .await;
+    assert_eq!(sub.next().await, None, "delivered once");
+    drop(dev);
+
+    // The subscriber's side: a QoS 2 message released on the first
+    // connection, which stays open; the new one resumes at its PUBREL and
+    // gives a new message another id.
+    let (mut a, _) = Raw::connect(&b, "watcher", false).await;
+    a.subscribe("up/#", QoS::ExactlyOnce).await;
+    let (mut p, _) = Raw::connect(&b, "pub", true).await;
+    p.publish("up/b", QoS::ExactlyOnce, 1, "m1").await;
+    let Some(Packet::Publish(m1)) = a.next().await else {
+        panic!("m1 not delivered")
+    };
+    a.send(|w| PubRec::new(m1.pkid).write(w)).await;
+    assert_eq!(a.next().await, Some(Packet::PubRel(PubRel::new(m1.pkid))));
+    let (mut a2, present) = Raw::connect(&b, "watcher", false).await;
+    assert!(present);
+    assert_eq!(a2.next().await, Some(Packet::PubRel(PubRel::new(m1.pkid))));
+    p.publish("up/b", QoS::ExactlyOnce, 2, "m2").await;
+    let Some(Packet::Publish(m2)) = a2.next().await else {
+        panic!("m2 not delivered")
+    };
+    assert_ne!(m2.pkid, m1.pkid, "m1's id is still m1's until its PUBCOMP");
+    drop(a);
 }
