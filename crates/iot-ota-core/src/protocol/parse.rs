@@ -247,22 +247,7 @@ pub fn parse_firmware(
         )));
     }
     let parts = parse_url(url).map_err(Rejection::bad)?;
-    if limits.require_https && !parts.https {
-        return Err(Rejection::refused(
-            "http:// firmware URL refused: this device requires https",
-        ));
-    }
-    if !limits.allowed_hosts.is_empty()
-        && !limits
-            .allowed_hosts
-            .iter()
-            .any(|h| h.eq_ignore_ascii_case(parts.host))
-    {
-        return Err(Rejection::refused(format!(
-            "url host {} is not in the allowed hosts",
-            parts.host
-        )));
-    }
+    url_policy(&parts, limits, "firmware URL", "url")?;
 
     let size = match field(data, "size") {
         None | Some(Value::Null) if !size_required => None,
@@ -348,6 +333,34 @@ pub fn parse_firmware(
     })
 }
 
+/// The device's rules for a URL it downloads from (412): https when it
+/// requires it, and an allowed host; `what` and `field` name it in the
+/// message.
+fn url_policy(
+    parts: &UrlParts<'_>,
+    limits: &Limits,
+    what: &str,
+    field: &str,
+) -> Result<(), Rejection> {
+    if limits.require_https && !parts.https {
+        return Err(Rejection::refused(format!(
+            "http:// {what} refused: this device requires https"
+        )));
+    }
+    if !limits.allowed_hosts.is_empty()
+        && !limits
+            .allowed_hosts
+            .iter()
+            .any(|h| h.eq_ignore_ascii_case(parts.host))
+    {
+        return Err(Rejection::refused(format!(
+            "{field} host {} is not in the allowed hosts",
+            parts.host
+        )));
+    }
+    Ok(())
+}
+
 /// Reads a command's `delta`: the chunk index's URL (held to the same
 /// rules as the image's), SHA-256 and size.
 pub fn parse_delta(d: &Map<String, Value>, limits: &Limits) -> Result<DeltaRef, Rejection> {
@@ -361,22 +374,7 @@ pub fn parse_delta(d: &Map<String, Value>, limits: &Limits) -> Result<DeltaRef, 
         )));
     }
     let parts = parse_url(url).map_err(|e| Rejection::bad(format!("delta.index: {e}")))?;
-    if limits.require_https && !parts.https {
-        return Err(Rejection::refused(
-            "http:// delta.index refused: this device requires https",
-        ));
-    }
-    if !limits.allowed_hosts.is_empty()
-        && !limits
-            .allowed_hosts
-            .iter()
-            .any(|h| h.eq_ignore_ascii_case(parts.host))
-    {
-        return Err(Rejection::refused(format!(
-            "delta.index host {} is not in the allowed hosts",
-            parts.host
-        )));
-    }
+    url_policy(&parts, limits, "delta.index", "delta.index")?;
     let sha256 = d
         .get("indexSha256")
         .and_then(Value::as_str)
