@@ -9,21 +9,10 @@ use std::path::Path;
 use std::time::Duration;
 
 use common::*;
-use iot_ota_core::delta::{chunk, Index, Params};
 use iot_ota_core::digest::{digest_hex, SignMethod};
 use iot_ota_device::{Config, Error, FetchError, OtaClient, Upgrades};
+use iot_ota_testkit::acceptance::{chunk_index as index_of, fs_image as image, ranged};
 use iot_ota_testkit::{assert_progress_never_goes_back, random_bytes, Route, TestKey};
-
-/// Bytes shaped like a filesystem image: data, and runs of zeros.
-fn image(len: usize, seed: u64) -> Vec<u8> {
-    let mut out = random_bytes(len, seed);
-    for (i, b) in out.iter_mut().enumerate() {
-        if (i / 65536) % 5 == 0 {
-            *b = 0;
-        }
-    }
-    out
-}
 
 /// A "monthly" change: a few edits, an insertion, a removal.
 fn changed(old: &[u8]) -> Vec<u8> {
@@ -32,11 +21,6 @@ fn changed(old: &[u8]) -> Vec<u8> {
     new.splice(900_000..900_000, random_bytes(20_000, 77));
     new.drain(1_500_000..1_530_000);
     new
-}
-
-fn index_of(bytes: &[u8]) -> Vec<u8> {
-    let params = Params::default();
-    Index::build(params, &chunk(params, &mut &bytes[..]).unwrap()).encode()
 }
 
 /// An upgrade command for `new` at `url`, whose index is `index` at `index_url`.
@@ -62,22 +46,6 @@ async fn connect(rig: &Rig, dev: &str, key: Option<&TestKey>) -> (OtaClient, Upg
         .await
         .expect("inform at connect");
     pair
-}
-
-/// The bytes the server was asked for by Range requests on `path`, and
-/// how many such requests.
-fn ranged(rig: &Rig, path: &str) -> (u64, usize) {
-    let mut bytes = 0;
-    let mut n = 0;
-    for r in rig.files.requests().iter().filter(|r| r.path == path) {
-        let Some(range) = r.range.as_deref().and_then(|r| r.strip_prefix("bytes=")) else {
-            continue;
-        };
-        let (a, b) = range.split_once('-').unwrap();
-        bytes += b.parse::<u64>().unwrap() - a.parse::<u64>().unwrap() + 1;
-        n += 1;
-    }
-    (bytes, n)
 }
 
 /// The `desc` of every DOWNLOADING report of `dev`.
